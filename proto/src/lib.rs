@@ -1,0 +1,91 @@
+//! The wire format between `client-app` and `classifier-server`.
+//!
+//! Defined once in `proto/classifier.proto` and generated with `prost`. Besides the
+//! generated types this crate holds the few conventions both sides must agree on: the
+//! schema version and the broker attribute names that let a server answer a request
+//! even when its payload cannot be decoded.
+
+#![allow(clippy::doc_lazy_continuation)]
+
+/// Generated protobuf types (package `classifier.v1`).
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/classifier.v1.rs"));
+}
+
+pub use prost::Message as ProstMessage;
+pub use v1::{
+    classify_response::Outcome, ClassifyError, ClassifyRequest, ClassifyResponse, ErrorCode,
+    Prediction, Predictions,
+};
+
+/// Minor schema revision written by this build (see the comment in the .proto file).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Broker message attributes set by the client beside the protobuf payload.
+///
+/// They duplicate the routing fields of [`ClassifyRequest`] so that a server can send an
+/// error reply (and the client can match it) even when the payload itself is garbage.
+pub mod attributes {
+    /// The request id (same as `ClassifyRequest::request_id`).
+    pub const REQUEST_ID: &str = "request-id";
+    /// The reply topic (same as `ClassifyRequest::reply_topic`).
+    pub const REPLY_TOPIC: &str = "reply-topic";
+    /// The job id (same as `ClassifyRequest::job_id`).
+    pub const JOB_ID: &str = "job-id";
+    /// Content type of the payload: always [`super::CONTENT_TYPE_REQUEST`] for requests.
+    pub const CONTENT_TYPE: &str = "content-type";
+}
+
+/// Content type attribute value of a protobuf `ClassifyRequest` payload.
+pub const CONTENT_TYPE_REQUEST: &str =
+    "application/x-protobuf; message=classifier.v1.ClassifyRequest";
+/// Content type attribute value of a protobuf `ClassifyResponse` payload.
+pub const CONTENT_TYPE_RESPONSE: &str =
+    "application/x-protobuf; message=classifier.v1.ClassifyResponse";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_through_bytes() {
+        let request = ClassifyRequest {
+            schema_version: SCHEMA_VERSION,
+            request_id: "r-1".into(),
+            job_id: "j-1".into(),
+            image: vec![1, 2, 3],
+            file_name: "a/b.png".into(),
+            content_type: "image/png".into(),
+            reply_topic: "replies".into(),
+            sent_at_unix_micros: 42,
+            attributes: [("k".to_string(), "v".to_string())].into(),
+            top_k: 3,
+        };
+        let bytes = request.encode_to_vec();
+        let back = ClassifyRequest::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(back, request);
+    }
+
+    #[test]
+    fn response_error_outcome_round_trips() {
+        let response = ClassifyResponse {
+            request_id: "r-2".into(),
+            outcome: Some(Outcome::Error(ClassifyError {
+                code: ErrorCode::CorruptImage as i32,
+                reason: "truncated".into(),
+            })),
+            ..Default::default()
+        };
+        let back = ClassifyResponse::decode(response.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(back, response);
+        assert_eq!(
+            back.outcome.map(|o| matches!(o, Outcome::Error(_))),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error_not_a_panic() {
+        assert!(ClassifyRequest::decode(&[0xff, 0xff, 0xff, 0x01][..]).is_err());
+    }
+}

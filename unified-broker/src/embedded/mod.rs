@@ -1,0 +1,313 @@
+//! The embedded in-process broker: the default backend, so the whole system runs with no
+//! infrastructure at all.
+//!
+//! It has the semantics of a real broker, scaled down to one process:
+//!
+//! - a topic fans every message out to each of its consumer groups (subscriptions);
+//! - the members of one group compete for that group's queue;
+//! - a delivery stays owned by the group until it is acked; a nack, or dropping the
+//!   delivery, puts it back at the front of the queue for any member;
+//! - memory is bounded: each group holds at most `max_backlog_per_group` messages
+//!   (queued plus unacked), and a publisher waits for room rather than growing the queue;
+//! - messages published while a topic has no groups are dropped, as in Pub/Sub: create
+//!   the group first with `ensure_subscription`.
+//!
+//! Nothing survives the process: it is a broker for one program (e.g. the client running
+//! the classifier server in-process), not a persistence layer.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::{
+    AckHandle, Broker, BrokerError, Delivery, Features, Message, Result, SubscribeOptions,
+    Subscriber,
+};
+
+/// Settings of the embedded broker.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Messages a consumer group may hold (queued plus delivered-but-unacked) before
+    /// publishers to its topic wait.
+    pub max_backlog_per_group: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            max_backlog_per_group: 10_000,
+        }
+    }
+}
+
+/// A client of an in-process broker. [`EmbeddedBroker::new`] makes a new broker;
+/// [`EmbeddedBroker::new_client`] another client of the same one.
+pub struct EmbeddedBroker {
+    shared: Arc<Shared>,
+    closed: AtomicBool,
+}
+
+struct Shared {
+    config: EmbeddedConfig,
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+}
+
+#[derive(Default)]
+struct Topic {
+    groups: Mutex<HashMap<String, Arc<Group>>>,
+}
+
+/// One consumer group's queue.
+struct Group {
+    queue: Mutex<GroupQueue>,
+    /// Signalled when an entry is queued (one waiting member wakes) or the group is
+    /// deleted (all wake).
+    available: Notify,
+    /// One permit per free backlog slot: taken by publish, given back by ack.
+    room: Semaphore,
+}
+
+#[derive(Default)]
+struct GroupQueue {
+    ready: VecDeque<Entry>,
+    deleted: bool,
+}
+
+struct Entry {
+    message: Message,
+    attempt: u32,
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
+/// section here leaves the queue consistent, so the data is still valid.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Group {
+    fn new(capacity: usize) -> Self {
+        Group {
+            queue: Mutex::new(GroupQueue::default()),
+            available: Notify::new(),
+            room: Semaphore::new(capacity.max(1)),
+        }
+    }
+
+    fn push_back(&self, entry: Entry) {
+        lock(&self.queue).ready.push_back(entry);
+        self.available.notify_one();
+    }
+
+    fn requeue_front(&self, entry: Entry) {
+        let mut queue = lock(&self.queue);
+        if queue.deleted {
+            return;
+        }
+        queue.ready.push_front(entry);
+        drop(queue);
+        self.available.notify_one();
+    }
+
+    fn delete(&self) {
+        let mut queue = lock(&self.queue);
+        queue.deleted = true;
+        queue.ready.clear();
+        drop(queue);
+        self.room.close();
+        self.available.notify_waiters();
+    }
+}
+
+impl EmbeddedBroker {
+    /// Starts a new, empty broker and returns its first client.
+    pub fn new(config: EmbeddedConfig) -> Self {
+        EmbeddedBroker {
+            shared: Arc::new(Shared {
+                config,
+                topics: Mutex::new(HashMap::new()),
+            }),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Another client of the same broker, with its own `close`.
+    pub fn new_client(&self) -> Self {
+        EmbeddedBroker {
+            shared: Arc::clone(&self.shared),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        lock(&self.shared.topics)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::TopicNotFound(name.to_string()))
+    }
+
+    fn group(&self, topic: &str, group: &str) -> Result<Arc<Group>> {
+        let topic = self.topic(topic)?;
+        let mut groups = lock(&topic.groups);
+        let capacity = self.shared.config.max_backlog_per_group;
+        Ok(Arc::clone(
+            groups
+                .entry(group.to_string())
+                .or_insert_with(|| Arc::new(Group::new(capacity))),
+        ))
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn features(&self) -> Features {
+        Features {
+            consumer_groups: true,
+            ordered_per_key: false,
+            retains_before_subscription: false,
+            survives_broker_restart: false,
+        }
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        let topic_state = self.topic(topic)?;
+        let groups: Vec<Arc<Group>> = lock(&topic_state.groups).values().cloned().collect();
+        for message in messages {
+            for group in &groups {
+                match group.room.acquire().await {
+                    // The slot is given back by ack, not when this guard drops.
+                    Ok(permit) => permit.forget(),
+                    // The group was deleted while we waited: nothing to deliver to.
+                    Err(_closed) => continue,
+                }
+                group.push_back(Entry {
+                    message: message.clone(),
+                    attempt: 1,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        _options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        let group = self.group(topic, group)?;
+        Ok(Box::new(EmbeddedSubscriber { group }))
+    }
+
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        lock(&self.shared.topics)
+            .entry(topic.to_string())
+            .or_default();
+        Ok(())
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let removed = lock(&self.shared.topics).remove(topic);
+        if let Some(topic) = removed {
+            for group in lock(&topic.groups).values() {
+                group.delete();
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        self.group(topic, group).map(|_| ())
+    }
+
+    async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        let Ok(topic) = self.topic(topic) else {
+            return Ok(());
+        };
+        let removed = lock(&topic.groups).remove(group);
+        if let Some(group) = removed {
+            group.delete();
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Publishes are confirmed when `publish_batch` returns: nothing to flush.
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// One member of an embedded consumer group.
+struct EmbeddedSubscriber {
+    group: Arc<Group>,
+}
+
+#[async_trait]
+impl Subscriber for EmbeddedSubscriber {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            // Register interest before looking at the queue so a push in between is
+            // not missed.
+            let notified = self.group.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut queue = lock(&self.group.queue);
+                if queue.deleted {
+                    return None;
+                }
+                if let Some(entry) = queue.ready.pop_front() {
+                    let message = entry.message.clone();
+                    let attempt = entry.attempt;
+                    drop(queue);
+                    let handle = EmbeddedAck {
+                        group: Arc::clone(&self.group),
+                        entry,
+                    };
+                    return Some(Ok(Delivery::new(message, Some(attempt), Box::new(handle))));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        // Nothing is prefetched: every message is either queued or held by a Delivery,
+        // which requeues itself if dropped unsettled.
+        Ok(())
+    }
+}
+
+/// Settles one embedded delivery.
+struct EmbeddedAck {
+    group: Arc<Group>,
+    entry: Entry,
+}
+
+impl AckHandle for EmbeddedAck {
+    fn ack(self: Box<Self>) -> Result<()> {
+        self.group.room.add_permits(1);
+        Ok(())
+    }
+
+    fn nack(self: Box<Self>) -> Result<()> {
+        let EmbeddedAck { group, mut entry } = *self;
+        entry.attempt += 1;
+        group.requeue_front(entry);
+        Ok(())
+    }
+}

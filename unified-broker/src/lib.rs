@@ -1,0 +1,181 @@
+//! One async publish/subscribe API over several message brokers.
+//!
+//! Everything broker-specific in the project lives in this crate, one module per
+//! backend, each behind the same two traits:
+//!
+//! - [`Broker`]: publish (confirmed), subscribe as a member of a consumer group, and
+//!   idempotent admin of topics and subscriptions;
+//! - [`Subscriber`]: a stream of [`Delivery`]s, each settled by `ack` or `nack`
+//!   (dropping one unsettled counts as a nack).
+//!
+//! Pick a backend with [`BrokerConfig`] (serde, so it comes straight from a TOML file) and
+//! get a client with [`connect`]. The [`embedded`] backend runs inside the process and is
+//! the default; `kafka` and `pubsub` talk to real servers.
+//!
+//! Semantics every backend promises (checked by the conformance suite, feature
+//! `conformance`): at-least-once delivery per consumer group, every group gets every
+//! message published after the group was created, members of one group share the
+//! messages, and a nacked or abandoned delivery comes back.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod embedded;
+mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+mod message;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
+
+pub use error::{BrokerError, Result};
+pub use message::{AckHandle, Delivery, Message};
+
+/// What a backend promises beyond the common semantics; the conformance suite skips the
+/// cases a backend does not promise, and callers can adapt (e.g. warn about ordering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Several groups each get every message; members of one group share them.
+    pub consumer_groups: bool,
+    /// Messages with the same key are delivered in publish order (to one subscriber).
+    pub ordered_per_key: bool,
+    /// A group created after a message was published still receives it.
+    pub retains_before_subscription: bool,
+    /// Unacked messages outlive the broker process (survive a broker restart).
+    pub survives_broker_restart: bool,
+}
+
+/// Per-subscription tuning. Backends map these onto their own flow control.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Upper bound on deliveries handed out and not yet settled by this subscriber.
+    pub max_outstanding_messages: usize,
+    /// Upper bound on payload bytes handed out and not yet settled by this subscriber.
+    pub max_outstanding_bytes: usize,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            max_outstanding_messages: 1_000,
+            max_outstanding_bytes: 100 * 1024 * 1024,
+        }
+    }
+}
+
+/// A client of one broker: publishing, subscribing and admin.
+///
+/// Clients are cheap to share (`Arc<dyn Broker>`); every method takes `&self`.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Short backend name for logs: "embedded", "kafka", "pubsub".
+    fn backend(&self) -> &'static str;
+
+    /// What this backend promises beyond the basics.
+    fn features(&self) -> Features;
+
+    /// Publishes one message; returns once the broker has confirmed it.
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        self.publish_batch(topic, vec![message]).await
+    }
+
+    /// Publishes several messages; returns once the broker has confirmed all of them.
+    /// On error some of them may have been published (callers retry the whole batch and
+    /// consumers de-duplicate).
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()>;
+
+    /// Joins consumer group `group` on `topic` (creating the group/subscription if
+    /// needed) and returns a stream of deliveries shared with the group's other members.
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>>;
+
+    /// Creates the topic if it does not exist (idempotent).
+    async fn ensure_topic(&self, topic: &str) -> Result<()>;
+
+    /// Deletes the topic if it exists (idempotent).
+    async fn delete_topic(&self, topic: &str) -> Result<()>;
+
+    /// Creates consumer group `group` on `topic` if needed, so that messages published
+    /// from now on are kept for it even before anyone subscribes (idempotent).
+    async fn ensure_subscription(&self, topic: &str, group: &str) -> Result<()>;
+
+    /// Deletes consumer group `group` on `topic` if it exists (idempotent).
+    async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()>;
+
+    /// Waits until everything published so far is confirmed and releases the client's
+    /// publishing resources. Publishing after `close` is an error.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A member of a consumer group, yielding deliveries.
+#[async_trait]
+pub trait Subscriber: Send {
+    /// The next delivery; `None` once the subscription is closed or deleted.
+    /// Errors are transient unless followed by `None`.
+    ///
+    /// Cancel-safe: dropping the returned future loses no message, so callers may
+    /// `select!` it against a shutdown signal.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Leaves the group. Unsettled deliveries (held or not yet handed out) are
+    /// redelivered to the group's other or future members.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Which backend to use and how to reach it. Deserialised from the `[broker]` table of
+/// a config file, e.g. `backend = "kafka"` plus the backend's own fields.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum BrokerConfig {
+    /// The in-process broker: no server, nothing to install.
+    Embedded(embedded::EmbeddedConfig),
+    /// Apache Kafka or any Kafka-protocol broker.
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::KafkaConfig),
+    /// Google Cloud Pub/Sub or its emulator.
+    #[cfg(feature = "pubsub")]
+    Pubsub(pubsub::PubSubConfig),
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig::Embedded(embedded::EmbeddedConfig::default())
+    }
+}
+
+impl BrokerConfig {
+    /// Backend name as written in config files.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            BrokerConfig::Embedded(_) => "embedded",
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(_) => "kafka",
+            #[cfg(feature = "pubsub")]
+            BrokerConfig::Pubsub(_) => "pubsub",
+        }
+    }
+}
+
+/// Connects to the configured broker.
+///
+/// For `embedded` this creates a new, empty in-process broker: share the returned client
+/// (clone the `Arc`) between the parts of the program that must talk to each other.
+pub async fn connect(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
+    match config {
+        BrokerConfig::Embedded(config) => {
+            Ok(Arc::new(embedded::EmbeddedBroker::new(config.clone())))
+        }
+        #[cfg(feature = "kafka")]
+        BrokerConfig::Kafka(config) => Ok(Arc::new(kafka::KafkaBroker::connect(config).await?)),
+        #[cfg(feature = "pubsub")]
+        BrokerConfig::Pubsub(config) => Ok(Arc::new(pubsub::PubSubBroker::connect(config).await?)),
+    }
+}

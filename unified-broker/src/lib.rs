@@ -152,6 +152,51 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// Names accepted by [`BrokerConfig::default_for`] (and `--broker` flags).
+    pub const BACKENDS: &'static [&'static str] = &[
+        "embedded",
+        #[cfg(feature = "kafka")]
+        "kafka",
+        #[cfg(feature = "pubsub")]
+        "pubsub",
+    ];
+
+    /// The default settings of the backend called `name` (as in config files).
+    pub fn default_for(name: &str) -> Result<Self> {
+        match name {
+            "embedded" => Ok(BrokerConfig::Embedded(Default::default())),
+            #[cfg(feature = "kafka")]
+            "kafka" => Ok(BrokerConfig::Kafka(Default::default())),
+            #[cfg(feature = "pubsub")]
+            "pubsub" => Ok(BrokerConfig::Pubsub(Default::default())),
+            other => Err(BrokerError::Config(format!(
+                "unknown broker backend {other:?}; expected one of {:?}",
+                Self::BACKENDS
+            ))),
+        }
+    }
+
+    /// Applies the standard environment variables of the selected backend, the ones
+    /// its users already know: `KAFKA_BOOTSTRAP_SERVERS` for Kafka,
+    /// `PUBSUB_EMULATOR_HOST` for Pub/Sub. `lookup` reads one variable.
+    pub fn apply_env(&mut self, lookup: &dyn Fn(&str) -> Option<String>) {
+        match self {
+            BrokerConfig::Embedded(_) => {}
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(config) => {
+                if let Some(servers) = lookup("KAFKA_BOOTSTRAP_SERVERS") {
+                    config.bootstrap_servers = servers;
+                }
+            }
+            #[cfg(feature = "pubsub")]
+            BrokerConfig::Pubsub(config) => {
+                if let Some(host) = lookup("PUBSUB_EMULATOR_HOST") {
+                    config.emulator_host = Some(host);
+                }
+            }
+        }
+    }
+
     /// Backend name as written in config files.
     pub fn backend(&self) -> &'static str {
         match self {

@@ -10,6 +10,8 @@ use crate::{BrokerError, Result};
 pub struct PubSubConfig {
     /// Google Cloud project id.
     pub project_id: String,
+    /// Emulator `host:port`.
+    pub emulator_host: Option<String>,
 }
 
 /// Pub/Sub client.

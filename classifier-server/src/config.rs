@@ -1,0 +1,228 @@
+//! The application config file, shared by the server and the client: one TOML file with
+//! a `[broker]` table (which backend and how to reach it), a `[server]` table and a
+//! `[client]` table. Every field has a default, so no file at all means "embedded
+//! broker, shipped model".
+//!
+//! Precedence, lowest first: defaults, the file (`--config` or `CLASSIFIER_CONFIG`),
+//! environment variables (`CLASSIFIER_*`, plus the brokers' own standard variables such
+//! as `KAFKA_BOOTSTRAP_SERVERS` and `PUBSUB_EMULATOR_HOST`), then command-line flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use unified_broker::BrokerConfig;
+
+use crate::decode::DecodeLimits;
+
+/// Default topic the client publishes requests to and servers consume.
+pub const DEFAULT_REQUEST_TOPIC: &str = "classify-requests";
+/// Default consumer group shared by all server replicas.
+pub const DEFAULT_SERVER_GROUP: &str = "classifier-server";
+
+/// The whole config file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// Which broker, and its settings.
+    pub broker: BrokerConfig,
+    /// Model server settings.
+    pub server: ServerConfig,
+    /// Client settings.
+    pub client: ClientConfig,
+}
+
+/// Settings of the model server.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Directory holding `model.safetensors` and `metadata.json`.
+    pub model_dir: PathBuf,
+    /// Topic requests arrive on.
+    pub request_topic: String,
+    /// Consumer group (Pub/Sub: subscription) shared by all replicas.
+    pub group: String,
+    /// Name of this replica in replies and logs; a random one if empty.
+    pub server_id: String,
+    /// Largest batch the model runs at once.
+    pub max_batch_size: usize,
+    /// How long a partial batch waits for more requests.
+    pub max_batch_wait_ms: u64,
+    /// Requests taken from the broker and not yet acked, at most.
+    pub max_in_flight: usize,
+    /// Predictions per reply when the request does not say.
+    pub default_top_k: usize,
+    /// On SIGTERM, how long to finish in-flight work before giving up on it (it is then
+    /// redelivered by the broker, not lost).
+    pub drain_timeout_secs: u64,
+    /// Limits that protect the server from hostile or accidental huge inputs.
+    pub limits: DecodeLimits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            model_dir: PathBuf::from("models/fashion-mnist"),
+            request_topic: DEFAULT_REQUEST_TOPIC.to_string(),
+            group: DEFAULT_SERVER_GROUP.to_string(),
+            server_id: String::new(),
+            max_batch_size: 64,
+            max_batch_wait_ms: 2,
+            max_in_flight: 512,
+            default_top_k: 3,
+            drain_timeout_secs: 30,
+            limits: DecodeLimits::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// `max_batch_wait_ms` as a duration.
+    pub fn max_batch_wait(&self) -> Duration {
+        Duration::from_millis(self.max_batch_wait_ms)
+    }
+
+    /// `drain_timeout_secs` as a duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+/// Settings of the client.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Requests sent and not yet answered, at most.
+    pub window: usize,
+    /// Give up when no reply arrived for this long.
+    pub reply_timeout_secs: u64,
+    /// Files larger than this are reported as errors without being sent.
+    pub max_file_bytes: usize,
+    /// Predictions to ask for per image.
+    pub top_k: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            window: 256,
+            reply_timeout_secs: 60,
+            max_file_bytes: 16 * 1024 * 1024,
+            top_k: 3,
+        }
+    }
+}
+
+impl AppConfig {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Defaults, then the file if given (or named by `CLASSIFIER_CONFIG`), then the
+    /// environment. Flags are applied by the binaries afterwards.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let from_env = std::env::var_os("CLASSIFIER_CONFIG").map(PathBuf::from);
+        let mut config = match path.map(Path::to_path_buf).or(from_env) {
+            Some(path) => Self::from_file(&path)?,
+            None => AppConfig::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Applies `CLASSIFIER_*` overrides and the broker's standard variables. `lookup`
+    /// reads a variable (injected so tests need not touch the process environment).
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(backend) = lookup("CLASSIFIER_BROKER") {
+            self.select_backend(&backend)?;
+        }
+        if let Some(dir) = lookup("CLASSIFIER_MODEL_DIR") {
+            self.server.model_dir = PathBuf::from(dir);
+        }
+        if let Some(topic) = lookup("CLASSIFIER_REQUEST_TOPIC") {
+            self.server.request_topic = topic;
+        }
+        if let Some(group) = lookup("CLASSIFIER_GROUP") {
+            self.server.group = group;
+        }
+        if let Some(id) = lookup("CLASSIFIER_SERVER_ID") {
+            self.server.server_id = id;
+        }
+        self.broker.apply_env(&lookup);
+        Ok(())
+    }
+
+    /// Switches to another backend by name, keeping the current settings if it is the
+    /// same backend (so `--broker kafka` with a kafka config file changes nothing).
+    pub fn select_backend(&mut self, backend: &str) -> anyhow::Result<()> {
+        if self.broker.backend() != backend {
+            self.broker = BrokerConfig::default_for(backend)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_means_embedded_broker_and_shipped_model() {
+        let config = AppConfig::default();
+        assert_eq!(config.broker.backend(), "embedded");
+        assert_eq!(config.server.model_dir, PathBuf::from("models/fashion-mnist"));
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                AppConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1, "no example configs found in {}", dir.display());
+    }
+
+    #[test]
+    fn environment_overrides_file_and_backend_switch_keeps_same_backend() {
+        let mut config: AppConfig = toml::from_str(
+            "[broker]\nbackend = \"embedded\"\nmax_backlog_per_group = 7\n[server]\nmax_batch_size = 8\n",
+        )
+        .expect("parses");
+        config
+            .apply_env(|name| match name {
+                "CLASSIFIER_BROKER" => Some("embedded".into()),
+                "CLASSIFIER_REQUEST_TOPIC" => Some("other-requests".into()),
+                _ => None,
+            })
+            .expect("applies");
+        assert_eq!(config.server.request_topic, "other-requests");
+        assert_eq!(config.server.max_batch_size, 8);
+        assert_eq!(
+            config.broker,
+            BrokerConfig::Embedded(unified_broker::embedded::EmbeddedConfig {
+                max_backlog_per_group: 7
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_backend_is_a_clear_error() {
+        let mut config = AppConfig::default();
+        let error = config.select_backend("carrier-pigeon").expect_err("rejected");
+        assert!(format!("{error:#}").contains("carrier-pigeon"), "{error:#}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(toml::from_str::<AppConfig>("[server]\nmax_batch_sise = 3\n").is_err());
+    }
+}

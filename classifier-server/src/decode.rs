@@ -1,0 +1,272 @@
+//! Turning untrusted bytes into an image, safely.
+//!
+//! Everything here assumes hostile input: the format is sniffed from the bytes (never
+//! trusted from the file name), the dimensions are read from the header and checked
+//! before any pixel is decoded (a 100000×100000 PNG is 30 bytes on disk and 10 GB in
+//! memory), the decoder runs with allocation limits, and a decoder panic is caught and
+//! reported as a corrupt image instead of taking the server down.
+
+use std::io::Cursor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use classifier_proto::ErrorCode;
+use image::{DynamicImage, ImageError, ImageFormat, ImageReader};
+use serde::{Deserialize, Serialize};
+
+/// Limits on what one request may make the server do.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeLimits {
+    /// Largest accepted broker message (request) in bytes.
+    pub max_message_bytes: usize,
+    /// Largest accepted image width in pixels.
+    pub max_width: u32,
+    /// Largest accepted image height in pixels.
+    pub max_height: u32,
+    /// Largest accepted width × height.
+    pub max_pixels: u64,
+    /// Most memory the decoder may allocate for one image, in bytes.
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_width: 16_384,
+            max_height: 16_384,
+            max_pixels: 40_000_000,
+            max_decoded_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why bytes could not become an image; carries the protocol error code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct DecodeError {
+    /// Error code for the reply.
+    pub code: ErrorCode,
+    /// Human-readable reason for the reply.
+    pub reason: String,
+}
+
+impl DecodeError {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        DecodeError {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Decodes `bytes` into an image within `limits`.
+pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::new(ErrorCode::EmptyImage, "the file is empty (0 bytes)"));
+    }
+    let format = image::guess_format(bytes).map_err(|_| {
+        DecodeError::new(
+            ErrorCode::UnsupportedFormat,
+            format!(
+                "not a recognised image format (starts with {})",
+                hex_prefix(bytes)
+            ),
+        )
+    })?;
+    match catch_unwind(AssertUnwindSafe(|| decode_checked(bytes, format, limits))) {
+        Ok(result) => result,
+        Err(_) => Err(DecodeError::new(
+            ErrorCode::CorruptImage,
+            format!("the {format:?} decoder failed on malformed data"),
+        )),
+    }
+}
+
+fn decode_checked(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: &DecodeLimits,
+) -> Result<DynamicImage, DecodeError> {
+    // Some decoders need more than the header to report dimensions (a PNG decoder reads
+    // up to the first data chunk), so first read them from the header bytes alone.
+    if let Ok(size) = imagesize::blob_size(bytes) {
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        check_dimensions(clamp(size.width), clamp(size.height), limits)?;
+    }
+    let reader = || ImageReader::with_format(Cursor::new(bytes), format);
+    let (width, height) = reader()
+        .into_dimensions()
+        .map_err(|error| classify_error(format, error))?;
+    check_dimensions(width, height, limits)?;
+    let mut reader = reader();
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_decoded_bytes);
+    reader.limits(decoder_limits);
+    reader.decode().map_err(|error| classify_error(format, error))
+}
+
+/// Rejects images whose header announces more pixels than the limits allow.
+pub fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), DecodeError> {
+    let pixels = u64::from(width) * u64::from(height);
+    if width == 0 || height == 0 {
+        return Err(DecodeError::new(
+            ErrorCode::CorruptImage,
+            format!("the image header claims {width}×{height} pixels"),
+        ));
+    }
+    if width > limits.max_width || height > limits.max_height || pixels > limits.max_pixels {
+        return Err(DecodeError::new(
+            ErrorCode::ImageTooLarge,
+            format!(
+                "image is {width}×{height} pixels; the limit is {}×{} and {} pixels in all",
+                limits.max_width, limits.max_height, limits.max_pixels
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn classify_error(format: ImageFormat, error: ImageError) -> DecodeError {
+    match error {
+        ImageError::Limits(limit) => DecodeError::new(
+            ErrorCode::ImageTooLarge,
+            format!("decoding the {format:?} image would exceed the server's limits: {limit}"),
+        ),
+        ImageError::Unsupported(unsupported) => DecodeError::new(
+            ErrorCode::UnsupportedFormat,
+            format!("unsupported {format:?} image: {unsupported}"),
+        ),
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            DecodeError::new(
+                ErrorCode::CorruptImage,
+                format!("the {format:?} data is truncated"),
+            )
+        }
+        other => DecodeError::new(
+            ErrorCode::CorruptImage,
+            format!("corrupt {format:?} image: {other}"),
+        ),
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    let shown: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    shown.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Luma, Rgb};
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let img: ImageBuffer<Luma<u8>, Vec<u8>> =
+            ImageBuffer::from_fn(width, height, |x, y| Luma([(x * 7 + y * 3) as u8]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Png).expect("encode png");
+        out.into_inner()
+    }
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        let img: ImageBuffer<Rgb<u8>, Vec<u8>> =
+            ImageBuffer::from_fn(width, height, |x, y| Rgb([x as u8, y as u8, 128]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Jpeg).expect("encode jpeg");
+        out.into_inner()
+    }
+
+    /// A valid PNG header (signature + IHDR with a correct CRC) claiming a huge size,
+    /// with no pixel data behind it.
+    pub(crate) fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(b"IHDR");
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+        let crc = crc32(&ihdr);
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        out.extend_from_slice(&13u32.to_be_bytes());
+        out.extend_from_slice(&ihdr);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &byte in data {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn decodes_png_and_jpeg_of_any_size() {
+        let limits = DecodeLimits::default();
+        let img = decode_image(&png(28, 28), &limits).expect("png decodes");
+        assert_eq!((img.width(), img.height()), (28, 28));
+        let img = decode_image(&jpeg(640, 480), &limits).expect("jpeg decodes");
+        assert_eq!((img.width(), img.height()), (640, 480));
+    }
+
+    #[test]
+    fn empty_bytes_are_reported_as_empty() {
+        let error = decode_image(&[], &DecodeLimits::default()).expect_err("empty");
+        assert_eq!(error.code, ErrorCode::EmptyImage);
+    }
+
+    #[test]
+    fn text_is_an_unsupported_format() {
+        let error = decode_image(b"hello, I am a text file\n", &DecodeLimits::default())
+            .expect_err("text");
+        assert_eq!(error.code, ErrorCode::UnsupportedFormat);
+        assert!(error.reason.contains("68 65 6c 6c"), "{}", error.reason);
+    }
+
+    #[test]
+    fn truncated_jpeg_is_corrupt() {
+        let full = jpeg(64, 64);
+        let error = decode_image(&full[..full.len() / 2], &DecodeLimits::default())
+            .expect_err("truncated");
+        assert_eq!(error.code, ErrorCode::CorruptImage, "{}", error.reason);
+    }
+
+    #[test]
+    fn decompression_bomb_header_is_refused_before_decoding() {
+        let bomb = png_header_claiming(100_000, 100_000);
+        let error = decode_image(&bomb, &DecodeLimits::default()).expect_err("bomb");
+        assert_eq!(error.code, ErrorCode::ImageTooLarge, "{}", error.reason);
+        assert!(error.reason.contains("100000×100000"), "{}", error.reason);
+    }
+
+    #[test]
+    fn limits_are_configurable() {
+        let limits = DecodeLimits {
+            max_width: 16,
+            ..DecodeLimits::default()
+        };
+        let error = decode_image(&png(28, 28), &limits).expect_err("too wide");
+        assert_eq!(error.code, ErrorCode::ImageTooLarge);
+    }
+
+    #[test]
+    fn random_garbage_after_a_png_signature_never_panics() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for length in 0..200 {
+            let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+            for _ in 0..length {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bytes.push(state as u8);
+            }
+            let result = decode_image(&bytes, &DecodeLimits::default());
+            assert!(result.is_err(), "{length} random bytes decoded as an image");
+        }
+    }
+}

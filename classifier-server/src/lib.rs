@@ -1,0 +1,109 @@
+//! The model server: a long-running daemon that takes classify requests from a broker
+//! topic, runs the CNN on batches of them and publishes the predictions to each
+//! request's reply topic.
+//!
+//! The binary (`src/main.rs`) is a thin shell over this library so that `client-app`
+//! can run the very same server inside its own process on the embedded broker.
+//!
+//! - [`config`]: the config file shared with the client;
+//! - [`decode`]: untrusted bytes → image, with limits against decompression bombs;
+//! - [`request`]: broker message → model input, predictions → reply message;
+//! - [`server`]: the pipeline (intake, decode pool, batcher, model thread, publisher).
+
+pub mod config;
+pub mod decode;
+pub mod request;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use unified_broker::{Broker, BrokerConfig};
+
+pub use config::{AppConfig, ClientConfig, ServerConfig};
+pub use server::{ModelServer, ServerStats, StatsSnapshot};
+pub use trainer::model::Classifier;
+
+/// Loads the model directory named in the config, with a message that says what to do
+/// when it is missing.
+pub fn load_classifier(config: &ServerConfig) -> anyhow::Result<Arc<Classifier>> {
+    let dir = &config.model_dir;
+    let classifier = Classifier::load(dir).with_context(|| {
+        format!(
+            "cannot load the model from {} (expected model.safetensors and metadata.json; \
+             train one with `cargo run --release -p trainer -- train`, or set --model)",
+            dir.display()
+        )
+    })?;
+    Ok(Arc::new(classifier))
+}
+
+/// Connects to the broker, retrying with backoff while it is unreachable, until it
+/// answers or `shutdown` is cancelled. Logs what it waits for.
+pub async fn connect_with_retry(
+    config: &BrokerConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<dyn Broker>> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match unified_broker::connect(config).await {
+            Ok(broker) => return Ok(broker),
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(
+                    backend = config.backend(),
+                    %error,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "waiting for the broker"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the broker"),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error).context("connecting to the broker"),
+        }
+    }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM (Ctrl-C only, off Unix).
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down");
+        token.cancel();
+    });
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default: `default_level`).
+pub fn init_tracing(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,545 @@
+//! The request pipeline of the model server.
+//!
+//! ```text
+//!  broker ──next()──▶ intake ──▶ decode pool ──▶ batcher ──▶ model thread ──▶ publisher ──▶ broker
+//!                      (async)   (worker threads)  (async)    (own thread)     (async: reply, then ack)
+//! ```
+//!
+//! - **intake** takes deliveries from the subscription while fewer than `max_in_flight`
+//!   are unfinished (a permit travels with each request until it is acked), so memory
+//!   is bounded whatever the backlog on the broker.
+//! - **decode** runs on a small dedicated thread pool, never on the async executor:
+//!   untrusted bytes become a model input or an error reply ([`crate::request`]).
+//! - **batcher** groups inputs up to `max_batch_size`, waiting at most
+//!   `max_batch_wait_ms` after the first one; error replies skip the model.
+//! - **model thread** runs the CNN on one batch at a time, on its own thread, so
+//!   decoding the next batch and publishing the last overlap with it.
+//! - **publisher** publishes replies grouped by reply topic and acks each request only
+//!   after its reply was confirmed: at-least-once. A failed publish is retried with
+//!   backoff and the request is not acked meanwhile; if the server stops first, the
+//!   unacked request goes back to the broker.
+//!
+//! Shutdown (the `shutdown` token): intake stops, everything already taken is finished
+//! within `drain_timeout`, then the subscription is closed (committing acks).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use classifier_proto::{ClassifyError, ErrorCode};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use trainer::model::Classifier;
+use trainer::preprocess::Preprocessor;
+use unified_broker::{Broker, BrokerError, Delivery, Message, SubscribeOptions};
+
+use crate::config::ServerConfig;
+use crate::request::{
+    error_response, prepare, response_message, success_response, PreparedInput, Rejected,
+    ReplyContext,
+};
+
+/// Counters a running server keeps; read them for logs, tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Deliveries taken from the broker.
+    pub received: AtomicU64,
+    /// Requests answered with predictions.
+    pub classified: AtomicU64,
+    /// Requests answered with an error reply.
+    pub rejected: AtomicU64,
+    /// Requests acked without any reply (no reply topic, or the reply topic is gone).
+    pub unanswerable: AtomicU64,
+    /// Batches run through the model.
+    pub batches: AtomicU64,
+    /// Reply publishes that failed and were retried.
+    pub publish_retries: AtomicU64,
+}
+
+/// A snapshot of [`ServerStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`ServerStats::received`].
+    pub received: u64,
+    /// See [`ServerStats::classified`].
+    pub classified: u64,
+    /// See [`ServerStats::rejected`].
+    pub rejected: u64,
+    /// See [`ServerStats::unanswerable`].
+    pub unanswerable: u64,
+    /// See [`ServerStats::batches`].
+    pub batches: u64,
+    /// See [`ServerStats::publish_retries`].
+    pub publish_retries: u64,
+}
+
+impl ServerStats {
+    /// Reads all counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            received: get(&self.received),
+            classified: get(&self.classified),
+            rejected: get(&self.rejected),
+            unanswerable: get(&self.unanswerable),
+            batches: get(&self.batches),
+            publish_retries: get(&self.publish_retries),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// One request travelling through the pipeline, holding its in-flight permit.
+struct Work {
+    delivery: Delivery,
+    received_at: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Output of the decode stage.
+enum Prepared {
+    Ready(Work, PreparedInput),
+    Rejected(Work, Rejected),
+}
+
+/// A reply to publish, and the request to ack once it is out.
+struct Outgoing {
+    work: Work,
+    reply_topic: String,
+    message: Message,
+}
+
+/// Everything the server needs, bundled so `run` reads as the pipeline it is.
+pub struct ModelServer {
+    broker: Arc<dyn Broker>,
+    config: ServerConfig,
+    classifier: Arc<Classifier>,
+    stats: Arc<ServerStats>,
+    server_id: String,
+}
+
+impl ModelServer {
+    /// Prepares a server; nothing happens until [`ModelServer::run`].
+    pub fn new(broker: Arc<dyn Broker>, config: ServerConfig, classifier: Arc<Classifier>) -> Self {
+        let server_id = if config.server_id.is_empty() {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            format!("server-{}-{}", std::process::id(), &id[..6])
+        } else {
+            config.server_id.clone()
+        };
+        ModelServer {
+            broker,
+            config,
+            classifier,
+            stats: Arc::new(ServerStats::default()),
+            server_id,
+        }
+    }
+
+    /// The counters, shared with the running server.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// This replica's id, as written in its replies.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Creates the request topic and the server group's subscription if needed.
+    pub async fn prepare_topics(&self) -> Result<(), BrokerError> {
+        let topic = &self.config.request_topic;
+        self.broker.ensure_topic(topic).await?;
+        self.broker.ensure_subscription(topic, &self.config.group).await
+    }
+
+    /// Serves until `shutdown` is cancelled (or the subscription ends), then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<StatsSnapshot> {
+        self.prepare_topics()
+            .await
+            .context("creating the request topic and subscription")?;
+        let config = &self.config;
+        let options = SubscribeOptions {
+            max_outstanding_messages: config.max_in_flight,
+            ..SubscribeOptions::default()
+        };
+        let mut subscriber = self
+            .broker
+            .subscribe(&config.request_topic, &config.group, options)
+            .await
+            .context("subscribing to the request topic")?;
+        tracing::info!(
+            server_id = %self.server_id,
+            backend = self.broker.backend(),
+            topic = %config.request_topic,
+            group = %config.group,
+            model = %self.classifier.metadata().name,
+            version = %self.classifier.metadata().version,
+            "serving"
+        );
+
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+        let (prepared_tx, prepared_rx) = mpsc::channel::<Prepared>(config.max_in_flight.max(1));
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<(Work, PreparedInput)>>(2);
+        let (outgoing_tx, outgoing_rx) = mpsc::channel::<Vec<Outgoing>>(config.max_in_flight.max(1));
+
+        let decode_pool = DecodePool::new(&self.classifier, config)?;
+        let mut stages = JoinSet::new();
+        stages.spawn(batcher(
+            prepared_rx,
+            batch_tx,
+            outgoing_tx.clone(),
+            config.max_batch_size.max(1),
+            config.max_batch_wait(),
+            self.reply_context(),
+            Arc::clone(&self.stats),
+        ));
+        let model_thread = spawn_model_thread(
+            Arc::clone(&self.classifier),
+            batch_rx,
+            outgoing_tx,
+            config.default_top_k,
+            self.reply_context(),
+            Arc::clone(&self.stats),
+        )?;
+        let publisher_done = tokio::spawn(publisher(
+            Arc::clone(&self.broker),
+            outgoing_rx,
+            Arc::clone(&self.stats),
+        ));
+
+        // Intake: take work while there is room, until shutdown.
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&in_flight).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let next = tokio::select! {
+                next = subscriber.next() => next,
+                _ = shutdown.cancelled() => break,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    ServerStats::add(&self.stats.received, 1);
+                    let work = Work {
+                        delivery,
+                        received_at: Instant::now(),
+                        _permit: permit,
+                    };
+                    decode_pool.submit(work, prepared_tx.clone());
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "receiving from the broker failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                None => {
+                    tracing::warn!("the subscription ended");
+                    break;
+                }
+            }
+        }
+
+        // Drain: no new work; let every stage finish what it holds.
+        tracing::info!(
+            drain_timeout_secs = config.drain_timeout_secs,
+            "stopping intake; finishing requests in flight"
+        );
+        drop(prepared_tx);
+        let drained = tokio::time::timeout(config.drain_timeout(), async {
+            let max = config.max_in_flight.max(1) as u32;
+            // Every permit back means every request taken was acked (or given up).
+            let _all = in_flight.acquire_many(max).await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "drain timeout passed with requests unfinished; the broker will redeliver them"
+            );
+        }
+        decode_pool.shutdown();
+        stages.abort_all();
+        publisher_done.abort();
+        let _ = model_thread.join();
+        if let Err(error) = subscriber.close().await {
+            tracing::warn!(%error, "closing the subscription failed");
+        }
+        let stats = self.stats.snapshot();
+        tracing::info!(?stats, "stopped");
+        Ok(stats)
+    }
+
+    fn reply_context(&self) -> ReplyContext {
+        ReplyContext {
+            server_id: self.server_id.clone(),
+            ..ReplyContext::default()
+        }
+    }
+}
+
+/// Decoding and preprocessing on dedicated worker threads.
+struct DecodePool {
+    pool: Arc<rayon::ThreadPool>,
+    preprocessor: Arc<Preprocessor>,
+    limits: Arc<crate::decode::DecodeLimits>,
+}
+
+impl DecodePool {
+    fn new(classifier: &Classifier, config: &ServerConfig) -> anyhow::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("decode-{i}"))
+            .build()
+            .context("starting the decode threads")?;
+        Ok(DecodePool {
+            pool: Arc::new(pool),
+            preprocessor: Arc::new(Preprocessor::new(classifier.metadata())),
+            limits: Arc::new(config.limits.clone()),
+        })
+    }
+
+    fn submit(&self, work: Work, out: mpsc::Sender<Prepared>) {
+        let preprocessor = Arc::clone(&self.preprocessor);
+        let limits = Arc::clone(&self.limits);
+        self.pool.spawn(move || {
+            let prepared = match prepare(work.delivery.message(), &limits, &preprocessor) {
+                Ok(input) => Prepared::Ready(work, input),
+                Err(rejected) => Prepared::Rejected(work, rejected),
+            };
+            // Fails only while shutting down; the delivery is then dropped (nacked).
+            let _ = out.blocking_send(prepared);
+        });
+    }
+
+    fn shutdown(self) {
+        drop(self.pool);
+    }
+}
+
+/// Groups ready inputs into batches; forwards rejections straight to the publisher.
+async fn batcher(
+    mut prepared: mpsc::Receiver<Prepared>,
+    batches: mpsc::Sender<Vec<(Work, PreparedInput)>>,
+    outgoing: mpsc::Sender<Vec<Outgoing>>,
+    max_batch: usize,
+    max_wait: Duration,
+    context: ReplyContext,
+    stats: Arc<ServerStats>,
+) {
+    let reject = |work: Work, rejected: Rejected| {
+        ServerStats::add(&stats.rejected, 1);
+        tracing::info!(
+            request_id = %rejected.route.request_id,
+            code = ?ErrorCode::try_from(rejected.error.code).unwrap_or(ErrorCode::Internal),
+            reason = %rejected.error.reason,
+            "request rejected"
+        );
+        let mut context = context.clone();
+        context.queue_time_micros = work.received_at.elapsed().as_micros() as u64;
+        Outgoing {
+            reply_topic: rejected.route.reply_topic.clone(),
+            message: response_message(&error_response(&rejected, &context)),
+            work,
+        }
+    };
+    let mut open = true;
+    while open {
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut deadline = None;
+        while batch.len() < max_batch {
+            let item = match deadline {
+                None => prepared.recv().await,
+                Some(deadline) => tokio::select! {
+                    item = prepared.recv() => item,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                },
+            };
+            match item {
+                Some(Prepared::Ready(work, input)) => {
+                    if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + max_wait);
+                    }
+                    batch.push((work, input));
+                }
+                Some(Prepared::Rejected(work, rejected)) => {
+                    if outgoing.send(vec![reject(work, rejected)]).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() && batches.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the model on its own thread, one batch at a time.
+fn spawn_model_thread(
+    classifier: Arc<Classifier>,
+    mut batches: mpsc::Receiver<Vec<(Work, PreparedInput)>>,
+    outgoing: mpsc::Sender<Vec<Outgoing>>,
+    default_top_k: usize,
+    context: ReplyContext,
+    stats: Arc<ServerStats>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("model".into())
+        .spawn(move || {
+            while let Some(batch) = batches.blocking_recv() {
+                let replies = run_batch(&classifier, batch, default_top_k, &context, &stats);
+                if outgoing.blocking_send(replies).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("starting the model thread")
+}
+
+fn run_batch(
+    classifier: &Classifier,
+    batch: Vec<(Work, PreparedInput)>,
+    default_top_k: usize,
+    context: &ReplyContext,
+    stats: &ServerStats,
+) -> Vec<Outgoing> {
+    let started = Instant::now();
+    let n = batch.len();
+    let mut inputs = Vec::with_capacity(n * classifier.input_len());
+    for (_, prepared) in &batch {
+        inputs.extend_from_slice(&prepared.input);
+    }
+    let result = classifier.predict(&inputs, n);
+    let inference_micros = started.elapsed().as_micros() as u64;
+    ServerStats::add(&stats.batches, 1);
+    let metadata = classifier.metadata();
+    batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, (work, prepared))| {
+            let context = ReplyContext {
+                queue_time_micros: started.duration_since(work.received_at).as_micros() as u64,
+                inference_time_micros: inference_micros,
+                batch_size: n as u32,
+                ..context.clone()
+            };
+            let response = match result.as_ref().map(|rows| rows.get(i)) {
+                Ok(Some(probabilities)) => {
+                    ServerStats::add(&stats.classified, 1);
+                    success_response(&prepared.route, probabilities, metadata, default_top_k, &context)
+                }
+                Ok(None) | Err(_) => {
+                    ServerStats::add(&stats.rejected, 1);
+                    let reason = match &result {
+                        Err(error) => format!("the model failed: {error:#}"),
+                        Ok(_) => "the model returned too few rows".to_string(),
+                    };
+                    tracing::error!(%reason, "inference failed");
+                    error_response(
+                        &Rejected {
+                            route: prepared.route.clone(),
+                            error: ClassifyError {
+                                code: ErrorCode::Internal as i32,
+                                reason,
+                            },
+                        },
+                        &context,
+                    )
+                }
+            };
+            Outgoing {
+                reply_topic: prepared.route.reply_topic.clone(),
+                message: response_message(&response),
+                work,
+            }
+        })
+        .collect()
+}
+
+/// Publishes replies (grouped by reply topic) and acks their requests afterwards.
+async fn publisher(
+    broker: Arc<dyn Broker>,
+    mut outgoing: mpsc::Receiver<Vec<Outgoing>>,
+    stats: Arc<ServerStats>,
+) {
+    let mut tasks = JoinSet::new();
+    while let Some(replies) = outgoing.recv().await {
+        let mut by_topic: BTreeMap<String, Vec<Outgoing>> = BTreeMap::new();
+        for reply in replies {
+            by_topic.entry(reply.reply_topic.clone()).or_default().push(reply);
+        }
+        for (topic, replies) in by_topic {
+            tasks.spawn(publish_then_ack(
+                Arc::clone(&broker),
+                topic,
+                replies,
+                Arc::clone(&stats),
+            ));
+        }
+        // Reap finished tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn publish_then_ack(
+    broker: Arc<dyn Broker>,
+    topic: String,
+    replies: Vec<Outgoing>,
+    stats: Arc<ServerStats>,
+) {
+    if topic.is_empty() {
+        // Nobody to answer: a message without any routing information. Acking it keeps
+        // it from blocking the stream forever.
+        for reply in replies {
+            ServerStats::add(&stats.unanswerable, 1);
+            tracing::warn!(
+                request = ?reply.work.delivery.message(),
+                "request has no reply topic; dropping it after logging"
+            );
+            settle(reply.work.delivery);
+        }
+        return;
+    }
+    let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match broker.publish_batch(&topic, messages.clone()).await {
+            Ok(()) => break,
+            Err(BrokerError::TopicNotFound(_)) => {
+                // The client deleted its reply topic: it gave up and nobody listens.
+                ServerStats::add(&stats.unanswerable, replies.len() as u64);
+                tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
+                break;
+            }
+            Err(error) => {
+                ServerStats::add(&stats.publish_retries, 1);
+                tracing::warn!(%topic, %error, retry_in_ms = backoff.as_millis() as u64, "publishing replies failed; retrying (requests stay unacked)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    for reply in replies {
+        settle(reply.work.delivery);
+    }
+}
+
+fn settle(delivery: Delivery) {
+    if let Err(error) = delivery.ack() {
+        tracing::warn!(%error, "ack failed; the request may be redelivered and answered twice");
+    }
+}

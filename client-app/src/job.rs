@@ -1,0 +1,440 @@
+//! Sending one folder's worth of requests and collecting the replies.
+//!
+//! A job publishes every file as a `ClassifyRequest` to the request topic, with at most
+//! `window` requests unanswered at a time, and reads replies from a reply topic of its
+//! own (created for the job, deleted afterwards). Replies are matched to requests by
+//! id; a second reply to the same request (the server is at-least-once) is counted as a
+//! duplicate and otherwise ignored. The job ends when every request is answered, or when
+//! no reply arrived for `reply_timeout`; what is still open is then reported as
+//! unanswered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use classifier_proto::{
+    attributes, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome, ProstMessage,
+    CONTENT_TYPE_REQUEST, SCHEMA_VERSION,
+};
+use classifier_server::request::unix_micros_now;
+use tokio::sync::{mpsc, Semaphore};
+use unified_broker::{Broker, Message, SubscribeOptions};
+
+use crate::inputs::{content_type, InputFile};
+
+/// How a job talks to the servers.
+#[derive(Clone, Debug)]
+pub struct JobOptions {
+    /// Topic the servers consume.
+    pub request_topic: String,
+    /// The servers' consumer group; created up front so no request is missed when the
+    /// servers start after the client (Pub/Sub keeps messages only for existing
+    /// subscriptions).
+    pub server_group: String,
+    /// Requests sent and not yet answered, at most.
+    pub window: usize,
+    /// Give up after this long without any reply.
+    pub reply_timeout: Duration,
+    /// Files larger than this are not sent.
+    pub max_file_bytes: usize,
+    /// Predictions asked for per image.
+    pub top_k: u32,
+}
+
+/// One predicted class.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ClassScore {
+    /// Class name as the model calls it.
+    pub class_name: String,
+    /// Index in the model's class list.
+    pub class_index: u32,
+    /// Probability in [0, 1].
+    pub probability: f32,
+}
+
+/// What happened to one file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FileOutcome {
+    /// The server classified it.
+    Classified {
+        /// Best first.
+        top_k: Vec<ClassScore>,
+        /// "name version" of the model that answered.
+        model: String,
+    },
+    /// The server (or the client, for unreadable files) could not classify it.
+    Failed {
+        /// Error code, e.g. `CORRUPT_IMAGE`.
+        code: String,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// No reply before the timeout.
+    Unanswered,
+}
+
+/// The result for one file.
+#[derive(Clone, Debug)]
+pub struct FileResult {
+    /// The file.
+    pub input: InputFile,
+    /// The request id it was sent with (empty if never sent).
+    pub request_id: String,
+    /// The answer.
+    pub outcome: FileOutcome,
+    /// Which server answered.
+    pub server_id: String,
+    /// Send → reply received.
+    pub latency: Option<Duration>,
+}
+
+/// Everything a job learned.
+#[derive(Clone, Debug)]
+pub struct JobReport {
+    /// Job id (also in the requests).
+    pub job_id: String,
+    /// One entry per input file, in input order.
+    pub results: Vec<FileResult>,
+    /// Replies received for requests that were already answered.
+    pub duplicate_replies: u64,
+    /// Wall time of the whole job.
+    pub elapsed: Duration,
+    /// Replies per answering server.
+    pub answered_by: HashMap<String, u64>,
+}
+
+/// Receives progress as the job runs (a progress bar, or nothing).
+pub trait Progress: Send + Sync {
+    /// Called once per file when its result is known.
+    fn file_done(&self, result: &FileResult);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn file_done(&self, _result: &FileResult) {}
+}
+
+/// Requests published and not yet answered: request id → (file index, send time).
+/// Shared so the sender registers a request before publishing it, and a reply can never
+/// arrive for a request the receiver does not know yet.
+type Pending = Arc<std::sync::Mutex<HashMap<String, (usize, Instant)>>>;
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Instant)>> {
+    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the sender tells the receiver besides registering requests.
+enum Sent {
+    LocalFailure { index: usize, code: &'static str, reason: String },
+    Done,
+}
+
+/// Runs one job to completion.
+pub async fn run_job(
+    broker: Arc<dyn Broker>,
+    files: Vec<InputFile>,
+    options: &JobOptions,
+    progress: &dyn Progress,
+) -> anyhow::Result<JobReport> {
+    let started = Instant::now();
+    let job_id = uuid::Uuid::new_v4().simple().to_string();
+    let reply_topic = format!("classify-replies-{job_id}");
+    let reply_group = format!("client-{}", &job_id[..12]);
+
+    broker
+        .ensure_topic(&options.request_topic)
+        .await
+        .context("creating the request topic")?;
+    broker
+        .ensure_subscription(&options.request_topic, &options.server_group)
+        .await
+        .context("creating the servers' subscription")?;
+    broker
+        .ensure_topic(&reply_topic)
+        .await
+        .context("creating the reply topic")?;
+    broker
+        .ensure_subscription(&reply_topic, &reply_group)
+        .await
+        .context("creating the reply subscription")?;
+    let mut replies = broker
+        .subscribe(&reply_topic, &reply_group, SubscribeOptions::default())
+        .await
+        .context("subscribing to the reply topic")?;
+
+    let window = Arc::new(Semaphore::new(options.window.max(1)));
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
+    let pending: Pending = Arc::default();
+    let sender = tokio::spawn(send_all(
+        Arc::clone(&pending),
+        Arc::clone(&broker),
+        files.clone(),
+        options.clone(),
+        job_id.clone(),
+        reply_topic.clone(),
+        Arc::clone(&window),
+        sent_tx,
+    ));
+
+    let mut results: Vec<Option<FileResult>> = vec![None; files.len()];
+    let mut answered: HashMap<String, usize> = HashMap::new();
+    let mut answered_by: HashMap<String, u64> = HashMap::new();
+    let mut duplicates = 0u64;
+    let mut sending_done = false;
+    let mut last_progress = Instant::now();
+    let mut finished = 0usize;
+
+    while finished < files.len() {
+        let idle_deadline = last_progress + options.reply_timeout;
+        tokio::select! {
+            sent = sent_rx.recv(), if !sending_done => match sent {
+                Some(Sent::LocalFailure { index, code, reason }) => {
+                    let result = FileResult {
+                        input: files[index].clone(),
+                        request_id: String::new(),
+                        outcome: FileOutcome::Failed { code: code.to_string(), reason },
+                        server_id: String::new(),
+                        latency: None,
+                    };
+                    progress.file_done(&result);
+                    results[index] = Some(result);
+                    finished += 1;
+                    last_progress = Instant::now();
+                }
+                Some(Sent::Done) | None => sending_done = true,
+            },
+            delivery = replies.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    let response = ClassifyResponse::decode(delivery.message().payload.as_ref());
+                    if let Err(error) = delivery.ack() {
+                        tracing::warn!(%error, "acking a reply failed");
+                    }
+                    let response = match response {
+                        Ok(response) => response,
+                        Err(error) => {
+                            tracing::warn!(%error, "ignoring a reply that is not a ClassifyResponse");
+                            continue;
+                        }
+                    };
+                    let request_id = response.request_id.clone();
+                    let registered = lock(&pending).remove(&request_id);
+                    if let Some((index, at)) = registered {
+                        window.add_permits(1);
+                        *answered_by.entry(response.server_id.clone()).or_default() += 1;
+                        let result = file_result(&files[index], response, at.elapsed());
+                        progress.file_done(&result);
+                        results[index] = Some(result);
+                        answered.insert(request_id, index);
+                        finished += 1;
+                        last_progress = Instant::now();
+                    } else if answered.contains_key(&request_id) {
+                        duplicates += 1;
+                    } else {
+                        tracing::debug!(%request_id, "reply to an unknown request ignored");
+                    }
+                }
+                Some(Err(error)) => tracing::warn!(%error, "receiving replies failed; retrying"),
+                None => {
+                    tracing::warn!("the reply subscription ended");
+                    break;
+                }
+            },
+            _ = tokio::time::sleep_until(idle_deadline.into()) => {
+                tracing::warn!(
+                    timeout_secs = options.reply_timeout.as_secs(),
+                    unanswered = files.len() - finished,
+                    "no reply within the timeout; giving up on the rest"
+                );
+                break;
+            }
+        }
+    }
+
+    sender.abort();
+    if let Err(error) = replies.close().await {
+        tracing::debug!(%error, "closing the reply subscription failed");
+    }
+    if let Err(error) = broker.delete_subscription(&reply_topic, &reply_group).await {
+        tracing::debug!(%error, "deleting the reply subscription failed");
+    }
+    if let Err(error) = broker.delete_topic(&reply_topic).await {
+        tracing::debug!(%error, "deleting the reply topic failed");
+    }
+
+    let results = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, result)| {
+            result.unwrap_or_else(|| FileResult {
+                input: files[index].clone(),
+                request_id: lock(&pending)
+                    .iter()
+                    .find(|(_, (i, _))| *i == index)
+                    .map(|(id, _)| id.clone())
+                    .unwrap_or_default(),
+                outcome: FileOutcome::Unanswered,
+                server_id: String::new(),
+                latency: None,
+            })
+        })
+        .collect();
+    Ok(JobReport {
+        job_id,
+        results,
+        duplicate_replies: duplicates,
+        elapsed: started.elapsed(),
+        answered_by,
+    })
+}
+
+fn file_result(input: &InputFile, response: ClassifyResponse, latency: Duration) -> FileResult {
+    let outcome = match response.outcome {
+        Some(Outcome::Predictions(predictions)) => FileOutcome::Classified {
+            top_k: predictions
+                .top_k
+                .into_iter()
+                .map(|p| ClassScore {
+                    class_name: p.class_name,
+                    class_index: p.class_index,
+                    probability: p.probability,
+                })
+                .collect(),
+            model: format!("{} {}", predictions.model_name, predictions.model_version),
+        },
+        Some(Outcome::Error(error)) => FileOutcome::Failed {
+            code: ErrorCode::try_from(error.code)
+                .map(|c| c.as_str_name().to_string())
+                .unwrap_or_else(|_| format!("ERROR_{}", error.code)),
+            reason: error.reason,
+        },
+        None => FileOutcome::Failed {
+            code: "MALFORMED_RESPONSE".into(),
+            reason: "the server's reply carried neither predictions nor an error".into(),
+        },
+    };
+    FileResult {
+        input: input.clone(),
+        request_id: response.request_id,
+        outcome,
+        server_id: response.server_id,
+        latency: Some(latency),
+    }
+}
+
+/// Most requests published in one `publish_batch`.
+const SEND_BATCH: usize = 32;
+
+#[allow(clippy::too_many_arguments)]
+async fn send_all(
+    pending: Pending,
+    broker: Arc<dyn Broker>,
+    files: Vec<InputFile>,
+    options: JobOptions,
+    job_id: String,
+    reply_topic: String,
+    window: Arc<Semaphore>,
+    sent: mpsc::UnboundedSender<Sent>,
+) {
+    let mut batch: Vec<(usize, String, Message)> = Vec::new();
+    for (index, file) in files.iter().enumerate() {
+        // Take a window slot; if none is free right now, first send what is batched.
+        let permit = match Arc::clone(&window).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                flush(&*broker, &options.request_topic, &mut batch, &pending).await;
+                match Arc::clone(&window).acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                }
+            }
+        };
+        let bytes = match read_file(file, options.max_file_bytes).await {
+            Ok(bytes) => bytes,
+            Err((code, reason)) => {
+                let _ = sent.send(Sent::LocalFailure { index, code, reason });
+                continue; // the permit is dropped: the slot is free again
+            }
+        };
+        // From here the slot is returned when the reply arrives.
+        permit.forget();
+        let request_id = format!("{}-{index}", &job_id[..12]);
+        let request = ClassifyRequest {
+            schema_version: SCHEMA_VERSION,
+            request_id: request_id.clone(),
+            job_id: job_id.clone(),
+            image: bytes,
+            file_name: file.display_name.clone(),
+            content_type: content_type(&file.path).to_string(),
+            reply_topic: reply_topic.clone(),
+            sent_at_unix_micros: unix_micros_now(),
+            attributes: HashMap::new(),
+            top_k: options.top_k,
+        };
+        let message = Message::new(request.encode_to_vec())
+            .with_key(request_id.clone())
+            .with_attribute(attributes::REQUEST_ID, request_id.clone())
+            .with_attribute(attributes::REPLY_TOPIC, reply_topic.clone())
+            .with_attribute(attributes::JOB_ID, job_id.clone())
+            .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_REQUEST);
+        batch.push((index, request_id, message));
+        if batch.len() >= SEND_BATCH {
+            flush(&*broker, &options.request_topic, &mut batch, &pending).await;
+        }
+    }
+    flush(&*broker, &options.request_topic, &mut batch, &pending).await;
+    let _ = sent.send(Sent::Done);
+}
+
+/// Publishes the batch, retrying with backoff until the broker confirms it. (A batch
+/// that was partly published before an error is sent again; the server may then answer
+/// twice, which the receiver counts as duplicates.)
+async fn flush(
+    broker: &dyn Broker,
+    topic: &str,
+    batch: &mut Vec<(usize, String, Message)>,
+    pending: &Pending,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let messages: Vec<Message> = batch.iter().map(|(_, _, m)| m.clone()).collect();
+    let at = Instant::now();
+    // Register the requests before publishing so a fast reply always finds them.
+    {
+        let mut pending = lock(pending);
+        for (index, request_id, _) in batch.iter() {
+            pending.insert(request_id.clone(), (*index, at));
+        }
+    }
+    let mut backoff = Duration::from_millis(100);
+    while let Err(error) = broker.publish_batch(topic, messages.clone()).await {
+        tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "publishing requests failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    batch.clear();
+}
+
+async fn read_file(
+    file: &InputFile,
+    max_bytes: usize,
+) -> Result<Vec<u8>, (&'static str, String)> {
+    let metadata = tokio::fs::metadata(&file.path)
+        .await
+        .map_err(|e| ("UNREADABLE_FILE", format!("cannot read the file: {e}")))?;
+    if metadata.len() > max_bytes as u64 {
+        return Err((
+            "FILE_TOO_LARGE",
+            format!(
+                "the file is {} bytes; the client sends at most {max_bytes}",
+                metadata.len()
+            ),
+        ));
+    }
+    tokio::fs::read(&file.path)
+        .await
+        .map_err(|e| ("UNREADABLE_FILE", format!("cannot read the file: {e}")))
+}

@@ -1,0 +1,418 @@
+//! Turning a [`JobReport`] into what the user reads: one line per file, a summary,
+//! accuracy and a confusion matrix when the folders name the classes, and result files
+//! (JSON Lines or CSV) to open elsewhere.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::job::{FileOutcome, FileResult, JobReport};
+
+/// Counts that decide the exit status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Files in the job.
+    pub files: usize,
+    /// Classified by a server.
+    pub classified: usize,
+    /// Answered with an error (by the server or the client).
+    pub failed: usize,
+    /// Never answered.
+    pub unanswered: usize,
+}
+
+impl Counts {
+    /// Counts the outcomes of a report.
+    pub fn of(report: &JobReport) -> Self {
+        let mut counts = Counts {
+            files: report.results.len(),
+            ..Counts::default()
+        };
+        for result in &report.results {
+            match result.outcome {
+                FileOutcome::Classified { .. } => counts.classified += 1,
+                FileOutcome::Failed { .. } => counts.failed += 1,
+                FileOutcome::Unanswered => counts.unanswered += 1,
+            }
+        }
+        counts
+    }
+}
+
+/// One line for one file.
+pub fn result_line(result: &FileResult) -> String {
+    match &result.outcome {
+        FileOutcome::Classified { top_k, .. } => {
+            let best = top_k
+                .first()
+                .map(|c| format!("{} ({:.1}%)", c.class_name, c.probability * 100.0))
+                .unwrap_or_else(|| "no prediction".into());
+            let others: Vec<String> = top_k
+                .iter()
+                .skip(1)
+                .map(|c| format!("{} {:.1}%", c.class_name, c.probability * 100.0))
+                .collect();
+            if others.is_empty() {
+                format!("{}  →  {best}", result.input.display_name)
+            } else {
+                format!("{}  →  {best}   [{}]", result.input.display_name, others.join(", "))
+            }
+        }
+        FileOutcome::Failed { code, reason } => {
+            format!("{}  ✗  {code}: {reason}", result.input.display_name)
+        }
+        FileOutcome::Unanswered => format!(
+            "{}  ?  UNANSWERED: no reply before the timeout (request {})",
+            result.input.display_name, result.request_id
+        ),
+    }
+}
+
+/// Folder and class names compare equal when they agree after lower-casing and turning
+/// every run of other characters into one dash: `t-shirt-top` names `T-shirt/top`.
+pub fn normalize_class(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_alphanumeric() {
+            out.extend(c.to_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// Accuracy over files whose folder names one of the model's classes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Accuracy {
+    /// Class names in matrix order.
+    pub classes: Vec<String>,
+    /// `matrix[true][predicted]` counts.
+    pub matrix: Vec<Vec<usize>>,
+    /// Correct top-1 predictions.
+    pub correct: usize,
+    /// Labelled and classified files.
+    pub total: usize,
+}
+
+impl Accuracy {
+    /// Fraction correct (0 when nothing was labelled).
+    pub fn ratio(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
+    }
+}
+
+/// Computes accuracy if any classified file sits in a folder named after a class.
+/// `known_classes` comes from the model's metadata when the client has it; otherwise the
+/// class names seen in the predictions are used.
+pub fn accuracy(report: &JobReport, known_classes: &[String]) -> Option<Accuracy> {
+    let mut classes: Vec<String> = known_classes.to_vec();
+    if classes.is_empty() {
+        let mut seen: BTreeSet<(u32, String)> = BTreeSet::new();
+        for result in &report.results {
+            if let FileOutcome::Classified { top_k, .. } = &result.outcome {
+                for score in top_k {
+                    seen.insert((score.class_index, score.class_name.clone()));
+                }
+            }
+        }
+        classes = seen.into_iter().map(|(_, name)| name).collect();
+    }
+    let normalized: Vec<String> = classes.iter().map(|c| normalize_class(c)).collect();
+    let index_of = |name: &str| normalized.iter().position(|c| *c == normalize_class(name));
+    let mut accuracy = Accuracy {
+        matrix: vec![vec![0; classes.len()]; classes.len()],
+        classes: classes.clone(),
+        ..Accuracy::default()
+    };
+    for result in &report.results {
+        let FileOutcome::Classified { top_k, .. } = &result.outcome else {
+            continue;
+        };
+        let Some(truth) = result.input.folder.as_deref().and_then(index_of) else {
+            continue;
+        };
+        let Some(predicted) = top_k.first().and_then(|c| index_of(&c.class_name)) else {
+            continue;
+        };
+        accuracy.matrix[truth][predicted] += 1;
+        accuracy.total += 1;
+        if truth == predicted {
+            accuracy.correct += 1;
+        }
+    }
+    (accuracy.total > 0).then_some(accuracy)
+}
+
+/// The summary block printed after the per-file lines.
+pub fn summary(report: &JobReport, accuracy: Option<&Accuracy>) -> String {
+    let counts = Counts::of(report);
+    let mut out = String::new();
+    let _ = writeln!(out, "Summary (job {})", report.job_id);
+    let _ = writeln!(
+        out,
+        "  files: {}   classified: {}   errors: {}   unanswered: {}   duplicate replies: {}",
+        counts.files, counts.classified, counts.failed, counts.unanswered, report.duplicate_replies
+    );
+    let seconds = report.elapsed.as_secs_f64();
+    let answered = counts.classified + counts.failed;
+    let _ = writeln!(
+        out,
+        "  time: {seconds:.2} s   throughput: {:.1} images/s",
+        if seconds > 0.0 { answered as f64 / seconds } else { 0.0 }
+    );
+    let mut latencies: Vec<Duration> = report.results.iter().filter_map(|r| r.latency).collect();
+    if !latencies.is_empty() {
+        latencies.sort();
+        let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        let _ = writeln!(
+            out,
+            "  latency (send → reply): p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+            ms(pick(0.5)),
+            ms(pick(0.99)),
+            ms(pick(1.0))
+        );
+    }
+    if report.answered_by.len() > 1 {
+        let mut servers: Vec<_> = report.answered_by.iter().collect();
+        servers.sort();
+        let list: Vec<String> = servers.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        let _ = writeln!(out, "  answered by: {}", list.join(", "));
+    }
+    let failures: Vec<&FileResult> = report
+        .results
+        .iter()
+        .filter(|r| !matches!(r.outcome, FileOutcome::Classified { .. }))
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "  not classified:");
+        for result in failures {
+            let _ = writeln!(out, "    {}", result_line(result));
+        }
+    }
+    if let Some(accuracy) = accuracy {
+        let _ = writeln!(
+            out,
+            "  accuracy: {}/{} = {:.1}% (files in folders named after classes)",
+            accuracy.correct,
+            accuracy.total,
+            accuracy.ratio() * 100.0
+        );
+        out.push_str(&confusion_matrix(accuracy));
+    }
+    out
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// The confusion matrix as a text table (rows: true class, columns: predicted).
+pub fn confusion_matrix(accuracy: &Accuracy) -> String {
+    let short: Vec<String> = accuracy
+        .classes
+        .iter()
+        .map(|c| normalize_class(c).chars().take(7).collect())
+        .collect();
+    let label_width = short.iter().map(String::len).max().unwrap_or(4).max(4);
+    let mut out = format!("  confusion matrix (rows: folder, columns: predicted)\n  {:label_width$}", "");
+    for name in &short {
+        let _ = write!(out, " {name:>7}");
+    }
+    out.push('\n');
+    for (truth, row) in accuracy.matrix.iter().enumerate() {
+        if row.iter().all(|&n| n == 0) {
+            continue;
+        }
+        let _ = write!(out, "  {:label_width$}", short[truth]);
+        for count in row {
+            let _ = write!(out, " {count:>7}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One row of a results file.
+#[derive(Debug, serde::Serialize)]
+struct Row<'a> {
+    file: &'a str,
+    status: &'a str,
+    predicted_class: Option<&'a str>,
+    probability: Option<f32>,
+    top_k: Option<String>,
+    error_code: Option<&'a str>,
+    error_reason: Option<&'a str>,
+    folder: Option<&'a str>,
+    server_id: &'a str,
+    latency_ms: Option<f64>,
+    request_id: &'a str,
+}
+
+fn row(result: &FileResult) -> Row<'_> {
+    let (status, predicted, probability, top_k, code, reason) = match &result.outcome {
+        FileOutcome::Classified { top_k, .. } => (
+            "classified",
+            top_k.first().map(|c| c.class_name.as_str()),
+            top_k.first().map(|c| c.probability),
+            Some(
+                top_k
+                    .iter()
+                    .map(|c| format!("{}:{:.4}", c.class_name, c.probability))
+                    .collect::<Vec<_>>()
+                    .join(";"),
+            ),
+            None,
+            None,
+        ),
+        FileOutcome::Failed { code, reason } => {
+            ("error", None, None, None, Some(code.as_str()), Some(reason.as_str()))
+        }
+        FileOutcome::Unanswered => ("unanswered", None, None, None, None, None),
+    };
+    Row {
+        file: &result.input.display_name,
+        status,
+        predicted_class: predicted,
+        probability,
+        top_k,
+        error_code: code,
+        error_reason: reason,
+        folder: result.input.folder.as_deref(),
+        server_id: &result.server_id,
+        latency_ms: result.latency.map(ms),
+        request_id: &result.request_id,
+    }
+}
+
+/// Writes the results as CSV (`.csv`) or JSON Lines (anything else, e.g. `.jsonl`).
+pub fn write_results(report: &JobReport, path: &Path) -> anyhow::Result<()> {
+    let is_csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    if is_csv {
+        let mut writer = csv::Writer::from_writer(file);
+        for result in &report.results {
+            writer.serialize(row(result))?;
+        }
+        writer.flush()?;
+    } else {
+        let mut writer = std::io::BufWriter::new(file);
+        for result in &report.results {
+            serde_json::to_writer(&mut writer, &row(result))?;
+            writer.write_all(b"\n")?;
+        }
+        writer.flush()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inputs::InputFile;
+    use crate::job::ClassScore;
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    fn file(folder: &str, name: &str) -> InputFile {
+        InputFile {
+            path: PathBuf::from(format!("{folder}/{name}")),
+            display_name: format!("{folder}/{name}"),
+            folder: Some(folder.to_string()),
+        }
+    }
+
+    fn classified(folder: &str, predicted: &str, index: u32) -> FileResult {
+        FileResult {
+            input: file(folder, "x.png"),
+            request_id: "r".into(),
+            outcome: FileOutcome::Classified {
+                top_k: vec![ClassScore {
+                    class_name: predicted.into(),
+                    class_index: index,
+                    probability: 0.9,
+                }],
+                model: "m 1".into(),
+            },
+            server_id: "s".into(),
+            latency: Some(Duration::from_millis(3)),
+        }
+    }
+
+    fn report(results: Vec<FileResult>) -> JobReport {
+        JobReport {
+            job_id: "job".into(),
+            results,
+            duplicate_replies: 2,
+            elapsed: Duration::from_secs(1),
+            answered_by: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn folder_names_match_class_names_after_normalising() {
+        assert_eq!(normalize_class("T-shirt/top"), "t-shirt-top");
+        assert_eq!(normalize_class("Ankle boot"), "ankle-boot");
+        assert_eq!(normalize_class("ankle-boot"), "ankle-boot");
+    }
+
+    #[test]
+    fn accuracy_and_confusion_count_only_labelled_classified_files() {
+        let mut results = vec![
+            classified("t-shirt-top", "T-shirt/top", 0),
+            classified("t-shirt-top", "Shirt", 6),
+            classified("shirt", "Shirt", 6),
+            classified("holiday", "Shirt", 6),
+        ];
+        results.push(FileResult {
+            outcome: FileOutcome::Failed {
+                code: "CORRUPT_IMAGE".into(),
+                reason: "truncated".into(),
+            },
+            ..classified("shirt", "Shirt", 6)
+        });
+        let report = report(results);
+        let classes: Vec<String> = ["T-shirt/top", "Shirt"].map(String::from).to_vec();
+        let accuracy = accuracy(&report, &classes).expect("labelled files exist");
+        assert_eq!((accuracy.correct, accuracy.total), (2, 3));
+        assert_eq!(accuracy.matrix, vec![vec![1, 1], vec![0, 1]]);
+        let text = summary(&report, Some(&accuracy));
+        assert!(text.contains("errors: 1"), "{text}");
+        assert!(text.contains("duplicate replies: 2"), "{text}");
+        assert!(text.contains("66.7%"), "{text}");
+        assert!(text.contains("CORRUPT_IMAGE: truncated"), "{text}");
+    }
+
+    #[test]
+    fn no_accuracy_without_class_folders() {
+        let report = report(vec![classified("holiday", "Shirt", 6)]);
+        assert_eq!(accuracy(&report, &[]), None);
+    }
+
+    #[test]
+    fn results_files_are_csv_or_json_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = report(vec![classified("shirt", "Shirt", 6)]);
+        let csv_path = dir.path().join("out.csv");
+        write_results(&report, &csv_path).expect("csv");
+        let text = std::fs::read_to_string(&csv_path).expect("read");
+        assert!(text.starts_with("file,status,predicted_class"), "{text}");
+        assert!(text.contains("shirt/x.png,classified,Shirt"), "{text}");
+        let json_path = dir.path().join("out.jsonl");
+        write_results(&report, &json_path).expect("jsonl");
+        let line = std::fs::read_to_string(&json_path).expect("read");
+        let value: serde_json::Value = serde_json::from_str(line.trim()).expect("json");
+        assert_eq!(value["predicted_class"], "Shirt");
+    }
+}

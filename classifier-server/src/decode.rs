@@ -74,6 +74,12 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
             ),
         )
     })?;
+    if format == ImageFormat::Jpeg && jpeg_is_truncated(bytes) {
+        return Err(DecodeError::new(
+            ErrorCode::CorruptImage,
+            "the Jpeg data is truncated (no end-of-image marker after the image data)",
+        ));
+    }
     match catch_unwind(AssertUnwindSafe(|| decode_checked(bytes, format, limits))) {
         Ok(result) => result,
         Err(_) => Err(DecodeError::new(
@@ -106,6 +112,18 @@ fn decode_checked(
     decoder_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(decoder_limits);
     reader.decode().map_err(|error| classify_error(format, error))
+}
+
+/// The JPEG decoder fills a cut-off scan with grey rather than failing, so a truncated
+/// file would be "classified". A complete JPEG has an end-of-image marker (FF D9) after
+/// its last start-of-scan marker (FF DA); embedded thumbnails end earlier, so only the
+/// part after the last scan counts.
+fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+    match last_scan {
+        Some(start) => !bytes[start..].windows(2).any(|w| w == [0xff, 0xd9]),
+        None => true,
+    }
 }
 
 /// Rejects images whose header announces more pixels than the limits allow.

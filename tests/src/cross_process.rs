@@ -1,0 +1,167 @@
+//! End-to-end cases with `classifier-server` and `client-app` as separate processes,
+//! run against a real broker. Each backend's test file supplies the environment that
+//! selects it (`CLASSIFIER_BROKER` plus the broker's address) and calls these cases.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::{
+    copy_examples, parse_summary, run_client, write_bad_inputs, ServerProcess, Summary,
+};
+
+/// Environment for one case: the backend's variables plus a request topic and group of
+/// its own, so cases never see each other's requests.
+pub fn case_env(backend_env: &[(String, String)], case: &str) -> Vec<(String, String)> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut env = backend_env.to_vec();
+    env.push(("CLASSIFIER_REQUEST_TOPIC".into(), format!("e2e-{case}-{}", &id[..10])));
+    env.push(("CLASSIFIER_GROUP".into(), format!("servers-{}", &id[..10])));
+    env
+}
+
+/// The backend environment from the variables the test script sets, or `None` (with a
+/// loud message) when the broker is not running and `REQUIRE_BROKERS` is not set.
+pub fn backend_env(backend: &str, address_var: &str) -> Option<Vec<(String, String)>> {
+    match std::env::var(address_var) {
+        Ok(address) => Some(vec![
+            ("CLASSIFIER_BROKER".into(), backend.into()),
+            (address_var.into(), address),
+        ]),
+        Err(_) if std::env::var_os("REQUIRE_BROKERS").is_some() => {
+            panic!("{address_var} is not set but REQUIRE_BROKERS is: start the broker (scripts/test.sh does)")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED: {address_var} not set, so the {backend} end-to-end tests cannot run");
+            None
+        }
+    }
+}
+
+fn client_output(args: &[&str], env: &[(String, String)]) -> (i32, String, Summary) {
+    let output = run_client(args, env);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let code = output.status.code().unwrap_or(-1);
+    assert!(
+        stdout.contains("Summary"),
+        "client printed no summary (exit {code})\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (code, stdout.clone(), parse_summary(&stdout))
+}
+
+fn server_ids_in(results: &Path) -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(results).expect("results file");
+    let mut ids = BTreeMap::new();
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).expect("json line");
+        if let Some(id) = row["server_id"].as_str().filter(|s| !s.is_empty()) {
+            *ids.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+    ids
+}
+
+fn stop(server: ServerProcess) {
+    let id = server.id.clone();
+    let status = server
+        .terminate(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("server {id} did not exit within 60 s of SIGTERM"));
+    assert!(status.success(), "server {id} exited with {status} after SIGTERM");
+}
+
+/// One server process classifies every example image; the client reports ≥ 85%
+/// accuracy and exits 0; the server exits 0 on SIGTERM.
+pub fn one_server_classifies_examples(backend_env: &[(String, String)]) {
+    let env = case_env(backend_env, "one");
+    let work = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start("server-one", &env, &work.path().join("server.log"));
+    let (code, stdout, summary) =
+        client_output(&["classify", "examples", "--quiet", "--timeout", "90"], &env);
+    let log = std::fs::read_to_string(work.path().join("server.log")).unwrap_or_default();
+    assert_eq!(code, 0, "client exit status\n{stdout}\nserver log:\n{log}");
+    assert_eq!((summary.files, summary.classified), (200, 200), "{stdout}");
+    assert!(summary.accuracy_percent.unwrap_or(0.0) >= 85.0, "{stdout}");
+    stop(server);
+}
+
+/// Bad files over a real broker: each answered with its reason, good ones classified,
+/// exit status 2.
+pub fn bad_inputs_are_answered(backend_env: &[(String, String)]) {
+    let env = case_env(backend_env, "bad");
+    let work = tempfile::tempdir().expect("tempdir");
+    let folder = work.path().join("mixed");
+    let good = copy_examples(&folder, 1);
+    let bad = write_bad_inputs(&folder);
+    let server = ServerProcess::start("server-bad", &env, &work.path().join("server.log"));
+    let results = work.path().join("results.jsonl");
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let results_arg = results.to_string_lossy().into_owned();
+    let (code, stdout, summary) = client_output(
+        &["classify", &folder_arg, "--timeout", "90", "--output", &results_arg],
+        &env,
+    );
+    assert_eq!(code, 2, "{stdout}");
+    assert_eq!(summary.classified, good, "{stdout}");
+    assert_eq!(summary.errors, bad.len(), "{stdout}");
+    assert_eq!(summary.unanswered, 0, "{stdout}");
+    for (name, code) in bad {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(name) && l.contains('✗'))
+            .unwrap_or_else(|| panic!("no error line for {name}:\n{stdout}"));
+        assert!(line.contains(code), "{name} should be {code}: {line}");
+    }
+    stop(server);
+}
+
+/// Two server processes in one group: over repeated runs both answer requests, and in
+/// every run every image is answered exactly once as far as the user sees.
+pub fn two_servers_share_the_work(backend_env: &[(String, String)]) {
+    let env = case_env(backend_env, "two");
+    let work = tempfile::tempdir().expect("tempdir");
+    let first = ServerProcess::start("server-a", &env, &work.path().join("a.log"));
+    let second = ServerProcess::start("server-b", &env, &work.path().join("b.log"));
+    let mut seen: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut runs = 0;
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "after {runs} runs only {seen:?} answered"
+        );
+        runs += 1;
+        let results = work.path().join(format!("run{runs}.jsonl"));
+        let results_arg = results.to_string_lossy().into_owned();
+        let (code, stdout, summary) = client_output(
+            &["classify", "examples", "--quiet", "--timeout", "90", "--output", &results_arg],
+            &env,
+        );
+        assert_eq!(code, 0, "{stdout}");
+        assert_eq!((summary.files, summary.classified), (200, 200), "{stdout}");
+        let by_server = server_ids_in(&results);
+        assert_eq!(by_server.values().sum::<usize>(), 200, "one result per image");
+        seen.extend(by_server.into_keys());
+    }
+    assert_eq!(
+        seen,
+        HashSet::from(["server-a".to_string(), "server-b".to_string()])
+    );
+    stop(first);
+    stop(second);
+}
+
+/// With no server running, the client gives up after its timeout, lists what went
+/// unanswered and exits 3.
+pub fn no_server_means_unanswered_after_timeout(backend_env: &[(String, String)]) {
+    let env = case_env(backend_env, "none");
+    let work = tempfile::tempdir().expect("tempdir");
+    let folder = work.path().join("few");
+    let copied = copy_examples(&folder, 1);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let (code, stdout, summary) =
+        client_output(&["classify", &folder_arg, "--timeout", "5"], &env);
+    assert_eq!(code, 3, "{stdout}");
+    assert_eq!(summary.unanswered, copied, "{stdout}");
+    assert!(stdout.contains("UNANSWERED"), "{stdout}");
+}

@@ -1,0 +1,235 @@
+//! Shared harness of the cross-crate tests: finding the workspace's binaries, running
+//! server processes that are killed when a test ends, running the client and reading
+//! its summary, and building folders of good and bad input files.
+//!
+//! The cross-process suite ([`cross_process`]) is generic over the backend: the Kafka
+//! and Pub/Sub test files run the same cases with their own environment.
+
+pub mod cross_process;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// The workspace root (where `examples/` and `models/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// Path of a binary of the workspace, built in the same profile as the test.
+///
+/// Panics with instructions if it was not built (`scripts/test.sh` builds them first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `client-app` with `args` from the workspace root and waits for it.
+pub fn run_client(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(binary("client-app"))
+        .args(args)
+        .current_dir(workspace_root())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("client-app runs")
+}
+
+/// A `classifier-server` process, killed (SIGKILL) when dropped if still running.
+pub struct ServerProcess {
+    child: Child,
+    /// Its `--server-id`.
+    pub id: String,
+}
+
+impl ServerProcess {
+    /// Starts a server with the given environment (backend, topic, group...).
+    pub fn start(id: &str, env: &[(String, String)], log: &Path) -> ServerProcess {
+        let log_file = std::fs::File::create(log).expect("server log file");
+        let child = Command::new(binary("classifier-server"))
+            .args(["--server-id", id])
+            .current_dir(workspace_root())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("classifier-server starts");
+        ServerProcess {
+            child,
+            id: id.to_string(),
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status (bounded by `timeout`).
+    pub fn terminate(mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The numbers of the client's summary line.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// Files in the job.
+    pub files: usize,
+    /// Classified.
+    pub classified: usize,
+    /// Answered with errors.
+    pub errors: usize,
+    /// Not answered.
+    pub unanswered: usize,
+    /// Duplicate replies seen.
+    pub duplicates: usize,
+    /// Accuracy in percent, if printed.
+    pub accuracy_percent: Option<f64>,
+}
+
+/// Parses the summary the client prints on stdout.
+pub fn parse_summary(stdout: &str) -> Summary {
+    let number_after = |label: &str| -> Option<usize> {
+        let start = stdout.find(label)? + label.len();
+        stdout[start..]
+            .split_whitespace()
+            .next()?
+            .trim_end_matches('%')
+            .parse()
+            .ok()
+    };
+    let accuracy_percent = stdout.find("accuracy: ").and_then(|i| {
+        let rest = &stdout[i..];
+        let eq = rest.find("= ")? + 2;
+        rest[eq..].split('%').next()?.trim().parse().ok()
+    });
+    Summary {
+        files: number_after("files: ").expect("summary has files"),
+        classified: number_after("classified: ").expect("summary has classified"),
+        errors: number_after("errors: ").expect("summary has errors"),
+        unanswered: number_after("unanswered: ").expect("summary has unanswered"),
+        duplicates: number_after("duplicate replies: ").expect("summary has duplicates"),
+        accuracy_percent,
+    }
+}
+
+/// Encodes a small JPEG photo-like test image.
+pub fn jpeg_bytes(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+    });
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Jpeg)
+        .expect("encode jpeg");
+    out.into_inner()
+}
+
+/// A PNG whose header claims `width`×`height` pixels, followed by a tiny data chunk
+/// and the end marker: a decompression bomb's shape, without the bomb.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &ihdr);
+    // zlib stream of a few zero bytes (stored block)
+    chunk(&mut out, b"IDAT", &[0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0, 0, 0x04, 0x00, 0x01]);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The bad files of the foundation issue, by name, with the error code each must get.
+pub fn write_bad_inputs(dir: &Path) -> Vec<(&'static str, &'static str)> {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("notes.txt"), b"this is a text file, not an image\n").expect("write");
+    std::fs::write(dir.join("empty.png"), b"").expect("write");
+    let jpeg = jpeg_bytes(96, 96);
+    std::fs::write(dir.join("truncated.jpg"), &jpeg[..jpeg.len() / 2]).expect("write");
+    std::fs::write(dir.join("huge.png"), png_claiming(100_000, 100_000)).expect("write");
+    vec![
+        ("notes.txt", "UNSUPPORTED_FORMAT"),
+        ("empty.png", "EMPTY_IMAGE"),
+        ("truncated.jpg", "CORRUPT_IMAGE"),
+        ("huge.png", "IMAGE_TOO_LARGE"),
+    ]
+}
+
+/// Copies `per_class` example images of every class into `dir/<class>/`.
+pub fn copy_examples(dir: &Path, per_class: usize) -> usize {
+    let examples = workspace_root().join("examples");
+    let mut copied = 0;
+    let mut classes: Vec<_> = std::fs::read_dir(&examples)
+        .expect("examples/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    for class in classes {
+        let target = dir.join(class.file_name().expect("class folder name"));
+        std::fs::create_dir_all(&target).expect("mkdir");
+        let mut files: Vec<_> = std::fs::read_dir(&class)
+            .expect("class folder")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        files.sort();
+        for file in files.into_iter().take(per_class) {
+            std::fs::copy(&file, target.join(file.file_name().expect("file name"))).expect("copy");
+            copied += 1;
+        }
+    }
+    copied
+}

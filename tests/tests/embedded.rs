@@ -1,0 +1,269 @@
+//! The whole system on the embedded broker: the README's main command, bad inputs, and
+//! the server's delivery guarantees, with no external service.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use classifier_proto::{attributes, ClassifyResponse, ErrorCode, Outcome, ProstMessage};
+use classifier_server::{load_classifier, ModelServer, ServerConfig};
+use client_app::job::{run_job, FileOutcome, JobOptions, NoProgress};
+use integration_tests::{
+    copy_examples, parse_summary, run_client, workspace_root, write_bad_inputs,
+};
+use tokio_util::sync::CancellationToken;
+use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
+use unified_broker::{Broker, BrokerError, Message, SubscribeOptions, Subscriber};
+
+/// The README's first command: every example classified, accuracy ≥ 85%, exit 0.
+#[test]
+fn main_command_classifies_every_example() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let results = work.path().join("results.csv");
+    let output = run_client(
+        &["classify", "examples", "--output", &results.to_string_lossy()],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let summary = parse_summary(&stdout);
+    assert_eq!((summary.files, summary.classified, summary.errors), (200, 200, 0), "{stdout}");
+    let accuracy = summary.accuracy_percent.expect("accuracy printed for class folders");
+    assert!(accuracy >= 85.0, "accuracy {accuracy}%\n{stdout}");
+    assert!(stdout.contains("confusion matrix"), "{stdout}");
+    let csv = std::fs::read_to_string(&results).expect("results file");
+    assert_eq!(csv.lines().count(), 201, "header + one row per image");
+}
+
+/// Good images, a text file, a zero-byte PNG, a truncated JPEG and a PNG claiming
+/// 100000×100000 pixels: all answered, each bad one with its reason, exit status 2.
+#[test]
+fn mixed_folder_is_fully_answered_with_reasons() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let folder = work.path().join("mixed");
+    let good = copy_examples(&folder, 2);
+    let bad = write_bad_inputs(&folder);
+    let output = run_client(&["classify", &folder.to_string_lossy()], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{stdout}");
+    let summary = parse_summary(&stdout);
+    assert_eq!(summary.files, good + bad.len(), "{stdout}");
+    assert_eq!(summary.classified, good, "{stdout}");
+    assert_eq!(summary.errors, bad.len(), "{stdout}");
+    assert_eq!(summary.unanswered, 0, "{stdout}");
+    for (name, code) in bad {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(name) && l.contains(code))
+            .unwrap_or_else(|| panic!("{name} not reported as {code}:\n{stdout}"));
+        assert!(line.contains(':'), "a reason follows the code: {line}");
+    }
+}
+
+/// A missing path is a clear error and exit status 1, not a panic.
+#[test]
+fn missing_path_is_a_clear_error() {
+    let output = run_client(&["classify", "no/such/folder"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no/such/folder"), "{stderr}");
+}
+
+fn server_config(topic: &str) -> ServerConfig {
+    ServerConfig {
+        model_dir: workspace_root().join("models/fashion-mnist"),
+        request_topic: topic.to_string(),
+        ..ServerConfig::default()
+    }
+}
+
+/// A broker whose first `failures` publishes to reply topics fail, to prove the server
+/// retries replies and acks requests only afterwards.
+struct FlakyReplies {
+    inner: Arc<dyn Broker>,
+    failures_left: AtomicUsize,
+    attempts: AtomicUsize,
+}
+
+#[async_trait]
+impl Broker for FlakyReplies {
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+    fn features(&self) -> unified_broker::Features {
+        self.inner.features()
+    }
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> unified_broker::Result<()> {
+        if topic.starts_with("replies") {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            let left = self.failures_left.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures_left.store(left - 1, Ordering::SeqCst);
+                return Err(BrokerError::Unavailable("injected failure".into()));
+            }
+        }
+        self.inner.publish_batch(topic, messages).await
+    }
+    async fn subscribe(&self, topic: &str, group: &str, options: SubscribeOptions) -> unified_broker::Result<Box<dyn Subscriber>> {
+        self.inner.subscribe(topic, group, options).await
+    }
+    async fn ensure_topic(&self, topic: &str) -> unified_broker::Result<()> {
+        self.inner.ensure_topic(topic).await
+    }
+    async fn delete_topic(&self, topic: &str) -> unified_broker::Result<()> {
+        self.inner.delete_topic(topic).await
+    }
+    async fn ensure_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
+        self.inner.ensure_subscription(topic, group).await
+    }
+    async fn delete_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
+        self.inner.delete_subscription(topic, group).await
+    }
+    async fn close(&self) -> unified_broker::Result<()> {
+        self.inner.close().await
+    }
+}
+
+async fn next_reply(subscriber: &mut Box<dyn Subscriber>) -> ClassifyResponse {
+    let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
+        .await
+        .expect("a reply within 30 s")
+        .expect("subscription open")
+        .expect("delivery");
+    let response = ClassifyResponse::decode(delivery.message().payload.as_ref()).expect("response");
+    delivery.ack().expect("ack");
+    response
+}
+
+/// Publishing a reply fails three times: the server retries, the reply arrives once, and
+/// only then is the request acked (until then a second group member could not have
+/// "lost" it: it stays unacked in the group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
+    let embedded = EmbeddedBroker::new(EmbeddedConfig {
+        max_backlog_per_group: 1,
+    });
+    let flaky = Arc::new(FlakyReplies {
+        inner: Arc::new(embedded.new_client()),
+        failures_left: AtomicUsize::new(3),
+        attempts: AtomicUsize::new(0),
+    });
+    let config = server_config("requests-flaky");
+    let classifier = load_classifier(&config).expect("shipped model loads");
+    let server = ModelServer::new(flaky.clone(), config.clone(), classifier);
+    let stats = server.stats();
+    server.prepare_topics().await.expect("topics");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(server.run(stop.clone()));
+
+    let client = embedded.new_client();
+    client.ensure_topic("replies-flaky").await.expect("reply topic");
+    client.ensure_subscription("replies-flaky", "me").await.expect("reply sub");
+    let mut replies = client.subscribe("replies-flaky", "me", SubscribeOptions::default()).await.expect("sub");
+    let image = std::fs::read(workspace_root().join("examples/trouser").read_dir().expect("dir").next().expect("file").expect("entry").path()).expect("png");
+    let request = classifier_proto::ClassifyRequest {
+        request_id: "req-1".into(),
+        reply_topic: "replies-flaky".into(),
+        image,
+        ..Default::default()
+    };
+    client.publish("requests-flaky", Message::new(request.encode_to_vec())).await.expect("publish");
+    // The group holds at most one message (backlog 1): a second publish can only
+    // complete once the first request was acked, i.e. after its reply got out.
+    let second = classifier_proto::ClassifyRequest {
+        request_id: "req-2".into(),
+        reply_topic: "replies-flaky".into(),
+        image: request.image.clone(),
+        ..Default::default()
+    };
+    let second_publish = tokio::spawn({
+        let client = embedded.new_client();
+        async move { client.publish("requests-flaky", Message::new(second.encode_to_vec())).await }
+    });
+    let first = next_reply(&mut replies).await;
+    assert_eq!(first.request_id, "req-1");
+    assert!(flaky.attempts.load(Ordering::SeqCst) >= 4, "three failures then success");
+    tokio::time::timeout(Duration::from_secs(30), second_publish)
+        .await
+        .expect("second publish completes once the first request is acked")
+        .expect("task")
+        .expect("publish");
+    let second = next_reply(&mut replies).await;
+    assert_eq!(second.request_id, "req-2");
+    match second.outcome {
+        Some(Outcome::Predictions(p)) => assert_eq!(p.top_k[0].class_name, "Trouser"),
+        other => panic!("expected predictions, got {other:?}"),
+    }
+    stop.cancel();
+    let final_stats = running.await.expect("task").expect("server ran");
+    assert_eq!(final_stats.publish_retries, 3);
+    assert_eq!(final_stats.classified, 2);
+    assert_eq!(stats.snapshot().received, 2);
+}
+
+/// Garbage payloads: with routing attributes they get a MALFORMED_REQUEST reply; without
+/// any they are acked (logged) and do not block the requests behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
+    let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
+    let config = server_config("requests-malformed");
+    let classifier = load_classifier(&config).expect("model");
+    let server = ModelServer::new(broker.clone(), config, classifier);
+    server.prepare_topics().await.expect("topics");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(server.run(stop.clone()));
+    broker.ensure_topic("replies-malformed").await.expect("topic");
+    broker.ensure_subscription("replies-malformed", "me").await.expect("sub");
+    let mut replies = broker.subscribe("replies-malformed", "me", SubscribeOptions::default()).await.expect("sub");
+
+    let garbage = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
+    broker.publish("requests-malformed", Message::new(garbage.clone())).await.expect("publish");
+    let routed = Message::new(garbage)
+        .with_attribute(attributes::REQUEST_ID, "bad-1")
+        .with_attribute(attributes::REPLY_TOPIC, "replies-malformed");
+    broker.publish("requests-malformed", routed).await.expect("publish");
+    let response = next_reply(&mut replies).await;
+    assert_eq!(response.request_id, "bad-1");
+    match response.outcome {
+        Some(Outcome::Error(error)) => {
+            assert_eq!(error.code, ErrorCode::MalformedRequest as i32);
+            assert!(error.reason.contains("not a valid ClassifyRequest"), "{}", error.reason);
+        }
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+    stop.cancel();
+    let stats = running.await.expect("task").expect("server");
+    assert_eq!(stats.received, 2);
+    assert_eq!(stats.unanswerable, 1, "the unroutable one was acked, not stuck");
+    assert_eq!(stats.rejected, 2);
+}
+
+/// With no server, a job ends after its reply timeout and reports every file as
+/// unanswered, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_without_server_reports_unanswered_after_timeout() {
+    let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
+    let work = tempfile::tempdir().expect("tempdir");
+    copy_examples(work.path(), 1);
+    let files = client_app::inputs::collect_inputs(&[work.path().to_path_buf()]).expect("inputs");
+    let options = JobOptions {
+        request_topic: "requests-nobody".into(),
+        server_group: "servers".into(),
+        window: 4,
+        reply_timeout: Duration::from_millis(500),
+        max_file_bytes: 1 << 20,
+        top_k: 1,
+    };
+    let report = run_job(broker, files, &options, &NoProgress).await.expect("job");
+    assert_eq!(report.results.len(), 10);
+    assert!(report.results.iter().all(|r| r.outcome == FileOutcome::Unanswered));
+    let sent: HashMap<_, _> = report
+        .results
+        .iter()
+        .filter(|r| !r.request_id.is_empty())
+        .map(|r| (r.request_id.clone(), ()))
+        .collect();
+    assert_eq!(sent.len(), 4, "only a window's worth was sent before the timeout");
+}

@@ -1,0 +1,36 @@
+//! End to end over Kafka: `classifier-server` and `client-app` as separate
+//! processes. Needs `KAFKA_BOOTSTRAP_SERVERS` (scripts/test.sh starts the broker and sets it).
+
+use integration_tests::cross_process::{self, backend_env};
+
+fn env() -> Option<Vec<(String, String)>> {
+    backend_env("kafka", "KAFKA_BOOTSTRAP_SERVERS")
+}
+
+#[test]
+fn one_server_classifies_examples() {
+    if let Some(env) = env() {
+        cross_process::one_server_classifies_examples(&env);
+    }
+}
+
+#[test]
+fn two_servers_share_the_work() {
+    if let Some(env) = env() {
+        cross_process::two_servers_share_the_work(&env);
+    }
+}
+
+#[test]
+fn bad_inputs_are_answered() {
+    if let Some(env) = env() {
+        cross_process::bad_inputs_are_answered(&env);
+    }
+}
+
+#[test]
+fn no_server_means_unanswered_after_timeout() {
+    if let Some(env) = env() {
+        cross_process::no_server_means_unanswered_after_timeout(&env);
+    }
+}

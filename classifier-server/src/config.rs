@@ -56,6 +56,13 @@ pub struct ServerConfig {
     /// On SIGTERM, how long to finish in-flight work before giving up on it (it is then
     /// redelivered by the broker, not lost).
     pub drain_timeout_secs: u64,
+    /// Topic that receives a copy (original bytes + reason) of every request that can
+    /// never succeed; empty disables it.
+    pub dead_letter_topic: String,
+    /// Subscription created on the dead-letter topic so that copies are kept for
+    /// inspection (Pub/Sub drops messages of topics without subscriptions); empty
+    /// creates none.
+    pub dead_letter_subscription: String,
     /// Limits that protect the server from hostile or accidental huge inputs.
     pub limits: DecodeLimits,
 }
@@ -72,6 +79,8 @@ impl Default for ServerConfig {
             max_in_flight: 512,
             default_top_k: 3,
             drain_timeout_secs: 30,
+            dead_letter_topic: "classify-dead-letter".to_string(),
+            dead_letter_subscription: "dead-letter-inspection".to_string(),
             limits: DecodeLimits::default(),
         }
     }
@@ -174,7 +183,10 @@ mod tests {
     fn no_file_means_embedded_broker_and_shipped_model() {
         let config = AppConfig::default();
         assert_eq!(config.broker.backend(), "embedded");
-        assert_eq!(config.server.model_dir, PathBuf::from("models/fashion-mnist"));
+        assert_eq!(
+            config.server.model_dir,
+            PathBuf::from("models/fashion-mnist")
+        );
     }
 
     #[test]
@@ -217,7 +229,9 @@ mod tests {
     #[test]
     fn unknown_backend_is_a_clear_error() {
         let mut config = AppConfig::default();
-        let error = config.select_backend("carrier-pigeon").expect_err("rejected");
+        let error = config
+            .select_backend("carrier-pigeon")
+            .expect_err("rejected");
         assert!(format!("{error:#}").contains("carrier-pigeon"), "{error:#}");
     }
 

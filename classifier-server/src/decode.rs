@@ -63,7 +63,10 @@ impl DecodeError {
 /// Decodes `bytes` into an image within `limits`.
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, DecodeError> {
     if bytes.is_empty() {
-        return Err(DecodeError::new(ErrorCode::EmptyImage, "the file is empty (0 bytes)"));
+        return Err(DecodeError::new(
+            ErrorCode::EmptyImage,
+            "the file is empty (0 bytes)",
+        ));
     }
     let format = image::guess_format(bytes).map_err(|_| {
         DecodeError::new(
@@ -111,7 +114,9 @@ fn decode_checked(
     decoder_limits.max_image_height = Some(limits.max_height);
     decoder_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(decoder_limits);
-    reader.decode().map_err(|error| classify_error(format, error))
+    reader
+        .decode()
+        .map_err(|error| classify_error(format, error))
 }
 
 /// The JPEG decoder fills a cut-off scan with grey rather than failing, so a truncated
@@ -184,7 +189,8 @@ mod tests {
         let img: ImageBuffer<Luma<u8>, Vec<u8>> =
             ImageBuffer::from_fn(width, height, |x, y| Luma([(x * 7 + y * 3) as u8]));
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, ImageFormat::Png).expect("encode png");
+        img.write_to(&mut out, ImageFormat::Png)
+            .expect("encode png");
         out.into_inner()
     }
 
@@ -192,7 +198,8 @@ mod tests {
         let img: ImageBuffer<Rgb<u8>, Vec<u8>> =
             ImageBuffer::from_fn(width, height, |x, y| Rgb([x as u8, y as u8, 128]));
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, ImageFormat::Jpeg).expect("encode jpeg");
+        img.write_to(&mut out, ImageFormat::Jpeg)
+            .expect("encode jpeg");
         out.into_inner()
     }
 
@@ -217,7 +224,11 @@ mod tests {
         for &byte in data {
             crc ^= u32::from(byte);
             for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc
@@ -240,8 +251,8 @@ mod tests {
 
     #[test]
     fn text_is_an_unsupported_format() {
-        let error = decode_image(b"hello, I am a text file\n", &DecodeLimits::default())
-            .expect_err("text");
+        let error =
+            decode_image(b"hello, I am a text file\n", &DecodeLimits::default()).expect_err("text");
         assert_eq!(error.code, ErrorCode::UnsupportedFormat);
         assert!(error.reason.contains("68 65 6c 6c"), "{}", error.reason);
     }
@@ -249,8 +260,8 @@ mod tests {
     #[test]
     fn truncated_jpeg_is_corrupt() {
         let full = jpeg(64, 64);
-        let error = decode_image(&full[..full.len() / 2], &DecodeLimits::default())
-            .expect_err("truncated");
+        let error =
+            decode_image(&full[..full.len() / 2], &DecodeLimits::default()).expect_err("truncated");
         assert_eq!(error.code, ErrorCode::CorruptImage, "{}", error.reason);
     }
 

@@ -59,7 +59,7 @@ pub fn prepare(
     message: &Message,
     limits: &DecodeLimits,
     preprocessor: &Preprocessor,
-) -> Result<PreparedInput, Rejected> {
+) -> Result<PreparedInput, Box<Rejected>> {
     let fallback_route = route_from_attributes(message);
     if message.payload.len() > limits.max_message_bytes {
         return Err(reject(
@@ -115,14 +115,14 @@ fn non_empty_or(value: String, fallback: String) -> String {
     }
 }
 
-fn reject(route: ReplyRoute, code: ErrorCode, reason: impl Into<String>) -> Rejected {
-    Rejected {
+fn reject(route: ReplyRoute, code: ErrorCode, reason: impl Into<String>) -> Box<Rejected> {
+    Box::new(Rejected {
         route,
         error: ClassifyError {
             code: code as i32,
             reason: reason.into(),
         },
-    }
+    })
 }
 
 fn route_from_attributes(message: &Message) -> ReplyRoute {
@@ -189,7 +189,11 @@ pub fn success_response(
 
 /// The reply for a request that could not be classified.
 pub fn error_response(rejected: &Rejected, context: &ReplyContext) -> ClassifyResponse {
-    response(&rejected.route, Outcome::Error(rejected.error.clone()), context)
+    response(
+        &rejected.route,
+        Outcome::Error(rejected.error.clone()),
+        context,
+    )
 }
 
 fn response(route: &ReplyRoute, outcome: Outcome, context: &ReplyContext) -> ClassifyResponse {

@@ -57,6 +57,8 @@ pub struct ServerStats {
     pub batches: AtomicU64,
     /// Reply publishes that failed and were retried.
     pub publish_retries: AtomicU64,
+    /// Requests copied to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
 }
 
 /// A snapshot of [`ServerStats`].
@@ -74,6 +76,8 @@ pub struct StatsSnapshot {
     pub batches: u64,
     /// See [`ServerStats::publish_retries`].
     pub publish_retries: u64,
+    /// See [`ServerStats::dead_lettered`].
+    pub dead_lettered: u64,
 }
 
 impl ServerStats {
@@ -87,6 +91,7 @@ impl ServerStats {
             unanswerable: get(&self.unanswerable),
             batches: get(&self.batches),
             publish_retries: get(&self.publish_retries),
+            dead_lettered: get(&self.dead_lettered),
         }
     }
 
@@ -113,6 +118,8 @@ struct Outgoing {
     work: Work,
     reply_topic: String,
     message: Message,
+    /// For requests that can never succeed: the copy for the dead-letter topic.
+    dead_letter: Option<Message>,
 }
 
 /// Everything the server needs, bundled so `run` reads as the pipeline it is.
@@ -156,7 +163,19 @@ impl ModelServer {
     pub async fn prepare_topics(&self) -> Result<(), BrokerError> {
         let topic = &self.config.request_topic;
         self.broker.ensure_topic(topic).await?;
-        self.broker.ensure_subscription(topic, &self.config.group).await
+        self.broker
+            .ensure_subscription(topic, &self.config.group)
+            .await?;
+        let dead_letters = &self.config.dead_letter_topic;
+        if !dead_letters.is_empty() {
+            self.broker.ensure_topic(dead_letters).await?;
+            if !self.config.dead_letter_subscription.is_empty() {
+                self.broker
+                    .ensure_subscription(dead_letters, &self.config.dead_letter_subscription)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Serves until `shutdown` is cancelled (or the subscription ends), then drains.
@@ -187,7 +206,8 @@ impl ModelServer {
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
         let (prepared_tx, prepared_rx) = mpsc::channel::<Prepared>(config.max_in_flight.max(1));
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<(Work, PreparedInput)>>(2);
-        let (outgoing_tx, outgoing_rx) = mpsc::channel::<Vec<Outgoing>>(config.max_in_flight.max(1));
+        let (outgoing_tx, outgoing_rx) =
+            mpsc::channel::<Vec<Outgoing>>(config.max_in_flight.max(1));
 
         let decode_pool = DecodePool::new(&self.classifier, config)?;
         let mut stages = JoinSet::new();
@@ -195,9 +215,15 @@ impl ModelServer {
             prepared_rx,
             batch_tx,
             outgoing_tx.clone(),
-            config.max_batch_size.max(1),
-            config.max_batch_wait(),
+            BatchLimits {
+                max_batch: config.max_batch_size.max(1),
+                max_wait: config.max_batch_wait(),
+            },
             self.reply_context(),
+            DeadLetters {
+                enabled: !config.dead_letter_topic.is_empty(),
+                source_topic: config.request_topic.clone(),
+            },
             Arc::clone(&self.stats),
         ));
         let model_thread = spawn_model_thread(
@@ -211,6 +237,7 @@ impl ModelServer {
         let publisher_done = tokio::spawn(publisher(
             Arc::clone(&self.broker),
             outgoing_rx,
+            config.dead_letter_topic.clone(),
             Arc::clone(&self.stats),
         ));
 
@@ -313,7 +340,7 @@ impl DecodePool {
         self.pool.spawn(move || {
             let prepared = match prepare(work.delivery.message(), &limits, &preprocessor) {
                 Ok(input) => Prepared::Ready(work, input),
-                Err(rejected) => Prepared::Rejected(work, rejected),
+                Err(rejected) => Prepared::Rejected(work, *rejected),
             };
             // Fails only while shutting down; the delivery is then dropped (nacked).
             let _ = out.blocking_send(prepared);
@@ -325,16 +352,72 @@ impl DecodePool {
     }
 }
 
+/// How big batches get and how long a partial batch waits.
+struct BatchLimits {
+    max_batch: usize,
+    max_wait: Duration,
+}
+
+/// Whether and how rejected requests are copied to the dead-letter topic.
+struct DeadLetters {
+    enabled: bool,
+    source_topic: String,
+}
+
+/// Attributes added to a dead-letter copy (the original attributes are kept).
+pub mod dead_letter_attributes {
+    /// The error code name, e.g. `CORRUPT_IMAGE`.
+    pub const CODE: &str = "dead-letter-code";
+    /// The human-readable reason.
+    pub const REASON: &str = "dead-letter-reason";
+    /// The topic the request came from.
+    pub const SOURCE_TOPIC: &str = "dead-letter-source-topic";
+    /// The server that gave up on it.
+    pub const SERVER_ID: &str = "dead-letter-server-id";
+}
+
+impl DeadLetters {
+    /// The original message, byte for byte, with the reason added as attributes.
+    fn copy(&self, original: &Message, rejected: &Rejected, server_id: &str) -> Option<Message> {
+        if !self.enabled {
+            return None;
+        }
+        let code = ErrorCode::try_from(rejected.error.code)
+            .map(|c| c.as_str_name().to_string())
+            .unwrap_or_else(|_| rejected.error.code.to_string());
+        let mut copy = original.clone();
+        copy.attributes
+            .insert(dead_letter_attributes::CODE.into(), code);
+        copy.attributes.insert(
+            dead_letter_attributes::REASON.into(),
+            rejected.error.reason.clone(),
+        );
+        copy.attributes.insert(
+            dead_letter_attributes::SOURCE_TOPIC.into(),
+            self.source_topic.clone(),
+        );
+        copy.attributes.insert(
+            dead_letter_attributes::SERVER_ID.into(),
+            server_id.to_string(),
+        );
+        Some(copy)
+    }
+}
+
 /// Groups ready inputs into batches; forwards rejections straight to the publisher.
 async fn batcher(
     mut prepared: mpsc::Receiver<Prepared>,
     batches: mpsc::Sender<Vec<(Work, PreparedInput)>>,
     outgoing: mpsc::Sender<Vec<Outgoing>>,
-    max_batch: usize,
-    max_wait: Duration,
+    limits: BatchLimits,
     context: ReplyContext,
+    dead_letters: DeadLetters,
     stats: Arc<ServerStats>,
 ) {
+    let BatchLimits {
+        max_batch,
+        max_wait,
+    } = limits;
     let reject = |work: Work, rejected: Rejected| {
         ServerStats::add(&stats.rejected, 1);
         tracing::info!(
@@ -348,6 +431,7 @@ async fn batcher(
         Outgoing {
             reply_topic: rejected.route.reply_topic.clone(),
             message: response_message(&error_response(&rejected, &context)),
+            dead_letter: dead_letters.copy(work.delivery.message(), &rejected, &context.server_id),
             work,
         }
     };
@@ -439,7 +523,13 @@ fn run_batch(
             let response = match result.as_ref().map(|rows| rows.get(i)) {
                 Ok(Some(probabilities)) => {
                     ServerStats::add(&stats.classified, 1);
-                    success_response(&prepared.route, probabilities, metadata, default_top_k, &context)
+                    success_response(
+                        &prepared.route,
+                        probabilities,
+                        metadata,
+                        default_top_k,
+                        &context,
+                    )
                 }
                 Ok(None) | Err(_) => {
                     ServerStats::add(&stats.rejected, 1);
@@ -463,29 +553,37 @@ fn run_batch(
             Outgoing {
                 reply_topic: prepared.route.reply_topic.clone(),
                 message: response_message(&response),
+                // A model failure is the server's fault, not the request's.
+                dead_letter: None,
                 work,
             }
         })
         .collect()
 }
 
-/// Publishes replies (grouped by reply topic) and acks their requests afterwards.
+/// Publishes replies (grouped by reply topic) and dead-letter copies, and acks their
+/// requests afterwards.
 async fn publisher(
     broker: Arc<dyn Broker>,
     mut outgoing: mpsc::Receiver<Vec<Outgoing>>,
+    dead_letter_topic: String,
     stats: Arc<ServerStats>,
 ) {
     let mut tasks = JoinSet::new();
     while let Some(replies) = outgoing.recv().await {
         let mut by_topic: BTreeMap<String, Vec<Outgoing>> = BTreeMap::new();
         for reply in replies {
-            by_topic.entry(reply.reply_topic.clone()).or_default().push(reply);
+            by_topic
+                .entry(reply.reply_topic.clone())
+                .or_default()
+                .push(reply);
         }
         for (topic, replies) in by_topic {
             tasks.spawn(publish_then_ack(
                 Arc::clone(&broker),
                 topic,
                 replies,
+                dead_letter_topic.clone(),
                 Arc::clone(&stats),
             ));
         }
@@ -495,51 +593,73 @@ async fn publisher(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn publish_then_ack(
-    broker: Arc<dyn Broker>,
-    topic: String,
-    replies: Vec<Outgoing>,
-    stats: Arc<ServerStats>,
-) {
-    if topic.is_empty() {
-        // Nobody to answer: a message without any routing information. Acking it keeps
-        // it from blocking the stream forever.
-        for reply in replies {
-            ServerStats::add(&stats.unanswerable, 1);
-            tracing::warn!(
-                request = ?reply.work.delivery.message(),
-                "request has no reply topic; dropping it after logging"
-            );
-            settle(reply.work.delivery);
-        }
-        return;
-    }
-    let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
+/// What became of a publish that was retried until it stopped failing transiently.
+enum Published {
+    Confirmed,
+    /// The topic does not exist (a client's reply topic after it gave up).
+    TopicGone,
+}
+
+/// Publishes, retrying transient failures with backoff (50 ms doubling to 5 s) for as
+/// long as it takes; the caller's requests stay unacked meanwhile.
+async fn publish_with_retry(
+    broker: &dyn Broker,
+    topic: &str,
+    messages: Vec<Message>,
+    stats: &ServerStats,
+) -> Published {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match broker.publish_batch(&topic, messages.clone()).await {
-            Ok(()) => break,
-            Err(BrokerError::TopicNotFound(_)) => {
-                // The client deleted its reply topic: it gave up and nobody listens.
-                ServerStats::add(&stats.unanswerable, replies.len() as u64);
-                tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
-                break;
-            }
+        match broker.publish_batch(topic, messages.clone()).await {
+            Ok(()) => return Published::Confirmed,
+            Err(BrokerError::TopicNotFound(_)) => return Published::TopicGone,
             Err(error) => {
                 ServerStats::add(&stats.publish_retries, 1);
-                tracing::warn!(%topic, %error, retry_in_ms = backoff.as_millis() as u64, "publishing replies failed; retrying (requests stay unacked)");
+                tracing::warn!(%topic, %error, retry_in_ms = backoff.as_millis() as u64, "publishing failed; retrying (requests stay unacked)");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
-    for reply in replies {
-        settle(reply.work.delivery);
-    }
 }
 
-fn settle(delivery: Delivery) {
-    if let Err(error) = delivery.ack() {
-        tracing::warn!(%error, "ack failed; the request may be redelivered and answered twice");
+async fn publish_then_ack(
+    broker: Arc<dyn Broker>,
+    topic: String,
+    replies: Vec<Outgoing>,
+    dead_letter_topic: String,
+    stats: Arc<ServerStats>,
+) {
+    if topic.is_empty() {
+        // Nobody to answer: a message without any routing information.
+        ServerStats::add(&stats.unanswerable, replies.len() as u64);
+        tracing::warn!(
+            count = replies.len(),
+            "requests without a reply topic; dead-lettering and acking them"
+        );
+    } else {
+        let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
+        if let Published::TopicGone = publish_with_retry(&*broker, &topic, messages, &stats).await {
+            ServerStats::add(&stats.unanswerable, replies.len() as u64);
+            tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
+        }
+    }
+    let dead: Vec<Message> = replies
+        .iter()
+        .filter_map(|r| r.dead_letter.clone())
+        .collect();
+    if !dead.is_empty() && !dead_letter_topic.is_empty() {
+        let count = dead.len() as u64;
+        match publish_with_retry(&*broker, &dead_letter_topic, dead, &stats).await {
+            Published::Confirmed => ServerStats::add(&stats.dead_lettered, count),
+            Published::TopicGone => {
+                tracing::error!(topic = %dead_letter_topic, "the dead-letter topic does not exist; copies dropped")
+            }
+        }
+    }
+    for reply in replies {
+        if let Err(error) = reply.work.delivery.ack() {
+            tracing::warn!(%error, "ack failed; the request may be redelivered and answered twice");
+        }
     }
 }

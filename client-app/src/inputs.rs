@@ -22,8 +22,8 @@ pub struct InputFile {
 pub fn collect_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<InputFile>> {
     let mut files = Vec::new();
     for root in paths {
-        let metadata = std::fs::metadata(root)
-            .with_context(|| format!("cannot read {}", root.display()))?;
+        let metadata =
+            std::fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
         if metadata.is_dir() {
             walk(root, root, &mut files)?;
         } else {
@@ -102,7 +102,10 @@ mod tests {
         std::fs::write(root.join(".cache/c.png"), b"x").expect("write");
         let files = collect_inputs(&[root]).expect("walks");
         let names: Vec<_> = files.iter().map(|f| f.display_name.as_str()).collect();
-        assert_eq!(names, ["photos/coat/a.png", "photos/coat/b.png", "photos/notes.txt"]);
+        assert_eq!(
+            names,
+            ["photos/coat/a.png", "photos/coat/b.png", "photos/notes.txt"]
+        );
         assert_eq!(files[0].folder.as_deref(), Some("coat"));
     }
 

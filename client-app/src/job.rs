@@ -123,12 +123,18 @@ impl Progress for NoProgress {
 type Pending = Arc<std::sync::Mutex<HashMap<String, (usize, Instant)>>>;
 
 fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Instant)>> {
-    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    pending
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What the sender tells the receiver besides registering requests.
 enum Sent {
-    LocalFailure { index: usize, code: &'static str, reason: String },
+    LocalFailure {
+        index: usize,
+        code: &'static str,
+        reason: String,
+    },
     Done,
 }
 
@@ -354,7 +360,11 @@ async fn send_all(
         let bytes = match read_file(file, options.max_file_bytes).await {
             Ok(bytes) => bytes,
             Err((code, reason)) => {
-                let _ = sent.send(Sent::LocalFailure { index, code, reason });
+                let _ = sent.send(Sent::LocalFailure {
+                    index,
+                    code,
+                    reason,
+                });
                 continue; // the permit is dropped: the slot is free again
             }
         };
@@ -418,10 +428,7 @@ async fn flush(
     batch.clear();
 }
 
-async fn read_file(
-    file: &InputFile,
-    max_bytes: usize,
-) -> Result<Vec<u8>, (&'static str, String)> {
+async fn read_file(file: &InputFile, max_bytes: usize) -> Result<Vec<u8>, (&'static str, String)> {
     let metadata = tokio::fs::metadata(&file.path)
         .await
         .map_err(|e| ("UNREADABLE_FILE", format!("cannot read the file: {e}")))?;

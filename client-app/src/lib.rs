@@ -44,7 +44,11 @@ pub async fn classify(
     if config.broker.backend() == "embedded" {
         let classifier = load_classifier(&config.server)?;
         model_classes = classifier.metadata().class_names.clone();
-        let server = ModelServer::new(Arc::clone(&broker), config.server.clone(), classifier);
+        let mut server_config = config.server.clone();
+        // Nobody reads dead letters inside this process, and an embedded group nobody
+        // consumes would fill up and stall the server: keep no copies here.
+        server_config.dead_letter_subscription.clear();
+        let server = ModelServer::new(Arc::clone(&broker), server_config, classifier);
         server
             .prepare_topics()
             .await

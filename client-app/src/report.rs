@@ -59,7 +59,11 @@ pub fn result_line(result: &FileResult) -> String {
             if others.is_empty() {
                 format!("{}  →  {best}", result.input.display_name)
             } else {
-                format!("{}  →  {best}   [{}]", result.input.display_name, others.join(", "))
+                format!(
+                    "{}  →  {best}   [{}]",
+                    result.input.display_name,
+                    others.join(", ")
+                )
             }
         }
         FileOutcome::Failed { code, reason } => {
@@ -167,7 +171,11 @@ pub fn summary(report: &JobReport, accuracy: Option<&Accuracy>) -> String {
     let _ = writeln!(
         out,
         "  time: {seconds:.2} s   throughput: {:.1} images/s",
-        if seconds > 0.0 { answered as f64 / seconds } else { 0.0 }
+        if seconds > 0.0 {
+            answered as f64 / seconds
+        } else {
+            0.0
+        }
     );
     let mut latencies: Vec<Duration> = report.results.iter().filter_map(|r| r.latency).collect();
     if !latencies.is_empty() {
@@ -223,7 +231,10 @@ pub fn confusion_matrix(accuracy: &Accuracy) -> String {
         .map(|c| normalize_class(c).chars().take(7).collect())
         .collect();
     let label_width = short.iter().map(String::len).max().unwrap_or(4).max(4);
-    let mut out = format!("  confusion matrix (rows: folder, columns: predicted)\n  {:label_width$}", "");
+    let mut out = format!(
+        "  confusion matrix (rows: folder, columns: predicted)\n  {:label_width$}",
+        ""
+    );
     for name in &short {
         let _ = write!(out, " {name:>7}");
     }
@@ -273,9 +284,14 @@ fn row(result: &FileResult) -> Row<'_> {
             None,
             None,
         ),
-        FileOutcome::Failed { code, reason } => {
-            ("error", None, None, None, Some(code.as_str()), Some(reason.as_str()))
-        }
+        FileOutcome::Failed { code, reason } => (
+            "error",
+            None,
+            None,
+            None,
+            Some(code.as_str()),
+            Some(reason.as_str()),
+        ),
         FileOutcome::Unanswered => ("unanswered", None, None, None, None, None),
     };
     Row {
@@ -298,8 +314,8 @@ pub fn write_results(report: &JobReport, path: &Path) -> anyhow::Result<()> {
     let is_csv = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let file = std::fs::File::create(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     if is_csv {
         let mut writer = csv::Writer::from_writer(file);
         for result in &report.results {

@@ -6,16 +6,17 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{
-    copy_examples, parse_summary, run_client, write_bad_inputs, ServerProcess, Summary,
-};
+use crate::{copy_examples, parse_summary, run_client, write_bad_inputs, ServerProcess, Summary};
 
 /// Environment for one case: the backend's variables plus a request topic and group of
 /// its own, so cases never see each other's requests.
 pub fn case_env(backend_env: &[(String, String)], case: &str) -> Vec<(String, String)> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let mut env = backend_env.to_vec();
-    env.push(("CLASSIFIER_REQUEST_TOPIC".into(), format!("e2e-{case}-{}", &id[..10])));
+    env.push((
+        "CLASSIFIER_REQUEST_TOPIC".into(),
+        format!("e2e-{case}-{}", &id[..10]),
+    ));
     env.push(("CLASSIFIER_GROUP".into(), format!("servers-{}", &id[..10])));
     env
 }
@@ -32,7 +33,9 @@ pub fn backend_env(backend: &str, address_var: &str) -> Option<Vec<(String, Stri
             panic!("{address_var} is not set but REQUIRE_BROKERS is: start the broker (scripts/test.sh does)")
         }
         Err(_) => {
-            eprintln!("SKIPPED: {address_var} not set, so the {backend} end-to-end tests cannot run");
+            eprintln!(
+                "SKIPPED: {address_var} not set, so the {backend} end-to-end tests cannot run"
+            );
             None
         }
     }
@@ -67,7 +70,10 @@ fn stop(server: ServerProcess) {
     let status = server
         .terminate(Duration::from_secs(60))
         .unwrap_or_else(|| panic!("server {id} did not exit within 60 s of SIGTERM"));
-    assert!(status.success(), "server {id} exited with {status} after SIGTERM");
+    assert!(
+        status.success(),
+        "server {id} exited with {status} after SIGTERM"
+    );
 }
 
 /// One server process classifies every example image; the client reports ≥ 85%
@@ -76,8 +82,10 @@ pub fn one_server_classifies_examples(backend_env: &[(String, String)]) {
     let env = case_env(backend_env, "one");
     let work = tempfile::tempdir().expect("tempdir");
     let server = ServerProcess::start("server-one", &env, &work.path().join("server.log"));
-    let (code, stdout, summary) =
-        client_output(&["classify", "examples", "--quiet", "--timeout", "90"], &env);
+    let (code, stdout, summary) = client_output(
+        &["classify", "examples", "--quiet", "--timeout", "90"],
+        &env,
+    );
     let log = std::fs::read_to_string(work.path().join("server.log")).unwrap_or_default();
     assert_eq!(code, 0, "client exit status\n{stdout}\nserver log:\n{log}");
     assert_eq!((summary.files, summary.classified), (200, 200), "{stdout}");
@@ -98,7 +106,14 @@ pub fn bad_inputs_are_answered(backend_env: &[(String, String)]) {
     let folder_arg = folder.to_string_lossy().into_owned();
     let results_arg = results.to_string_lossy().into_owned();
     let (code, stdout, summary) = client_output(
-        &["classify", &folder_arg, "--timeout", "90", "--output", &results_arg],
+        &[
+            "classify",
+            &folder_arg,
+            "--timeout",
+            "90",
+            "--output",
+            &results_arg,
+        ],
         &env,
     );
     assert_eq!(code, 2, "{stdout}");
@@ -134,13 +149,25 @@ pub fn two_servers_share_the_work(backend_env: &[(String, String)]) {
         let results = work.path().join(format!("run{runs}.jsonl"));
         let results_arg = results.to_string_lossy().into_owned();
         let (code, stdout, summary) = client_output(
-            &["classify", "examples", "--quiet", "--timeout", "90", "--output", &results_arg],
+            &[
+                "classify",
+                "examples",
+                "--quiet",
+                "--timeout",
+                "90",
+                "--output",
+                &results_arg,
+            ],
             &env,
         );
         assert_eq!(code, 0, "{stdout}");
         assert_eq!((summary.files, summary.classified), (200, 200), "{stdout}");
         let by_server = server_ids_in(&results);
-        assert_eq!(by_server.values().sum::<usize>(), 200, "one result per image");
+        assert_eq!(
+            by_server.values().sum::<usize>(),
+            200,
+            "one result per image"
+        );
         seen.extend(by_server.into_keys());
     }
     assert_eq!(
@@ -159,8 +186,7 @@ pub fn no_server_means_unanswered_after_timeout(backend_env: &[(String, String)]
     let folder = work.path().join("few");
     let copied = copy_examples(&folder, 1);
     let folder_arg = folder.to_string_lossy().into_owned();
-    let (code, stdout, summary) =
-        client_output(&["classify", &folder_arg, "--timeout", "5"], &env);
+    let (code, stdout, summary) = client_output(&["classify", &folder_arg, "--timeout", "5"], &env);
     assert_eq!(code, 3, "{stdout}");
     assert_eq!(summary.unanswered, copied, "{stdout}");
     assert!(stdout.contains("UNANSWERED"), "{stdout}");

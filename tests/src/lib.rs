@@ -172,7 +172,13 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
     chunk(&mut out, b"IHDR", &ihdr);
     // zlib stream of a few zero bytes (stored block)
-    chunk(&mut out, b"IDAT", &[0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0, 0, 0x04, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[
+            0x78, 0x01, 0x01, 0x04, 0x00, 0xfb, 0xff, 0, 0, 0, 0, 0, 0x04, 0x00, 0x01,
+        ],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -195,7 +201,11 @@ fn crc32(data: &[u8]) -> u32 {
 /// The bad files of the foundation issue, by name, with the error code each must get.
 pub fn write_bad_inputs(dir: &Path) -> Vec<(&'static str, &'static str)> {
     std::fs::create_dir_all(dir).expect("mkdir");
-    std::fs::write(dir.join("notes.txt"), b"this is a text file, not an image\n").expect("write");
+    std::fs::write(
+        dir.join("notes.txt"),
+        b"this is a text file, not an image\n",
+    )
+    .expect("write");
     std::fs::write(dir.join("empty.png"), b"").expect("write");
     let jpeg = jpeg_bytes(96, 96);
     std::fs::write(dir.join("truncated.jpg"), &jpeg[..jpeg.len() / 2]).expect("write");

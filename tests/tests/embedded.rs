@@ -23,14 +23,30 @@ fn main_command_classifies_every_example() {
     let work = tempfile::tempdir().expect("tempdir");
     let results = work.path().join("results.csv");
     let output = run_client(
-        &["classify", "examples", "--output", &results.to_string_lossy()],
+        &[
+            "classify",
+            "examples",
+            "--output",
+            &results.to_string_lossy(),
+        ],
         &[],
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let summary = parse_summary(&stdout);
-    assert_eq!((summary.files, summary.classified, summary.errors), (200, 200, 0), "{stdout}");
-    let accuracy = summary.accuracy_percent.expect("accuracy printed for class folders");
+    assert_eq!(
+        (summary.files, summary.classified, summary.errors),
+        (200, 200, 0),
+        "{stdout}"
+    );
+    let accuracy = summary
+        .accuracy_percent
+        .expect("accuracy printed for class folders");
     assert!(accuracy >= 85.0, "accuracy {accuracy}%\n{stdout}");
     assert!(stdout.contains("confusion matrix"), "{stdout}");
     let csv = std::fs::read_to_string(&results).expect("results file");
@@ -95,7 +111,11 @@ impl Broker for FlakyReplies {
     fn features(&self) -> unified_broker::Features {
         self.inner.features()
     }
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> unified_broker::Result<()> {
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> unified_broker::Result<()> {
         if topic.starts_with("replies") {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             let left = self.failures_left.load(Ordering::SeqCst);
@@ -106,7 +126,12 @@ impl Broker for FlakyReplies {
         }
         self.inner.publish_batch(topic, messages).await
     }
-    async fn subscribe(&self, topic: &str, group: &str, options: SubscribeOptions) -> unified_broker::Result<Box<dyn Subscriber>> {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> unified_broker::Result<Box<dyn Subscriber>> {
         self.inner.subscribe(topic, group, options).await
     }
     async fn ensure_topic(&self, topic: &str) -> unified_broker::Result<()> {
@@ -159,17 +184,39 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     let running = tokio::spawn(server.run(stop.clone()));
 
     let client = embedded.new_client();
-    client.ensure_topic("replies-flaky").await.expect("reply topic");
-    client.ensure_subscription("replies-flaky", "me").await.expect("reply sub");
-    let mut replies = client.subscribe("replies-flaky", "me", SubscribeOptions::default()).await.expect("sub");
-    let image = std::fs::read(workspace_root().join("examples/trouser").read_dir().expect("dir").next().expect("file").expect("entry").path()).expect("png");
+    client
+        .ensure_topic("replies-flaky")
+        .await
+        .expect("reply topic");
+    client
+        .ensure_subscription("replies-flaky", "me")
+        .await
+        .expect("reply sub");
+    let mut replies = client
+        .subscribe("replies-flaky", "me", SubscribeOptions::default())
+        .await
+        .expect("sub");
+    let image = std::fs::read(
+        workspace_root()
+            .join("examples/trouser")
+            .read_dir()
+            .expect("dir")
+            .next()
+            .expect("file")
+            .expect("entry")
+            .path(),
+    )
+    .expect("png");
     let request = classifier_proto::ClassifyRequest {
         request_id: "req-1".into(),
         reply_topic: "replies-flaky".into(),
         image,
         ..Default::default()
     };
-    client.publish("requests-flaky", Message::new(request.encode_to_vec())).await.expect("publish");
+    client
+        .publish("requests-flaky", Message::new(request.encode_to_vec()))
+        .await
+        .expect("publish");
     // The group holds at most one message (backlog 1): a second publish can only
     // complete once the first request was acked, i.e. after its reply got out.
     let second = classifier_proto::ClassifyRequest {
@@ -180,11 +227,18 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     };
     let second_publish = tokio::spawn({
         let client = embedded.new_client();
-        async move { client.publish("requests-flaky", Message::new(second.encode_to_vec())).await }
+        async move {
+            client
+                .publish("requests-flaky", Message::new(second.encode_to_vec()))
+                .await
+        }
     });
     let first = next_reply(&mut replies).await;
     assert_eq!(first.request_id, "req-1");
-    assert!(flaky.attempts.load(Ordering::SeqCst) >= 4, "three failures then success");
+    assert!(
+        flaky.attempts.load(Ordering::SeqCst) >= 4,
+        "three failures then success"
+    );
     tokio::time::timeout(Duration::from_secs(30), second_publish)
         .await
         .expect("second publish completes once the first request is acked")
@@ -214,30 +268,83 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
     server.prepare_topics().await.expect("topics");
     let stop = CancellationToken::new();
     let running = tokio::spawn(server.run(stop.clone()));
-    broker.ensure_topic("replies-malformed").await.expect("topic");
-    broker.ensure_subscription("replies-malformed", "me").await.expect("sub");
-    let mut replies = broker.subscribe("replies-malformed", "me", SubscribeOptions::default()).await.expect("sub");
+    broker
+        .ensure_topic("replies-malformed")
+        .await
+        .expect("topic");
+    broker
+        .ensure_subscription("replies-malformed", "me")
+        .await
+        .expect("sub");
+    let mut replies = broker
+        .subscribe("replies-malformed", "me", SubscribeOptions::default())
+        .await
+        .expect("sub");
 
     let garbage = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
-    broker.publish("requests-malformed", Message::new(garbage.clone())).await.expect("publish");
+    broker
+        .publish("requests-malformed", Message::new(garbage.clone()))
+        .await
+        .expect("publish");
     let routed = Message::new(garbage)
         .with_attribute(attributes::REQUEST_ID, "bad-1")
         .with_attribute(attributes::REPLY_TOPIC, "replies-malformed");
-    broker.publish("requests-malformed", routed).await.expect("publish");
+    broker
+        .publish("requests-malformed", routed)
+        .await
+        .expect("publish");
     let response = next_reply(&mut replies).await;
     assert_eq!(response.request_id, "bad-1");
     match response.outcome {
         Some(Outcome::Error(error)) => {
             assert_eq!(error.code, ErrorCode::MalformedRequest as i32);
-            assert!(error.reason.contains("not a valid ClassifyRequest"), "{}", error.reason);
+            assert!(
+                error.reason.contains("not a valid ClassifyRequest"),
+                "{}",
+                error.reason
+            );
         }
         other => panic!("expected an error reply, got {other:?}"),
+    }
+    // Both are copied, byte for byte, to the dead-letter topic with the reason.
+    let mut dead = broker
+        .subscribe(
+            "classify-dead-letter",
+            "dead-letter-inspection",
+            SubscribeOptions::default(),
+        )
+        .await
+        .expect("dead-letter subscription");
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), dead.next())
+            .await
+            .expect("a dead letter within 30 s")
+            .expect("open")
+            .expect("delivery");
+        let message = delivery.message();
+        assert_eq!(message.payload.as_ref(), [0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert_eq!(
+            message.attribute("dead-letter-code"),
+            Some("MALFORMED_REQUEST")
+        );
+        assert_eq!(
+            message.attribute("dead-letter-source-topic"),
+            Some("requests-malformed")
+        );
+        assert!(message
+            .attribute("dead-letter-reason")
+            .is_some_and(|r| !r.is_empty()));
+        delivery.ack().expect("ack");
     }
     stop.cancel();
     let stats = running.await.expect("task").expect("server");
     assert_eq!(stats.received, 2);
-    assert_eq!(stats.unanswerable, 1, "the unroutable one was acked, not stuck");
+    assert_eq!(
+        stats.unanswerable, 1,
+        "the unroutable one was acked, not stuck"
+    );
     assert_eq!(stats.rejected, 2);
+    assert_eq!(stats.dead_lettered, 2);
 }
 
 /// With no server, a job ends after its reply timeout and reports every file as
@@ -256,14 +363,23 @@ async fn job_without_server_reports_unanswered_after_timeout() {
         max_file_bytes: 1 << 20,
         top_k: 1,
     };
-    let report = run_job(broker, files, &options, &NoProgress).await.expect("job");
+    let report = run_job(broker, files, &options, &NoProgress)
+        .await
+        .expect("job");
     assert_eq!(report.results.len(), 10);
-    assert!(report.results.iter().all(|r| r.outcome == FileOutcome::Unanswered));
+    assert!(report
+        .results
+        .iter()
+        .all(|r| r.outcome == FileOutcome::Unanswered));
     let sent: HashMap<_, _> = report
         .results
         .iter()
         .filter(|r| !r.request_id.is_empty())
         .map(|r| (r.request_id.clone(), ()))
         .collect();
-    assert_eq!(sent.len(), 4, "only a window's worth was sent before the timeout");
+    assert_eq!(
+        sent.len(),
+        4,
+        "only a window's worth was sent before the timeout"
+    );
 }

@@ -1,0 +1,11 @@
+//! The Fashion-MNIST CNN: model format and inference ([`model`], [`preprocess`]) used by the
+//! classifier server, plus the data loading and training code behind the `trainer` CLI.
+
+pub mod data;
+pub mod model;
+pub mod ops;
+pub mod preprocess;
+pub mod train;
+
+pub use model::{Classifier, ModelMetadata, Normalization};
+pub use preprocess::Preprocessor;

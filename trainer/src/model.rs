@@ -1,0 +1,386 @@
+//! The model format (weights in `model.safetensors`, description in `metadata.json`) and the
+//! network itself, shared by training and by inference in the classifier server.
+//!
+//! Network (NHWC tensors throughout):
+//! `conv3x3(pad 1) c→32 → maxpool 2 → ReLU → conv3x3(pad 1) 32→64 → maxpool 2 → ReLU →
+//! flatten (h, w, c order) → linear →128 → ReLU → dropout → linear 128→classes`.
+//! (ReLU after pooling equals ReLU before it, as both are monotonic, and is 4× cheaper.)
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::ops;
+
+/// File name of the weights inside a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// File name of the metadata inside a model directory.
+pub const METADATA_FILE: &str = "metadata.json";
+
+/// Tensor names in `model.safetensors`, so trainer and loader agree on them.
+pub mod names {
+    /// First convolution weight, `(9 * in_channels, c1)`, rows ordered (ky, kx, c_in).
+    pub const CONV1_W: &str = "conv1.weight";
+    /// First convolution bias, `(c1)`.
+    pub const CONV1_B: &str = "conv1.bias";
+    /// Second convolution weight, `(9 * c1, c2)`.
+    pub const CONV2_W: &str = "conv2.weight";
+    /// Second convolution bias, `(c2)`.
+    pub const CONV2_B: &str = "conv2.bias";
+    /// Hidden linear layer weight, `(hidden, (h/4) * (w/4) * c2)` (PyTorch `Linear` layout).
+    pub const FC1_W: &str = "fc1.weight";
+    /// Hidden linear layer bias, `(hidden)`.
+    pub const FC1_B: &str = "fc1.bias";
+    /// Output layer weight, `(classes, hidden)`.
+    pub const FC2_W: &str = "fc2.weight";
+    /// Output layer bias, `(classes)`.
+    pub const FC2_B: &str = "fc2.bias";
+}
+
+/// Per-channel normalisation applied after pixels are scaled to `[0, 1]`:
+/// `(v - mean[c]) / std[c]`. Stored in the metadata so inference matches training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    /// Mean per channel.
+    pub mean: Vec<f32>,
+    /// Standard deviation per channel.
+    pub std: Vec<f32>,
+}
+
+/// Everything a consumer needs to know about a trained model; serialized beside the weights
+/// as `metadata.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    /// Short model name, e.g. "fashion-cnn".
+    pub name: String,
+    /// Model version, e.g. "1.0.0".
+    pub version: String,
+    /// Human readable layer list.
+    pub architecture: String,
+    /// Input width in pixels.
+    pub input_width: u32,
+    /// Input height in pixels.
+    pub input_height: u32,
+    /// Input channels: 1 (grayscale) or 3 (RGB).
+    pub input_channels: u32,
+    /// Per-channel normalisation applied after scaling pixels to [0,1].
+    pub normalization: Normalization,
+    /// Whether pixel values are inverted (`1 - v`) before normalisation; false for
+    /// Fashion-MNIST (light garment on black background).
+    pub invert: bool,
+    /// Display names of the classes, in output order.
+    pub class_names: Vec<String>,
+    /// Filesystem-safe folder names of the classes, same order as `class_names`.
+    pub class_dirs: Vec<String>,
+    /// Dataset the model was trained on.
+    pub dataset: String,
+    /// Accuracy on the held-out test set, in [0, 1].
+    pub test_accuracy: f32,
+    /// Number of test images `test_accuracy` was measured on.
+    #[serde(default)]
+    pub test_samples: usize,
+    /// Wall time of training (all epochs, excluding data loading and the final test), in seconds.
+    pub training_seconds: f64,
+    /// Number of training epochs.
+    pub epochs: usize,
+    /// Exact command line used to train the model.
+    pub command: String,
+    /// Seed of all random choices in training.
+    #[serde(default)]
+    pub seed: u64,
+    /// Mini-batch size.
+    #[serde(default)]
+    pub batch_size: usize,
+    /// Initial learning rate (cosine decayed over the epochs).
+    #[serde(default)]
+    pub learning_rate: f64,
+    /// Memory layout of the network's activations ("NHWC").
+    #[serde(default)]
+    pub tensor_layout: String,
+    /// Creation time, seconds since the Unix epoch.
+    #[serde(default)]
+    pub created_at_unix: u64,
+}
+
+impl ModelMetadata {
+    /// Number of floats in one preprocessed input image (channels × height × width).
+    pub fn input_len(&self) -> usize {
+        self.input_channels as usize * self.input_height as usize * self.input_width as usize
+    }
+
+    /// Checks internal consistency, so a bad `metadata.json` fails at load, not at predict.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.input_channels == 1 || self.input_channels == 3) {
+            bail!("input_channels must be 1 or 3, got {}", self.input_channels);
+        }
+        if self.input_width < 4 || self.input_height < 4 {
+            bail!(
+                "input size {}x{} is too small (minimum 4x4)",
+                self.input_width,
+                self.input_height
+            );
+        }
+        let c = self.input_channels as usize;
+        if self.normalization.mean.len() != c || self.normalization.std.len() != c {
+            bail!("normalization must have {c} mean and std values");
+        }
+        if self
+            .normalization
+            .std
+            .iter()
+            .any(|s| *s <= 0.0 || !s.is_finite())
+        {
+            bail!("normalization std values must be positive");
+        }
+        if self.class_names.is_empty() || self.class_names.len() != self.class_dirs.len() {
+            bail!("class_names and class_dirs must be non-empty and of equal length");
+        }
+        Ok(())
+    }
+
+    /// Reads `metadata.json` from a model directory.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(METADATA_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let meta: ModelMetadata =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        meta.validate()
+            .with_context(|| format!("invalid {}", path.display()))?;
+        Ok(meta)
+    }
+
+    /// Writes `metadata.json` (pretty printed) into a model directory.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(METADATA_FILE);
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The network's parameters and forward pass, used by both training (with `Var`-backed
+/// tensors) and inference.
+#[derive(Clone, Debug)]
+pub(crate) struct Net {
+    pub conv1_w: Tensor,
+    pub conv1_b: Tensor,
+    pub conv2_w: Tensor,
+    pub conv2_b: Tensor,
+    pub fc1_w: Tensor,
+    pub fc1_b: Tensor,
+    pub fc2_w: Tensor,
+    pub fc2_b: Tensor,
+}
+
+impl Net {
+    /// Computes logits for an NHWC batch `(n, h, w, c)`. `dropout_mask`, if given, is an
+    /// `(n, hidden)` tensor of 0 / 1/(1-p) multipliers applied to the hidden layer.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        dropout_mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let h = ops::conv3x3_pool2_relu(x, &self.conv1_w, &self.conv1_b, false)?;
+        let h = ops::conv3x3_pool2_relu(&h, &self.conv2_w, &self.conv2_b, true)?;
+        let n = h.dim(0)?;
+        let h = h.reshape((n, ()))?;
+        let h = h
+            .matmul(&self.fc1_w.t()?)?
+            .broadcast_add(&self.fc1_b)?
+            .relu()?;
+        let h = match dropout_mask {
+            Some(m) => (h * m)?,
+            None => h,
+        };
+        h.matmul(&self.fc2_w.t()?)?.broadcast_add(&self.fc2_b)
+    }
+
+    /// Named tensors, as stored in `model.safetensors`.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            (names::CONV1_W, &self.conv1_w),
+            (names::CONV1_B, &self.conv1_b),
+            (names::CONV2_W, &self.conv2_w),
+            (names::CONV2_B, &self.conv2_b),
+            (names::FC1_W, &self.fc1_w),
+            (names::FC1_B, &self.fc1_b),
+            (names::FC2_W, &self.fc2_w),
+            (names::FC2_B, &self.fc2_b),
+        ]
+    }
+
+    /// Writes the weights to `path` as safetensors.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let map: HashMap<String, Tensor> = self
+            .named()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.detach()))
+            .collect();
+        candle_core::safetensors::save(&map, path)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reads weights from `path` and checks their shapes against the metadata.
+    pub fn load(path: &Path, meta: &ModelMetadata) -> anyhow::Result<Self> {
+        let mut map = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut take = |name: &str| -> anyhow::Result<Tensor> {
+            let t = map
+                .remove(name)
+                .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let net = Net {
+            conv1_w: take(names::CONV1_W)?,
+            conv1_b: take(names::CONV1_B)?,
+            conv2_w: take(names::CONV2_W)?,
+            conv2_b: take(names::CONV2_B)?,
+            fc1_w: take(names::FC1_W)?,
+            fc1_b: take(names::FC1_B)?,
+            fc2_w: take(names::FC2_W)?,
+            fc2_b: take(names::FC2_B)?,
+        };
+        net.check_shapes(meta)
+            .with_context(|| format!("{} does not match its metadata", path.display()))?;
+        Ok(net)
+    }
+
+    /// Verifies that all weight shapes fit together and with the metadata.
+    fn check_shapes(&self, meta: &ModelMetadata) -> anyhow::Result<()> {
+        let c = meta.input_channels as usize;
+        let (k1, c1) = self.conv1_w.dims2()?;
+        let (k2, c2) = self.conv2_w.dims2()?;
+        let (hidden, flat) = self.fc1_w.dims2()?;
+        let (classes, hidden2) = self.fc2_w.dims2()?;
+        let expect_flat = (meta.input_height as usize / 4) * (meta.input_width as usize / 4) * c2;
+        let ok = k1 == 9 * c
+            && self.conv1_b.dims() == [c1]
+            && k2 == 9 * c1
+            && self.conv2_b.dims() == [c2]
+            && flat == expect_flat
+            && self.fc1_b.dims() == [hidden]
+            && hidden2 == hidden
+            && self.fc2_b.dims() == [classes]
+            && classes == meta.class_names.len();
+        if !ok {
+            bail!(
+                "inconsistent shapes: conv1 {:?}, conv2 {:?}, fc1 {:?}, fc2 {:?} for input {}x{}x{} and {} classes",
+                self.conv1_w.dims(),
+                self.conv2_w.dims(),
+                self.fc1_w.dims(),
+                self.fc2_w.dims(),
+                meta.input_height,
+                meta.input_width,
+                c,
+                meta.class_names.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Converts N concatenated CHW images into one NHWC tensor (a copy; free for 1 channel).
+pub(crate) fn chw_batch_to_nhwc(
+    inputs: &[f32],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> candle_core::Result<Tensor> {
+    let data = if c == 1 {
+        inputs.to_vec()
+    } else {
+        let mut out = vec![0f32; inputs.len()];
+        for (src, dst) in inputs
+            .chunks_exact(c * h * w)
+            .zip(out.chunks_exact_mut(c * h * w))
+        {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    dst[p * c + ch] = src[ch * h * w + p];
+                }
+            }
+        }
+        out
+    };
+    Tensor::from_vec(data, (n, h, w, c), &Device::Cpu)
+}
+
+/// A loaded model ready for inference. It is `Send + Sync` (weights are immutable
+/// reference-counted tensors), so a server can share one instance across threads.
+#[derive(Clone, Debug)]
+pub struct Classifier {
+    meta: ModelMetadata,
+    net: Net,
+}
+
+/// Largest number of images pushed through the network at once by [`Classifier::predict`];
+/// bigger requests are processed in slices so memory stays bounded.
+const PREDICT_CHUNK: usize = 256;
+
+impl Classifier {
+    /// Loads `model.safetensors` and `metadata.json` from `dir`, validating that they agree.
+    pub fn load(dir: &Path) -> anyhow::Result<Classifier> {
+        let meta = ModelMetadata::load(dir)?;
+        let net = Net::load(&dir.join(WEIGHTS_FILE), &meta)?;
+        Ok(Classifier { meta, net })
+    }
+
+    /// Builds a classifier from in-memory parts (used right after training).
+    pub(crate) fn from_parts(meta: ModelMetadata, net: Net) -> Classifier {
+        Classifier { meta, net }
+    }
+
+    /// The model's metadata (class names, input size, normalisation, provenance).
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+
+    /// Number of floats per preprocessed input image: channels × height × width.
+    pub fn input_len(&self) -> usize {
+        self.meta.input_len()
+    }
+
+    /// `inputs` is N preprocessed images concatenated (N * input_len floats, CHW each);
+    /// returns N rows of class probabilities (softmax).
+    pub fn predict(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        let len = self.input_len();
+        if inputs.len() != n * len {
+            bail!(
+                "predict: expected {n} images of {len} floats ({} floats), got {}",
+                n * len,
+                inputs.len()
+            );
+        }
+        let mut out = Vec::with_capacity(n);
+        for chunk in inputs.chunks(PREDICT_CHUNK * len) {
+            let m = chunk.len() / len;
+            let x = chw_batch_to_nhwc(
+                chunk,
+                m,
+                self.meta.input_channels as usize,
+                self.meta.input_height as usize,
+                self.meta.input_width as usize,
+            )?;
+            let logits = self.net.forward(&x, None)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+            out.extend(probs.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn classifier_is_send_sync() {
+        assert_send_sync::<Classifier>();
+    }
+}

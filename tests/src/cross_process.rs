@@ -191,3 +191,189 @@ pub fn no_server_means_unanswered_after_timeout(backend_env: &[(String, String)]
     assert_eq!(summary.unanswered, copied, "{stdout}");
     assert!(stdout.contains("UNANSWERED"), "{stdout}");
 }
+
+/// A client run in the background whose per-file lines are counted as they arrive.
+struct BackgroundClient {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundClient {
+    fn start(args: &[&str], env: &[(String, String)]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(crate::binary("client-app"))
+            .args(args)
+            .current_dir(crate::workspace_root())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("client-app starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().expect("lock").push(line);
+            }
+        });
+        BackgroundClient {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Per-file result lines printed so far.
+    fn answered(&self) -> usize {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.contains("  →  ") || l.contains("  ✗  "))
+            .count()
+    }
+
+    fn wait_for_answers(&self, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.answered() < count {
+            assert!(
+                Instant::now() < deadline,
+                "only {} answers after {timeout:?}",
+                self.answered()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn finish(mut self) -> (i32, String) {
+        let status = self.child.wait().expect("client exits");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let stdout = self.lines.lock().expect("lock").join("\n");
+        (status.code().unwrap_or(-1), stdout)
+    }
+}
+
+impl Drop for BackgroundClient {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Copies every example `copies` times under distinct names: a big labelled folder.
+pub fn many_images(dir: &Path, copies: usize) -> usize {
+    let staging = dir.join(".staging");
+    let per_copy = copy_examples(&staging, usize::MAX);
+    for copy in 0..copies {
+        for class in std::fs::read_dir(&staging)
+            .expect("staging")
+            .filter_map(Result::ok)
+        {
+            let target = dir.join(class.file_name());
+            std::fs::create_dir_all(&target).expect("mkdir");
+            for file in std::fs::read_dir(class.path())
+                .expect("class")
+                .filter_map(Result::ok)
+            {
+                let name = format!("{copy:03}-{}", file.file_name().to_string_lossy());
+                std::fs::copy(file.path(), target.join(name)).expect("copy");
+            }
+        }
+    }
+    per_copy * copies
+}
+
+/// SIGKILL the only server while requests are in flight, start another: every request
+/// still gets a reply (the killed server's unacked requests are redelivered); the client
+/// reports how many duplicates it saw.
+pub fn server_crash_loses_nothing(backend_env: &[(String, String)]) {
+    let env = case_env(backend_env, "crash");
+    let work = tempfile::tempdir().expect("tempdir");
+    let folder = work.path().join("images");
+    let total = many_images(&folder, 10);
+    assert!(total >= 2000, "at least 2,000 images ({total})");
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let first = ServerProcess::start("server-doomed", &env, &work.path().join("doomed.log"));
+    let client = BackgroundClient::start(
+        &[
+            "classify",
+            &folder_arg,
+            "--timeout",
+            "180",
+            "--window",
+            "100",
+        ],
+        &env,
+    );
+    client.wait_for_answers(300, Duration::from_secs(120));
+    drop(first); // SIGKILL
+    let answered_before_restart = client.answered();
+    let second = ServerProcess::start("server-rescue", &env, &work.path().join("rescue.log"));
+    let (code, stdout) = client.finish();
+    let summary = parse_summary(&stdout);
+    eprintln!(
+        "crash test: sent {total}, {answered_before_restart} answered before the restart, \
+         replies {} + errors {}, unanswered {}, duplicates {}",
+        summary.classified, summary.errors, summary.unanswered, summary.duplicates
+    );
+    assert_eq!(code, 0, "{}", tail(&stdout));
+    assert_eq!(summary.files, total);
+    assert_eq!(
+        summary.classified,
+        total,
+        "every request answered: {}",
+        tail(&stdout)
+    );
+    assert_eq!(summary.unanswered, 0);
+    stop(second);
+}
+
+/// SIGTERM the first server mid-run: it finishes what it took and exits 0; a second
+/// server answers the rest. Nothing lost, and nothing answered twice (the first server
+/// acked everything it answered before leaving).
+pub fn graceful_shutdown_hands_over(backend_env: &[(String, String)]) {
+    let env = case_env(backend_env, "drain");
+    let work = tempfile::tempdir().expect("tempdir");
+    let folder = work.path().join("images");
+    let total = many_images(&folder, 5);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let first = ServerProcess::start("server-leaving", &env, &work.path().join("leaving.log"));
+    let client = BackgroundClient::start(
+        &[
+            "classify",
+            &folder_arg,
+            "--timeout",
+            "180",
+            "--window",
+            "100",
+        ],
+        &env,
+    );
+    client.wait_for_answers(200, Duration::from_secs(120));
+    stop(first); // SIGTERM, exit 0 required
+    let second = ServerProcess::start("server-staying", &env, &work.path().join("staying.log"));
+    let (code, stdout) = client.finish();
+    let summary = parse_summary(&stdout);
+    assert_eq!(code, 0, "{}", tail(&stdout));
+    assert_eq!(summary.classified, total, "{}", tail(&stdout));
+    assert_eq!(
+        summary.duplicates, 0,
+        "the drained server acked all it answered"
+    );
+    stop(second);
+}
+
+fn tail(stdout: &str) -> String {
+    let lines: Vec<&str> = stdout.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}

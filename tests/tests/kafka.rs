@@ -34,3 +34,17 @@ fn no_server_means_unanswered_after_timeout() {
         cross_process::no_server_means_unanswered_after_timeout(&env);
     }
 }
+
+#[test]
+fn server_crash_loses_nothing() {
+    if let Some(env) = env() {
+        cross_process::server_crash_loses_nothing(&env);
+    }
+}
+
+#[test]
+fn graceful_shutdown_hands_over() {
+    if let Some(env) = env() {
+        cross_process::graceful_shutdown_hands_over(&env);
+    }
+}

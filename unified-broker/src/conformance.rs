@@ -150,7 +150,7 @@ fn skip(case: &str, why: &str) {
     eprintln!("conformance: SKIPPED {case}: backend does not promise {why}");
 }
 
-/// 1. 100 messages arrive with ids, payloads and attributes intact; closing ends the
+/// Case 1: 100 messages arrive with ids, payloads and attributes intact; closing ends the
 /// subscription cleanly.
 pub async fn publish_subscribe(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -189,7 +189,7 @@ pub async fn publish_subscribe(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 2. 5,000 messages from 50 concurrent publishers, read by 3 concurrent members of one
+/// Case 2: 5,000 messages from 50 concurrent publishers, read by 3 concurrent members of one
 /// group: none lost.
 pub async fn concurrent_publish_subscribe(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -277,7 +277,7 @@ async fn read_with_members(
     seen
 }
 
-/// 3. 20 topics × 100 messages at once, each topic read by its own task.
+/// Case 3: 20 topics × 100 messages at once, each topic read by its own task.
 pub async fn many_topics(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     let tasks = (0..20).map(|t| {
@@ -302,7 +302,7 @@ pub async fn many_topics(factory: &dyn BrokerFactory) {
     join_all(tasks).await;
 }
 
-/// 4. 1,000 messages over 16 keys arrive in publish order per key (first deliveries).
+/// Case 4: 1,000 messages over 16 keys arrive in publish order per key (first deliveries).
 pub async fn order_per_key(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     if !broker.features().ordered_per_key {
@@ -340,7 +340,7 @@ pub async fn order_per_key(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 5. The first deliveries are nacked; every message still arrives, the nacked ones again.
+/// Case 5: The first deliveries are nacked; every message still arrives, the nacked ones again.
 pub async fn nack_redelivers(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     let topic = unique_name("nack");
@@ -391,7 +391,7 @@ async fn next_before(
     }
 }
 
-/// 9. Continue after errors: every message is nacked three times (several rounds of
+/// Case 9: Continue after errors: every message is nacked three times (several rounds of
 /// failures), then all are consumed.
 pub async fn continue_after_errors(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -432,7 +432,7 @@ pub async fn continue_after_errors(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 7. Unacked messages come back to a new subscriber after the old one closes; 5 rounds
+/// Case 7: Unacked messages come back to a new subscriber after the old one closes; 5 rounds
 /// of subscribers each ack part of the stream, and nothing is lost across them.
 pub async fn continue_after_subscriber_close(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -487,7 +487,7 @@ pub async fn continue_after_subscriber_close(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 13. Unacked messages held when a subscriber is dropped (not even closed) come back to
+/// Case 13: Unacked messages held when a subscriber is dropped (not even closed) come back to
 /// a new subscriber.
 pub async fn unacked_redelivered_to_new_subscriber(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -527,7 +527,7 @@ pub async fn unacked_redelivered_to_new_subscriber(factory: &dyn BrokerFactory) 
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 8. 10 subscribers of one group subscribe and close concurrently; afterwards the group
+/// Case 8: 10 subscribers of one group subscribe and close concurrently; afterwards the group
 /// still receives everything.
 pub async fn concurrent_close(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -555,7 +555,7 @@ pub async fn concurrent_close(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 10. 10,000 messages from 20 tasks, then `close`: another client receives them all.
+/// Case 10: 10,000 messages from 20 tasks, then `close`: another client receives them all.
 pub async fn publisher_close_loses_nothing(factory: &dyn BrokerFactory) {
     let admin = factory.client().await;
     let topic = unique_name("pubclose");
@@ -594,7 +594,7 @@ pub async fn publisher_close_loses_nothing(factory: &dyn BrokerFactory) {
     admin.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 11. Messages of one topic never show up on another.
+/// Case 11: Messages of one topic never show up on another.
 pub async fn topic_isolation(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     let first = unique_name("iso-a");
@@ -631,7 +631,7 @@ pub async fn topic_isolation(factory: &dyn BrokerFactory) {
     broker.delete_topic(&second).await.expect("delete_topic");
 }
 
-/// 15. A group created after publishing still receives older messages, where retained.
+/// Case 15: A group created after publishing still receives older messages, where retained.
 pub async fn new_group_receives_old_messages(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     if !broker.features().retains_before_subscription {
@@ -659,7 +659,7 @@ pub async fn new_group_receives_old_messages(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 16a. Two consumer groups each receive every message.
+/// Case 16a: Two consumer groups each receive every message.
 pub async fn groups_each_receive_everything(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     if !broker.features().consumer_groups {
@@ -682,7 +682,7 @@ pub async fn groups_each_receive_everything(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// 16b. Two members of one group split the stream: both get some, together all.
+/// Case 16b: Two members of one group split the stream: both get some, together all.
 pub async fn group_members_share_the_stream(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
     if !broker.features().consumer_groups {

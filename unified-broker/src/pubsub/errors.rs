@@ -1,0 +1,68 @@
+//! Maps the client library's errors onto [`BrokerError`].
+
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_pubsub::error::PublishError;
+use google_cloud_pubsub::Error as GaxError;
+
+use crate::BrokerError;
+
+/// The gRPC/HTTP status code of an error, if the service answered at all.
+pub(crate) fn code(error: &GaxError) -> Option<Code> {
+    error.status().map(|status| status.code)
+}
+
+/// Whether the service could not be reached or the call broke in transit.
+fn is_unreachable(error: &GaxError) -> bool {
+    error.is_connect()
+        || error.is_io()
+        || error.is_transport()
+        || error.is_timeout()
+        || matches!(
+            code(error),
+            Some(Code::Unavailable | Code::DeadlineExceeded | Code::Aborted)
+        )
+}
+
+/// An admin call (create/delete of topics and subscriptions) failed.
+pub(crate) fn admin(what: &str, error: &GaxError) -> BrokerError {
+    if is_unreachable(error) {
+        BrokerError::Unavailable(format!("{what}: {error}"))
+    } else {
+        BrokerError::Admin(format!("{what}: {error}"))
+    }
+}
+
+/// A publish was not confirmed.
+pub(crate) fn publish(topic: &str, error: &PublishError) -> BrokerError {
+    match error {
+        PublishError::Rpc(source) if code(source) == Some(Code::NotFound) => {
+            BrokerError::TopicNotFound(topic.to_string())
+        }
+        PublishError::Rpc(source) if is_unreachable(source) => {
+            BrokerError::Unavailable(format!("publish to {topic}: {source}"))
+        }
+        PublishError::Shutdown => BrokerError::Closed,
+        other => BrokerError::Publish {
+            topic: topic.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// The streaming pull failed.
+pub(crate) fn subscribe(subscription: &str, error: &GaxError) -> BrokerError {
+    if is_unreachable(error) {
+        BrokerError::Unavailable(format!("streaming pull of {subscription}: {error}"))
+    } else {
+        BrokerError::Subscribe(format!("streaming pull of {subscription}: {error}"))
+    }
+}
+
+/// Building a client failed (bad endpoint, credentials).
+pub(crate) fn builder(what: &str, error: &google_cloud_gax::client_builder::Error) -> BrokerError {
+    if error.is_transport() {
+        BrokerError::Unavailable(format!("pubsub {what} client: {error}"))
+    } else {
+        BrokerError::Config(format!("pubsub {what} client: {error}"))
+    }
+}

@@ -1,0 +1,252 @@
+//! The conformance suite, and Pub/Sub-specific checks, against the Pub/Sub emulator.
+//!
+//! Needs `PUBSUB_EMULATOR_HOST` (start one with `scripts/pubsub-start.sh`). Without it
+//! every test here prints SKIPPED and passes, unless `REQUIRE_BROKERS` is set (CI), in
+//! which case they fail.
+//!
+//! The suite runs twice: without message ordering (the default configuration) and with
+//! it, so `order_per_key` really runs.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use unified_broker::conformance::{
+    numbered_messages, receive_all, setup_topic, unique_name, BrokerFactory, ID_ATTRIBUTE,
+};
+use unified_broker::pubsub::{PubSubBroker, PubSubConfig, EMULATOR_HOST_ENV, KEY_ATTRIBUTE};
+use unified_broker::{Broker, BrokerError, Message, SubscribeOptions};
+
+/// Clients of the emulator named by `PUBSUB_EMULATOR_HOST`.
+struct Emulator {
+    config: PubSubConfig,
+}
+
+#[async_trait]
+impl BrokerFactory for Emulator {
+    async fn client(&self) -> Arc<dyn Broker> {
+        Arc::new(
+            PubSubBroker::connect(&self.config)
+                .await
+                .expect("connect to the Pub/Sub emulator"),
+        )
+    }
+}
+
+/// The emulator's config, or `None` (after saying so) when the tests must be skipped.
+fn emulator_config(ordering: bool) -> Option<PubSubConfig> {
+    let host = std::env::var(EMULATOR_HOST_ENV)
+        .ok()
+        .filter(|h| !h.trim().is_empty());
+    let Some(host) = host else {
+        if std::env::var_os("REQUIRE_BROKERS").is_some() {
+            panic!(
+                "REQUIRE_BROKERS is set but {EMULATOR_HOST_ENV} is not: start the emulator \
+                 with scripts/pubsub-start.sh and export {EMULATOR_HOST_ENV}=127.0.0.1:8085"
+            );
+        }
+        eprintln!(
+            "\n*** SKIPPED: Pub/Sub conformance test: {EMULATOR_HOST_ENV} is not set \
+             (start the emulator with scripts/pubsub-start.sh) ***\n"
+        );
+        return None;
+    };
+    Some(PubSubConfig {
+        emulator_host: Some(host),
+        enable_message_ordering: ordering,
+        ack_deadline_seconds: std::env::var("EXP_DEADLINE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+        ..PubSubConfig::default()
+    })
+}
+
+fn factory(ordering: bool) -> Option<Emulator> {
+    emulator_config(ordering).map(|config| Emulator { config })
+}
+
+/// The whole suite with the default configuration (no ordering).
+mod unordered {
+    unified_broker::conformance_tests!(match super::factory(false) {
+        Some(factory) => factory,
+        None => return,
+    });
+}
+
+/// The whole suite with message ordering on.
+mod ordered {
+    unified_broker::conformance_tests!(match super::factory(true) {
+        Some(factory) => factory,
+        None => return,
+    });
+}
+
+async fn connect(config: &PubSubConfig) -> PubSubBroker {
+    PubSubBroker::connect(config)
+        .await
+        .expect("connect to the Pub/Sub emulator")
+}
+
+/// A delivery held longer than the ack deadline is not redelivered: the client keeps
+/// extending its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_message_lease_is_extended() {
+    let Some(config) = emulator_config(false) else {
+        return;
+    };
+    let config = PubSubConfig {
+        ack_deadline_seconds: 10,
+        ..config
+    };
+    let broker = connect(&config).await;
+    let topic = unique_name("lease");
+    setup_topic(&broker, &topic, &["readers"]).await;
+    broker
+        .publish(
+            &topic,
+            Message::new("slow").with_attribute(ID_ATTRIBUTE, "slow"),
+        )
+        .await
+        .expect("publish");
+    let mut subscriber = broker
+        .subscribe(&topic, "readers", SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    let held = tokio::time::timeout(Duration::from_secs(60), subscriber.next())
+        .await
+        .expect("a delivery before the timeout")
+        .expect("stream open")
+        .expect("delivery");
+    // A second member of the group must not get it either.
+    let mut other = broker
+        .subscribe(&topic, "readers", SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    // 1.8 times the ack deadline: without lease extension it would be back by now.
+    let wait = Duration::from_secs(18);
+    let (mine, theirs) = tokio::join!(
+        tokio::time::timeout(wait, subscriber.next()),
+        tokio::time::timeout(wait, other.next()),
+    );
+    assert!(mine.is_err(), "redelivered to the holder: {mine:?}");
+    assert!(theirs.is_err(), "redelivered to another member: {theirs:?}");
+    held.ack().expect("ack");
+    other.close().await.expect("close");
+    subscriber.close().await.expect("close");
+    broker.delete_topic(&topic).await.expect("delete_topic");
+}
+
+/// Keys survive the trip without ordering too, and the carrier attribute stays hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_survives_without_ordering() {
+    let Some(config) = emulator_config(false) else {
+        return;
+    };
+    let broker = connect(&config).await;
+    let topic = unique_name("key");
+    setup_topic(&broker, &topic, &["readers"]).await;
+    let messages: Vec<Message> = numbered_messages("k", 10)
+        .into_iter()
+        .map(|m| m.with_key("the-key"))
+        .collect();
+    let expected: HashSet<String> = (0..10).map(|i| format!("k-{i}")).collect();
+    broker
+        .publish_batch(&topic, messages)
+        .await
+        .expect("publish");
+    let mut subscriber = broker
+        .subscribe(&topic, "readers", SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    let received = receive_all(&mut *subscriber, &expected, Duration::from_secs(60)).await;
+    assert_eq!(received.ids(), expected);
+    for message in &received.first_seen {
+        assert_eq!(message.key.as_deref(), Some("the-key"));
+        assert_eq!(message.attribute(KEY_ATTRIBUTE), None);
+    }
+    subscriber.close().await.expect("close");
+    broker.delete_topic(&topic).await.expect("delete_topic");
+}
+
+/// Subscribing to or publishing on a topic that does not exist says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topic_is_reported() {
+    let Some(config) = emulator_config(false) else {
+        return;
+    };
+    let broker = connect(&config).await;
+    let topic = unique_name("missing");
+    let subscribed = broker
+        .subscribe(&topic, "readers", SubscribeOptions::default())
+        .await;
+    assert!(
+        matches!(subscribed, Err(BrokerError::TopicNotFound(_))),
+        "{:?}",
+        subscribed.err()
+    );
+    let published = broker.publish(&topic, Message::new("x")).await;
+    assert!(
+        matches!(published, Err(BrokerError::TopicNotFound(_))),
+        "{published:?}"
+    );
+}
+
+/// Deleting a topic deletes its subscriptions: a re-created topic starts clean, and a
+/// group re-created on it does not see messages published while it did not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_topic_deletes_its_subscriptions() {
+    let Some(config) = emulator_config(false) else {
+        return;
+    };
+    let broker = connect(&config).await;
+    let topic = unique_name("deltopic");
+    setup_topic(&broker, &topic, &["readers"]).await;
+    broker
+        .publish(
+            &topic,
+            Message::new("before").with_attribute(ID_ATTRIBUTE, "before"),
+        )
+        .await
+        .expect("publish");
+    broker.delete_topic(&topic).await.expect("delete_topic");
+    // Re-create the topic, publish, and only then the group: had the old subscription
+    // survived (detached, with its backlog), "before" would show up.
+    broker.ensure_topic(&topic).await.expect("ensure_topic");
+    broker
+        .publish(
+            &topic,
+            Message::new("orphan").with_attribute(ID_ATTRIBUTE, "orphan"),
+        )
+        .await
+        .expect("publish");
+    broker
+        .ensure_subscription(&topic, "readers")
+        .await
+        .expect("ensure_subscription");
+    broker
+        .publish(
+            &topic,
+            Message::new("after").with_attribute(ID_ATTRIBUTE, "after"),
+        )
+        .await
+        .expect("publish");
+    let mut subscriber = broker
+        .subscribe(&topic, "readers", SubscribeOptions::default())
+        .await
+        .expect("subscribe");
+    let expected: HashSet<String> = ["after".to_string()].into();
+    let received = receive_all(&mut *subscriber, &expected, Duration::from_secs(60)).await;
+    assert!(received.ids().contains("after"), "{:?}", received.ids());
+    let extra = receive_all(
+        &mut *subscriber,
+        &["never".to_string()].into(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let all: HashSet<String> = received.ids().union(&extra.ids()).cloned().collect();
+    assert_eq!(all, expected, "only messages published after the group");
+    subscriber.close().await.expect("close");
+    broker.delete_topic(&topic).await.expect("delete_topic");
+}

@@ -49,4 +49,4 @@ export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
 export REQUIRE_BROKERS=1
 
 step "running the tests"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

@@ -236,6 +236,32 @@ mod tests {
     }
 
     #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let kafka: AppConfig = toml::from_str(
+            "[broker]\nbackend = \"kafka\"\n[broker.properties]\n\"sasl.password\" = \"hunter2-kafka\"\n\"ssl.key.password\" = \"hunter3-key\"\n",
+        )
+        .expect("kafka config parses");
+        let pubsub: AppConfig = toml::from_str(
+            "[broker]\nbackend = \"pubsub\"\ncredentials_json = '{\"private_key\": \"hunter4-pem\"}'\n",
+        )
+        .expect("pubsub config parses");
+        for (config, secrets) in [
+            (&kafka, &["hunter2-kafka", "hunter3-key"][..]),
+            (&pubsub, &["hunter4-pem"][..]),
+        ] {
+            for text in [
+                format!("{config:?}"),
+                format!("{config:#?}"),
+                format!("{:?}", config.broker),
+            ] {
+                for secret in secrets {
+                    assert!(!text.contains(secret), "{secret} leaked into {text}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         assert!(toml::from_str::<AppConfig>("[server]\nmax_batch_sise = 3\n").is_err());
     }

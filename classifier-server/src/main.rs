@@ -102,7 +102,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let classifier = load_classifier(&config.server)?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
-    let broker = connect_with_retry(&config.broker, &shutdown).await?;
+    let broker = match connect_with_retry(&config.broker, &shutdown).await {
+        Ok(broker) => broker,
+        Err(_) if shutdown.is_cancelled() => {
+            tracing::info!("stopped before the broker became reachable");
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
     let server = ModelServer::new(broker.clone(), config.server.clone(), classifier);
     server.run(shutdown).await?;
     broker.close().await?;

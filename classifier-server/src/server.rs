@@ -180,19 +180,23 @@ impl ModelServer {
 
     /// Serves until `shutdown` is cancelled (or the subscription ends), then drains.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<StatsSnapshot> {
-        self.prepare_topics()
-            .await
-            .context("creating the request topic and subscription")?;
         let config = &self.config;
         let options = SubscribeOptions {
             max_outstanding_messages: config.max_in_flight,
             ..SubscribeOptions::default()
         };
-        let mut subscriber = self
-            .broker
-            .subscribe(&config.request_topic, &config.group, options)
-            .await
-            .context("subscribing to the request topic")?;
+        // The broker may not be up yet (or be restarting): wait for it, saying so.
+        let subscribed = retry_while_unavailable("the request topic", &shutdown, || async {
+            self.prepare_topics().await?;
+            self.broker
+                .subscribe(&config.request_topic, &config.group, options.clone())
+                .await
+        })
+        .await;
+        let mut subscriber = match subscribed {
+            Some(result) => result.context("subscribing to the request topic")?,
+            None => return Ok(self.stats.snapshot()),
+        };
         tracing::info!(
             server_id = %self.server_id,
             backend = self.broker.backend(),
@@ -308,6 +312,34 @@ impl ModelServer {
         ReplyContext {
             server_id: self.server_id.clone(),
             ..ReplyContext::default()
+        }
+    }
+}
+
+/// Runs `operation` until it succeeds or fails for good, retrying transient broker
+/// errors with backoff (250 ms doubling to 10 s) and logging what it waits for. `None`
+/// if `shutdown` was cancelled first.
+pub async fn retry_while_unavailable<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut operation: F,
+) -> Option<Result<T, BrokerError>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BrokerError>>,
+{
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match operation().await {
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "waiting for the broker to serve {what}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            result => return Some(result),
         }
     }
 }

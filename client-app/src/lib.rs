@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use classifier_server::server::retry_while_unavailable;
 use classifier_server::{connect_with_retry, load_classifier, AppConfig, ModelServer};
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,16 @@ pub async fn classify(
 ) -> anyhow::Result<ClassifyOutcome> {
     let files = inputs::collect_inputs(paths)?;
     let broker = connect_with_retry(&config.broker, shutdown).await?;
+    // Some backends connect lazily: wait (with backoff, logged) until the broker answers.
+    let request_topic = config.server.request_topic.as_str();
+    match retry_while_unavailable("the request topic", shutdown, || {
+        broker.ensure_topic(request_topic)
+    })
+    .await
+    {
+        Some(result) => result.context("creating the request topic")?,
+        None => anyhow::bail!("interrupted while waiting for the broker"),
+    }
     let mut model_classes = Vec::new();
     let mut in_process = None;
     if config.broker.backend() == "embedded" {

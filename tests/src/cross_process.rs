@@ -309,7 +309,7 @@ pub fn server_crash_loses_nothing(backend_env: &[(String, String)]) {
             "classify",
             &folder_arg,
             "--timeout",
-            "180",
+            "300",
             "--window",
             "100",
         ],
@@ -353,7 +353,7 @@ pub fn graceful_shutdown_hands_over(backend_env: &[(String, String)]) {
             "classify",
             &folder_arg,
             "--timeout",
-            "180",
+            "300",
             "--window",
             "100",
         ],
@@ -480,4 +480,33 @@ pub fn flood_is_worked_through_with_bounded_memory(backend_env: &[(String, Strin
         let _ = broker.delete_topic(&reply_topic).await;
         let _ = broker.delete_topic(&request_topic).await;
     });
+}
+
+/// A server started while its broker is unreachable keeps retrying (and says what it
+/// waits for) instead of exiting, and still stops cleanly on SIGTERM.
+pub fn server_waits_for_an_unreachable_broker(backend_env: &[(String, String)], address_var: &str) {
+    let mut env = case_env(backend_env, "outage");
+    for (name, value) in env.iter_mut() {
+        if name == address_var {
+            // Nothing listens on port 9 (discard) on these machines.
+            *value = "127.0.0.1:9".to_string();
+        }
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let log = work.path().join("outage.log");
+    let server = ServerProcess::start("server-waiting", &env, &log);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("waiting for the broker") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no 'waiting for the broker' log line:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop(server);
 }

@@ -55,3 +55,10 @@ fn flood_is_worked_through_with_bounded_memory() {
         cross_process::flood_is_worked_through_with_bounded_memory(&env);
     }
 }
+
+#[test]
+fn server_waits_for_an_unreachable_broker() {
+    if let Some(env) = env() {
+        cross_process::server_waits_for_an_unreachable_broker(&env, "KAFKA_BOOTSTRAP_SERVERS");
+    }
+}

@@ -4,7 +4,10 @@
 use integration_tests::cross_process::{self, backend_env};
 
 fn env() -> Option<Vec<(String, String)>> {
-    backend_env("pubsub", "PUBSUB_EMULATOR_HOST")
+    let mut env = backend_env("pubsub", "PUBSUB_EMULATOR_HOST")?;
+    let config = integration_tests::workspace_root().join("tests/pubsub-e2e.toml");
+    env.push(("CLASSIFIER_CONFIG".into(), config.to_string_lossy().into_owned()));
+    Some(env)
 }
 
 #[test]
@@ -53,5 +56,12 @@ fn graceful_shutdown_hands_over() {
 fn flood_is_worked_through_with_bounded_memory() {
     if let Some(env) = env() {
         cross_process::flood_is_worked_through_with_bounded_memory(&env);
+    }
+}
+
+#[test]
+fn server_waits_for_an_unreachable_broker() {
+    if let Some(env) = env() {
+        cross_process::server_waits_for_an_unreachable_broker(&env, "PUBSUB_EMULATOR_HOST");
     }
 }

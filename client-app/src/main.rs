@@ -1,5 +1,7 @@
 //! `client-app`: classify files and folders through the broker.
 
+mod bench;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +34,8 @@ struct Cli {
 enum Command {
     /// Classify image files and folders (recursively).
     Classify(ClassifyArgs),
+    /// Measure end-to-end throughput, latency and peak memory through the broker.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,7 +104,10 @@ fn config(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<AppConfig> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let Command::Classify(args) = &cli.command;
+    let args = match &cli.command {
+        Command::Classify(args) => args,
+        Command::Bench(args) => return run_bench(&cli, args).await,
+    };
     let config = config(&cli, args)?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
@@ -136,6 +143,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `client-app bench`: the config as for `classify`, then the benchmark.
+async fn run_bench(cli: &Cli, args: &bench::BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut config = AppConfig::load(cli.config.as_deref())?;
+    if let Some(backend) = &cli.broker {
+        config.select_backend(backend)?;
+        config.broker.apply_env(&|name| std::env::var(name).ok());
+    }
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    bench::run(config, args, &shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints one line per file as results arrive (non-interactive output).

@@ -6,7 +6,10 @@ use integration_tests::cross_process::{self, backend_env};
 fn env() -> Option<Vec<(String, String)>> {
     let mut env = backend_env("pubsub", "PUBSUB_EMULATOR_HOST")?;
     let config = integration_tests::workspace_root().join("tests/pubsub-e2e.toml");
-    env.push(("CLASSIFIER_CONFIG".into(), config.to_string_lossy().into_owned()));
+    env.push((
+        "CLASSIFIER_CONFIG".into(),
+        config.to_string_lossy().into_owned(),
+    ));
     Some(env)
 }
 

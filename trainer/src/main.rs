@@ -31,6 +31,8 @@ enum Command {
         #[arg(long)]
         fashion_mnist: PathBuf,
     },
+    /// Benchmark inference, training and decoding; prints tables of medians.
+    Bench(BenchArgs),
     /// Write test-set images as PNGs into class folders.
     ExportSamples {
         /// Directory with the Fashion-MNIST idx files (.gz or raw).
@@ -43,6 +45,36 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+}
+
+/// Options of `trainer bench`.
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Model directory (model.safetensors + metadata.json).
+    #[arg(long, default_value = "models/fashion-mnist")]
+    model: PathBuf,
+    /// Fashion-MNIST idx files: real test images for inference, data for the training
+    /// benchmark (skipped without it).
+    #[arg(long)]
+    fashion_mnist: Option<PathBuf>,
+    /// Runs per figure (medians are printed).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Minimum seconds of work per inference or decode run.
+    #[arg(long, default_value_t = 0.3)]
+    min_seconds: f64,
+    /// Inference batch sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128,512")]
+    batch_sizes: Vec<usize>,
+    /// Training steps of 128 images per training run (0 skips training).
+    #[arg(long, default_value_t = 60)]
+    train_batches: usize,
+    /// Do not time candle's reference forward pass beside the fast inference path.
+    #[arg(long)]
+    no_candle: bool,
+    /// Run only these parts (comma separated): ceiling, inference, agreement, training, decode.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// Options of `trainer train`.
@@ -190,6 +222,18 @@ fn main() -> anyhow::Result<()> {
         } => {
             let (acc, n) = train::evaluate_fashion_mnist(&model, &fashion_mnist)?;
             println!("test accuracy {:.2}% on {n} images", acc * 100.0);
+        }
+        Command::Bench(a) => {
+            trainer::bench::run(&trainer::bench::BenchOptions {
+                model: a.model,
+                fashion_mnist: a.fashion_mnist,
+                runs: a.runs,
+                min_seconds: a.min_seconds,
+                batch_sizes: a.batch_sizes,
+                train_batches: a.train_batches,
+                candle_reference: !a.no_candle,
+                sections: a.only,
+            })?;
         }
         Command::ExportSamples {
             fashion_mnist,

@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::infer::FastNet;
 use crate::ops;
 
 /// File name of the weights inside a model directory.
@@ -315,6 +317,8 @@ pub(crate) fn chw_batch_to_nhwc(
 pub struct Classifier {
     meta: ModelMetadata,
     net: Net,
+    /// The same weights as plain vectors, for the fast inference path.
+    pub(crate) fast: Arc<FastNet>,
 }
 
 /// Largest number of images pushed through the network at once by [`Classifier::predict`];
@@ -326,12 +330,30 @@ impl Classifier {
     pub fn load(dir: &Path) -> anyhow::Result<Classifier> {
         let meta = ModelMetadata::load(dir)?;
         let net = Net::load(&dir.join(WEIGHTS_FILE), &meta)?;
-        Ok(Classifier { meta, net })
+        Self::from_parts(meta, net)
     }
 
     /// Builds a classifier from in-memory parts (used right after training).
-    pub(crate) fn from_parts(meta: ModelMetadata, net: Net) -> Classifier {
-        Classifier { meta, net }
+    pub(crate) fn from_parts(meta: ModelMetadata, net: Net) -> anyhow::Result<Classifier> {
+        let v = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let fast = FastNet::new(
+            (
+                meta.input_height as usize,
+                meta.input_width as usize,
+                meta.input_channels as usize,
+            ),
+            (v(&net.conv1_w)?, v(&net.conv1_b)?),
+            (v(&net.conv2_w)?, v(&net.conv2_b)?),
+            (v(&net.fc1_w)?, v(&net.fc1_b)?),
+            (v(&net.fc2_w)?, v(&net.fc2_b)?),
+        )?;
+        Ok(Classifier {
+            meta,
+            net,
+            fast: Arc::new(fast),
+        })
     }
 
     /// The model's metadata (class names, input size, normalisation, provenance).
@@ -344,9 +366,76 @@ impl Classifier {
         self.meta.input_len()
     }
 
+    /// FLOPs of one forward pass for one image: 2 × the multiply-adds of the two
+    /// convolutions and the two linear layers (bias, pooling, ReLU and softmax, which are
+    /// comparatively free, are not counted).
+    pub(crate) fn flops_per_image(&self) -> u64 {
+        let dims = |t: &Tensor| t.dims().to_vec();
+        let (h, w) = (self.meta.input_height as u64, self.meta.input_width as u64);
+        let (k1, c1) = (
+            dims(&self.net.conv1_w)[0] as u64,
+            dims(&self.net.conv1_w)[1] as u64,
+        );
+        let (k2, c2) = (
+            dims(&self.net.conv2_w)[0] as u64,
+            dims(&self.net.conv2_w)[1] as u64,
+        );
+        let (hidden, flat) = (
+            dims(&self.net.fc1_w)[0] as u64,
+            dims(&self.net.fc1_w)[1] as u64,
+        );
+        let classes = dims(&self.net.fc2_w)[0] as u64;
+        2 * (h * w * k1 * c1 + (h / 2) * (w / 2) * k2 * c2 + flat * hidden + hidden * classes)
+    }
+
     /// `inputs` is N preprocessed images concatenated (N * input_len floats, CHW each);
     /// returns N rows of class probabilities (softmax).
+    ///
+    /// Runs the fast path (see the `infer` module): plain-slice kernels on the rayon
+    /// threads, bypassing candle; [`Classifier::predict_candle`] is the reference.
     pub fn predict(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        let len = self.input_len();
+        if inputs.len() != n * len {
+            bail!(
+                "predict: expected {n} images of {len} floats ({} floats), got {}",
+                n * len,
+                inputs.len()
+            );
+        }
+        let mut out = Vec::with_capacity(n);
+        for chunk in inputs.chunks(PREDICT_CHUNK * len) {
+            let m = chunk.len() / len;
+            let logits = self.fast.logits(chunk, m);
+            out.extend(
+                logits
+                    .chunks_exact(self.meta.class_names.len())
+                    .map(softmax),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Flat `(n, classes)` logits through candle tensors and the training forward pass
+    /// (for tests of the fast path).
+    #[cfg(test)]
+    pub(crate) fn logits_candle(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
+        let x = chw_batch_to_nhwc(
+            inputs,
+            n,
+            self.meta.input_channels as usize,
+            self.meta.input_height as usize,
+            self.meta.input_width as usize,
+        )?;
+        Ok(self
+            .net
+            .forward(&x, None)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// [`Classifier::predict`] through candle tensors and the training forward pass: the
+    /// reference the fast path is checked against.
+    pub(crate) fn predict_candle(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
         let len = self.input_len();
         if inputs.len() != n * len {
             bail!(
@@ -371,6 +460,17 @@ impl Classifier {
         }
         Ok(out)
     }
+}
+
+/// Softmax of one row of logits (as candle's `softmax_last_dim`: `exp(x - max) / sum`).
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut out: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
+    let sum: f32 = out.iter().sum();
+    for v in &mut out {
+        *v /= sum;
+    }
+    out
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ fn nhwc(l: &Layout, op: &str) -> Result<(usize, usize, usize, usize)> {
 /// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)` on row/column strided f32 buffers, single
 /// threaded (the callers already run one image per thread).
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(crate) fn sgemm(
     m: usize,
     n: usize,
     k: usize,

@@ -420,7 +420,7 @@ fn train_and_save(
     net.save(&opts.output.join(crate::model::WEIGHTS_FILE))?;
     meta.save(&opts.output)?;
     Ok(TrainOutcome {
-        classifier: Classifier::from_parts(meta, net),
+        classifier: Classifier::from_parts(meta, net)?,
         epochs,
     })
 }

@@ -1,0 +1,273 @@
+//! `client-app bench`: end-to-end speed through the configured broker.
+//!
+//! Sends the images of a folder (the shipped `examples/` by default), repeated up to the
+//! requested count, through [`client_app::job::run_job`] — the same code path as
+//! `classify` — and reports medians over several runs of:
+//!
+//! - a **throughput** run: many images with a large window (requests in flight);
+//! - a **latency** run at low load: one image at a time (window 1);
+//! - the server's safe decoding cost per image ([`classifier_server::decode`]);
+//! - the peak resident memory of this process (`VmHWM`).
+//!
+//! On the embedded broker the server necessarily runs in this process. On Kafka or
+//! Pub/Sub an in-process [`ModelServer`] connected to the real broker is started too,
+//! unless `--external-server` says servers are already running; the output says which.
+//! With an in-process server the peak memory is that of client and server together.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use classifier_server::decode::{decode_image, DecodeLimits};
+use classifier_server::{connect_with_retry, load_classifier, AppConfig, ModelServer};
+use client_app::inputs::{collect_inputs, InputFile};
+use client_app::job::{run_job, FileOutcome, JobOptions, JobReport, NoProgress};
+use tokio_util::sync::CancellationToken;
+
+/// What `client-app bench` does.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Folder (or files) of images to send, repeated as needed.
+    #[arg(long, default_value = "examples")]
+    pub input: PathBuf,
+    /// Images per throughput run.
+    #[arg(long, default_value_t = 2000)]
+    pub images: usize,
+    /// Requests in flight in the throughput runs.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// Images per latency run (sent one at a time).
+    #[arg(long, default_value_t = 200)]
+    pub latency_images: usize,
+    /// Runs of each kind (medians are printed).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Do not start an in-process server on Kafka / Pub/Sub: servers already run.
+    #[arg(long)]
+    pub external_server: bool,
+    /// Model directory for the in-process server.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// Median of a list (NaN for none).
+fn median(values: &[f64]) -> f64 {
+    percentile(values, 0.5)
+}
+
+/// The `q`-quantile (nearest rank) of a list (NaN for none).
+fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// A memory figure of this process from `/proc/self/status` (e.g. `VmHWM`), in MiB.
+pub fn status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// One run's figures: images/s, latency p50 and p99 in ms, files not classified.
+struct RunFigures {
+    images_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failures: usize,
+}
+
+fn figures(report: &JobReport) -> RunFigures {
+    let latencies: Vec<f64> = report
+        .results
+        .iter()
+        .filter_map(|r| r.latency.map(|l| l.as_secs_f64() * 1e3))
+        .collect();
+    RunFigures {
+        images_per_second: report.results.len() as f64 / report.elapsed.as_secs_f64(),
+        p50_ms: percentile(&latencies, 0.5),
+        p99_ms: percentile(&latencies, 0.99),
+        failures: report
+            .results
+            .iter()
+            .filter(|r| !matches!(r.outcome, FileOutcome::Classified { .. }))
+            .count(),
+    }
+}
+
+/// `files` repeated (in order) up to `n` entries.
+fn repeat(files: &[InputFile], n: usize) -> Vec<InputFile> {
+    files.iter().cycle().take(n).cloned().collect()
+}
+
+/// Runs the benchmark and prints its tables.
+pub async fn run(
+    mut config: AppConfig,
+    args: &BenchArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(model) = &args.model {
+        config.server.model_dir = model.clone();
+    }
+    let files: Vec<InputFile> = collect_inputs(std::slice::from_ref(&args.input))?;
+    anyhow::ensure!(!files.is_empty(), "no files under {}", args.input.display());
+    let backend = config.broker.backend().to_string();
+    let broker = connect_with_retry(&config.broker, shutdown).await?;
+    let in_process = backend == "embedded" || !args.external_server;
+    let mut server_task = None;
+    let mut stats = None;
+    if in_process {
+        let classifier = load_classifier(&config.server)?;
+        let mut server_config = config.server.clone();
+        server_config.dead_letter_subscription.clear();
+        let server = ModelServer::new(Arc::clone(&broker), server_config, classifier);
+        server
+            .prepare_topics()
+            .await
+            .context("preparing the in-process server's topics")?;
+        stats = Some(server.stats());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        server_task = Some((stop, task));
+    }
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    println!(
+        "client-app bench: broker {backend}; server {}; {} input files from {}; {} runs per figure (medians); load average before: {load}",
+        if in_process {
+            "in this process (ModelServer on the same broker)"
+        } else {
+            "external (already running)"
+        },
+        files.len(),
+        args.input.display(),
+        args.runs.max(1),
+    );
+    println!(
+        "server batching: max_batch_size {}, max_batch_wait_ms {}, max_in_flight {}",
+        config.server.max_batch_size, config.server.max_batch_wait_ms, config.server.max_in_flight
+    );
+
+    let options = |window: usize| JobOptions {
+        request_topic: config.server.request_topic.clone(),
+        server_group: config.server.group.clone(),
+        window,
+        reply_timeout: Duration::from_secs(config.client.reply_timeout_secs),
+        max_file_bytes: config.client.max_file_bytes,
+        top_k: config.client.top_k as u32,
+    };
+    // Warm-up: topics, connections, the model's thread pools.
+    run_job(
+        Arc::clone(&broker),
+        repeat(&files, 64),
+        &options(64),
+        &NoProgress,
+    )
+    .await?;
+
+    println!();
+    println!("## End to end (client send → reply received)");
+    println!();
+    println!(
+        "| run | images | window | images/s | p50 ms | p99 ms | not classified | mean batch |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, n, window) in [
+        ("throughput", args.images, args.window),
+        ("latency (one at a time)", args.latency_images, 1),
+    ] {
+        let mut runs = Vec::new();
+        let batches_before = stats.as_ref().map(|s| s.snapshot());
+        let job_options = options(window);
+        for _ in 0..args.runs.max(1) {
+            let report = tokio::select! {
+                r = run_job(Arc::clone(&broker), repeat(&files, n), &job_options, &NoProgress) => r?,
+                _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
+            };
+            runs.push(figures(&report));
+        }
+        let mean_batch = match (&stats, batches_before) {
+            (Some(s), Some(before)) => {
+                let now = s.snapshot();
+                let batches = now.batches.saturating_sub(before.batches).max(1);
+                format!(
+                    "{:.1}",
+                    now.classified.saturating_sub(before.classified) as f64 / batches as f64
+                )
+            }
+            _ => "–".into(),
+        };
+        let pick = |f: fn(&RunFigures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        println!(
+            "| {name} | {n} | {window} | {:.0} | {:.2} | {:.2} | {} | {mean_batch} |",
+            pick(|r| r.images_per_second),
+            pick(|r| r.p50_ms),
+            pick(|r| r.p99_ms),
+            runs.iter().map(|r| r.failures).sum::<usize>(),
+        );
+    }
+
+    decode_costs(&files, args.runs.max(1), &config.server.limits)?;
+
+    println!();
+    println!(
+        "Peak resident memory of this process (VmHWM): {:.1} MiB{}; now (VmRSS) {:.1} MiB",
+        status_mib("VmHWM:").unwrap_or(f64::NAN),
+        if in_process {
+            ", client and in-process server together"
+        } else {
+            " (client only)"
+        },
+        status_mib("VmRSS:").unwrap_or(f64::NAN),
+    );
+
+    if let Some((stop, task)) = server_task {
+        stop.cancel();
+        match task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!("in-process server: {error:#}"),
+            Err(error) => tracing::warn!("in-process server task: {error}"),
+        }
+    }
+    if let Err(error) = broker.close().await {
+        tracing::debug!(%error, "closing the broker client failed");
+    }
+    Ok(())
+}
+
+/// The server's safe decoding ([`decode_image`]: sniffing, header checks, limits) per
+/// image, for the first file of the input (a 28×28 PNG for `examples/`), on one thread.
+fn decode_costs(files: &[InputFile], runs: usize, limits: &DecodeLimits) -> anyhow::Result<()> {
+    let Some(file) = files.first() else {
+        return Ok(());
+    };
+    let bytes = std::fs::read(&file.path)?;
+    let image = decode_image(&bytes, limits)?;
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            std::hint::black_box(decode_image(&bytes, limits)?);
+            n += 1;
+        }
+        rates.push(start.elapsed().as_secs_f64() * 1e6 / n as f64);
+    }
+    println!();
+    println!(
+        "Safe decode (classifier_server::decode::decode_image) of {} ({}×{}, {} bytes): {:.1} µs per image on one thread (preprocessing and the 640×480 JPEG: `trainer bench`)",
+        file.display_name,
+        image.width(),
+        image.height(),
+        bytes.len(),
+        median(&rates)
+    );
+    Ok(())
+}

@@ -48,7 +48,11 @@ pub async fn connect_with_retry(
 ) -> anyhow::Result<Arc<dyn Broker>> {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match unified_broker::connect(config).await {
+        let connected = tokio::select! {
+            connected = unified_broker::connect(config) => connected,
+            _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the broker"),
+        };
+        match connected {
             Ok(broker) => return Ok(broker),
             Err(error) if error.is_retryable() => {
                 tracing::warn!(

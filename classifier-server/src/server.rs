@@ -330,7 +330,11 @@ where
 {
     let mut backoff = Duration::from_millis(250);
     loop {
-        match operation().await {
+        let result = tokio::select! {
+            result = operation() => result,
+            _ = shutdown.cancelled() => return None,
+        };
+        match result {
             Err(error) if error.is_retryable() => {
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "waiting for the broker to serve {what}");
                 tokio::select! {

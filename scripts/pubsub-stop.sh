@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Stops the Pub/Sub emulator started by scripts/pubsub-start.sh: exactly the process
-# whose PID it recorded (never by name). TERM first, KILL if it does not exit in time.
+# whose PID it recorded for PUBSUB_PORT (default 8085), never by name. TERM first, KILL
+# if it does not exit in time.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PID_FILE="$ROOT/.tools/run/pubsub.pid"
+PORT="${PUBSUB_PORT:-8085}"
+PID_FILE="$ROOT/.tools/run/pubsub-$PORT.pid"
 STOP_TIMEOUT_SECONDS=15
 
 if [[ ! -f "$PID_FILE" ]]; then

@@ -158,6 +158,10 @@ impl AppConfig {
         if let Some(group) = lookup("CLASSIFIER_GROUP") {
             self.server.group = group;
         }
+        if let Some(topic) = lookup("CLASSIFIER_DEAD_LETTER_TOPIC") {
+            // Empty turns dead-lettering off.
+            self.server.dead_letter_topic = topic;
+        }
         if let Some(id) = lookup("CLASSIFIER_SERVER_ID") {
             self.server.server_id = id;
         }

@@ -176,6 +176,12 @@ fn classify_error(format: ImageFormat, error: ImageError) -> DecodeError {
                 format!("the {format:?} data is truncated"),
             )
         }
+        // Some decoders (OpenEXR) report a valid file using a feature they lack only in
+        // their message text ("not supported: deep data").
+        other if other.to_string().contains("not supported") => DecodeError::new(
+            ErrorCode::UnsupportedFormat,
+            format!("unsupported {format:?} image: {other}"),
+        ),
         other => DecodeError::new(
             ErrorCode::CorruptImage,
             format!("corrupt {format:?} image: {other}"),
@@ -248,6 +254,16 @@ mod tests {
             decode_image(b"hello, I am a text file\n", &DecodeLimits::default()).expect_err("text");
         assert_eq!(error.code, ErrorCode::UnsupportedFormat);
         assert!(error.reason.contains("68 65 6c 6c"), "{}", error.reason);
+    }
+
+    #[test]
+    fn exr_feature_the_decoder_lacks_is_unsupported_not_corrupt() {
+        // OpenEXR magic, then file version 3: a well-formed header the decoder declines.
+        let mut exr = vec![0x76, 0x2f, 0x31, 0x01, 3, 0, 0, 0];
+        exr.extend_from_slice(&[0; 64]);
+        let error = decode_image(&exr, &DecodeLimits::default()).expect_err("declined");
+        assert_eq!(error.code, ErrorCode::UnsupportedFormat, "{}", error.reason);
+        assert!(error.reason.contains("not supported"), "{}", error.reason);
     }
 
     #[test]

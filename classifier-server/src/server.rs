@@ -34,7 +34,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use trainer::model::Classifier;
 use trainer::preprocess::Preprocessor;
-use unified_broker::{Broker, BrokerError, Delivery, Message, SubscribeOptions};
+use unified_broker::{
+    Broker, BrokerError, Delivery, Message, Resubscribing, SubscribeOptions, Subscriber,
+};
 
 use crate::config::ServerConfig;
 use crate::request::{
@@ -185,16 +187,21 @@ impl ModelServer {
             max_outstanding_messages: config.max_in_flight,
             ..SubscribeOptions::default()
         };
-        // The broker may not be up yet (or be restarting): wait for it, saying so.
+        // The broker may not be up yet: wait for it, saying so. Once subscribed, the
+        // subscription re-creates itself if the broker restarts and forgets it.
         let subscribed = retry_while_unavailable("the request topic", &shutdown, || async {
             self.prepare_topics().await?;
-            self.broker
-                .subscribe(&config.request_topic, &config.group, options.clone())
-                .await
+            Resubscribing::subscribe(
+                Arc::clone(&self.broker),
+                &config.request_topic,
+                &config.group,
+                options.clone(),
+            )
+            .await
         })
         .await;
-        let mut subscriber = match subscribed {
-            Some(result) => result.context("subscribing to the request topic")?,
+        let mut subscriber: Box<dyn Subscriber> = match subscribed {
+            Some(result) => Box::new(result.context("subscribing to the request topic")?),
             None => return Ok(self.stats.snapshot()),
         };
         tracing::info!(
@@ -273,7 +280,7 @@ impl ModelServer {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 None => {
-                    tracing::warn!("the subscription ended");
+                    tracing::warn!("the broker client was closed; stopping");
                     break;
                 }
             }

@@ -19,7 +19,7 @@ use classifier_proto::{
 };
 use classifier_server::request::unix_micros_now;
 use tokio::sync::{mpsc, Semaphore};
-use unified_broker::{Broker, Message, SubscribeOptions};
+use unified_broker::{Broker, BrokerError, Message, Resubscribing, SubscribeOptions, Subscriber};
 
 use crate::inputs::{content_type, InputFile};
 
@@ -158,18 +158,16 @@ pub async fn run_job(
         .ensure_subscription(&options.request_topic, &options.server_group)
         .await
         .context("creating the servers' subscription")?;
-    broker
-        .ensure_topic(&reply_topic)
-        .await
-        .context("creating the reply topic")?;
-    broker
-        .ensure_subscription(&reply_topic, &reply_group)
-        .await
-        .context("creating the reply subscription")?;
-    let mut replies = broker
-        .subscribe(&reply_topic, &reply_group, SubscribeOptions::default())
-        .await
-        .context("subscribing to the reply topic")?;
+    // Creates the reply topic and subscription, and again should a broker restart lose
+    // them, so replies to what is sent after the restart still find their way back.
+    let mut replies = Resubscribing::subscribe(
+        Arc::clone(&broker),
+        &reply_topic,
+        &reply_group,
+        SubscribeOptions::default(),
+    )
+    .await
+    .context("subscribing to the reply topic")?;
 
     let window = Arc::new(Semaphore::new(options.window.max(1)));
     let (sent_tx, mut sent_rx) = mpsc::unbounded_channel();
@@ -244,7 +242,7 @@ pub async fn run_job(
                 }
                 Some(Err(error)) => tracing::warn!(%error, "receiving replies failed; retrying"),
                 None => {
-                    tracing::warn!("the reply subscription ended");
+                    tracing::warn!("the broker client was closed");
                     break;
                 }
             },
@@ -260,7 +258,7 @@ pub async fn run_job(
     }
 
     sender.abort();
-    if let Err(error) = replies.close().await {
+    if let Err(error) = Box::new(replies).close().await {
         tracing::debug!(%error, "closing the reply subscription failed");
     }
     if let Err(error) = broker.delete_subscription(&reply_topic, &reply_group).await {
@@ -350,7 +348,7 @@ async fn send_all(
         let permit = match Arc::clone(&window).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                flush(&*broker, &options.request_topic, &mut batch, &pending).await;
+                flush(&*broker, &options, &mut batch, &pending).await;
                 match Arc::clone(&window).acquire_owned().await {
                     Ok(permit) => permit,
                     Err(_) => return,
@@ -391,10 +389,10 @@ async fn send_all(
             .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_REQUEST);
         batch.push((index, request_id, message));
         if batch.len() >= SEND_BATCH {
-            flush(&*broker, &options.request_topic, &mut batch, &pending).await;
+            flush(&*broker, &options, &mut batch, &pending).await;
         }
     }
-    flush(&*broker, &options.request_topic, &mut batch, &pending).await;
+    flush(&*broker, &options, &mut batch, &pending).await;
     let _ = sent.send(Sent::Done);
 }
 
@@ -403,7 +401,7 @@ async fn send_all(
 /// twice, which the receiver counts as duplicates.)
 async fn flush(
     broker: &dyn Broker,
-    topic: &str,
+    options: &JobOptions,
     batch: &mut Vec<(usize, String, Message)>,
     pending: &Pending,
 ) {
@@ -420,8 +418,23 @@ async fn flush(
         }
     }
     let mut backoff = Duration::from_millis(100);
-    while let Err(error) = broker.publish_batch(topic, messages.clone()).await {
+    while let Err(error) = broker
+        .publish_batch(&options.request_topic, messages.clone())
+        .await
+    {
         tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "publishing requests failed; retrying");
+        if let BrokerError::TopicNotFound(_) = error {
+            // A restarted broker that lost its topics: create what the servers consume.
+            let recreated = async {
+                broker.ensure_topic(&options.request_topic).await?;
+                broker
+                    .ensure_subscription(&options.request_topic, &options.server_group)
+                    .await
+            };
+            if let Err(error) = recreated.await {
+                tracing::warn!(%error, "re-creating the request topic failed");
+            }
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }

@@ -201,6 +201,22 @@ struct BackgroundClient {
 
 impl BackgroundClient {
     fn start(args: &[&str], env: &[(String, String)]) -> Self {
+        Self::start_with_stderr(args, env, std::process::Stdio::inherit())
+    }
+
+    /// Like `start`, with the client's log (stderr, `RUST_LOG=info`) going to `log`.
+    fn start_logged(args: &[&str], env: &[(String, String)], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("client log file");
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG".into(), "info".into()));
+        Self::start_with_stderr(args, &env, file.into())
+    }
+
+    fn start_with_stderr(
+        args: &[&str],
+        env: &[(String, String)],
+        stderr: std::process::Stdio,
+    ) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(crate::binary("client-app"))
             .args(args)
@@ -208,7 +224,7 @@ impl BackgroundClient {
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("client-app starts");
         let stdout = child.stdout.take().expect("piped stdout");
@@ -249,6 +265,20 @@ impl BackgroundClient {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for the client to exit, at most `timeout` (a hang fails the test).
+    fn finish_within(mut self, timeout: Duration) -> (i32, String) {
+        let deadline = Instant::now() + timeout;
+        while self.child.try_wait().expect("client status").is_none() {
+            if Instant::now() >= deadline {
+                let answered = self.answered();
+                let _ = self.child.kill();
+                panic!("the client hung: still running after {timeout:?} ({answered} answers)");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.finish()
     }
 
     fn finish(mut self) -> (i32, String) {
@@ -373,6 +403,25 @@ pub fn graceful_shutdown_hands_over(backend_env: &[(String, String)]) {
     stop(second);
 }
 
+/// The value of `name` in a case's environment (panics if the case did not set it).
+fn lookup(env: &[(String, String)], name: &str) -> String {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("{name} is not in the case's environment"))
+}
+
+/// A broker client of this test process, configured from a case's environment the way
+/// the server and the client configure theirs.
+async fn connect_as_configured(
+    env: &[(String, String)],
+) -> std::sync::Arc<dyn unified_broker::Broker> {
+    let backend = lookup(env, "CLASSIFIER_BROKER");
+    let mut config = unified_broker::BrokerConfig::default_for(&backend).expect("backend config");
+    config.apply_env(&|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
+    unified_broker::connect(&config).await.expect("connect")
+}
+
 fn tail(stdout: &str) -> String {
     let lines: Vec<&str> = stdout.lines().collect();
     lines[lines.len().saturating_sub(25)..].join("\n")
@@ -383,22 +432,18 @@ fn tail(stdout: &str) -> String {
 /// and must stay under 1 GiB, far below what holding the backlog would need).
 pub fn flood_is_worked_through_with_bounded_memory(backend_env: &[(String, String)]) {
     use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, ProstMessage};
-    use unified_broker::{BrokerConfig, Message, SubscribeOptions};
+    use unified_broker::{Message, SubscribeOptions};
 
     const REQUESTS: usize = 20_000;
     let env = case_env(backend_env, "flood");
-    let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    let backend = lookup("CLASSIFIER_BROKER").expect("backend");
-    let request_topic = lookup("CLASSIFIER_REQUEST_TOPIC").expect("topic");
-    let group = lookup("CLASSIFIER_GROUP").expect("group");
+    let request_topic = lookup(&env, "CLASSIFIER_REQUEST_TOPIC");
+    let group = lookup(&env, "CLASSIFIER_GROUP");
     let reply_topic = format!("{request_topic}-replies");
-    let mut config = BrokerConfig::default_for(&backend).expect("backend config");
-    config.apply_env(&lookup);
     let image = std::fs::read(crate::workspace_root().join("examples/bag/00018.png"))
         .expect("example image");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let broker = runtime.block_on(async {
-        let broker = unified_broker::connect(&config).await.expect("connect");
+        let broker = connect_as_configured(&env).await;
         for (topic, group) in [
             (&request_topic, &group),
             (&reply_topic, &"flood-reader".to_string()),
@@ -482,6 +527,23 @@ pub fn flood_is_worked_through_with_bounded_memory(backend_env: &[(String, Strin
     });
 }
 
+/// Waits until the log file at `path` contains `needle` (fails after `timeout`).
+fn wait_for_log_line(path: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no '{needle}' line in {} within {timeout:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A server started while its broker is unreachable keeps retrying (and says what it
 /// waits for) instead of exiting, and still stops cleanly on SIGTERM.
 pub fn server_waits_for_an_unreachable_broker(backend_env: &[(String, String)], address_var: &str) {
@@ -495,18 +557,304 @@ pub fn server_waits_for_an_unreachable_broker(backend_env: &[(String, String)], 
     let work = tempfile::tempdir().expect("tempdir");
     let log = work.path().join("outage.log");
     let server = ServerProcess::start("server-waiting", &env, &log);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("waiting for the broker") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no 'waiting for the broker' log line:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_log_line(&log, "waiting for the broker", Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
+    stop(server);
+}
+
+/// Poison messages over a real broker: an undecodable payload (with and without a reply
+/// topic) and an unsupported image each get an error reply where there is somewhere to
+/// send it, and every one of them is copied to the dead-letter topic with its original
+/// bytes and the reason. A good request behind them is still classified and not copied.
+pub fn poison_messages_are_dead_lettered(backend_env: &[(String, String)]) {
+    use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, Outcome, ProstMessage};
+    use classifier_server::server::dead_letter_attributes as dead;
+    use unified_broker::{Message, SubscribeOptions};
+
+    let mut env = case_env(backend_env, "poison");
+    let request_topic = lookup(&env, "CLASSIFIER_REQUEST_TOPIC");
+    let group = lookup(&env, "CLASSIFIER_GROUP");
+    let dead_letter_topic = format!("{request_topic}-dead");
+    env.push((
+        "CLASSIFIER_DEAD_LETTER_TOPIC".into(),
+        dead_letter_topic.clone(),
+    ));
+    let reply_topic = format!("{request_topic}-replies");
+    // The subscription the server keeps copies for (its default `dead_letter_subscription`).
+    let inspection = "dead-letter-inspection";
+
+    let garbage: Vec<u8> = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
+    let request = |id: &str, image: Vec<u8>| {
+        let request = ClassifyRequest {
+            request_id: id.to_string(),
+            reply_topic: reply_topic.clone(),
+            image,
+            ..ClassifyRequest::default()
+        };
+        Message::new(request.encode_to_vec())
+            .with_key(id.to_string())
+            .with_attribute(attributes::REQUEST_ID, id.to_string())
+    };
+    let text_request = request("poison-text", b"plain text, not an image".to_vec());
+    let good_image = std::fs::read(crate::workspace_root().join("examples/bag/00018.png"))
+        .expect("example image");
+    let poison: Vec<(String, Message)> = vec![
+        ("unroutable".into(), Message::new(garbage.clone())),
+        (
+            "poison-garbage".into(),
+            Message::new(garbage.clone())
+                .with_attribute(attributes::REQUEST_ID, "poison-garbage")
+                .with_attribute(attributes::REPLY_TOPIC, reply_topic.clone()),
+        ),
+        ("poison-text".into(), text_request),
+    ];
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let broker = runtime.block_on(async {
+        let broker = connect_as_configured(&env).await;
+        for (topic, group) in [
+            (&request_topic, group.as_str()),
+            (&reply_topic, "poison-reader"),
+            (&dead_letter_topic, inspection),
+        ] {
+            broker.ensure_topic(topic).await.expect("topic");
+            broker
+                .ensure_subscription(topic, group)
+                .await
+                .expect("subscription");
+        }
+        let mut messages: Vec<Message> = poison.iter().map(|(_, m)| m.clone()).collect();
+        messages.push(request("good", good_image));
+        broker
+            .publish_batch(&request_topic, messages)
+            .await
+            .expect("publish");
+        broker
+    });
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let server = ServerProcess::start("server-poison", &env, &work.path().join("poison.log"));
+    let (replies, dead_letters) = runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+        // Replies: request id → (error code, or "" for predictions).
+        let mut replies = BTreeMap::new();
+        let mut reader = broker
+            .subscribe(&reply_topic, "poison-reader", SubscribeOptions::default())
+            .await
+            .expect("subscribe to replies");
+        while replies.len() < 3 {
+            match tokio::time::timeout_at(deadline, reader.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    let response = ClassifyResponse::decode(delivery.message().payload.as_ref())
+                        .expect("reply decodes");
+                    let code = match response.outcome {
+                        Some(Outcome::Error(error)) => {
+                            classifier_proto::ErrorCode::try_from(error.code)
+                                .map(|c| c.as_str_name().to_string())
+                                .unwrap_or_default()
+                        }
+                        Some(Outcome::Predictions(_)) => String::new(),
+                        None => "NO_OUTCOME".into(),
+                    };
+                    replies.insert(response.request_id, code);
+                    delivery.ack().expect("ack");
+                }
+                Ok(Some(Err(error))) => eprintln!("poison: receive error {error}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = reader.close().await;
+        // Dead letters: request id attribute (or "unroutable") → (code, payload).
+        let mut dead_letters = BTreeMap::new();
+        let mut inspector = broker
+            .subscribe(&dead_letter_topic, inspection, SubscribeOptions::default())
+            .await
+            .expect("subscribe to dead letters");
+        while dead_letters.len() < 3 {
+            match tokio::time::timeout_at(deadline, inspector.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    let message = delivery.message();
+                    let id = message
+                        .attribute(attributes::REQUEST_ID)
+                        .unwrap_or("unroutable")
+                        .to_string();
+                    assert!(
+                        message
+                            .attribute(dead::REASON)
+                            .is_some_and(|reason| !reason.is_empty()),
+                        "dead letter {id} carries its reason"
+                    );
+                    assert_eq!(
+                        message.attribute(dead::SOURCE_TOPIC),
+                        Some(request_topic.as_str())
+                    );
+                    dead_letters.insert(
+                        id,
+                        (
+                            message.attribute(dead::CODE).unwrap_or("").to_string(),
+                            message.payload.to_vec(),
+                        ),
+                    );
+                    delivery.ack().expect("ack");
+                }
+                Ok(Some(Err(error))) => eprintln!("poison: receive error {error}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let _ = inspector.close().await;
+        (replies, dead_letters)
+    });
+    stop(server);
+
+    let expected_replies: BTreeMap<String, String> = [
+        ("good", ""),
+        ("poison-garbage", "MALFORMED_REQUEST"),
+        ("poison-text", "UNSUPPORTED_FORMAT"),
+    ]
+    .into_iter()
+    .map(|(id, code)| (id.to_string(), code.to_string()))
+    .collect();
+    assert_eq!(replies, expected_replies, "one reply per routable request");
+    let codes: BTreeMap<&str, &str> = dead_letters
+        .iter()
+        .map(|(id, (code, _))| (id.as_str(), code.as_str()))
+        .collect();
+    assert_eq!(
+        codes,
+        BTreeMap::from([
+            ("poison-garbage", "MALFORMED_REQUEST"),
+            ("poison-text", "UNSUPPORTED_FORMAT"),
+            ("unroutable", "MALFORMED_REQUEST"),
+        ]),
+        "every poison message, and only those, dead-lettered"
+    );
+    for (id, original) in &poison {
+        assert_eq!(
+            &dead_letters[id.as_str()].1,
+            &original.payload.to_vec(),
+            "dead letter {id} holds the original bytes"
+        );
+    }
+    runtime.block_on(async {
+        for topic in [&reply_topic, &request_topic, &dead_letter_topic] {
+            let _ = broker.delete_topic(topic).await;
+        }
+    });
+}
+
+/// Broker outages, on a broker of the test's own:
+///
+/// 1. a server and a client started while the broker is down both wait for it, saying
+///    so in their logs, instead of failing;
+/// 2. the broker comes up and the client's 5,000 images flow;
+/// 3. mid-run the broker is stopped and started again, losing everything it held (both
+///    Tansu and the emulator keep topics and messages in memory only);
+/// 4. the client does not hang: it ends with every file either answered or reported
+///    unanswered after its timeout;
+/// 5. the server carried on: a second job afterwards is answered in full, and the
+///    server still exits 0 on SIGTERM.
+pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &str) {
+    let backend = lookup(backend_env, "CLASSIFIER_BROKER");
+    let broker = crate::PrivateBroker::new(&backend);
+    let mut env = case_env(backend_env, "restart");
+    for (name, value) in env.iter_mut() {
+        if name == address_var {
+            *value = broker.address();
+        }
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let folder = work.path().join("images");
+    let total = many_images(&folder, 25);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let server_log = work.path().join("server.log");
+    let client_log = work.path().join("client.log");
+
+    // 1. Nobody is listening yet.
+    let server = ServerProcess::start("server-outlasting", &env, &server_log);
+    let client = BackgroundClient::start_logged(
+        &[
+            "classify",
+            &folder_arg,
+            "--timeout",
+            "30",
+            // A small window keeps the job running long enough to be cut in the middle.
+            "--window",
+            "20",
+        ],
+        &env,
+        &client_log,
+    );
+    wait_for_log_line(
+        &server_log,
+        "waiting for the broker",
+        Duration::from_secs(60),
+    );
+    wait_for_log_line(
+        &client_log,
+        "waiting for the broker",
+        Duration::from_secs(60),
+    );
+
+    // 2. The broker comes up; work flows.
+    broker.start();
+    client.wait_for_answers(300, Duration::from_secs(180));
+
+    // 3. Restart, losing what the broker held.
+    broker.stop();
+    let answered_before_restart = client.answered();
+    assert!(
+        answered_before_restart < total,
+        "the job finished before the broker stopped: the test proves nothing"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    broker.start();
+
+    // 4. The client ends by itself, with every file accounted for.
+    let (code, stdout) = client.finish_within(Duration::from_secs(400));
+    assert!(
+        stdout.contains("Summary"),
+        "client printed no summary (exit {code})\n{}\nclient log:\n{}",
+        tail(&stdout),
+        tail(&std::fs::read_to_string(&client_log).unwrap_or_default())
+    );
+    let summary = parse_summary(&stdout);
+    eprintln!(
+        "broker restart test ({backend}): sent {total}, {answered_before_restart} answered \
+         before the restart; classified {}, errors {}, unanswered {} (lost by the broker), \
+         duplicates {}",
+        summary.classified, summary.errors, summary.unanswered, summary.duplicates
+    );
+    let log = std::fs::read_to_string(&client_log).unwrap_or_default();
+    assert!(
+        code == 0 || code == 3,
+        "exit {code}: every file answered (0) or reported unanswered (3)\n{}\nclient log:\n{}",
+        tail(&stdout),
+        tail(&log)
+    );
+    assert_eq!(summary.files, total);
+    assert_eq!(
+        summary.classified + summary.errors + summary.unanswered,
+        total,
+        "every file accounted for: {}",
+        tail(&stdout)
+    );
+    assert_eq!(summary.errors, 0, "{}", tail(&stdout));
+    assert!(summary.classified >= answered_before_restart);
+    if code == 3 {
+        assert!(stdout.contains("UNANSWERED"), "{}", tail(&stdout));
+    }
+
+    // 5. The server reconnected: a new job is answered in full.
+    let (code, stdout, summary) = client_output(
+        &["classify", "examples", "--quiet", "--timeout", "120"],
+        &env,
+    );
+    let log = std::fs::read_to_string(&server_log).unwrap_or_default();
+    assert_eq!(
+        (code, summary.classified),
+        (0, 200),
+        "after the restart\n{stdout}\nserver log:\n{}",
+        tail(&log)
+    );
     stop(server);
 }

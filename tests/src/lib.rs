@@ -245,3 +245,68 @@ pub fn copy_examples(dir: &Path, per_class: usize) -> usize {
     }
     copied
 }
+
+/// A broker of a test's own, on a free port, started and stopped through the project's
+/// scripts (`scripts/<name>-start.sh`, `-stop.sh`), so a test can stop and restart it
+/// without touching the broker the other tests share. Stopped when dropped.
+pub struct PrivateBroker {
+    /// Script prefix: "kafka" or "pubsub".
+    name: &'static str,
+    /// The variable the scripts read the port from.
+    port_var: &'static str,
+    port: u16,
+}
+
+impl PrivateBroker {
+    /// A broker for `backend` ("kafka" or "pubsub") on a free loopback port; not started.
+    pub fn new(backend: &str) -> PrivateBroker {
+        let (name, port_var) = match backend {
+            "kafka" => ("kafka", "KAFKA_PORT"),
+            "pubsub" => ("pubsub", "PUBSUB_PORT"),
+            other => panic!("no private broker for backend {other}"),
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        PrivateBroker {
+            name,
+            port_var,
+            port,
+        }
+    }
+
+    /// `127.0.0.1:<port>`, for `KAFKA_BOOTSTRAP_SERVERS` or `PUBSUB_EMULATOR_HOST`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn script(&self, action: &str) -> std::process::ExitStatus {
+        let script = workspace_root().join(format!("scripts/{}-{action}.sh", self.name));
+        Command::new(&script)
+            .env(self.port_var, self.port.to_string())
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()))
+    }
+
+    /// Starts it and waits until it accepts connections.
+    pub fn start(&self) {
+        let status = self.script("start");
+        assert!(status.success(), "{}-start.sh failed: {status}", self.name);
+    }
+
+    /// Stops it (its in-memory topics and messages are lost).
+    pub fn stop(&self) {
+        let status = self.script("stop");
+        assert!(status.success(), "{}-stop.sh failed: {status}", self.name);
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.script("stop");
+    }
+}

@@ -68,3 +68,17 @@ fn server_waits_for_an_unreachable_broker() {
         cross_process::server_waits_for_an_unreachable_broker(&env, "PUBSUB_EMULATOR_HOST");
     }
 }
+
+#[test]
+fn poison_messages_are_dead_lettered() {
+    if let Some(env) = env() {
+        cross_process::poison_messages_are_dead_lettered(&env);
+    }
+}
+
+#[test]
+fn broker_restart_mid_run() {
+    if let Some(env) = env() {
+        cross_process::broker_restart_mid_run(&env, "PUBSUB_EMULATOR_HOST");
+    }
+}

@@ -10,7 +10,8 @@
 //!
 //! Pick a backend with [`BrokerConfig`] (serde, so it comes straight from a TOML file) and
 //! get a client with [`connect`]. The [`embedded`] backend runs inside the process and is
-//! the default; `kafka` and `pubsub` talk to real servers.
+//! the default; `kafka` and `pubsub` talk to real servers. Long-running consumers wrap
+//! their subscription in [`Resubscribing`] to carry on across broker restarts.
 //!
 //! Semantics every backend promises (checked by the conformance suite, feature
 //! `conformance`): at-least-once delivery per consumer group, every group gets every
@@ -31,9 +32,11 @@ pub mod kafka;
 mod message;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
+pub mod resubscribe;
 
 pub use error::{BrokerError, Result};
 pub use message::{AckHandle, Delivery, Message};
+pub use resubscribe::Resubscribing;
 
 /// What a backend promises beyond the common semantics; the conformance suite skips the
 /// cases a backend does not promise, and callers can adapt (e.g. warn about ordering).
@@ -118,7 +121,8 @@ pub trait Broker: Send + Sync + 'static {
 /// A member of a consumer group, yielding deliveries.
 #[async_trait]
 pub trait Subscriber: Send {
-    /// The next delivery; `None` once the subscription is closed or deleted.
+    /// The next delivery; `None` once the subscription is closed or deleted, or lost
+    /// with its broker (subscribe again; [`Resubscribing`] does so by itself).
     /// Errors are transient unless followed by `None`.
     ///
     /// Cancel-safe: dropping the returned future loses no message, so callers may

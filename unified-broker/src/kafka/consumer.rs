@@ -47,7 +47,7 @@ use bytes::Bytes;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::Notify;
@@ -313,6 +313,8 @@ pub(crate) struct KafkaSubscriber {
     options: SubscribeOptions,
     next_commit: Instant,
     close_timeout: Duration,
+    /// Every broker connection was lost: the stream has ended (see `abandon`).
+    lost_cluster: bool,
 }
 
 impl KafkaSubscriber {
@@ -351,6 +353,7 @@ impl KafkaSubscriber {
             options,
             next_commit: Instant::now() + COMMIT_INTERVAL,
             close_timeout,
+            lost_cluster: false,
         })
     }
 
@@ -406,6 +409,24 @@ impl KafkaSubscriber {
         }
     }
 
+    /// Gives up on a consumer that lost every broker: stops its fetching at once (a
+    /// local operation) and ends the stream after the error, so the caller subscribes
+    /// again with a fresh consumer. A consumer that kept fetching across a broker restart
+    /// would use metadata the restarted broker no longer matches; with Tansu's replies
+    /// to that, librdkafka 2.12 crashes the process (see `producer.rs`). Unacked
+    /// deliveries are not committed past, so they come back to the group.
+    fn abandon(&mut self) {
+        self.lost_cluster = true;
+        if let Some(consumer) = &self.consumer {
+            if let Ok(assignment) = consumer.assignment() {
+                if let Err(error) = consumer.pause(&assignment) {
+                    tracing::debug!(topic = %self.shared.topic, %error, "pausing the lost consumer failed");
+                }
+            }
+        }
+        tracing::warn!(topic = %self.shared.topic, group = %self.shared.group_id, "the kafka consumer lost every broker; ending this subscription (subscribe again)");
+    }
+
     /// Marks the subscriber closed and hands back what must be committed and the
     /// consumer to close.
     fn shut(&mut self) -> (Vec<(i32, i64)>, Option<StreamConsumer<MemberContext>>) {
@@ -432,6 +453,9 @@ impl Subscriber for KafkaSubscriber {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         let shared = Arc::clone(&self.shared);
         loop {
+            if self.lost_cluster {
+                return None;
+            }
             self.consumer.as_ref()?;
             // Register for wake-ups before looking at the state, so a nack or ack in
             // between is not missed.
@@ -471,8 +495,12 @@ impl Subscriber for KafkaSubscriber {
                 Ok(message) => return Some(Ok(self.fetched(&message))),
                 Err(KafkaError::PartitionEOF(_)) => continue,
                 Err(error) => {
+                    let lost = error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
                     let error = map_error(&error, ErrorContext::Subscribe(&self.shared.topic));
                     tracing::debug!(topic = %self.shared.topic, %error, "receive error");
+                    if lost {
+                        self.abandon();
+                    }
                     return Some(Err(error));
                 }
             }

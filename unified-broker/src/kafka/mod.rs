@@ -3,7 +3,8 @@
 //!
 //! How the common API maps onto Kafka:
 //!
-//! - **publish**: one idempotent [`FutureProducer`] per client; `publish_batch` enqueues
+//! - **publish**: one idempotent [`FutureProducer`] per client (replaced should it fail
+//!   for good, e.g. fenced by a restarted broker); `publish_batch` enqueues
 //!   every message in order, then waits for every delivery report. The message key is the
 //!   Kafka key (same key → same partition → publish order kept); attributes are headers.
 //! - **subscribe(topic, group)**: one consumer per subscriber in the Kafka consumer group
@@ -20,6 +21,7 @@ mod admin;
 mod config;
 mod consumer;
 mod offsets;
+mod producer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,18 +37,20 @@ use rdkafka::ClientContext;
 
 pub use self::config::KafkaConfig;
 use self::consumer::KafkaSubscriber;
+use self::producer::{ProducerContext, Producers};
 use crate::{Broker, BrokerError, Features, Message, Result, SubscribeOptions, Subscriber};
 
-/// A client of a Kafka cluster: one idempotent producer and one admin client, shared by
-/// every call; each subscriber gets its own consumer.
+/// A client of a Kafka cluster: one idempotent producer (replaced when a broker restart
+/// spoils it, see `producer.rs`) and one admin client, shared by every call; each
+/// subscriber gets its own consumer.
 pub struct KafkaBroker {
     config: KafkaConfig,
-    producer: FutureProducer<LogContext>,
+    producers: Producers,
     admin: Arc<AdminClient<LogContext>>,
     closed: AtomicBool,
 }
 
-/// librdkafka context of the producer and admin clients: forwards its logs to `tracing`.
+/// librdkafka context of the admin client: forwards its logs to `tracing`.
 pub(crate) struct LogContext;
 
 impl ClientContext for LogContext {
@@ -166,10 +170,8 @@ impl KafkaBroker {
     /// (a metadata request, bounded by `request_timeout_ms`).
     pub async fn connect(config: &KafkaConfig) -> Result<KafkaBroker> {
         config.validate()?;
-        let producer: FutureProducer<LogContext> = config
-            .producer()
-            .create_with_context(LogContext)
-            .map_err(|error| map_error(&error, ErrorContext::Connect))?;
+        let producers = Producers::new(config)?;
+        let (_, producer) = producers.current_unused();
         let admin: AdminClient<LogContext> = config
             .admin()
             .create_with_context(LogContext)
@@ -193,7 +195,7 @@ impl KafkaBroker {
         tracing::info!(bootstrap_servers = %config.bootstrap_servers, brokers, "connected to kafka");
         Ok(KafkaBroker {
             config: config.clone(),
-            producer,
+            producers,
             admin: Arc::new(admin),
             closed: AtomicBool::new(false),
         })
@@ -207,6 +209,7 @@ impl KafkaBroker {
     /// Enqueues one message, waiting while librdkafka's local queue is full.
     async fn enqueue(
         &self,
+        producer: &FutureProducer<ProducerContext>,
         topic: &str,
         message: &Message,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
@@ -225,7 +228,7 @@ impl KafkaBroker {
         }
         let deadline = tokio::time::Instant::now() + self.config.message_timeout();
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
                     if tokio::time::Instant::now() < deadline =>
@@ -237,35 +240,18 @@ impl KafkaBroker {
             }
         }
     }
-}
 
-#[async_trait]
-impl Broker for KafkaBroker {
-    fn backend(&self) -> &'static str {
-        "kafka"
-    }
-
-    fn features(&self) -> Features {
-        Features {
-            consumer_groups: true,
-            // Same key → same partition, fetched in order by one member.
-            ordered_per_key: true,
-            // A new group starts at the oldest retained message.
-            retains_before_subscription: true,
-            // Kafka persists its log. (The memory-only Tansu used in tests does not, but
-            // that is a property of that test broker, not of this backend.)
-            survives_broker_restart: true,
-        }
-    }
-
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(BrokerError::Closed);
-        }
-        // Enqueue all first (in order, so keys keep their order), then await every report.
+    /// Publishes on `producer`: enqueues every message first (in order, so keys keep
+    /// their order), then awaits every delivery report.
+    async fn publish_with(
+        &self,
+        producer: &FutureProducer<ProducerContext>,
+        topic: &str,
+        messages: &[Message],
+    ) -> Result<()> {
         let mut deliveries = Vec::with_capacity(messages.len());
-        for message in &messages {
-            deliveries.push(self.enqueue(topic, message).await?);
+        for message in messages {
+            deliveries.push(self.enqueue(producer, topic, message).await?);
         }
         for delivery in deliveries {
             match delivery.await {
@@ -292,6 +278,38 @@ impl Broker for KafkaBroker {
         }
         tracing::debug!(topic, count = messages.len(), "published batch");
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn features(&self) -> Features {
+        Features {
+            consumer_groups: true,
+            // Same key → same partition, fetched in order by one member.
+            ordered_per_key: true,
+            // A new group starts at the oldest retained message.
+            retains_before_subscription: true,
+            // Kafka persists its log. (The memory-only Tansu used in tests does not, but
+            // that is a property of that test broker, not of this backend.)
+            survives_broker_restart: true,
+        }
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        let (generation, producer) = self.producers.current();
+        let result = self.publish_with(&producer, topic, &messages).await;
+        result.map_err(|error| {
+            self.producers
+                .replace_if_fatal(generation, &producer, error)
+        })
     }
 
     async fn subscribe(
@@ -333,7 +351,7 @@ impl Broker for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        let producer = self.producer.clone();
+        let (_, producer) = self.producers.current_unused();
         let timeout = self.config.message_timeout();
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await

@@ -1,0 +1,183 @@
+//! The producer side of the Kafka backend: one shared idempotent producer, replaced
+//! when it cannot be trusted any more.
+//!
+//! A librdkafka producer keeps state that a broker restart can invalidate:
+//!
+//! - its idempotence state (producer id and sequence numbers): a broker that forgot
+//!   them fences the producer with a *fatal* error, after which it never works again;
+//! - its metadata cache: topics a memory-only broker (like Tansu) lost in the restart
+//!   still look present, so the producer sends them Produce requests. Tansu answers
+//!   those with a leader hint carrying a null topic name, and librdkafka 2.12 then reads
+//!   that null name and crashes the whole process (`rd_kafka_metadata_update_op`).
+//!
+//! So the producer is replaced (a) after a fatal error and (b) when it reports that it
+//! lost every broker connection while it had messages to send: the old one's queued and
+//! in-flight messages are purged, which fails their publishes with a retryable error,
+//! and callers publish again on a fresh producer, whose metadata comes from the broker
+//! as it is after the restart. A producer that was never used is not replaced (it has
+//! nothing stale), so an outage does not churn producers.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer, PurgeConfig};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use super::{forward_log, map_error, ErrorContext, KafkaConfig};
+use crate::{BrokerError, Result};
+
+/// The producer's librdkafka context: forwards logs and reports a lost cluster.
+pub(crate) struct ProducerContext {
+    generation: u64,
+    lost: mpsc::UnboundedSender<u64>,
+}
+
+impl ClientContext for ProducerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka producer error");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // The receiver is gone only when the broker client is.
+            let _ = self.lost.send(self.generation);
+        }
+    }
+}
+
+/// The producer in use.
+struct Slot {
+    generation: u64,
+    producer: FutureProducer<ProducerContext>,
+    /// Something was published with it (so it may hold stale metadata).
+    used: bool,
+}
+
+/// The shared producer of one [`super::KafkaBroker`], replaced as the module docs say.
+pub(crate) struct Producers {
+    config: KafkaConfig,
+    slot: Arc<Mutex<Slot>>,
+    lost: mpsc::UnboundedSender<u64>,
+}
+
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Producers {
+    /// Creates the first producer and the task that replaces it when it loses the
+    /// cluster. Needs a tokio runtime.
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Producers> {
+        let (lost, mut lost_rx) = mpsc::unbounded_channel();
+        let producer = create(config, 0, &lost)?;
+        let producers = Producers {
+            config: config.clone(),
+            slot: Arc::new(Mutex::new(Slot {
+                generation: 0,
+                producer,
+                used: false,
+            })),
+            lost,
+        };
+        let slot = Arc::downgrade(&producers.slot);
+        let config = config.clone();
+        let lost = producers.lost.clone();
+        tokio::spawn(async move {
+            while let Some(generation) = lost_rx.recv().await {
+                let Some(slot) = Weak::upgrade(&slot) else {
+                    break;
+                };
+                replace(&slot, &config, &lost, generation, "it lost every broker");
+            }
+        });
+        Ok(producers)
+    }
+
+    /// The producer to publish with now, and its generation.
+    pub(crate) fn current(&self) -> (u64, FutureProducer<ProducerContext>) {
+        let mut slot = lock(&self.slot);
+        slot.used = true;
+        (slot.generation, slot.producer.clone())
+    }
+
+    /// The current producer without marking it used (for probes and flushes).
+    pub(crate) fn current_unused(&self) -> (u64, FutureProducer<ProducerContext>) {
+        let slot = lock(&self.slot);
+        (slot.generation, slot.producer.clone())
+    }
+
+    /// After a failed publish on `producer`: if it hit a fatal error, replaces it (once
+    /// per generation) and returns a retryable error; otherwise returns `error`.
+    pub(crate) fn replace_if_fatal(
+        &self,
+        generation: u64,
+        producer: &FutureProducer<ProducerContext>,
+        error: BrokerError,
+    ) -> BrokerError {
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return error;
+        };
+        replace(
+            &self.slot,
+            &self.config,
+            &self.lost,
+            generation,
+            "it failed for good",
+        );
+        BrokerError::Unavailable(format!(
+            "the kafka producer failed for good ({code:?}: {reason}); publish again"
+        ))
+    }
+}
+
+fn create(
+    config: &KafkaConfig,
+    generation: u64,
+    lost: &mpsc::UnboundedSender<u64>,
+) -> Result<FutureProducer<ProducerContext>> {
+    config
+        .producer()
+        .create_with_context(ProducerContext {
+            generation,
+            lost: lost.clone(),
+        })
+        .map_err(|error| map_error(&error, ErrorContext::Connect))
+}
+
+/// Replaces the producer of `generation` (if it is still the current one and was used)
+/// and purges the old one, whose pending publishes then fail and are retried.
+fn replace(
+    slot: &Mutex<Slot>,
+    config: &KafkaConfig,
+    lost: &mpsc::UnboundedSender<u64>,
+    generation: u64,
+    why: &str,
+) {
+    let old = {
+        let mut slot = lock(slot);
+        if slot.generation != generation || !slot.used {
+            return;
+        }
+        let fresh = match create(config, generation + 1, lost) {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                tracing::warn!(%error, "could not create a new kafka producer; keeping the old one");
+                return;
+            }
+        };
+        slot.generation = generation + 1;
+        slot.used = false;
+        std::mem::replace(&mut slot.producer, fresh)
+    };
+    tracing::warn!(
+        generation,
+        "replacing the kafka producer because {why}; its unconfirmed messages are published again"
+    );
+    old.purge(PurgeConfig::default().queue().inflight().non_blocking());
+    // Destroying a producer blocks until its threads stop: not on an async worker.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn_blocking(move || drop(old));
+    }
+}

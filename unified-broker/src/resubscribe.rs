@@ -1,0 +1,271 @@
+//! A subscription that outlives broker restarts: [`Resubscribing`].
+//!
+//! A backend's own subscriber reconnects after short network trouble, but some failures
+//! need a fresh start: the broker restarted and forgot the topic, the group or the
+//! subscription (Tansu and the Pub/Sub emulator keep everything in memory), or the
+//! backend's stream ended for good. Long-running consumers (the model server, the
+//! client's reply reader) wrap their subscription in [`Resubscribing`], which then, on
+//! its own:
+//!
+//! - counts consecutive receive errors and, after [`FAILURES_BEFORE_RESUBSCRIBING`] of
+//!   them (or at once for an error no retry can fix), closes the subscriber;
+//! - treats a stream that ended as one to reopen, not as the end;
+//! - reopens: creates the topic and the group's subscription again if they are gone
+//!   (both idempotent), then subscribes, with backoff (250 ms doubling to 10 s) while
+//!   the broker is still away.
+//!
+//! Every error is still handed to the caller (for its logs); only [`Subscriber::close`]
+//! ends the stream. What the broker itself lost in a restart is lost: at-least-once
+//! covers what the broker kept, and the client reports the rest as unanswered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::{Broker, BrokerError, Delivery, Result, SubscribeOptions, Subscriber};
+
+/// Consecutive receive errors after which the subscriber is replaced.
+pub const FAILURES_BEFORE_RESUBSCRIBING: u32 = 3;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A [`Subscriber`] that re-creates its topic, subscription and subscriber when they
+/// fail for good (see the module docs).
+pub struct Resubscribing {
+    broker: Arc<dyn Broker>,
+    topic: String,
+    group: String,
+    options: SubscribeOptions,
+    /// `None` between a failure and the next successful subscribe.
+    inner: Option<Box<dyn Subscriber>>,
+    consecutive_failures: u32,
+    /// No reopening attempt before this instant (kept across cancelled `next` calls).
+    next_attempt_at: Instant,
+    backoff: Duration,
+    /// Times the subscriber was replaced, for logs and tests.
+    resubscriptions: u64,
+}
+
+impl Resubscribing {
+    /// Creates `topic` and `group`'s subscription if needed and subscribes. Fails like
+    /// [`Broker::subscribe`] if the broker cannot be reached now: retrying the first
+    /// connection is the caller's business, so it can say what it waits for.
+    pub async fn subscribe(
+        broker: Arc<dyn Broker>,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Self> {
+        let inner = open(&*broker, topic, group, &options).await?;
+        Ok(Resubscribing {
+            broker,
+            topic: topic.to_string(),
+            group: group.to_string(),
+            options,
+            inner: Some(inner),
+            consecutive_failures: 0,
+            next_attempt_at: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            resubscriptions: 0,
+        })
+    }
+
+    /// How many times the subscriber was replaced after a failure.
+    pub fn resubscriptions(&self) -> u64 {
+        self.resubscriptions
+    }
+
+    /// Closes the current subscriber (its unsettled deliveries go back to the broker, as
+    /// far as it can still take them) and schedules a reopening.
+    async fn drop_inner(&mut self, why: &str) {
+        if let Some(inner) = self.inner.take() {
+            tracing::warn!(topic = %self.topic, group = %self.group, "{why}; subscribing again");
+            // Bounded: a subscriber whose broker is gone may not manage to close cleanly.
+            if tokio::time::timeout(Duration::from_secs(10), inner.close())
+                .await
+                .is_err()
+            {
+                tracing::debug!(topic = %self.topic, "closing the failed subscriber timed out");
+            }
+        }
+        self.consecutive_failures = 0;
+        self.next_attempt_at = Instant::now() + self.backoff;
+    }
+
+    /// One attempt to reopen, after the backoff. Cancel-safe: an interrupted attempt is
+    /// simply made again.
+    async fn reopen(&mut self) -> Result<()> {
+        tokio::time::sleep_until(self.next_attempt_at).await;
+        match open(&*self.broker, &self.topic, &self.group, &self.options).await {
+            Ok(inner) => {
+                tracing::info!(topic = %self.topic, group = %self.group, "subscribed again");
+                self.inner = Some(inner);
+                self.resubscriptions += 1;
+                self.backoff = FIRST_BACKOFF;
+                Ok(())
+            }
+            Err(error) => {
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.next_attempt_at = Instant::now() + self.backoff;
+                tracing::warn!(topic = %self.topic, group = %self.group, %error, retry_in_ms = self.backoff.as_millis() as u64, "waiting for the broker to serve the subscription again");
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Creates what the subscription needs (idempotent) and subscribes.
+async fn open(
+    broker: &dyn Broker,
+    topic: &str,
+    group: &str,
+    options: &SubscribeOptions,
+) -> Result<Box<dyn Subscriber>> {
+    broker.ensure_topic(topic).await?;
+    broker.ensure_subscription(topic, group).await?;
+    broker.subscribe(topic, group, options.clone()).await
+}
+
+#[async_trait]
+impl Subscriber for Resubscribing {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            let Some(inner) = self.inner.as_mut() else {
+                match self.reopen().await {
+                    Ok(()) => continue,
+                    // The client itself was closed or is misconfigured: nothing to wait for.
+                    Err(BrokerError::Closed | BrokerError::Config(_)) => return None,
+                    Err(error) => return Some(Err(error)),
+                }
+            };
+            match inner.next().await {
+                Some(Ok(delivery)) => {
+                    self.consecutive_failures = 0;
+                    return Some(Ok(delivery));
+                }
+                Some(Err(error)) => {
+                    self.consecutive_failures += 1;
+                    let hopeless = !error.is_retryable()
+                        || self.consecutive_failures >= FAILURES_BEFORE_RESUBSCRIBING;
+                    if hopeless {
+                        self.drop_inner(&format!("receiving keeps failing ({error})"))
+                            .await;
+                    }
+                    return Some(Err(error));
+                }
+                None => self.drop_inner("the subscription ended").await,
+            }
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        match self.inner.take() {
+            Some(inner) => inner.close().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Resubscribing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resubscribing")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("subscribed", &self.inner.is_some())
+            .field("resubscriptions", &self.resubscriptions)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::{EmbeddedBroker, EmbeddedConfig};
+    use crate::Message;
+
+    fn broker() -> Arc<dyn Broker> {
+        Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()))
+    }
+
+    /// Publishes `payload` every 20 ms until `subscriber` yields a delivery, and returns
+    /// that delivery's payload.
+    async fn receive_while_publishing(
+        broker: &Arc<dyn Broker>,
+        subscriber: &mut Resubscribing,
+        payload: &'static str,
+    ) -> Vec<u8> {
+        let publishing = async {
+            loop {
+                // The topic may be missing until the subscriber re-creates it.
+                let _ = broker.publish("jobs", Message::new(payload)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let received = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                delivery = subscriber.next() => delivery,
+                () = publishing => unreachable!("publishing never ends"),
+            }
+        })
+        .await
+        .expect("a delivery within 10 s");
+        let delivery = received
+            .expect("the stream goes on")
+            .expect("a delivery, not an error");
+        let payload = delivery.message().payload.to_vec();
+        delivery.ack().expect("ack");
+        payload
+    }
+
+    #[tokio::test]
+    async fn carries_on_after_the_topic_was_deleted() {
+        let broker = broker();
+        let mut subscriber = Resubscribing::subscribe(
+            Arc::clone(&broker),
+            "jobs",
+            "workers",
+            SubscribeOptions::default(),
+        )
+        .await
+        .expect("subscribe");
+        assert_eq!(
+            receive_while_publishing(&broker, &mut subscriber, "before").await,
+            b"before"
+        );
+        assert_eq!(subscriber.resubscriptions(), 0);
+
+        // What a broker restart does to an in-memory broker: the topic and the group
+        // are gone, and the plain subscriber's stream ends.
+        broker.delete_topic("jobs").await.expect("delete");
+        let after = receive_while_publishing(&broker, &mut subscriber, "after").await;
+        assert_eq!(after, b"after");
+        assert_eq!(subscriber.resubscriptions(), 1);
+        Box::new(subscriber).close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn subscribe_creates_the_topic_and_the_group() {
+        let broker = broker();
+        let mut subscriber = Resubscribing::subscribe(
+            Arc::clone(&broker),
+            "fresh",
+            "workers",
+            SubscribeOptions::default(),
+        )
+        .await
+        .expect("subscribe");
+        broker
+            .publish("fresh", Message::new("kept for the group"))
+            .await
+            .expect("the topic exists");
+        let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next())
+            .await
+            .expect("in time")
+            .expect("stream open")
+            .expect("delivery");
+        assert_eq!(delivery.message().payload.as_ref(), b"kept for the group");
+    }
+}

@@ -117,12 +117,22 @@ impl Progress for NoProgress {
     fn file_done(&self, _result: &FileResult) {}
 }
 
-/// Requests published and not yet answered: request id → (file index, send time).
-/// Shared so the sender registers a request before publishing it, and a reply can never
-/// arrive for a request the receiver does not know yet.
-type Pending = Arc<std::sync::Mutex<HashMap<String, (usize, Instant)>>>;
+/// A request published and not yet answered.
+struct Unanswered {
+    /// Index of its file.
+    index: usize,
+    /// When it was first sent.
+    sent_at: Instant,
+    /// The message, kept to send it again if the broker loses it.
+    message: Message,
+}
 
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<String, (usize, Instant)>> {
+/// Requests published and not yet answered, by request id. Shared so the sender
+/// registers a request before publishing it, and a reply can never arrive for a request
+/// the receiver does not know yet.
+type Pending = Arc<std::sync::Mutex<HashMap<String, Unanswered>>>;
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, HashMap<String, Unanswered>> {
     pending
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -190,8 +200,18 @@ pub async fn run_job(
     let mut sending_done = false;
     let mut last_progress = Instant::now();
     let mut finished = 0usize;
+    let mut resubscriptions_seen = 0;
+    // Wakes the loop now and then to notice a re-created reply subscription even while
+    // no reply arrives (after a broker restart, none will for the lost requests).
+    let mut check_resubscribed = tokio::time::interval(Duration::from_millis(500));
 
     while finished < files.len() {
+        if replies.resubscriptions() > resubscriptions_seen {
+            resubscriptions_seen = replies.resubscriptions();
+            resend_unanswered(&broker, options, &pending);
+            // The resent requests get a full timeout.
+            last_progress = Instant::now();
+        }
         let idle_deadline = last_progress + options.reply_timeout;
         tokio::select! {
             sent = sent_rx.recv(), if !sending_done => match sent {
@@ -225,7 +245,7 @@ pub async fn run_job(
                     };
                     let request_id = response.request_id.clone();
                     let registered = lock(&pending).remove(&request_id);
-                    if let Some((index, at)) = registered {
+                    if let Some(Unanswered { index, sent_at: at, .. }) = registered {
                         window.add_permits(1);
                         *answered_by.entry(response.server_id.clone()).or_default() += 1;
                         let result = file_result(&files[index], response, at.elapsed());
@@ -246,6 +266,7 @@ pub async fn run_job(
                     break;
                 }
             },
+            _ = check_resubscribed.tick() => {}
             _ = tokio::time::sleep_until(idle_deadline.into()) => {
                 tracing::warn!(
                     timeout_secs = options.reply_timeout.as_secs(),
@@ -276,7 +297,7 @@ pub async fn run_job(
                 input: files[index].clone(),
                 request_id: lock(&pending)
                     .iter()
-                    .find(|(_, (i, _))| *i == index)
+                    .find(|(_, unanswered)| unanswered.index == index)
                     .map(|(id, _)| id.clone())
                     .unwrap_or_default(),
                 outcome: FileOutcome::Unanswered,
@@ -413,10 +434,28 @@ async fn flush(
     // Register the requests before publishing so a fast reply always finds them.
     {
         let mut pending = lock(pending);
-        for (index, request_id, _) in batch.iter() {
-            pending.insert(request_id.clone(), (*index, at));
+        for (index, request_id, message) in batch.iter() {
+            pending.insert(
+                request_id.clone(),
+                Unanswered {
+                    index: *index,
+                    sent_at: at,
+                    message: message.clone(),
+                },
+            );
         }
     }
+    publish_until_confirmed(broker, options, messages).await;
+    batch.clear();
+}
+
+/// Publishes requests, retrying with backoff until the broker confirms them. A restarted
+/// broker that lost the request topic gets it (and the servers' subscription) again.
+async fn publish_until_confirmed(
+    broker: &dyn Broker,
+    options: &JobOptions,
+    messages: Vec<Message>,
+) {
     let mut backoff = Duration::from_millis(100);
     while let Err(error) = broker
         .publish_batch(&options.request_topic, messages.clone())
@@ -424,21 +463,53 @@ async fn flush(
     {
         tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "publishing requests failed; retrying");
         if let BrokerError::TopicNotFound(_) = error {
-            // A restarted broker that lost its topics: create what the servers consume.
-            let recreated = async {
-                broker.ensure_topic(&options.request_topic).await?;
-                broker
-                    .ensure_subscription(&options.request_topic, &options.server_group)
-                    .await
-            };
-            if let Err(error) = recreated.await {
+            if let Err(error) = ensure_request_topic(broker, options).await {
                 tracing::warn!(%error, "re-creating the request topic failed");
             }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    batch.clear();
+}
+
+/// Creates the request topic and the servers' subscription if they do not exist, so
+/// requests are kept for the servers even before they (re)subscribe.
+async fn ensure_request_topic(
+    broker: &dyn Broker,
+    options: &JobOptions,
+) -> unified_broker::Result<()> {
+    broker.ensure_topic(&options.request_topic).await?;
+    broker
+        .ensure_subscription(&options.request_topic, &options.server_group)
+        .await
+}
+
+/// Sends every unanswered request again. Called when the reply subscription had to be
+/// re-created, i.e. the broker lost its state (a restart of a memory-only broker): the
+/// requests it held are gone, and waiting for them would only end in the timeout.
+/// Replies to both copies are de-duplicated by request id (counted as duplicates).
+fn resend_unanswered(broker: &Arc<dyn Broker>, options: &JobOptions, pending: &Pending) {
+    let messages: Vec<Message> = lock(pending)
+        .values()
+        .map(|unanswered| unanswered.message.clone())
+        .collect();
+    if messages.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        count = messages.len(),
+        "the broker lost its state (the reply subscription had to be re-created); sending the unanswered requests again"
+    );
+    let broker = Arc::clone(broker);
+    let options = options.clone();
+    tokio::spawn(async move {
+        if let Err(error) = ensure_request_topic(&*broker, &options).await {
+            tracing::warn!(%error, "re-creating the request topic failed");
+        }
+        for chunk in messages.chunks(SEND_BATCH) {
+            publish_until_confirmed(&*broker, &options, chunk.to_vec()).await;
+        }
+    });
 }
 
 async fn read_file(file: &InputFile, max_bytes: usize) -> Result<Vec<u8>, (&'static str, String)> {

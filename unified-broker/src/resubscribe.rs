@@ -29,6 +29,9 @@ use crate::{Broker, BrokerError, Delivery, Result, SubscribeOptions, Subscriber}
 /// Consecutive receive errors after which the subscriber is replaced.
 pub const FAILURES_BEFORE_RESUBSCRIBING: u32 = 3;
 
+/// How long closing a failed subscriber may take before it is left to finish alone.
+const CLOSE_FAILED_TIMEOUT: Duration = Duration::from_secs(2);
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -83,8 +86,9 @@ impl Resubscribing {
     async fn drop_inner(&mut self, why: &str) {
         if let Some(inner) = self.inner.take() {
             tracing::warn!(topic = %self.topic, group = %self.group, "{why}; subscribing again");
-            // Bounded: a subscriber whose broker is gone may not manage to close cleanly.
-            if tokio::time::timeout(Duration::from_secs(10), inner.close())
+            // Best effort and bounded: a subscriber whose broker restarted or vanished
+            // cannot settle much, and the caller waits for the new one meanwhile.
+            if tokio::time::timeout(CLOSE_FAILED_TIMEOUT, inner.close())
                 .await
                 .is_err()
             {

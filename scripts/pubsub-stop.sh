@@ -44,3 +44,5 @@ else
     echo "pubsub-stop: pid $pid is not running" >&2
 fi
 rm -f "$PID_FILE"
+# The emulator keeps nothing worth keeping: drop its data directory (the log stays).
+rm -rf "$ROOT/.tools/run/pubsub-data-$PORT"

@@ -267,13 +267,39 @@ impl ModelServer {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    ServerStats::add(&self.stats.received, 1);
-                    let work = Work {
+                    let received_at = Instant::now();
+                    let mut chunk = vec![Work {
                         delivery,
-                        received_at: Instant::now(),
+                        received_at,
                         _permit: permit,
-                    };
-                    decode_pool.submit(work, prepared_tx.clone());
+                    }];
+                    // Take what else is already waiting (with room for it) and decode
+                    // it in the same job: one hand-over to the decode threads per
+                    // chunk instead of per request.
+                    while chunk.len() < DECODE_CHUNK {
+                        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
+                            break;
+                        };
+                        let ready = tokio::select! {
+                            biased;
+                            next = subscriber.next() => next,
+                            () = std::future::ready(()) => None,
+                        };
+                        match ready {
+                            Some(Ok(delivery)) => chunk.push(Work {
+                                delivery,
+                                received_at,
+                                _permit: permit,
+                            }),
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, "receiving from the broker failed; retrying");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    ServerStats::add(&self.stats.received, chunk.len() as u64);
+                    decode_pool.submit(chunk, prepared_tx.clone());
                 }
                 Some(Err(error)) => {
                     tracing::warn!(%error, "receiving from the broker failed; retrying");
@@ -355,6 +381,10 @@ where
     }
 }
 
+/// Requests decoded together in one job on a decode thread, at most: enough to make the
+/// hand-over cheap, few enough that both decode threads get work.
+const DECODE_CHUNK: usize = 16;
+
 /// Decoding and preprocessing on dedicated worker threads.
 struct DecodePool {
     pool: Arc<rayon::ThreadPool>,
@@ -377,16 +407,22 @@ impl DecodePool {
         })
     }
 
-    fn submit(&self, work: Work, out: mpsc::Sender<Prepared>) {
+    /// Decodes `chunk` on one decode thread, in order, sending each result on `out`.
+    fn submit(&self, chunk: Vec<Work>, out: mpsc::Sender<Prepared>) {
         let preprocessor = Arc::clone(&self.preprocessor);
         let limits = Arc::clone(&self.limits);
         self.pool.spawn(move || {
-            let prepared = match prepare(work.delivery.message(), &limits, &preprocessor) {
-                Ok(input) => Prepared::Ready(work, input),
-                Err(rejected) => Prepared::Rejected(work, *rejected),
-            };
-            // Fails only while shutting down; the delivery is then dropped (nacked).
-            let _ = out.blocking_send(prepared);
+            for work in chunk {
+                let prepared = match prepare(work.delivery.message(), &limits, &preprocessor) {
+                    Ok(input) => Prepared::Ready(work, input),
+                    Err(rejected) => Prepared::Rejected(work, *rejected),
+                };
+                // Fails only while shutting down; the rest of the chunk is then dropped
+                // (nacked).
+                if out.blocking_send(prepared).is_err() {
+                    break;
+                }
+            }
         });
     }
 

@@ -364,6 +364,7 @@ async fn send_all(
     sent: mpsc::UnboundedSender<Sent>,
 ) {
     let mut batch: Vec<(usize, String, Message)> = Vec::new();
+    let mut read_ahead: std::collections::VecDeque<FileRead> = std::collections::VecDeque::new();
     for (index, file) in files.iter().enumerate() {
         // Take a window slot; if none is free right now, first send what is batched.
         let permit = match Arc::clone(&window).try_acquire_owned() {
@@ -376,7 +377,13 @@ async fn send_all(
                 }
             }
         };
-        let bytes = match read_file(file, options.max_file_bytes).await {
+        if read_ahead.is_empty() {
+            read_ahead.extend(read_chunk(&files[index..], options.max_file_bytes).await);
+        }
+        let bytes = match read_ahead
+            .pop_front()
+            .unwrap_or_else(|| Err(("UNREADABLE_FILE", "the file was not read".to_string())))
+        {
             Ok(bytes) => bytes,
             Err((code, reason)) => {
                 let _ = sent.send(Sent::LocalFailure {
@@ -512,10 +519,47 @@ fn resend_unanswered(broker: &Arc<dyn Broker>, options: &JobOptions, pending: &P
     });
 }
 
-async fn read_file(file: &InputFile, max_bytes: usize) -> Result<Vec<u8>, (&'static str, String)> {
-    let metadata = tokio::fs::metadata(&file.path)
-        .await
-        .map_err(|e| ("UNREADABLE_FILE", format!("cannot read the file: {e}")))?;
+/// One file's bytes, or the error code and reason to report for it.
+type FileRead = Result<Vec<u8>, (&'static str, String)>;
+
+/// Files read ahead at most: this many, or until this many bytes were read.
+const READ_AHEAD_FILES: usize = SEND_BATCH;
+const READ_AHEAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reads the next few of `files` (at least one, if any) in one trip to the blocking
+/// thread pool: a round trip per file costs more than reading a small image.
+async fn read_chunk(files: &[InputFile], max_bytes: usize) -> Vec<FileRead> {
+    let paths: Vec<std::path::PathBuf> = files
+        .iter()
+        .take(READ_AHEAD_FILES)
+        .map(|file| file.path.clone())
+        .collect();
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut read = Vec::with_capacity(paths.len());
+        let mut bytes = 0;
+        for path in &paths {
+            let result = read_file(path, max_bytes);
+            bytes += result.as_ref().map_or(0, Vec::len);
+            read.push(result);
+            if bytes >= READ_AHEAD_BYTES {
+                break;
+            }
+        }
+        read
+    });
+    match reading.await {
+        Ok(read) => read,
+        Err(error) => vec![Err((
+            "UNREADABLE_FILE",
+            format!("reading the file failed: {error}"),
+        ))],
+    }
+}
+
+/// Reads one file (blocking), refusing files larger than `max_bytes` before reading.
+fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
+    let unreadable = |e: std::io::Error| ("UNREADABLE_FILE", format!("cannot read the file: {e}"));
+    let metadata = std::fs::metadata(path).map_err(unreadable)?;
     if metadata.len() > max_bytes as u64 {
         return Err((
             "FILE_TOO_LARGE",
@@ -525,7 +569,5 @@ async fn read_file(file: &InputFile, max_bytes: usize) -> Result<Vec<u8>, (&'sta
             ),
         ));
     }
-    tokio::fs::read(&file.path)
-        .await
-        .map_err(|e| ("UNREADABLE_FILE", format!("cannot read the file: {e}")))
+    std::fs::read(path).map_err(unreadable)
 }

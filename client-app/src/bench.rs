@@ -179,6 +179,7 @@ pub async fn run(
         "| run | images | window | images/s | p50 ms | p99 ms | not classified | mean batch |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let mut throughput_median = f64::NAN;
     for (name, n, window) in [
         ("throughput", args.images, args.window),
         ("latency (one at a time)", args.latency_images, 1),
@@ -205,12 +206,26 @@ pub async fn run(
             _ => "–".into(),
         };
         let pick = |f: fn(&RunFigures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        if name == "throughput" {
+            throughput_median = pick(|r| r.images_per_second);
+        }
         println!(
             "| {name} | {n} | {window} | {:.0} | {:.2} | {:.2} | {} | {mean_batch} |",
             pick(|r| r.images_per_second),
             pick(|r| r.p50_ms),
             pick(|r| r.p99_ms),
             runs.iter().map(|r| r.failures).sum::<usize>(),
+        );
+    }
+
+    if in_process {
+        let classifier = load_classifier(&config.server)?;
+        let model_only = model_only_images_per_second(&classifier, args.runs.max(1))?;
+        println!();
+        println!(
+            "Model only, same process, batch 512 (best batch; `trainer bench` has the full table): \
+             {model_only:.0} images/s. End to end (throughput run, median) is {:.0}% of that.",
+            100.0 * throughput_median / model_only
         );
     }
 
@@ -240,6 +255,28 @@ pub async fn run(
         tracing::debug!(%error, "closing the broker client failed");
     }
     Ok(())
+}
+
+/// Model-only inference speed (the server's own `predict`, batch 512, on an all-zero
+/// batch: the cost does not depend on pixel values), median over `runs`.
+fn model_only_images_per_second(
+    classifier: &classifier_server::Classifier,
+    runs: usize,
+) -> anyhow::Result<f64> {
+    const BATCH: usize = 512;
+    let inputs = vec![0.0f32; BATCH * classifier.input_len()];
+    classifier.predict(&inputs, BATCH)?; // warm-up
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let mut images = 0usize;
+        while start.elapsed() < Duration::from_millis(500) {
+            std::hint::black_box(classifier.predict(&inputs, BATCH)?);
+            images += BATCH;
+        }
+        rates.push(images as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(median(&rates))
 }
 
 /// The server's safe decoding ([`decode_image`]: sniffing, header checks, limits) per

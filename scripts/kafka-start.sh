@@ -67,7 +67,9 @@ chmod +x "$TANSU"
 
 mkdir -p "$RUN_DIR"
 url="tcp://127.0.0.1:$PORT"
-nohup "$TANSU" broker \
+# Tansu logs every protocol field at INFO (gigabytes per test run): warnings only,
+# unless TANSU_LOG says otherwise (a RUST_LOG-style filter).
+RUST_LOG="${TANSU_LOG:-warn}" nohup "$TANSU" broker \
     --listener-url "$url" \
     --advertised-listener-url "$url" \
     --storage-engine memory://tansu/ \

@@ -201,6 +201,8 @@ pub async fn run_job(
     let mut last_progress = Instant::now();
     let mut finished = 0usize;
     let mut resubscriptions_seen = 0;
+    // Re-sends under way; aborted with the sender when the job ends.
+    let mut resends = tokio::task::JoinSet::new();
     // Wakes the loop now and then to notice a re-created reply subscription even while
     // no reply arrives (after a broker restart, none will for the lost requests).
     let mut check_resubscribed = tokio::time::interval(Duration::from_millis(500));
@@ -208,7 +210,7 @@ pub async fn run_job(
     while finished < files.len() {
         if replies.resubscriptions() > resubscriptions_seen {
             resubscriptions_seen = replies.resubscriptions();
-            resend_unanswered(&broker, options, &pending);
+            resend_unanswered(&broker, options, &pending, &mut resends);
             // The resent requests get a full timeout.
             last_progress = Instant::now();
         }
@@ -279,6 +281,7 @@ pub async fn run_job(
     }
 
     sender.abort();
+    resends.abort_all();
     if let Err(error) = Box::new(replies).close().await {
         tracing::debug!(%error, "closing the reply subscription failed");
     }
@@ -468,8 +471,15 @@ async fn publish_until_confirmed(
         .publish_batch(&options.request_topic, messages.clone())
         .await
     {
+        let missing_topic = matches!(error, BrokerError::TopicNotFound(_));
+        if !missing_topic && !error.is_retryable() {
+            // Closed client, bad configuration...: retrying cannot help. The requests
+            // stay registered and are reported unanswered after the timeout.
+            tracing::error!(%error, count = messages.len(), "publishing requests failed for good");
+            return;
+        }
         tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "publishing requests failed; retrying");
-        if let BrokerError::TopicNotFound(_) = error {
+        if missing_topic {
             if let Err(error) = ensure_request_topic(broker, options).await {
                 tracing::warn!(%error, "re-creating the request topic failed");
             }
@@ -492,10 +502,17 @@ async fn ensure_request_topic(
 }
 
 /// Sends every unanswered request again. Called when the reply subscription had to be
-/// re-created, i.e. the broker lost its state (a restart of a memory-only broker): the
-/// requests it held are gone, and waiting for them would only end in the timeout.
-/// Replies to both copies are de-duplicated by request id (counted as duplicates).
-fn resend_unanswered(broker: &Arc<dyn Broker>, options: &JobOptions, pending: &Pending) {
+/// re-created: the broker was lost, and may have lost its state with it (a restart of a
+/// memory-only broker), in which case the requests it held are gone and waiting for
+/// them would only end in the timeout. After a mere outage of a broker that kept its
+/// state, this costs duplicate work: replies to both copies are de-duplicated by
+/// request id (counted as duplicates).
+fn resend_unanswered(
+    broker: &Arc<dyn Broker>,
+    options: &JobOptions,
+    pending: &Pending,
+    resends: &mut tokio::task::JoinSet<()>,
+) {
     let messages: Vec<Message> = lock(pending)
         .values()
         .map(|unanswered| unanswered.message.clone())
@@ -505,11 +522,11 @@ fn resend_unanswered(broker: &Arc<dyn Broker>, options: &JobOptions, pending: &P
     }
     tracing::warn!(
         count = messages.len(),
-        "the broker lost its state (the reply subscription had to be re-created); sending the unanswered requests again"
+        "the reply subscription had to be re-created (the broker may have lost its state); sending the unanswered requests again"
     );
     let broker = Arc::clone(broker);
     let options = options.clone();
-    tokio::spawn(async move {
+    resends.spawn(async move {
         if let Err(error) = ensure_request_topic(&*broker, &options).await {
             tracing::warn!(%error, "re-creating the request topic failed");
         }

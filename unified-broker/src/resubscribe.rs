@@ -44,6 +44,9 @@ pub struct Resubscribing {
     options: SubscribeOptions,
     /// `None` between a failure and the next successful subscribe.
     inner: Option<Box<dyn Subscriber>>,
+    /// The reopening attempt under way, kept across calls so a cancelled `next` (callers
+    /// `select!` it) resumes the attempt instead of starting over.
+    reopening: Option<Opening>,
     consecutive_failures: u32,
     /// No reopening attempt before this instant (kept across cancelled `next` calls).
     next_attempt_at: Instant,
@@ -69,6 +72,7 @@ impl Resubscribing {
             group: group.to_string(),
             options,
             inner: Some(inner),
+            reopening: None,
             consecutive_failures: 0,
             next_attempt_at: Instant::now(),
             backoff: FIRST_BACKOFF,
@@ -81,29 +85,45 @@ impl Resubscribing {
         self.resubscriptions
     }
 
-    /// Closes the current subscriber (its unsettled deliveries go back to the broker, as
-    /// far as it can still take them) and schedules a reopening.
-    async fn drop_inner(&mut self, why: &str) {
+    /// Drops the current subscriber and schedules a reopening. The old subscriber is
+    /// closed in the background (its unsettled deliveries go back to the broker as far
+    /// as it can still take them), bounded, so nothing here waits or can be cancelled
+    /// halfway.
+    fn drop_inner(&mut self, why: &str) {
         if let Some(inner) = self.inner.take() {
             tracing::warn!(topic = %self.topic, group = %self.group, "{why}; subscribing again");
-            // Best effort and bounded: a subscriber whose broker restarted or vanished
-            // cannot settle much, and the caller waits for the new one meanwhile.
-            if tokio::time::timeout(CLOSE_FAILED_TIMEOUT, inner.close())
-                .await
-                .is_err()
-            {
-                tracing::debug!(topic = %self.topic, "closing the failed subscriber timed out");
-            }
+            let topic = self.topic.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout(CLOSE_FAILED_TIMEOUT, inner.close())
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(%topic, "closing the failed subscriber timed out");
+                }
+            });
         }
         self.consecutive_failures = 0;
         self.next_attempt_at = Instant::now() + self.backoff;
     }
 
-    /// One attempt to reopen, after the backoff. Cancel-safe: an interrupted attempt is
-    /// simply made again.
+    /// Drives the reopening attempt (started after the backoff) to its end. Cancel-safe:
+    /// the attempt lives in `self.reopening` and the next call resumes it.
     async fn reopen(&mut self) -> Result<()> {
-        tokio::time::sleep_until(self.next_attempt_at).await;
-        match open(&*self.broker, &self.topic, &self.group, &self.options).await {
+        if self.reopening.is_none() {
+            tokio::time::sleep_until(self.next_attempt_at).await;
+            let broker = Arc::clone(&self.broker);
+            let (topic, group, options) =
+                (self.topic.clone(), self.group.clone(), self.options.clone());
+            self.reopening = Some(Box::pin(async move {
+                open(&*broker, &topic, &group, &options).await
+            }));
+        }
+        let Some(opening) = self.reopening.as_mut() else {
+            return Ok(());
+        };
+        let result = opening.await;
+        self.reopening = None;
+        match result {
             Ok(inner) => {
                 tracing::info!(topic = %self.topic, group = %self.group, "subscribed again");
                 self.inner = Some(inner);
@@ -120,6 +140,10 @@ impl Resubscribing {
         }
     }
 }
+
+/// A subscription being opened again (see [`Resubscribing::reopen`]).
+type Opening =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Subscriber>>> + Send>>;
 
 /// Creates what the subscription needs (idempotent) and subscribes.
 async fn open(
@@ -155,12 +179,11 @@ impl Subscriber for Resubscribing {
                     let hopeless = !error.is_retryable()
                         || self.consecutive_failures >= FAILURES_BEFORE_RESUBSCRIBING;
                     if hopeless {
-                        self.drop_inner(&format!("receiving keeps failing ({error})"))
-                            .await;
+                        self.drop_inner(&format!("receiving keeps failing ({error})"));
                     }
                     return Some(Err(error));
                 }
-                None => self.drop_inner("the subscription ended").await,
+                None => self.drop_inner("the subscription ended"),
             }
         }
     }
@@ -179,6 +202,7 @@ impl std::fmt::Debug for Resubscribing {
             .field("topic", &self.topic)
             .field("group", &self.group)
             .field("subscribed", &self.inner.is_some())
+            .field("reopening", &self.reopening.is_some())
             .field("resubscriptions", &self.resubscriptions)
             .finish()
     }

@@ -53,13 +53,15 @@ struct Slot {
     producer: FutureProducer<ProducerContext>,
     /// Something was published with it (so it may hold stale metadata).
     used: bool,
+    /// For the contexts of new producers. Only producers and the slot hold senders, so
+    /// the replacing task ends when the broker client (and with it the slot) is gone.
+    lost: mpsc::UnboundedSender<u64>,
 }
 
 /// The shared producer of one [`super::KafkaBroker`], replaced as the module docs say.
 pub(crate) struct Producers {
     config: KafkaConfig,
     slot: Arc<Mutex<Slot>>,
-    lost: mpsc::UnboundedSender<u64>,
 }
 
 fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -78,18 +80,17 @@ impl Producers {
                 generation: 0,
                 producer,
                 used: false,
+                lost,
             })),
-            lost,
         };
         let slot = Arc::downgrade(&producers.slot);
         let config = config.clone();
-        let lost = producers.lost.clone();
         tokio::spawn(async move {
             while let Some(generation) = lost_rx.recv().await {
                 let Some(slot) = Weak::upgrade(&slot) else {
                     break;
                 };
-                replace(&slot, &config, &lost, generation, "it lost every broker");
+                replace(&slot, &config, generation, "it lost every broker");
             }
         });
         Ok(producers)
@@ -119,13 +120,7 @@ impl Producers {
         let Some((code, reason)) = producer.client().fatal_error() else {
             return error;
         };
-        replace(
-            &self.slot,
-            &self.config,
-            &self.lost,
-            generation,
-            "it failed for good",
-        );
+        replace(&self.slot, &self.config, generation, "it failed for good");
         BrokerError::Unavailable(format!(
             "the kafka producer failed for good ({code:?}: {reason}); publish again"
         ))
@@ -148,19 +143,13 @@ fn create(
 
 /// Replaces the producer of `generation` (if it is still the current one and was used)
 /// and purges the old one, whose pending publishes then fail and are retried.
-fn replace(
-    slot: &Mutex<Slot>,
-    config: &KafkaConfig,
-    lost: &mpsc::UnboundedSender<u64>,
-    generation: u64,
-    why: &str,
-) {
+fn replace(slot: &Mutex<Slot>, config: &KafkaConfig, generation: u64, why: &str) {
     let old = {
         let mut slot = lock(slot);
         if slot.generation != generation || !slot.used {
             return;
         }
-        let fresh = match create(config, generation + 1, lost) {
+        let fresh = match create(config, generation + 1, &slot.lost) {
             Ok(fresh) => fresh,
             Err(error) => {
                 tracing::warn!(%error, "could not create a new kafka producer; keeping the old one");

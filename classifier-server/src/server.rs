@@ -163,17 +163,17 @@ impl ModelServer {
 
     /// Creates the request topic and the server group's subscription if needed.
     pub async fn prepare_topics(&self) -> Result<(), BrokerError> {
-        let topic = &self.config.request_topic;
-        self.broker.ensure_topic(topic).await?;
         self.broker
-            .ensure_subscription(topic, &self.config.group)
+            .ensure_topic_and_subscription(&self.config.request_topic, &self.config.group)
             .await?;
         let dead_letters = &self.config.dead_letter_topic;
+        let inspection = &self.config.dead_letter_subscription;
         if !dead_letters.is_empty() {
-            self.broker.ensure_topic(dead_letters).await?;
-            if !self.config.dead_letter_subscription.is_empty() {
+            if inspection.is_empty() {
+                self.broker.ensure_topic(dead_letters).await?;
+            } else {
                 self.broker
-                    .ensure_subscription(dead_letters, &self.config.dead_letter_subscription)
+                    .ensure_topic_and_subscription(dead_letters, inspection)
                     .await?;
             }
         }
@@ -200,8 +200,8 @@ impl ModelServer {
             .await
         })
         .await;
-        let mut subscriber: Box<dyn Subscriber> = match subscribed {
-            Some(result) => Box::new(result.context("subscribing to the request topic")?),
+        let mut subscriber = match subscribed {
+            Some(result) => result.context("subscribing to the request topic")?,
             None => return Ok(self.stats.snapshot()),
         };
         tracing::info!(
@@ -333,7 +333,7 @@ impl ModelServer {
         stages.abort_all();
         publisher_done.abort();
         let _ = model_thread.join();
-        if let Err(error) = subscriber.close().await {
+        if let Err(error) = Box::new(subscriber).close().await {
             tracing::warn!(%error, "closing the subscription failed");
         }
         let stats = self.stats.snapshot();

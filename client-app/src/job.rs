@@ -160,14 +160,9 @@ pub async fn run_job(
     let reply_topic = format!("classify-replies-{job_id}");
     let reply_group = format!("client-{}", &job_id[..12]);
 
-    broker
-        .ensure_topic(&options.request_topic)
+    ensure_request_topic(&*broker, options)
         .await
-        .context("creating the request topic")?;
-    broker
-        .ensure_subscription(&options.request_topic, &options.server_group)
-        .await
-        .context("creating the servers' subscription")?;
+        .context("creating the request topic and the servers' subscription")?;
     // Creates the reply topic and subscription, and again should a broker restart lose
     // them, so replies to what is sent after the restart still find their way back.
     let mut replies = Resubscribing::subscribe(
@@ -495,9 +490,8 @@ async fn ensure_request_topic(
     broker: &dyn Broker,
     options: &JobOptions,
 ) -> unified_broker::Result<()> {
-    broker.ensure_topic(&options.request_topic).await?;
     broker
-        .ensure_subscription(&options.request_topic, &options.server_group)
+        .ensure_topic_and_subscription(&options.request_topic, &options.server_group)
         .await
 }
 

@@ -448,11 +448,10 @@ pub fn flood_is_worked_through_with_bounded_memory(backend_env: &[(String, Strin
             (&request_topic, &group),
             (&reply_topic, &"flood-reader".to_string()),
         ] {
-            broker.ensure_topic(topic).await.expect("topic");
             broker
-                .ensure_subscription(topic, group)
+                .ensure_topic_and_subscription(topic, group)
                 .await
-                .expect("subscription");
+                .expect("topic and subscription");
         }
         let messages: Vec<Message> = (0..REQUESTS)
             .map(|i| {
@@ -617,11 +616,10 @@ pub fn poison_messages_are_dead_lettered(backend_env: &[(String, String)]) {
             (&reply_topic, "poison-reader"),
             (&dead_letter_topic, inspection),
         ] {
-            broker.ensure_topic(topic).await.expect("topic");
             broker
-                .ensure_subscription(topic, group)
+                .ensure_topic_and_subscription(topic, group)
                 .await
-                .expect("subscription");
+                .expect("topic and subscription");
         }
         let mut messages: Vec<Message> = poison.iter().map(|(_, m)| m.clone()).collect();
         messages.push(request("good", good_image));
@@ -850,4 +848,47 @@ pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &st
         tail(&log)
     );
     stop(server);
+}
+
+/// Declares every case above as a `#[test]` for one backend: `env` is an expression
+/// giving that backend's `Option` environment (`None` skips), `address_var` the
+/// variable holding the broker's address. Each backend's test file is this one line.
+#[macro_export]
+macro_rules! cross_process_tests {
+    ($env:expr, $address_var:expr) => {
+        $crate::cross_process_tests!(@cases $env;
+            one_server_classifies_examples,
+            two_servers_share_the_work,
+            bad_inputs_are_answered,
+            no_server_means_unanswered_after_timeout,
+            server_crash_loses_nothing,
+            graceful_shutdown_hands_over,
+            flood_is_worked_through_with_bounded_memory,
+            poison_messages_are_dead_lettered,
+        );
+        $crate::cross_process_tests!(@with_address $env, $address_var;
+            server_waits_for_an_unreachable_broker,
+            broker_restart_mid_run,
+        );
+    };
+    (@cases $env:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                if let Some(env) = $env {
+                    $crate::cross_process::$case(&env);
+                }
+            }
+        )*
+    };
+    (@with_address $env:expr, $address_var:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                if let Some(env) = $env {
+                    $crate::cross_process::$case(&env, $address_var);
+                }
+            }
+        )*
+    };
 }

@@ -1,7 +1,7 @@
 //! End to end over Pub/Sub (emulator): `classifier-server` and `client-app` as separate
 //! processes. Needs `PUBSUB_EMULATOR_HOST` (scripts/test.sh starts the broker and sets it).
 
-use integration_tests::cross_process::{self, backend_env};
+use integration_tests::cross_process::backend_env;
 
 fn env() -> Option<Vec<(String, String)>> {
     let mut env = backend_env("pubsub", "PUBSUB_EMULATOR_HOST")?;
@@ -13,72 +13,4 @@ fn env() -> Option<Vec<(String, String)>> {
     Some(env)
 }
 
-#[test]
-fn one_server_classifies_examples() {
-    if let Some(env) = env() {
-        cross_process::one_server_classifies_examples(&env);
-    }
-}
-
-#[test]
-fn two_servers_share_the_work() {
-    if let Some(env) = env() {
-        cross_process::two_servers_share_the_work(&env);
-    }
-}
-
-#[test]
-fn bad_inputs_are_answered() {
-    if let Some(env) = env() {
-        cross_process::bad_inputs_are_answered(&env);
-    }
-}
-
-#[test]
-fn no_server_means_unanswered_after_timeout() {
-    if let Some(env) = env() {
-        cross_process::no_server_means_unanswered_after_timeout(&env);
-    }
-}
-
-#[test]
-fn server_crash_loses_nothing() {
-    if let Some(env) = env() {
-        cross_process::server_crash_loses_nothing(&env);
-    }
-}
-
-#[test]
-fn graceful_shutdown_hands_over() {
-    if let Some(env) = env() {
-        cross_process::graceful_shutdown_hands_over(&env);
-    }
-}
-
-#[test]
-fn flood_is_worked_through_with_bounded_memory() {
-    if let Some(env) = env() {
-        cross_process::flood_is_worked_through_with_bounded_memory(&env);
-    }
-}
-
-#[test]
-fn server_waits_for_an_unreachable_broker() {
-    if let Some(env) = env() {
-        cross_process::server_waits_for_an_unreachable_broker(&env, "PUBSUB_EMULATOR_HOST");
-    }
-}
-
-#[test]
-fn poison_messages_are_dead_lettered() {
-    if let Some(env) = env() {
-        cross_process::poison_messages_are_dead_lettered(&env);
-    }
-}
-
-#[test]
-fn broker_restart_mid_run() {
-    if let Some(env) = env() {
-        cross_process::broker_restart_mid_run(&env, "PUBSUB_EMULATOR_HOST");
-    }
-}
+integration_tests::cross_process_tests!(env(), "PUBSUB_EMULATOR_HOST");

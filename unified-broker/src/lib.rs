@@ -113,6 +113,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Deletes consumer group `group` on `topic` if it exists (idempotent).
     async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()>;
 
+    /// Creates the topic and consumer group `group` on it if needed (idempotent): what
+    /// must exist before messages for that group are published or consumed.
+    async fn ensure_topic_and_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        self.ensure_topic(topic).await?;
+        self.ensure_subscription(topic, group).await
+    }
+
     /// Waits until everything published so far is confirmed and releases the client's
     /// publishing resources. Publishing after `close` is an error.
     async fn close(&self) -> Result<()>;

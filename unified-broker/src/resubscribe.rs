@@ -15,8 +15,10 @@
 //!   the broker is still away.
 //!
 //! Every error is still handed to the caller (for its logs); only [`Subscriber::close`]
-//! ends the stream. What the broker itself lost in a restart is lost: at-least-once
-//! covers what the broker kept, and the client reports the rest as unanswered.
+//! ends the stream. What the broker itself lost in a restart is lost to this
+//! subscription: at-least-once covers what the broker kept. [`Resubscribing::resubscriptions`]
+//! tells the caller that it happened (the client then sends its unanswered requests
+//! again).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,16 +113,13 @@ impl Resubscribing {
     async fn reopen(&mut self) -> Result<()> {
         if self.reopening.is_none() {
             tokio::time::sleep_until(self.next_attempt_at).await;
+        }
+        let opening = self.reopening.get_or_insert_with(|| {
             let broker = Arc::clone(&self.broker);
             let (topic, group, options) =
                 (self.topic.clone(), self.group.clone(), self.options.clone());
-            self.reopening = Some(Box::pin(async move {
-                open(&*broker, &topic, &group, &options).await
-            }));
-        }
-        let Some(opening) = self.reopening.as_mut() else {
-            return Ok(());
-        };
+            Box::pin(async move { open(&*broker, &topic, &group, &options).await })
+        });
         let result = opening.await;
         self.reopening = None;
         match result {
@@ -152,8 +151,7 @@ async fn open(
     group: &str,
     options: &SubscribeOptions,
 ) -> Result<Box<dyn Subscriber>> {
-    broker.ensure_topic(topic).await?;
-    broker.ensure_subscription(topic, group).await?;
+    broker.ensure_topic_and_subscription(topic, group).await?;
     broker.subscribe(topic, group, options.clone()).await
 }
 

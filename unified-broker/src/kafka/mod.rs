@@ -171,7 +171,7 @@ impl KafkaBroker {
     pub async fn connect(config: &KafkaConfig) -> Result<KafkaBroker> {
         config.validate()?;
         let producers = Producers::new(config)?;
-        let (_, producer) = producers.current_unused();
+        let producer = producers.current_unused();
         let admin: AdminClient<LogContext> = config
             .admin()
             .create_with_context(LogContext)
@@ -351,7 +351,7 @@ impl Broker for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        let (_, producer) = self.producers.current_unused();
+        let producer = self.producers.current_unused();
         let timeout = self.config.message_timeout();
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await

@@ -104,9 +104,8 @@ impl Producers {
     }
 
     /// The current producer without marking it used (for probes and flushes).
-    pub(crate) fn current_unused(&self) -> (u64, FutureProducer<ProducerContext>) {
-        let slot = lock(&self.slot);
-        (slot.generation, slot.producer.clone())
+    pub(crate) fn current_unused(&self) -> FutureProducer<ProducerContext> {
+        lock(&self.slot).producer.clone()
     }
 
     /// After a failed publish on `producer`: if it hit a fatal error, replaces it (once

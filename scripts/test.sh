@@ -49,4 +49,9 @@ export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
 export REQUIRE_BROKERS=1
 
 step "running the tests"
-cargo test --workspace --locked --no-fail-fast "$@"
+status=0
+cargo test --workspace --locked --no-fail-fast "$@" || status=$?
+
+step "interop: Python peers written from the wire contract (tests/interop)"
+tests/interop/run.sh || status=$?
+exit "$status"

@@ -2,11 +2,13 @@
 //!
 //! - [`inputs`]: which files (walks folders);
 //! - [`job`]: publishing requests with a bounded window and matching replies;
-//! - [`report`]: per-file lines, summary, accuracy, confusion matrix, result files.
+//! - [`report`]: per-file lines, summary, accuracy, confusion matrix, result files;
+//! - [`dead_letters`]: reading back what the servers dead-lettered, re-publishing it.
 //!
 //! With the embedded broker the servers cannot be elsewhere, so [`classify`] starts one
 //! inside this process: one command then does it all.
 
+pub mod dead_letters;
 pub mod inputs;
 pub mod job;
 pub mod report;

@@ -36,6 +36,35 @@ enum Command {
     Classify(ClassifyArgs),
     /// Measure end-to-end throughput, latency and peak memory through the broker.
     Bench(bench::BenchArgs),
+    /// List what the servers dead-lettered (requests that can never succeed, with code
+    /// and reason), and re-publish chosen ones to where they came from after a fix.
+    DeadLetters(DeadLettersArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DeadLettersArgs {
+    /// Stop reading after this many seconds without a new letter (a Kafka group's
+    /// first join takes a few seconds).
+    #[arg(long, default_value_t = 10)]
+    wait: u64,
+    /// Read at most this many letters.
+    #[arg(long, default_value_t = 1000)]
+    max: usize,
+    /// Only letters with this error code (e.g. IMAGE_TOO_LARGE).
+    #[arg(long)]
+    code: Option<String>,
+    /// Re-publish the letters with these request ids (repeatable).
+    #[arg(long = "republish", value_name = "REQUEST_ID")]
+    republish: Vec<String>,
+    /// Re-publish every letter listed (after --code filtering).
+    #[arg(long, conflicts_with = "republish")]
+    republish_all: bool,
+    /// Re-publish to this topic instead of each letter's source topic.
+    #[arg(long)]
+    to_topic: Option<String>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,12 +108,18 @@ async fn main() -> ExitCode {
     }
 }
 
-fn config(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<AppConfig> {
+/// The config file (or defaults) with the environment and `--broker` applied.
+fn base_config(cli: &Cli) -> anyhow::Result<AppConfig> {
     let mut config = AppConfig::load(cli.config.as_deref())?;
     if let Some(backend) = &cli.broker {
         config.select_backend(backend)?;
         config.broker.apply_env(&|name| std::env::var(name).ok());
     }
+    Ok(config)
+}
+
+fn config(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<AppConfig> {
+    let mut config = base_config(cli)?;
     if let Some(window) = args.window {
         config.client.window = window;
     }
@@ -107,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let args = match &cli.command {
         Command::Classify(args) => args,
         Command::Bench(args) => return run_bench(&cli, args).await,
+        Command::DeadLetters(args) => return run_dead_letters(&cli, args).await,
     };
     let config = config(&cli, args)?;
     let shutdown = CancellationToken::new();
@@ -147,14 +183,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `client-app bench`: the config as for `classify`, then the benchmark.
 async fn run_bench(cli: &Cli, args: &bench::BenchArgs) -> anyhow::Result<ExitCode> {
-    let mut config = AppConfig::load(cli.config.as_deref())?;
-    if let Some(backend) = &cli.broker {
-        config.select_backend(backend)?;
-        config.broker.apply_env(&|name| std::env::var(name).ok());
-    }
+    let config = base_config(cli)?;
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
     bench::run(config, args, &shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `client-app dead-letters`: list the dead-letter topic, re-publish chosen letters.
+async fn run_dead_letters(cli: &Cli, args: &DeadLettersArgs) -> anyhow::Result<ExitCode> {
+    use client_app::dead_letters::{self, DeadLetterInbox, InboxOptions};
+
+    let config = base_config(cli)?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    let broker = classifier_server::connect_with_retry(&config.broker, &shutdown).await?;
+    let options = InboxOptions {
+        topic: config.server.dead_letter_topic.clone(),
+        group: config.server.dead_letter_subscription.clone(),
+        idle: std::time::Duration::from_secs(args.wait),
+        max_letters: args.max,
+    };
+    let mut inbox = DeadLetterInbox::open(std::sync::Arc::clone(&broker), &options).await?;
+    let wanted = |letter: &dead_letters::DeadLetter| {
+        args.code
+            .as_deref()
+            .is_none_or(|code| letter.code.eq_ignore_ascii_case(code))
+    };
+    let listed: Vec<_> = inbox.letters().iter().filter(|l| wanted(l)).collect();
+    for letter in &listed {
+        if args.json {
+            println!("{}", dead_letters::letter_json(letter));
+        } else {
+            println!("{}", dead_letters::letter_line(letter));
+        }
+    }
+    if !args.json {
+        println!(
+            "{} dead letter(s) on {}{}",
+            listed.len(),
+            options.topic,
+            if args.code.is_some() {
+                " with that code"
+            } else {
+                ""
+            }
+        );
+    }
+    let outcome = if args.republish_all || !args.republish.is_empty() {
+        inbox
+            .republish(
+                |letter| {
+                    wanted(letter)
+                        && (args.republish_all || args.republish.contains(&letter.request_id))
+                },
+                args.to_topic.as_deref(),
+            )
+            .await
+            .map(|count| eprintln!("re-published {count} letter(s)"))
+    } else {
+        Ok(())
+    };
+    inbox.close().await?;
+    if let Err(error) = broker.close().await {
+        tracing::debug!(%error, "closing the broker client failed");
+    }
+    outcome?;
     Ok(ExitCode::SUCCESS)
 }
 

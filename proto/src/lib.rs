@@ -36,6 +36,21 @@ pub mod attributes {
     pub const CONTENT_TYPE: &str = "content-type";
 }
 
+/// Attributes a server adds to the copy of a request it dead-letters (the request's own
+/// attributes are kept beside them). Part of the wire contract (`proto/README.md`).
+pub mod dead_letter_attributes {
+    /// What every dead-letter attribute name starts with.
+    pub const PREFIX: &str = "dead-letter-";
+    /// The error code name, e.g. `CORRUPT_IMAGE`.
+    pub const CODE: &str = "dead-letter-code";
+    /// The human-readable reason.
+    pub const REASON: &str = "dead-letter-reason";
+    /// The topic the request came from.
+    pub const SOURCE_TOPIC: &str = "dead-letter-source-topic";
+    /// The server that gave up on it.
+    pub const SERVER_ID: &str = "dead-letter-server-id";
+}
+
 /// Content type attribute value of a protobuf `ClassifyRequest` payload.
 pub const CONTENT_TYPE_REQUEST: &str =
     "application/x-protobuf; message=classifier.v1.ClassifyRequest";

@@ -18,6 +18,9 @@ use unified_broker::conformance::{
 use unified_broker::pubsub::{PubSubBroker, PubSubConfig, EMULATOR_HOST_ENV, KEY_ATTRIBUTE};
 use unified_broker::{Broker, BrokerError, Message, SubscribeOptions};
 
+/// When set (to anything), the cases the emulator is known to fail run anyway.
+const RUN_KNOWN_FAILURES_ENV: &str = "PUBSUB_RUN_KNOWN_FAILURES";
+
 /// Clients of the emulator named by `PUBSUB_EMULATOR_HOST`.
 struct Emulator {
     config: PubSubConfig,
@@ -34,16 +37,42 @@ impl BrokerFactory for Emulator {
     }
 
     fn known_failure(&self, case: &str) -> Option<&'static str> {
-        // Passed in earlier runs, then failed in 4 of 6 runs on 2026-11-24 (ordered and
-        // unordered): after several rounds of subscribers that close while holding
-        // nacked messages, some message is never delivered again, not even after its
-        // ack deadline. The emulator is known to strand a nack that races a stream
-        // close; the real service redelivers after the deadline. Not fixed: see the
-        // issue notes. Loss across a closing or crashing server is still tested end to
-        // end (tests/tests/pubsub.rs: crash and graceful hand-over).
+        // Set to run the known failures anyway (to reproduce or re-check them).
+        if std::env::var_os(RUN_KNOWN_FAILURES_ENV).is_some() {
+            return None;
+        }
+        // The emulator's defect, not ours (root-caused 2026-12-02 with a logging HTTP/2
+        // proxy between client and emulator, and jstack on the emulator's JVM):
+        //
+        // - Our side is right: each closing subscriber's nack is a unary
+        //   ModifyAckDeadline(0), answered OK before the client resets the stream, e.g.
+        //   13:53:21.864 modack deadline=0 (ack id 1) sent; 21.876 OK; 21.877
+        //   RST_STREAM(CANCEL) on the StreamingPull.
+        // - The emulator (0.8.20) never ends a StreamingPull whose client reset it: its
+        //   pusher thread keeps pulling the subscription every 50 ms, flow control
+        //   ignored, and hands messages (fresh ack ids) to the dead stream. jstack at
+        //   14:06:39 showed 13 such threads in FakePubsubServer$StreamingPullPusher.run,
+        //   4 of them the streams of a failed run reset at 13:55:15-13:58:15; they only
+        //   stop when the subscription is deleted. So every nacked or expired message
+        //   races the live subscriber against every earlier round's dead stream, and a
+        //   message a dead stream takes is back only after its ack deadline (measured:
+        //   one held message, nacked and confirmed before the close, came back to the
+        //   next subscriber with a third ack id 10.0 s later).
+        // - With ordering on, the emulator redelivers expired messages of a key only
+        //   when the oldest outstanding one expires (RESEND_ALL). The live subscriber
+        //   holds that oldest one (and extends it), so what the dead streams took never
+        //   comes back: the round waits for 5 more messages until the case's deadline.
+        //
+        // Runs with PUBSUB_RUN_KNOWN_FAILURES=1 on 2026-12-02: ordered 0 of 2 passed
+        // ("no delivery before the timeout" in a round; the wire log shows the live
+        // stream getting nothing for 2 minutes while extending its 5 held ack ids),
+        // unordered 2 of 2 passed (it failed in some of the 6 runs of 2026-11-24).
+        // Loss across a closing or crashing server is still tested end to end
+        // (tests/tests/pubsub.rs: crash and graceful hand-over).
         (case == "continue_after_subscriber_close").then_some(
-            "the Pub/Sub emulator sometimes never redelivers a message nacked by a \
-             subscriber that closes (stranded nack); open defect",
+            "the Pub/Sub emulator keeps serving messages to StreamingPulls their client \
+             reset (it never ends them), so messages nacked at a close go to dead streams \
+             and, with ordering, never come back while an older one is held",
         )
     }
 }

@@ -18,12 +18,15 @@
 //! anonymous credentials; it never looks for real credentials or the metadata server.
 //! The emulator keeps everything in memory: a restart loses topics and messages.
 //!
-//! Emulator quirk (measured, emulator 0.8.20): messages a subscriber still held when it
-//! closed come back only when their ack deadline expires, sometimes only after several
-//! deadlines (10–50 s with a 10 s deadline, 30–90 s with 30 s), even though they are
-//! nacked; a nack sent after the stream closed left them stuck for over 100 s, so the
-//! subscriber nacks before it closes its stream. Use the minimum `ack_deadline_seconds`
-//! (10) with the emulator when redelivery latency matters.
+//! Emulator quirk (measured, emulator 0.8.20): it never ends a StreamingPull that its
+//! client reset; the dead stream's server thread goes on taking messages off the
+//! subscription every 50 ms until the subscription is deleted. So messages a subscriber
+//! held when it closed come back only when their ack deadline expires, sometimes only
+//! after several deadlines (10–50 s with a 10 s deadline, 30–90 s with 30 s), even
+//! though they were nacked (and the nack confirmed) before the close: each time they
+//! are free again, a dead stream may take them first. With ordering on they can stay
+//! away for as long as an older message of their key is held. Use the minimum
+//! `ack_deadline_seconds` (10) with the emulator when redelivery latency matters.
 
 mod admin;
 mod config;

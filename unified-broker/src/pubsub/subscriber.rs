@@ -61,10 +61,14 @@ impl PubSubSubscriber {
 /// which nacks every message still leased (`ShutdownBehavior::NackImmediately`), those
 /// waiting in the channel included, and only then drops (closes) the stream.
 ///
-/// That order matters on the emulator: a nack that arrives after its stream closed
-/// leaves the message stuck there (not redelivered, not even after its ack deadline),
-/// whereas nacks on an open stream work. Dropping the stream alone would start the same
-/// shutdown concurrently with the close.
+/// The client library sends those nacks as unary ModifyAckDeadline(0) calls and
+/// `shutdown()` returns only when they have been answered, so every nack is confirmed
+/// by the service before the stream is reset (seen on the wire: nack sent, OK back 12 ms
+/// later, then RST_STREAM). Dropping the stream alone would start the same shutdown
+/// concurrently with the close, and a nack could then still be in flight when the
+/// caller goes on. (The emulator still redelivers such messages late: it never ends a
+/// StreamingPull that its client reset and keeps handing messages to it; see the
+/// conformance test's known failures.)
 async fn pump(
     subscription: String,
     mut stream: MessageStream,

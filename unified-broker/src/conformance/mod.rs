@@ -9,21 +9,45 @@
 //! unified_broker::conformance_tests!(my_factory());
 //! ```
 //!
-//! Every case uses fresh, uniquely named topics. Reads tolerate duplicates (they
-//! de-duplicate by a message id carried in an attribute) but fail on any loss. Cases
+//! Every case uses fresh, uniquely named topics (a [`Case`]). Reads tolerate duplicates
+//! (they de-duplicate by a message id carried in an attribute) but fail on any loss. Cases
 //! that need a [`Features`](crate::Features) flag the backend lacks are skipped with a
 //! message saying so.
+//!
+//! The cases, by topic: [`basics`] (publish/subscribe, topic isolation, admin),
+//! [`load`] (concurrent publishers and readers, many topics, closing under load),
+//! [`redelivery`] (nacks, errors, subscribers that close or vanish), [`ordering`] and
+//! [`groups`].
+
+mod basics;
+mod groups;
+mod load;
+mod ordering;
+mod redelivery;
+
+pub use basics::{admin_is_idempotent, publish_subscribe, topic_isolation};
+pub use groups::{
+    group_members_share_the_stream, groups_each_receive_everything, new_group_receives_old_messages,
+};
+pub use load::{
+    concurrent_close, concurrent_publish_subscribe, many_topics, publisher_close_loses_nothing,
+};
+pub use ordering::order_per_key;
+pub use redelivery::{
+    continue_after_errors, continue_after_subscriber_close, nack_redelivers,
+    unacked_redelivered_to_new_subscriber,
+};
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::future::join_all;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
-use crate::{Broker, Message, SubscribeOptions, Subscriber};
+use crate::{Broker, Delivery, Features, Message, SubscribeOptions, Subscriber};
 
 /// Attribute carrying each test message's unique id.
 pub const ID_ATTRIBUTE: &str = "conformance-id";
@@ -60,6 +84,28 @@ pub fn skip_known_failure(factory: &dyn BrokerFactory, case: &str) -> bool {
     }
 }
 
+/// The broker address in the environment variable `var`, for a test file whose broker
+/// runs outside the tests. Unset or empty, it is `None` and `suite` is skipped, said on
+/// stderr, unless `REQUIRE_BROKERS` is set (CI): then a missing broker fails the test
+/// instead of passing unseen. `start_script` names the script that starts one.
+pub fn broker_address_or_skip(var: &str, suite: &str, start_script: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(address) if !address.trim().is_empty() => Some(address),
+        _ if std::env::var_os("REQUIRE_BROKERS").is_some() => panic!(
+            "REQUIRE_BROKERS is set but {var} is not: start a broker with {start_script} \
+             and export the variable it prints"
+        ),
+        _ => {
+            // Straight to stderr: libtest captures `eprintln!` of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "*** {suite}: SKIPPED: {var} not set (run {start_script}) ***"
+            );
+            None
+        }
+    }
+}
+
 /// A unique topic (or group) name that every backend accepts (starts with a letter,
 /// lower-case letters, digits and dashes only, well under 255 characters).
 pub fn unique_name(case: &str) -> String {
@@ -85,6 +131,15 @@ fn ids_of(messages: &[Message]) -> HashSet<String> {
         .iter()
         .filter_map(|m| m.attribute(ID_ATTRIBUTE).map(str::to_string))
         .collect()
+}
+
+/// The test id a delivery carries ("" if none).
+fn id_of(delivery: &Delivery) -> String {
+    delivery
+        .message()
+        .attribute(ID_ATTRIBUTE)
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Creates a topic and the given groups on it, ready for publishing.
@@ -158,6 +213,29 @@ pub fn assert_none_lost(expected: &HashSet<String>, received: &HashSet<String>, 
     );
 }
 
+/// The next delivery within `wait`; panics if the wait ends first, the stream ends, or
+/// the backend reports a receive error (for checks that allow none).
+pub async fn next_within(subscriber: &mut dyn Subscriber, wait: Duration) -> Delivery {
+    tokio::time::timeout(wait, subscriber.next())
+        .await
+        .expect("a delivery before the timeout")
+        .expect("stream open")
+        .expect("no receive error")
+}
+
+/// The next delivery before `deadline`, passing over transient receive errors; panics,
+/// naming `case`, if the stream ends or the deadline passes first.
+async fn next_before(subscriber: &mut dyn Subscriber, deadline: Instant, case: &str) -> Delivery {
+    loop {
+        match tokio::time::timeout_at(deadline, subscriber.next()).await {
+            Ok(Some(Ok(delivery))) => return delivery,
+            Ok(Some(Err(error))) => tracing::warn!(%error, "transient receive error"),
+            Ok(None) => panic!("{case}: subscription ended early"),
+            Err(_) => panic!("{case}: no delivery before the timeout"),
+        }
+    }
+}
+
 async fn subscribe(broker: &dyn Broker, topic: &str, group: &str) -> Box<dyn Subscriber> {
     broker
         .subscribe(topic, group, SubscribeOptions::default())
@@ -169,651 +247,159 @@ fn skip(case: &str, why: &str) {
     eprintln!("conformance: SKIPPED {case}: backend does not promise {why}");
 }
 
-/// Case 1: 100 messages arrive with ids, payloads and attributes intact; closing ends the
-/// subscription cleanly.
-pub async fn publish_subscribe(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("pubsub");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let messages: Vec<Message> = numbered_messages("m", 100)
-        .into_iter()
-        .map(|m| m.with_attribute("colour", "blue"))
-        .collect();
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages.clone())
-        .await
-        .expect("publish");
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-    assert_none_lost(&expected, &received.ids(), "publish_subscribe");
-    let sent: HashMap<_, _> = messages
-        .iter()
-        .map(|m| (m.attribute(ID_ATTRIBUTE).unwrap_or_default().to_string(), m))
-        .collect();
-    for got in &received.first_seen {
-        let id = got.attribute(ID_ATTRIBUTE).unwrap_or_default();
-        let original = sent.get(id).expect("only sent ids arrive");
-        assert_eq!(got.payload, original.payload, "payload of {id}");
-        // Backends may add attributes of their own; ours must all be there.
-        for (name, value) in &original.attributes {
-            assert_eq!(
-                got.attribute(name),
-                Some(value.as_str()),
-                "attribute {name} of {id}"
-            );
+/// A promise some cases need from the backend's [`Features`] (see [`Case::if_promised`]).
+pub struct Promise {
+    /// What the line of a skipped case says the backend does not promise.
+    pub what: &'static str,
+    /// Whether the features include it.
+    pub holds: fn(&Features) -> bool,
+}
+
+/// [`Features::consumer_groups`].
+pub const CONSUMER_GROUPS: Promise = Promise {
+    what: "consumer groups",
+    holds: |features| features.consumer_groups,
+};
+
+/// [`Features::ordered_per_key`].
+pub const ORDERED_PER_KEY: Promise = Promise {
+    what: "ordering per key",
+    holds: |features| features.ordered_per_key,
+};
+
+/// [`Features::retains_before_subscription`].
+pub const RETAINS_BEFORE_SUBSCRIPTION: Promise = Promise {
+    what: "retention before subscription",
+    holds: |features| features.retains_before_subscription,
+};
+
+/// One case's fresh topic on a client of the backend under test: the setup every case
+/// starts with, and the publish / subscribe / read-everything steps most of them repeat
+/// (each panics on failure, saying which step failed).
+pub struct Case<'f> {
+    factory: &'f dyn BrokerFactory,
+    /// The client the case publishes, subscribes and administers with.
+    pub broker: Arc<dyn Broker>,
+    /// The case's uniquely named topic (see [`unique_name`]), created with its groups.
+    pub topic: String,
+}
+
+impl<'f> Case<'f> {
+    /// A new client of `factory`, and a topic named after `name` with `groups` on it.
+    pub async fn new(factory: &'f dyn BrokerFactory, name: &str, groups: &[&str]) -> Case<'f> {
+        let broker = factory.client().await;
+        Case::on(factory, broker, name, groups).await
+    }
+
+    /// Like [`Case::new`], on a client the caller already has (cases that share one
+    /// client between topics, or check its features first).
+    pub async fn on(
+        factory: &'f dyn BrokerFactory,
+        broker: Arc<dyn Broker>,
+        name: &str,
+        groups: &[&str],
+    ) -> Case<'f> {
+        let topic = unique_name(name);
+        setup_topic(&*broker, &topic, groups).await;
+        Case {
+            factory,
+            broker,
+            topic,
         }
     }
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
 
-/// Case 2: 5,000 messages from 50 concurrent publishers, read by 3 concurrent members of one
-/// group: none lost.
-pub async fn concurrent_publish_subscribe(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("concurrent");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let publishers = (0..50).map(|p| {
-        let broker = Arc::clone(&broker);
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            for chunk in numbered_messages(&format!("p{p}"), 100).chunks(25) {
-                broker
-                    .publish_batch(&topic, chunk.to_vec())
-                    .await
-                    .expect("publish");
-            }
-        })
-    });
-    let expected: HashSet<String> = (0..50)
-        .flat_map(|p| ids_of(&numbered_messages(&format!("p{p}"), 100)))
-        .collect();
-    let received = read_with_members(factory, &broker, &topic, "readers", 3, &expected, async {
-        for publisher in join_all(publishers).await {
-            publisher.expect("publisher task");
+    /// Like [`Case::new`] if the backend makes `promise`; otherwise `None`, with no
+    /// topic created and a line saying the case `case` is skipped, and why.
+    pub async fn if_promised(
+        factory: &'f dyn BrokerFactory,
+        promise: &Promise,
+        case: &str,
+        name: &str,
+        groups: &[&str],
+    ) -> Option<Case<'f>> {
+        let broker = factory.client().await;
+        if !(promise.holds)(&broker.features()) {
+            skip(case, promise.what);
+            return None;
         }
-    })
-    .await;
-    assert_none_lost(&expected, &received, "concurrent_publish_subscribe");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Runs `members` subscribers of one group in parallel with `publishing`, until
-/// together they have seen every expected id (or the timeout passed); returns the union.
-async fn read_with_members(
-    factory: &dyn BrokerFactory,
-    broker: &Arc<dyn Broker>,
-    topic: &str,
-    group: &str,
-    members: usize,
-    expected: &HashSet<String>,
-    publishing: impl std::future::Future<Output = ()>,
-) -> HashSet<String> {
-    let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let done = Arc::new(tokio::sync::Notify::new());
-    let wait = factory.receive_timeout();
-    let mut readers = Vec::new();
-    for _ in 0..members {
-        let mut subscriber = subscribe(&**broker, topic, group).await;
-        let seen = Arc::clone(&seen);
-        let expected = expected.clone();
-        let done = Arc::clone(&done);
-        readers.push(tokio::spawn(async move {
-            let deadline = Instant::now() + wait;
-            loop {
-                let complete = {
-                    let seen = seen.lock().expect("lock");
-                    expected.iter().all(|id| seen.contains(id))
-                };
-                if complete {
-                    done.notify_waiters();
-                    break;
-                }
-                let next = tokio::select! {
-                    next = tokio::time::timeout_at(deadline, subscriber.next()) => next,
-                    _ = done.notified() => break,
-                };
-                match next {
-                    Ok(Some(Ok(delivery))) => {
-                        if let Some(id) = delivery.message().attribute(ID_ATTRIBUTE) {
-                            seen.lock().expect("lock").insert(id.to_string());
-                        }
-                        delivery.ack().expect("ack");
-                    }
-                    Ok(Some(Err(error))) => tracing::warn!(%error, "transient receive error"),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            subscriber.close().await.expect("close");
-        }));
+        Some(Case::on(factory, broker, name, groups).await)
     }
-    publishing.await;
-    for reader in join_all(readers).await {
-        reader.expect("reader task");
-    }
-    let seen = seen.lock().expect("lock").clone();
-    seen
-}
 
-/// Case 3: 20 topics × 100 messages at once, each topic read by its own task.
-pub async fn many_topics(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let tasks = (0..20).map(|t| {
-        let broker = Arc::clone(&broker);
-        let wait = factory.receive_timeout();
-        async move {
-            let topic = unique_name(&format!("many{t}"));
-            setup_topic(&*broker, &topic, &["readers"]).await;
-            let messages = numbered_messages(&format!("t{t}"), 100);
-            let expected = ids_of(&messages);
-            broker
-                .publish_batch(&topic, messages)
-                .await
-                .expect("publish");
-            let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-            let received = receive_all(&mut *subscriber, &expected, wait).await;
-            assert_none_lost(&expected, &received.ids(), &format!("many_topics[{t}]"));
-            subscriber.close().await.expect("close");
-            broker.delete_topic(&topic).await.expect("delete_topic");
-        }
-    });
-    join_all(tasks).await;
-}
-
-/// Case 4: 1,000 messages over 16 keys arrive in publish order per key (first deliveries).
-pub async fn order_per_key(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    if !broker.features().ordered_per_key {
-        return skip("order_per_key", "ordering per key");
-    }
-    let topic = unique_name("ordered");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let messages: Vec<Message> = numbered_messages("o", 1000)
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| m.with_key(format!("key-{}", i % 16)))
-        .collect();
-    let expected = ids_of(&messages);
-    for chunk in messages.chunks(100) {
-        broker
-            .publish_batch(&topic, chunk.to_vec())
+    /// Publishes `messages` on the topic in one batch.
+    pub async fn publish(&self, messages: Vec<Message>) {
+        self.broker
+            .publish_batch(&self.topic, messages)
             .await
             .expect("publish");
     }
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-    assert_none_lost(&expected, &received.ids(), "order_per_key");
-    let mut last_index: HashMap<String, usize> = HashMap::new();
-    for message in &received.first_seen {
-        let key = message.key.clone().expect("key survives the trip");
-        let index: usize = message
-            .attribute("index")
-            .and_then(|i| i.parse().ok())
-            .expect("index attribute");
-        if let Some(previous) = last_index.insert(key.clone(), index) {
-            assert!(previous < index, "{key}: {index} arrived after {previous}");
+
+    /// Publishes `messages` in batches of `batch`, one after another.
+    pub async fn publish_in_batches(&self, messages: &[Message], batch: usize) {
+        for chunk in messages.chunks(batch) {
+            self.publish(chunk.to_vec()).await;
         }
     }
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
 
-/// Case 5: The first deliveries are nacked; every message still arrives, the nacked ones again.
-pub async fn nack_redelivers(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("nack");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let messages = numbered_messages("n", 20);
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    // Nack the first five deliveries (a backend may redeliver the same one at once).
-    let mut nacked = HashSet::new();
-    let deadline = Instant::now() + factory.receive_timeout();
-    for _ in 0..5 {
-        let delivery = next_before(&mut *subscriber, deadline, "nack_redelivers").await;
-        let id = delivery
-            .message()
-            .attribute(ID_ATTRIBUTE)
-            .unwrap_or_default()
-            .to_string();
-        nacked.insert(id);
-        delivery.nack().expect("nack");
+    /// Publishes [`numbered_messages`]`(prefix, count)` in one batch; returns their ids.
+    pub async fn publish_numbered(&self, prefix: &str, count: usize) -> HashSet<String> {
+        let messages = numbered_messages(prefix, count);
+        let ids = ids_of(&messages);
+        self.publish(messages).await;
+        ids
     }
-    let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-    assert_none_lost(&expected, &received.ids(), "nack_redelivers");
-    assert_none_lost(
-        &nacked,
-        &received.ids(),
-        "nack_redelivers (nacked ones again)",
-    );
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
 
-async fn next_before(
-    subscriber: &mut dyn Subscriber,
-    deadline: Instant,
-    case: &str,
-) -> crate::Delivery {
-    loop {
-        match tokio::time::timeout_at(deadline, subscriber.next()).await {
-            Ok(Some(Ok(delivery))) => return delivery,
-            Ok(Some(Err(error))) => tracing::warn!(%error, "transient receive error"),
-            Ok(None) => panic!("{case}: subscription ended early"),
-            Err(_) => panic!("{case}: no delivery before the timeout"),
-        }
-    }
-}
-
-/// Case 9: Continue after errors: every message is nacked three times (several rounds of
-/// failures), then all are consumed.
-pub async fn continue_after_errors(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("errors");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let messages = numbered_messages("e", 50);
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let mut failures: HashMap<String, usize> = HashMap::new();
-    let mut acked = HashSet::new();
-    let deadline = Instant::now() + factory.receive_timeout() * 2;
-    while acked.len() < expected.len() {
-        let delivery = next_before(&mut *subscriber, deadline, "continue_after_errors").await;
-        let id = delivery
-            .message()
-            .attribute(ID_ATTRIBUTE)
-            .unwrap_or_default()
-            .to_string();
-        let failed = failures.entry(id.clone()).or_insert(0);
-        if *failed < 3 && !acked.contains(&id) {
-            *failed += 1;
-            delivery.nack().expect("nack");
-        } else {
-            acked.insert(id);
-            delivery.ack().expect("ack");
-        }
-    }
-    assert_none_lost(&expected, &acked, "continue_after_errors");
-    assert!(
-        failures.values().all(|&n| n == 3),
-        "every message failed three times first"
-    );
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Case 7: Unacked messages come back to a new subscriber after the old one closes; 5 rounds
-/// of subscribers each ack part of the stream, and nothing is lost across them.
-pub async fn continue_after_subscriber_close(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("resume");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let messages = numbered_messages("r", 1000);
-    let expected = ids_of(&messages);
-    for chunk in messages.chunks(250) {
-        broker
-            .publish_batch(&topic, chunk.to_vec())
-            .await
-            .expect("publish");
-    }
-    let mut acked: HashSet<String> = HashSet::new();
-    let deadline = Instant::now() + factory.receive_timeout() * 3;
-    for round in 0..5 {
-        let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-        let mut held = Vec::new();
-        // Ack up to 200 new messages, and hold 5 unacked ones across the close.
-        let mut acked_this_round = 0;
-        while acked_this_round < 200 && acked.len() < expected.len() {
-            let delivery = next_before(
-                &mut *subscriber,
-                deadline,
-                "continue_after_subscriber_close",
+    /// Publishes one message whose payload and [`ID_ATTRIBUTE`] are both `id`.
+    pub async fn publish_marked(&self, id: &str) {
+        self.broker
+            .publish(
+                &self.topic,
+                Message::new(id.to_string()).with_attribute(ID_ATTRIBUTE, id),
             )
-            .await;
-            let id = delivery
-                .message()
-                .attribute(ID_ATTRIBUTE)
-                .unwrap_or_default()
-                .to_string();
-            if held.len() < 5 && !acked.contains(&id) && round < 4 {
-                held.push(delivery);
-                continue;
-            }
-            if acked.insert(id) {
-                acked_this_round += 1;
-            }
-            delivery.ack().expect("ack");
-        }
-        // Give the held ones back first (a nack), then leave: a backend may only
-        // redeliver what a closed subscriber held after an ack deadline.
-        drop(held);
-        subscriber.close().await.expect("close");
-    }
-    // Whatever is left (including every held message) goes to one more subscriber.
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let missing: HashSet<String> = expected.difference(&acked).cloned().collect();
-    let received = receive_all(&mut *subscriber, &missing, factory.receive_timeout()).await;
-    acked.extend(received.ids());
-    assert_none_lost(&expected, &acked, "continue_after_subscriber_close");
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Case 13: Messages abandoned unacked (deliveries dropped, then the subscriber) come back to
-/// a new subscriber.
-pub async fn unacked_redelivered_to_new_subscriber(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("unacked");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let messages = numbered_messages("u", 10);
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let deadline = Instant::now() + factory.receive_timeout();
-    let mut held = Vec::new();
-    let mut held_ids = HashSet::new();
-    while held_ids.len() < expected.len() {
-        let delivery = next_before(&mut *subscriber, deadline, "unacked_redelivered").await;
-        held_ids.insert(
-            delivery
-                .message()
-                .attribute(ID_ATTRIBUTE)
-                .unwrap_or_default()
-                .to_string(),
-        );
-        held.push(delivery);
-    }
-    drop(held);
-    drop(subscriber);
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-    assert_none_lost(
-        &expected,
-        &received.ids(),
-        "unacked_redelivered_to_new_subscriber",
-    );
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Case 8: 10 subscribers of one group subscribe and close concurrently; afterwards the group
-/// still receives everything.
-pub async fn concurrent_close(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("close");
-    setup_topic(&*broker, &topic, &["readers"]).await;
-    let churn = (0..10).map(|_| {
-        let broker = Arc::clone(&broker);
-        let topic = topic.clone();
-        async move {
-            let subscriber = subscribe(&*broker, &topic, "readers").await;
-            subscriber.close().await.expect("close");
-        }
-    });
-    join_all(churn).await;
-    let messages = numbered_messages("c", 50);
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let mut subscriber = subscribe(&*broker, &topic, "readers").await;
-    let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-    assert_none_lost(&expected, &received.ids(), "concurrent_close");
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Case 10: 10,000 messages from 20 tasks, then `close`: another client receives them all.
-pub async fn publisher_close_loses_nothing(factory: &dyn BrokerFactory) {
-    let admin = factory.client().await;
-    let topic = unique_name("pubclose");
-    setup_topic(&*admin, &topic, &["readers"]).await;
-    let publisher = factory.client().await;
-    let tasks = (0..20).map(|t| {
-        let publisher = Arc::clone(&publisher);
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            for chunk in numbered_messages(&format!("w{t}"), 500).chunks(100) {
-                publisher
-                    .publish_batch(&topic, chunk.to_vec())
-                    .await
-                    .expect("publish");
-            }
-        })
-    });
-    let expected: HashSet<String> = (0..20)
-        .flat_map(|t| ids_of(&numbered_messages(&format!("w{t}"), 500)))
-        .collect();
-    let received = read_with_members(factory, &admin, &topic, "readers", 1, &expected, async {
-        for task in join_all(tasks).await {
-            task.expect("publisher task");
-        }
-        publisher.close().await.expect("close publisher");
-    })
-    .await;
-    assert_none_lost(&expected, &received, "publisher_close_loses_nothing");
-    assert!(
-        publisher
-            .publish(&topic, Message::new("late"))
             .await
-            .is_err(),
-        "publishing after close must fail"
-    );
-    admin.delete_topic(&topic).await.expect("delete_topic");
-}
+            .expect("publish");
+    }
 
-/// Case 11: Messages of one topic never show up on another.
-pub async fn topic_isolation(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let first = unique_name("iso-a");
-    let second = unique_name("iso-b");
-    setup_topic(&*broker, &first, &["readers"]).await;
-    setup_topic(&*broker, &second, &["readers"]).await;
-    let a = numbered_messages("a", 30);
-    let b = numbered_messages("b", 30);
-    let (expected_a, expected_b) = (ids_of(&a), ids_of(&b));
-    broker.publish_batch(&first, a).await.expect("publish a");
-    broker.publish_batch(&second, b).await.expect("publish b");
-    for (topic, expected, other) in [
-        (&first, &expected_a, &expected_b),
-        (&second, &expected_b, &expected_a),
-    ] {
-        let mut subscriber = subscribe(&*broker, topic, "readers").await;
-        let received = receive_all(&mut *subscriber, expected, factory.receive_timeout()).await;
-        assert_none_lost(expected, &received.ids(), "topic_isolation");
-        // Give stray messages a moment to show up, then check none did.
-        let extra = receive_all(&mut *subscriber, other, Duration::from_millis(500)).await;
-        let leaked: Vec<_> = received
-            .ids()
-            .union(&extra.ids())
-            .filter(|id| !expected.contains(*id))
-            .cloned()
-            .collect();
-        assert!(
-            leaked.is_empty(),
-            "topic_isolation: {topic} received {leaked:?}"
-        );
+    /// A new member of `group` on the topic.
+    pub async fn subscribe(&self, group: &str) -> Box<dyn Subscriber> {
+        subscribe(&*self.broker, &self.topic, group).await
+    }
+
+    /// `receive_timeouts` of the factory's receive timeout from now.
+    pub fn deadline(&self, receive_timeouts: u32) -> Instant {
+        Instant::now() + self.factory.receive_timeout() * receive_timeouts
+    }
+
+    /// [`receive_all`] with the factory's receive timeout.
+    pub async fn receive_all(
+        &self,
+        subscriber: &mut dyn Subscriber,
+        expected: &HashSet<String>,
+    ) -> Received {
+        receive_all(subscriber, expected, self.factory.receive_timeout()).await
+    }
+
+    /// A new member of `group` reads until every id of `expected` arrived, and closes;
+    /// fails the case (named `what`) if any is lost.
+    pub async fn read_all(&self, group: &str, expected: &HashSet<String>, what: &str) -> Received {
+        let mut subscriber = self.subscribe(group).await;
+        let received = self.receive_all(&mut *subscriber, expected).await;
+        assert_none_lost(expected, &received.ids(), what);
         subscriber.close().await.expect("close");
+        received
     }
-    broker.delete_topic(&first).await.expect("delete_topic");
-    broker.delete_topic(&second).await.expect("delete_topic");
-}
 
-/// Case 15: A group created after publishing still receives older messages, where retained.
-pub async fn new_group_receives_old_messages(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    if !broker.features().retains_before_subscription {
-        return skip(
-            "new_group_receives_old_messages",
-            "retention before subscription",
-        );
-    }
-    let topic = unique_name("old");
-    setup_topic(&*broker, &topic, &[]).await;
-    let messages = numbered_messages("old", 20);
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let mut subscriber = subscribe(&*broker, &topic, "late-group").await;
-    let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-    assert_none_lost(
-        &expected,
-        &received.ids(),
-        "new_group_receives_old_messages",
-    );
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Case 16a: Two consumer groups each receive every message.
-pub async fn groups_each_receive_everything(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    if !broker.features().consumer_groups {
-        return skip("groups_each_receive_everything", "consumer groups");
-    }
-    let topic = unique_name("groups");
-    setup_topic(&*broker, &topic, &["group-one", "group-two"]).await;
-    let messages = numbered_messages("g", 200);
-    let expected = ids_of(&messages);
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    for group in ["group-one", "group-two"] {
-        let mut subscriber = subscribe(&*broker, &topic, group).await;
-        let received = receive_all(&mut *subscriber, &expected, factory.receive_timeout()).await;
-        assert_none_lost(&expected, &received.ids(), group);
+    /// Closes the case's last subscriber, then deletes the topic.
+    pub async fn close_and_delete(self, subscriber: Box<dyn Subscriber>) {
         subscriber.close().await.expect("close");
+        self.delete().await;
     }
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
 
-/// Case 16b: Two members of one group split the stream: both get some, together all.
-pub async fn group_members_share_the_stream(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    if !broker.features().consumer_groups {
-        return skip("group_members_share_the_stream", "consumer groups");
-    }
-    let topic = unique_name("share");
-    setup_topic(&*broker, &topic, &["workers"]).await;
-    let mut first = subscribe(&*broker, &topic, "workers").await;
-    let mut second = subscribe(&*broker, &topic, "workers").await;
-    let messages: Vec<Message> = numbered_messages("s", 400)
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| m.with_key(format!("key-{i}")))
-        .collect();
-    let expected = ids_of(&messages);
-    let wait = factory.receive_timeout();
-    // Both members read at the same pace (a short pause per message) so neither can
-    // drain the whole stream before the other has joined.
-    let read = |mut subscriber: Box<dyn Subscriber>,
-                expected: HashSet<String>,
-                seen: Arc<std::sync::Mutex<HashMap<String, usize>>>| async move {
-        let deadline = Instant::now() + wait;
-        let mut mine = 0usize;
-        loop {
-            let all_seen = expected
-                .iter()
-                .all(|id| seen.lock().expect("lock").contains_key(id));
-            if all_seen {
-                break;
-            }
-            match timeout(Duration::from_millis(200), subscriber.next()).await {
-                Ok(Some(Ok(delivery))) => {
-                    let id = delivery
-                        .message()
-                        .attribute(ID_ATTRIBUTE)
-                        .unwrap_or_default()
-                        .to_string();
-                    *seen.lock().expect("lock").entry(id).or_insert(0) += 1;
-                    mine += 1;
-                    delivery.ack().expect("ack");
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Ok(Some(Err(error))) => tracing::warn!(%error, "transient receive error"),
-                Ok(None) => break,
-                Err(_) if Instant::now() > deadline => break,
-                Err(_) => {}
-            }
-        }
-        subscriber.close().await.expect("close");
-        mine
-    };
-    let seen = Arc::new(std::sync::Mutex::new(HashMap::new()));
-    // Let both members finish joining (some brokers rebalance) before publishing.
-    let warmup = numbered_messages("warmup", 1);
-    broker
-        .publish_batch(&topic, warmup)
-        .await
-        .expect("publish warmup");
-    let _ = timeout(Duration::from_millis(10), first.next()).await;
-    let _ = timeout(Duration::from_millis(10), second.next()).await;
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let (a, b) = tokio::join!(
-        read(first, expected.clone(), Arc::clone(&seen)),
-        read(
-            std::mem::replace(&mut second, Box::new(NeverSubscriber)),
-            expected.clone(),
-            Arc::clone(&seen)
-        ),
-    );
-    let seen: HashSet<String> = seen.lock().expect("lock").keys().cloned().collect();
-    assert_none_lost(&expected, &seen, "group_members_share_the_stream");
-    assert!(a > 0 && b > 0, "both members take part (got {a} and {b})");
-    broker.delete_topic(&topic).await.expect("delete_topic");
-}
-
-/// Placeholder left behind by `mem::replace`; never polled.
-struct NeverSubscriber;
-
-#[async_trait]
-impl Subscriber for NeverSubscriber {
-    async fn next(&mut self) -> Option<crate::Result<crate::Delivery>> {
-        None
-    }
-    async fn close(self: Box<Self>) -> crate::Result<()> {
-        Ok(())
-    }
-}
-
-/// Admin calls are idempotent: ensuring twice and deleting twice are fine.
-pub async fn admin_is_idempotent(factory: &dyn BrokerFactory) {
-    let broker = factory.client().await;
-    let topic = unique_name("admin");
-    for _ in 0..2 {
-        broker.ensure_topic(&topic).await.expect("ensure_topic");
-        broker
-            .ensure_subscription(&topic, "readers")
+    /// Deletes the topic (and with it its groups): the end of a case that passed.
+    pub async fn delete(self) {
+        self.broker
+            .delete_topic(&self.topic)
             .await
-            .expect("ensure_subscription");
-    }
-    for _ in 0..2 {
-        broker
-            .delete_subscription(&topic, "readers")
-            .await
-            .expect("delete_subscription");
-    }
-    for _ in 0..2 {
-        broker.delete_topic(&topic).await.expect("delete_topic");
+            .expect("delete_topic");
     }
 }
 

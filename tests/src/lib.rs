@@ -220,6 +220,22 @@ pub fn write_bad_inputs(dir: &Path) -> Vec<(&'static str, &'static str)> {
     ]
 }
 
+/// Checks the client's stdout for the `bad` files (name and error code, as
+/// [`write_bad_inputs`] returns them): each has its error line, `name  ✗  CODE: reason`,
+/// with its own code and a reason after it.
+pub fn assert_errors_reported(stdout: &str, bad: &[(&str, &str)]) {
+    for (name, code) in bad {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(name) && l.contains('✗'))
+            .unwrap_or_else(|| panic!("no error line for {name}:\n{stdout}"));
+        assert!(
+            line.contains(&format!("{code}: ")),
+            "{name} should be {code}, with a reason after it: {line}"
+        );
+    }
+}
+
 /// Copies `per_class` example images of every class into `dir/<class>/`.
 pub fn copy_examples(dir: &Path, per_class: usize) -> usize {
     let examples = workspace_root().join("examples");
@@ -244,6 +260,29 @@ pub fn copy_examples(dir: &Path, per_class: usize) -> usize {
         }
     }
     copied
+}
+
+/// Copies every example `copies` times under distinct names: a big labelled folder.
+pub fn many_images(dir: &Path, copies: usize) -> usize {
+    let staging = dir.join(".staging");
+    let per_copy = copy_examples(&staging, usize::MAX);
+    for copy in 0..copies {
+        for class in std::fs::read_dir(&staging)
+            .expect("staging")
+            .filter_map(Result::ok)
+        {
+            let target = dir.join(class.file_name());
+            std::fs::create_dir_all(&target).expect("mkdir");
+            for file in std::fs::read_dir(class.path())
+                .expect("class")
+                .filter_map(Result::ok)
+            {
+                let name = format!("{copy:03}-{}", file.file_name().to_string_lossy());
+                std::fs::copy(file.path(), target.join(name)).expect("copy");
+            }
+        }
+    }
+    per_copy * copies
 }
 
 /// A broker of a test's own, on a free port, started and stopped through the project's

@@ -3,12 +3,11 @@
 //! Needs `KAFKA_BOOTSTRAP_SERVERS` (e.g. from `scripts/kafka-start.sh`). Without it every
 //! case is skipped loudly, or fails if `REQUIRE_BROKERS` is set (CI).
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use unified_broker::conformance::{self, BrokerFactory};
+use unified_broker::conformance::{self, BrokerFactory, Case};
 use unified_broker::kafka::{KafkaBroker, KafkaConfig};
 use unified_broker::{Broker, BrokerError, Message, SubscribeOptions};
 
@@ -33,25 +32,15 @@ impl BrokerFactory for Kafka {
 
 /// The factory, or `None` (after saying so) when no broker is configured.
 fn factory() -> Option<Kafka> {
-    match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-        Ok(servers) if !servers.trim().is_empty() => Some(Kafka(KafkaConfig {
-            bootstrap_servers: servers,
-            ..KafkaConfig::default()
-        })),
-        _ if std::env::var_os("REQUIRE_BROKERS").is_some() => panic!(
-            "REQUIRE_BROKERS is set but KAFKA_BOOTSTRAP_SERVERS is not: start a broker with \
-             scripts/kafka-start.sh and export the variable it prints"
-        ),
-        _ => {
-            // Straight to stderr: libtest captures `eprintln!` of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "*** conformance_kafka: SKIPPED: KAFKA_BOOTSTRAP_SERVERS not set \
-                 (run scripts/kafka-start.sh) ***"
-            );
-            None
-        }
-    }
+    let servers = conformance::broker_address_or_skip(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "conformance_kafka",
+        "scripts/kafka-start.sh",
+    )?;
+    Some(Kafka(KafkaConfig {
+        bootstrap_servers: servers,
+        ..KafkaConfig::default()
+    }))
 }
 
 // The whole suite; each case returns early (skipped, said on stderr) without a broker.
@@ -65,9 +54,7 @@ unified_broker::conformance_tests!(match factory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_round_trip() {
     let Some(factory) = factory() else { return };
-    let broker = factory.client().await;
-    let topic = conformance::unique_name("large");
-    broker.ensure_topic(&topic).await.expect("ensure_topic");
+    let case = Case::new(&factory, "large", &[]).await;
     let sizes = [5 * 1024 * 1024, 1, 8 * 1024 * 1024];
     let messages: Vec<Message> = sizes
         .iter()
@@ -78,20 +65,10 @@ async fn large_messages_round_trip() {
                 .with_attribute("size", size.to_string())
         })
         .collect();
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish large messages");
-    let mut subscriber = broker
-        .subscribe(&topic, "readers", SubscribeOptions::default())
-        .await
-        .expect("subscribe");
+    case.publish(messages).await;
+    let mut subscriber = case.subscribe("readers").await;
     for (i, &size) in sizes.iter().enumerate() {
-        let delivery = tokio::time::timeout(factory.receive_timeout(), subscriber.next())
-            .await
-            .expect("a large message before the timeout")
-            .expect("stream open")
-            .expect("no receive error");
+        let delivery = conformance::next_within(&mut *subscriber, factory.receive_timeout()).await;
         let message = delivery.message();
         assert_eq!(message.payload.len(), size, "message {i} in key order");
         assert!(message.payload.iter().all(|&b| b == (i % 251) as u8));
@@ -99,8 +76,7 @@ async fn large_messages_round_trip() {
         assert_eq!(message.key.as_deref(), Some("same-key"));
         delivery.ack().expect("ack");
     }
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
+    case.close_and_delete(subscriber).await;
 }
 
 /// Subscribing to or publishing on a topic that does not exist is `TopicNotFound`, not a

@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use unified_broker::conformance::{
-    numbered_messages, receive_all, setup_topic, unique_name, BrokerFactory, ID_ATTRIBUTE,
-};
+use unified_broker::conformance::{self, numbered_messages, receive_all, BrokerFactory, Case};
 use unified_broker::pubsub::{PubSubBroker, PubSubConfig, EMULATOR_HOST_ENV, KEY_ATTRIBUTE};
 use unified_broker::{Broker, BrokerError, Message, SubscribeOptions};
 
@@ -79,22 +77,11 @@ impl BrokerFactory for Emulator {
 
 /// The emulator's config, or `None` (after saying so) when the tests must be skipped.
 fn emulator_config(ordering: bool) -> Option<PubSubConfig> {
-    let host = std::env::var(EMULATOR_HOST_ENV)
-        .ok()
-        .filter(|h| !h.trim().is_empty());
-    let Some(host) = host else {
-        if std::env::var_os("REQUIRE_BROKERS").is_some() {
-            panic!(
-                "REQUIRE_BROKERS is set but {EMULATOR_HOST_ENV} is not: start the emulator \
-                 with scripts/pubsub-start.sh and export {EMULATOR_HOST_ENV}=127.0.0.1:8085"
-            );
-        }
-        eprintln!(
-            "\n*** SKIPPED: Pub/Sub conformance test: {EMULATOR_HOST_ENV} is not set \
-             (start the emulator with scripts/pubsub-start.sh) ***\n"
-        );
-        return None;
-    };
+    let host = conformance::broker_address_or_skip(
+        EMULATOR_HOST_ENV,
+        "conformance_pubsub",
+        "scripts/pubsub-start.sh",
+    )?;
     Some(PubSubConfig {
         emulator_host: Some(host),
         enable_message_ordering: ordering,
@@ -126,12 +113,6 @@ mod ordered {
     });
 }
 
-async fn connect(config: &PubSubConfig) -> PubSubBroker {
-    PubSubBroker::connect(config)
-        .await
-        .expect("connect to the Pub/Sub emulator")
-}
-
 /// A delivery held longer than the ack deadline is not redelivered: the client keeps
 /// extending its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,34 +120,18 @@ async fn held_message_lease_is_extended() {
     let Some(config) = emulator_config(false) else {
         return;
     };
-    let config = PubSubConfig {
-        ack_deadline_seconds: 10,
-        ..config
+    let emulator = Emulator {
+        config: PubSubConfig {
+            ack_deadline_seconds: 10,
+            ..config
+        },
     };
-    let broker = connect(&config).await;
-    let topic = unique_name("lease");
-    setup_topic(&broker, &topic, &["readers"]).await;
-    broker
-        .publish(
-            &topic,
-            Message::new("slow").with_attribute(ID_ATTRIBUTE, "slow"),
-        )
-        .await
-        .expect("publish");
-    let mut subscriber = broker
-        .subscribe(&topic, "readers", SubscribeOptions::default())
-        .await
-        .expect("subscribe");
-    let held = tokio::time::timeout(Duration::from_secs(60), subscriber.next())
-        .await
-        .expect("a delivery before the timeout")
-        .expect("stream open")
-        .expect("delivery");
+    let case = Case::new(&emulator, "lease", &["readers"]).await;
+    case.publish_marked("slow").await;
+    let mut subscriber = case.subscribe("readers").await;
+    let held = conformance::next_within(&mut *subscriber, Duration::from_secs(60)).await;
     // A second member of the group must not get it either.
-    let mut other = broker
-        .subscribe(&topic, "readers", SubscribeOptions::default())
-        .await
-        .expect("subscribe");
+    let mut other = case.subscribe("readers").await;
     // 1.8 times the ack deadline: without lease extension it would be back by now.
     let wait = Duration::from_secs(18);
     let (mine, theirs) = tokio::join!(
@@ -177,50 +142,40 @@ async fn held_message_lease_is_extended() {
     assert!(theirs.is_err(), "redelivered to another member: {theirs:?}");
     held.ack().expect("ack");
     other.close().await.expect("close");
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
+    case.close_and_delete(subscriber).await;
 }
 
 /// Keys survive the trip without ordering too, and the carrier attribute stays hidden.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_survives_without_ordering() {
-    let Some(config) = emulator_config(false) else {
+    let Some(factory) = factory(false) else {
         return;
     };
-    let broker = connect(&config).await;
-    let topic = unique_name("key");
-    setup_topic(&broker, &topic, &["readers"]).await;
+    let case = Case::new(&factory, "key", &["readers"]).await;
     let messages: Vec<Message> = numbered_messages("k", 10)
         .into_iter()
         .map(|m| m.with_key("the-key"))
         .collect();
     let expected: HashSet<String> = (0..10).map(|i| format!("k-{i}")).collect();
-    broker
-        .publish_batch(&topic, messages)
-        .await
-        .expect("publish");
-    let mut subscriber = broker
-        .subscribe(&topic, "readers", SubscribeOptions::default())
-        .await
-        .expect("subscribe");
+    case.publish(messages).await;
+    let mut subscriber = case.subscribe("readers").await;
     let received = receive_all(&mut *subscriber, &expected, Duration::from_secs(60)).await;
     assert_eq!(received.ids(), expected);
     for message in &received.first_seen {
         assert_eq!(message.key.as_deref(), Some("the-key"));
         assert_eq!(message.attribute(KEY_ATTRIBUTE), None);
     }
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
+    case.close_and_delete(subscriber).await;
 }
 
 /// Subscribing to or publishing on a topic that does not exist says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_topic_is_reported() {
-    let Some(config) = emulator_config(false) else {
+    let Some(factory) = factory(false) else {
         return;
     };
-    let broker = connect(&config).await;
-    let topic = unique_name("missing");
+    let broker = factory.client().await;
+    let topic = conformance::unique_name("missing");
     let subscribed = broker
         .subscribe(&topic, "readers", SubscribeOptions::default())
         .await;
@@ -240,45 +195,23 @@ async fn missing_topic_is_reported() {
 /// group re-created on it does not see messages published while it did not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_topic_deletes_its_subscriptions() {
-    let Some(config) = emulator_config(false) else {
+    let Some(factory) = factory(false) else {
         return;
     };
-    let broker = connect(&config).await;
-    let topic = unique_name("deltopic");
-    setup_topic(&broker, &topic, &["readers"]).await;
-    broker
-        .publish(
-            &topic,
-            Message::new("before").with_attribute(ID_ATTRIBUTE, "before"),
-        )
-        .await
-        .expect("publish");
-    broker.delete_topic(&topic).await.expect("delete_topic");
+    let case = Case::new(&factory, "deltopic", &["readers"]).await;
+    let (broker, topic) = (&case.broker, &case.topic);
+    case.publish_marked("before").await;
+    broker.delete_topic(topic).await.expect("delete_topic");
     // Re-create the topic, publish, and only then the group: had the old subscription
     // survived (detached, with its backlog), "before" would show up.
-    broker.ensure_topic(&topic).await.expect("ensure_topic");
+    broker.ensure_topic(topic).await.expect("ensure_topic");
+    case.publish_marked("orphan").await;
     broker
-        .publish(
-            &topic,
-            Message::new("orphan").with_attribute(ID_ATTRIBUTE, "orphan"),
-        )
-        .await
-        .expect("publish");
-    broker
-        .ensure_subscription(&topic, "readers")
+        .ensure_subscription(topic, "readers")
         .await
         .expect("ensure_subscription");
-    broker
-        .publish(
-            &topic,
-            Message::new("after").with_attribute(ID_ATTRIBUTE, "after"),
-        )
-        .await
-        .expect("publish");
-    let mut subscriber = broker
-        .subscribe(&topic, "readers", SubscribeOptions::default())
-        .await
-        .expect("subscribe");
+    case.publish_marked("after").await;
+    let mut subscriber = case.subscribe("readers").await;
     let expected: HashSet<String> = ["after".to_string()].into();
     let received = receive_all(&mut *subscriber, &expected, Duration::from_secs(60)).await;
     assert!(received.ids().contains("after"), "{:?}", received.ids());
@@ -290,6 +223,5 @@ async fn delete_topic_deletes_its_subscriptions() {
     .await;
     let all: HashSet<String> = received.ids().union(&extra.ids()).cloned().collect();
     assert_eq!(all, expected, "only messages published after the group");
-    subscriber.close().await.expect("close");
-    broker.delete_topic(&topic).await.expect("delete_topic");
+    case.close_and_delete(subscriber).await;
 }

@@ -1,0 +1,138 @@
+//! Outages: no server to answer, no broker to reach, and a broker that restarts mid-run
+//! losing all it held.
+
+use std::time::Duration;
+
+use super::background_client::BackgroundClient;
+use super::{lookup, stop, tail, wait_for_log_line, CaseRun};
+use crate::{copy_examples, parse_summary};
+
+/// With no server running, the client gives up after its timeout, lists what went
+/// unanswered and exits 3.
+pub fn no_server_means_unanswered_after_timeout(backend_env: &[(String, String)]) {
+    let run = CaseRun::new(backend_env, "none");
+    let folder = run.path("few");
+    let copied = copy_examples(&folder, 1);
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let (code, stdout, summary) = run.classify(&["classify", &folder_arg, "--timeout", "5"]);
+    assert_eq!(code, 3, "{stdout}");
+    assert_eq!(summary.unanswered, copied, "{stdout}");
+    assert!(stdout.contains("UNANSWERED"), "{stdout}");
+}
+
+/// A server started while its broker is unreachable keeps retrying (and says what it
+/// waits for) instead of exiting, and still stops cleanly on SIGTERM.
+pub fn server_waits_for_an_unreachable_broker(backend_env: &[(String, String)], address_var: &str) {
+    let mut run = CaseRun::new(backend_env, "outage");
+    // Nothing listens on port 9 (discard) on these machines.
+    run.set_env(address_var, "127.0.0.1:9");
+    let server = run.start_server("server-waiting");
+    wait_for_log_line(
+        &run.server_log("server-waiting"),
+        "waiting for the broker",
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    stop(server);
+}
+
+/// Broker outages, on a broker of the test's own:
+///
+/// 1. a server and a client started while the broker is down both wait for it, saying
+///    so in their logs, instead of failing;
+/// 2. the broker comes up and the client's 5,000 images flow;
+/// 3. mid-run the broker is stopped and started again, losing everything it held (both
+///    Tansu and the emulator keep topics and messages in memory only);
+/// 4. server and client carry on: they re-create the topics and subscriptions, the
+///    client sends again what the broker lost, and every image is answered (replies to
+///    both copies of a request count as duplicates); the client never hangs;
+/// 5. a second job afterwards is answered in full, and the server still exits 0 on
+///    SIGTERM.
+pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &str) {
+    let backend = lookup(backend_env, "CLASSIFIER_BROKER");
+    let broker = crate::PrivateBroker::new(&backend);
+    let mut run = CaseRun::new(backend_env, "restart");
+    run.set_env(address_var, &broker.address());
+    let (total, folder_arg) = run.many_images(25);
+    let server_log = run.server_log("server-outlasting");
+    let client_log = run.path("client.log");
+
+    // 1. Nobody is listening yet.
+    let server = run.start_server("server-outlasting");
+    let client = BackgroundClient::start_logged(
+        &[
+            "classify",
+            &folder_arg,
+            "--timeout",
+            "30",
+            // A small window keeps the job running long enough to be cut in the middle.
+            "--window",
+            "20",
+        ],
+        &run.env,
+        &client_log,
+    );
+    wait_for_log_line(
+        &server_log,
+        "waiting for the broker",
+        Duration::from_secs(60),
+    );
+    wait_for_log_line(
+        &client_log,
+        "waiting for the broker",
+        Duration::from_secs(60),
+    );
+
+    // 2. The broker comes up; work flows.
+    broker.start();
+    client.wait_for_answers(300, Duration::from_secs(180));
+
+    // 3. Restart, losing what the broker held.
+    broker.stop();
+    let answered_before_restart = client.answered();
+    assert!(
+        answered_before_restart < total,
+        "the job finished before the broker stopped: the test proves nothing"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    broker.start();
+
+    // 4. The client ends by itself, with every file answered.
+    let (code, stdout) = client.finish_within(Duration::from_secs(400));
+    assert!(
+        stdout.contains("Summary"),
+        "client printed no summary (exit {code})\n{}\nclient log:\n{}",
+        tail(&stdout),
+        tail(&std::fs::read_to_string(&client_log).unwrap_or_default())
+    );
+    let summary = parse_summary(&stdout);
+    eprintln!(
+        "broker restart test ({backend}): sent {total}, {answered_before_restart} answered \
+         before the restart; classified {}, errors {}, unanswered {}, duplicates {}",
+        summary.classified, summary.errors, summary.unanswered, summary.duplicates
+    );
+    let log = std::fs::read_to_string(&client_log).unwrap_or_default();
+    assert_eq!(
+        (code, summary.files, summary.classified),
+        (0, total, total),
+        "every file answered despite the restart\n{}\nclient log:\n{}",
+        tail(&stdout),
+        tail(&log)
+    );
+    assert!(
+        log.contains("sending the unanswered requests again"),
+        "the client noticed what the broker lost"
+    );
+
+    // 5. The server reconnected: a new job is answered in full.
+    let (code, stdout, summary) =
+        run.classify(&["classify", "examples", "--quiet", "--timeout", "120"]);
+    let log = std::fs::read_to_string(&server_log).unwrap_or_default();
+    assert_eq!(
+        (code, summary.classified),
+        (0, 200),
+        "after the restart\n{stdout}\nserver log:\n{}",
+        tail(&log)
+    );
+    stop(server);
+}

@@ -1,0 +1,99 @@
+//! The basics: messages arrive intact, stay on their topic, and admin calls can be
+//! repeated.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{
+    assert_none_lost, ids_of, numbered_messages, receive_all, unique_name, BrokerFactory, Case,
+    ID_ATTRIBUTE,
+};
+use crate::Message;
+
+/// Case 1: 100 messages arrive with ids, payloads and attributes intact; closing ends the
+/// subscription cleanly.
+pub async fn publish_subscribe(factory: &dyn BrokerFactory) {
+    let case = Case::new(factory, "pubsub", &["readers"]).await;
+    let messages: Vec<Message> = numbered_messages("m", 100)
+        .into_iter()
+        .map(|m| m.with_attribute("colour", "blue"))
+        .collect();
+    let expected = ids_of(&messages);
+    case.publish(messages.clone()).await;
+    let received = case
+        .read_all("readers", &expected, "publish_subscribe")
+        .await;
+    let sent: HashMap<_, _> = messages
+        .iter()
+        .map(|m| (m.attribute(ID_ATTRIBUTE).unwrap_or_default().to_string(), m))
+        .collect();
+    for got in &received.first_seen {
+        let id = got.attribute(ID_ATTRIBUTE).unwrap_or_default();
+        let original = sent.get(id).expect("only sent ids arrive");
+        assert_eq!(got.payload, original.payload, "payload of {id}");
+        // Backends may add attributes of their own; ours must all be there.
+        for (name, value) in &original.attributes {
+            assert_eq!(
+                got.attribute(name),
+                Some(value.as_str()),
+                "attribute {name} of {id}"
+            );
+        }
+    }
+    case.delete().await;
+}
+
+/// Case 11: Messages of one topic never show up on another.
+pub async fn topic_isolation(factory: &dyn BrokerFactory) {
+    let first = Case::new(factory, "iso-a", &["readers"]).await;
+    let second = Case::on(factory, Arc::clone(&first.broker), "iso-b", &["readers"]).await;
+    let expected_a = first.publish_numbered("a", 30).await;
+    let expected_b = second.publish_numbered("b", 30).await;
+    for (case, expected, other) in [
+        (&first, &expected_a, &expected_b),
+        (&second, &expected_b, &expected_a),
+    ] {
+        let topic = &case.topic;
+        let mut subscriber = case.subscribe("readers").await;
+        let received = case.receive_all(&mut *subscriber, expected).await;
+        assert_none_lost(expected, &received.ids(), "topic_isolation");
+        // Give stray messages a moment to show up, then check none did.
+        let extra = receive_all(&mut *subscriber, other, Duration::from_millis(500)).await;
+        let leaked: Vec<_> = received
+            .ids()
+            .union(&extra.ids())
+            .filter(|id| !expected.contains(*id))
+            .cloned()
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "topic_isolation: {topic} received {leaked:?}"
+        );
+        subscriber.close().await.expect("close");
+    }
+    first.delete().await;
+    second.delete().await;
+}
+
+/// Admin calls are idempotent: ensuring twice and deleting twice are fine.
+pub async fn admin_is_idempotent(factory: &dyn BrokerFactory) {
+    let broker = factory.client().await;
+    let topic = unique_name("admin");
+    for _ in 0..2 {
+        broker.ensure_topic(&topic).await.expect("ensure_topic");
+        broker
+            .ensure_subscription(&topic, "readers")
+            .await
+            .expect("ensure_subscription");
+    }
+    for _ in 0..2 {
+        broker
+            .delete_subscription(&topic, "readers")
+            .await
+            .expect("delete_subscription");
+    }
+    for _ in 0..2 {
+        broker.delete_topic(&topic).await.expect("delete_topic");
+    }
+}

@@ -79,14 +79,19 @@ async fn read_with_members(
     publishing: impl std::future::Future<Output = ()>,
 ) -> HashSet<String> {
     let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let done = Arc::new(tokio::sync::Notify::new());
+    // A watch, not a `Notify`: a reader busy with a delivery when another one finishes
+    // must still see "done" at its next wait (`notify_waiters` wakes only tasks already
+    // waiting, which left such a reader waiting out the whole receive timeout).
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let done_tx = Arc::new(done_tx);
     let wait = case.factory.receive_timeout();
     let mut readers = Vec::new();
     for _ in 0..members {
         let mut subscriber = case.subscribe(group).await;
         let seen = Arc::clone(&seen);
         let expected = expected.clone();
-        let done = Arc::clone(&done);
+        let done_tx = Arc::clone(&done_tx);
+        let mut done_rx = done_rx.clone();
         readers.push(tokio::spawn(async move {
             let deadline = Instant::now() + wait;
             loop {
@@ -95,12 +100,12 @@ async fn read_with_members(
                     expected.iter().all(|id| seen.contains(id))
                 };
                 if complete {
-                    done.notify_waiters();
+                    done_tx.send_replace(true);
                     break;
                 }
                 let next = tokio::select! {
                     next = tokio::time::timeout_at(deadline, subscriber.next()) => next,
-                    _ = done.notified() => break,
+                    _ = done_rx.wait_for(|done| *done) => break,
                 };
                 match next {
                     Ok(Some(Ok(delivery))) => {

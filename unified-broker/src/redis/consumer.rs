@@ -483,6 +483,17 @@ async fn give_back(
     member: &Member,
     ids: &[String],
 ) -> RedisResult<()> {
+    claim_for_self(manager, member, ids, GIVE_BACK_IDLE).await
+}
+
+/// `XCLAIM`s `ids` (those still pending) for `member` itself with the given idle time,
+/// without counting a delivery (`JUSTID`).
+async fn claim_for_self(
+    manager: &mut ConnectionManager,
+    member: &Member,
+    ids: &[String],
+    idle: Duration,
+) -> RedisResult<()> {
     redis::cmd("XCLAIM")
         .arg(&member.topic)
         .arg(&member.group)
@@ -490,7 +501,7 @@ async fn give_back(
         .arg(0)
         .arg(ids)
         .arg("IDLE")
-        .arg(GIVE_BACK_IDLE.as_millis() as u64)
+        .arg(idle.as_millis() as u64)
         .arg("JUSTID")
         .query_async::<Value>(manager)
         .await
@@ -823,15 +834,7 @@ async fn touch(
     held: Vec<String>,
 ) -> RedisResult<()> {
     for ids in held.chunks(PAGE) {
-        redis::cmd("XCLAIM")
-            .arg(&member.topic)
-            .arg(&member.group)
-            .arg(&member.consumer)
-            .arg(0)
-            .arg(ids)
-            .arg("JUSTID")
-            .query_async::<Value>(manager)
-            .await?;
+        claim_for_self(manager, member, ids, Duration::ZERO).await?;
     }
     Ok(())
 }

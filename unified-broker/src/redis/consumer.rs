@@ -654,7 +654,7 @@ async fn pump(
             } else {
                 now
             };
-            if result.is_ok() && claims % CLAIMS_PER_CLEAN_UP == 0 {
+            if result.is_ok() && claims.is_multiple_of(CLAIMS_PER_CLEAN_UP) {
                 delete_abandoned(&mut manager, &member, &settings).await;
             }
             result

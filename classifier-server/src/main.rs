@@ -19,7 +19,7 @@ struct Args {
     /// Config file (TOML with [broker], [server], [client] tables).
     #[arg(long, env = "CLASSIFIER_CONFIG")]
     config: Option<PathBuf>,
-    /// Broker backend: embedded, kafka or pubsub (overrides the file).
+    /// Broker backend: embedded, kafka, pubsub or redis (overrides the file).
     #[arg(long)]
     broker: Option<String>,
     /// Model directory (model.safetensors + metadata.json).

@@ -23,7 +23,7 @@ struct Cli {
     /// Config file (TOML with [broker], [server], [client] tables).
     #[arg(long, global = true, env = "CLASSIFIER_CONFIG")]
     config: Option<PathBuf>,
-    /// Broker backend: embedded (default), kafka or pubsub.
+    /// Broker backend: embedded (default), kafka, pubsub or redis.
     #[arg(long, global = true)]
     broker: Option<String>,
     #[command(subcommand)]

@@ -2,8 +2,8 @@
 //! server processes that are killed when a test ends, running the client and reading
 //! its summary, and building folders of good and bad input files.
 //!
-//! The cross-process suite ([`cross_process`]) is generic over the backend: the Kafka
-//! and Pub/Sub test files run the same cases with their own environment.
+//! The cross-process suite ([`cross_process`]) is generic over the backend: the Kafka,
+//! Pub/Sub and Redis test files run the same cases with their own environment.
 
 pub mod cross_process;
 
@@ -289,7 +289,7 @@ pub fn many_images(dir: &Path, copies: usize) -> usize {
 /// scripts (`scripts/<name>-start.sh`, `-stop.sh`), so a test can stop and restart it
 /// without touching the broker the other tests share. Stopped when dropped.
 pub struct PrivateBroker {
-    /// Script prefix: "kafka" or "pubsub".
+    /// Script prefix: "kafka", "pubsub" or "redis".
     name: &'static str,
     /// The variable the scripts read the port from.
     port_var: &'static str,
@@ -297,11 +297,13 @@ pub struct PrivateBroker {
 }
 
 impl PrivateBroker {
-    /// A broker for `backend` ("kafka" or "pubsub") on a free loopback port; not started.
+    /// A broker for `backend` ("kafka", "pubsub" or "redis") on a free loopback port; not
+    /// started.
     pub fn new(backend: &str) -> PrivateBroker {
         let (name, port_var) = match backend {
             "kafka" => ("kafka", "KAFKA_PORT"),
             "pubsub" => ("pubsub", "PUBSUB_PORT"),
+            "redis" => ("redis", "REDIS_PORT"),
             other => panic!("no private broker for backend {other}"),
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -315,7 +317,8 @@ impl PrivateBroker {
         }
     }
 
-    /// `127.0.0.1:<port>`, for `KAFKA_BOOTSTRAP_SERVERS` or `PUBSUB_EMULATOR_HOST`.
+    /// `127.0.0.1:<port>`, for `KAFKA_BOOTSTRAP_SERVERS`, `PUBSUB_EMULATOR_HOST` or
+    /// `REDIS_URL` (which takes a bare `host:port` too).
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

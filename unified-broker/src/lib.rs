@@ -10,7 +10,7 @@
 //!
 //! Pick a backend with [`BrokerConfig`] (serde, so it comes straight from a TOML file) and
 //! get a client with [`connect`]. The [`embedded`] backend runs inside the process and is
-//! the default; `kafka` and `pubsub` talk to real servers. Long-running consumers wrap
+//! the default; `kafka`, `pubsub` and `redis` (Redis Streams) talk to real servers. Long-running consumers wrap
 //! their subscription in [`Resubscribing`] to carry on across broker restarts.
 //!
 //! Semantics every backend promises (checked by the conformance suite, feature
@@ -32,6 +32,8 @@ pub mod kafka;
 mod message;
 #[cfg(feature = "pubsub")]
 pub mod pubsub;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod resubscribe;
 
 pub use error::{BrokerError, Result};
@@ -75,7 +77,7 @@ impl Default for SubscribeOptions {
 /// Clients are cheap to share (`Arc<dyn Broker>`); every method takes `&self`.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Short backend name for logs: "embedded", "kafka", "pubsub".
+    /// Short backend name for logs: "embedded", "kafka", "pubsub", "redis".
     fn backend(&self) -> &'static str;
 
     /// What this backend promises beyond the basics.
@@ -154,6 +156,9 @@ pub enum BrokerConfig {
     /// Google Cloud Pub/Sub or its emulator.
     #[cfg(feature = "pubsub")]
     Pubsub(pubsub::PubSubConfig),
+    /// Redis Streams with consumer groups.
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisConfig),
 }
 
 impl Default for BrokerConfig {
@@ -170,6 +175,8 @@ impl BrokerConfig {
         "kafka",
         #[cfg(feature = "pubsub")]
         "pubsub",
+        #[cfg(feature = "redis")]
+        "redis",
     ];
 
     /// The default settings of the backend called `name` (as in config files).
@@ -180,6 +187,8 @@ impl BrokerConfig {
             "kafka" => Ok(BrokerConfig::Kafka(Default::default())),
             #[cfg(feature = "pubsub")]
             "pubsub" => Ok(BrokerConfig::Pubsub(Default::default())),
+            #[cfg(feature = "redis")]
+            "redis" => Ok(BrokerConfig::Redis(Default::default())),
             other => Err(BrokerError::Config(format!(
                 "unknown broker backend {other:?}; expected one of {:?}",
                 Self::BACKENDS
@@ -189,7 +198,8 @@ impl BrokerConfig {
 
     /// Applies the standard environment variables of the selected backend, the ones
     /// its users already know: `KAFKA_BOOTSTRAP_SERVERS` for Kafka,
-    /// `PUBSUB_EMULATOR_HOST` for Pub/Sub. `lookup` reads one variable.
+    /// `PUBSUB_EMULATOR_HOST` for Pub/Sub, `REDIS_URL` for Redis. `lookup` reads one
+    /// variable.
     pub fn apply_env(&mut self, lookup: &dyn Fn(&str) -> Option<String>) {
         match self {
             BrokerConfig::Embedded(_) => {}
@@ -205,6 +215,8 @@ impl BrokerConfig {
                     config.emulator_host = Some(host);
                 }
             }
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(config) => config.apply_env(lookup),
         }
     }
 
@@ -216,6 +228,8 @@ impl BrokerConfig {
             BrokerConfig::Kafka(_) => "kafka",
             #[cfg(feature = "pubsub")]
             BrokerConfig::Pubsub(_) => "pubsub",
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(_) => "redis",
         }
     }
 }
@@ -233,5 +247,7 @@ pub async fn connect(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
         BrokerConfig::Kafka(config) => Ok(Arc::new(kafka::KafkaBroker::connect(config).await?)),
         #[cfg(feature = "pubsub")]
         BrokerConfig::Pubsub(config) => Ok(Arc::new(pubsub::PubSubBroker::connect(config).await?)),
+        #[cfg(feature = "redis")]
+        BrokerConfig::Redis(config) => Ok(Arc::new(redis::RedisBroker::connect(config).await?)),
     }
 }

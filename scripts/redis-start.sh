@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Starts a local Redis server (for its Streams) for development and tests.
+#
+#   scripts/redis-start.sh             # port 6380, or REDIS_PORT (never the usual 6379,
+#                                      # which a machine's own Redis may be using)
+#   export REDIS_URL=redis://127.0.0.1:6380
+#   scripts/redis-stop.sh              # same REDIS_PORT
+#
+# Installs Debian's redis-server package with apt-get if redis-server is missing (and
+# fails clearly if it cannot). The server keeps everything in memory (no RDB snapshots,
+# no AOF): a restart loses all streams and groups. Several servers on different ports can
+# run side by side (the restart tests start private ones): each port has its own PID file
+# and log in .tools/run/ (gitignored).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PORT="${REDIS_PORT:-6380}"
+HOST=127.0.0.1
+RUN_DIR="$ROOT/.tools/run"
+PID_FILE="$RUN_DIR/redis-$PORT.pid"
+LOG_FILE="$RUN_DIR/redis-$PORT.log"
+START_TIMEOUT_SECONDS=30
+
+fail() {
+    echo "redis-start: $*" >&2
+    exit 1
+}
+
+[[ "$PORT" =~ ^[0-9]+$ ]] || fail "REDIS_PORT must be a number, got '$PORT'"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "redis-start: redis-server not found; installing Debian's redis-server package" >&2
+    if ! command -v apt-get >/dev/null 2>&1; then
+        fail "redis-server is missing and apt-get is not available: install Redis 6.2 or newer"
+    fi
+    # The package's own service must not take the default port: do not start it.
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } >&2 \
+        || fail "could not install redis-server with apt-get (run as root, with the Debian package lists reachable)"
+    command -v redis-server >/dev/null 2>&1 || fail "redis-server is still missing after apt-get install"
+fi
+REDIS_SERVER="$(command -v redis-server)"
+
+mkdir -p "$RUN_DIR"
+
+if [[ -f "$PID_FILE" ]]; then
+    old_pid="$(cat "$PID_FILE")"
+    if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
+        fail "a Redis started by this script is already running (PID $old_pid); run REDIS_PORT=$PORT scripts/redis-stop.sh first"
+    fi
+    rm -f "$PID_FILE"
+fi
+
+port_open() {
+    # bash's /dev/tcp: succeeds when something accepts a connection on the port.
+    (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
+}
+
+if port_open; then
+    fail "something already listens on $HOST:$PORT; stop it or set REDIS_PORT"
+fi
+
+answers_ping() {
+    # PING in the inline protocol; Redis answers +PONG.
+    local reply
+    reply="$( { exec 3<>"/dev/tcp/$HOST/$PORT" && printf 'PING\r\n' >&3 && timeout 2 head -c 5 <&3; } 2>/dev/null )" || return 1
+    [[ "$reply" == "+PONG"* ]]
+}
+
+# In the foreground of a background job (no --daemonize), so $! is redis-server itself.
+# No persistence: nothing written to disk, nothing loaded at start.
+nohup "$REDIS_SERVER" \
+    --bind "$HOST" \
+    --port "$PORT" \
+    --save '' \
+    --appendonly no \
+    --dir "$RUN_DIR" \
+    --dbfilename "redis-$PORT.rdb" \
+    --protected-mode yes \
+    --loglevel warning \
+    >"$LOG_FILE" 2>&1 </dev/null &
+pid=$!
+echo "$pid" >"$PID_FILE"
+
+deadline=$((SECONDS + START_TIMEOUT_SECONDS))
+until answers_ping; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        rm -f "$PID_FILE"
+        echo "redis-start: redis-server exited during start-up; last lines of $LOG_FILE:" >&2
+        tail -n 20 "$LOG_FILE" >&2 || true
+        exit 1
+    fi
+    if ((SECONDS >= deadline)); then
+        echo "redis-start: redis-server did not answer PING on $HOST:$PORT within ${START_TIMEOUT_SECONDS}s; stopping it" >&2
+        REDIS_PORT="$PORT" "$ROOT/scripts/redis-stop.sh" >&2 || true
+        exit 1
+    fi
+    sleep 0.1
+done
+
+echo "redis-start: redis-server (PID $pid) listening on $HOST:$PORT, log in $LOG_FILE" >&2
+echo "REDIS_URL=redis://$HOST:$PORT"

@@ -1,0 +1,134 @@
+//! Stream and consumer-group admin for Redis.
+//!
+//! - `ensure_topic` creates an empty stream if the key does not exist, atomically (a
+//!   script: `XADD … MAXLEN 0` adds a placeholder entry and trims it at once). A key
+//!   that holds something other than a stream is an error, not silently reused.
+//! - Groups are created at the end of the stream (`XGROUP CREATE … $`), "already
+//!   exists" (`BUSYGROUP`) counting as success. `ensure_subscription` creates the stream
+//!   too if needed (`MKSTREAM`); `subscribe` requires it.
+//! - Deleting a missing stream or group succeeds (idempotent).
+
+use super::{map_error, ErrorContext, RedisBroker};
+use crate::{BrokerError, Result};
+
+/// Creates an empty stream at `KEYS[1]` unless the key exists; fails if it exists and is
+/// not a stream. Returns 1 if it created the stream.
+const CREATE_STREAM: &str = r#"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'created', '1')
+    return 1
+elseif kind ~= 'stream' then
+    return redis.error_reply('WRONGTYPE key ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
+end
+return 0
+"#;
+
+/// Whether a server error says the stream does not exist (XGROUP on a missing key).
+fn is_missing_key(error: &redis::RedisError) -> bool {
+    error.to_string().contains("requires the key to exist")
+}
+
+impl RedisBroker {
+    /// Creates stream `topic` unless it exists.
+    pub(super) async fn create_stream(&self, topic: &str) -> Result<()> {
+        let created: i64 = redis::cmd("EVAL")
+            .arg(CREATE_STREAM)
+            .arg(1)
+            .arg(topic)
+            .query_async(&mut self.manager())
+            .await
+            .map_err(|error| map_error(&error, ErrorContext::Admin(topic)))?;
+        if created == 1 {
+            tracing::info!(topic, "created redis stream");
+        } else {
+            tracing::debug!(topic, "redis stream already exists");
+        }
+        Ok(())
+    }
+
+    /// Deletes stream `topic` (and its groups) if it exists.
+    pub(super) async fn remove_stream(&self, topic: &str) -> Result<()> {
+        let deleted: i64 = redis::cmd("DEL")
+            .arg(topic)
+            .query_async(&mut self.manager())
+            .await
+            .map_err(|error| map_error(&error, ErrorContext::Admin(topic)))?;
+        tracing::info!(topic, existed = deleted > 0, "deleted redis stream");
+        Ok(())
+    }
+
+    /// Creates group `group` on `topic` at the end of the stream unless it exists;
+    /// creates the stream too if `make_stream`, otherwise a missing stream is
+    /// `TopicNotFound`.
+    pub(super) async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        make_stream: bool,
+    ) -> Result<()> {
+        let mut command = redis::cmd("XGROUP");
+        command.arg("CREATE").arg(topic).arg(group).arg("$");
+        if make_stream {
+            command.arg("MKSTREAM");
+        }
+        match command.query_async::<()>(&mut self.manager()).await {
+            Ok(()) => {
+                tracing::info!(topic, group, "created redis consumer group");
+                Ok(())
+            }
+            Err(error) if error.code() == Some("BUSYGROUP") => {
+                tracing::debug!(topic, group, "redis consumer group already exists");
+                Ok(())
+            }
+            Err(error) if is_missing_key(&error) => Err(BrokerError::TopicNotFound(topic.into())),
+            Err(error) => Err(map_error(&error, ErrorContext::Admin(topic))),
+        }
+    }
+
+    /// Destroys group `group` on `topic` (with its pending entries) if it exists.
+    pub(super) async fn remove_group(&self, topic: &str, group: &str) -> Result<()> {
+        let destroyed = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(topic)
+            .arg(group)
+            .query_async::<i64>(&mut self.manager())
+            .await;
+        match destroyed {
+            Ok(count) => {
+                tracing::info!(
+                    topic,
+                    group,
+                    existed = count > 0,
+                    "destroyed redis consumer group"
+                );
+                Ok(())
+            }
+            Err(error) if is_missing_key(&error) => {
+                tracing::debug!(
+                    topic,
+                    group,
+                    "stream of the group to destroy does not exist"
+                );
+                Ok(())
+            }
+            Err(error) => Err(map_error(&error, ErrorContext::Admin(topic))),
+        }
+    }
+
+    /// Fails with `TopicNotFound` unless `topic` is a stream.
+    pub(super) async fn require_topic(&self, topic: &str) -> Result<()> {
+        let kind: String = redis::cmd("TYPE")
+            .arg(topic)
+            .query_async(&mut self.manager())
+            .await
+            .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
+        match kind.as_str() {
+            "stream" => Ok(()),
+            "none" => Err(BrokerError::TopicNotFound(topic.to_string())),
+            other => Err(BrokerError::Subscribe(format!(
+                "key {topic} holds a {other}, not a stream"
+            ))),
+        }
+    }
+}

@@ -23,7 +23,7 @@ use unified_broker::{Broker, BrokerConfig};
 
 pub use config::{AppConfig, ClientConfig, ServerConfig};
 pub use server::{ModelServer, ServerStats, StatsSnapshot};
-pub use trainer::model::Classifier;
+pub use classifier_inference::Classifier;
 
 /// Loads the model directory named in the config, with a message that says what to do
 /// when it is missing.

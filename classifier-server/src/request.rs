@@ -10,8 +10,8 @@ use classifier_proto::{
     attributes, ClassifyError, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome, Prediction,
     Predictions, ProstMessage, CONTENT_TYPE_RESPONSE, SCHEMA_VERSION,
 };
-use trainer::model::ModelMetadata;
-use trainer::preprocess::Preprocessor;
+use classifier_inference::ModelMetadata;
+use classifier_inference::Preprocessor;
 use unified_broker::Message;
 
 use crate::decode::{decode_image, DecodeLimits};

@@ -32,8 +32,8 @@ use classifier_proto::{ClassifyError, ErrorCode};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use trainer::model::Classifier;
-use trainer::preprocess::Preprocessor;
+use classifier_inference::Classifier;
+use classifier_inference::Preprocessor;
 use unified_broker::{
     Broker, BrokerError, Delivery, Message, Resubscribing, SubscribeOptions, Subscriber,
 };

@@ -315,7 +315,11 @@ impl FastNet {
                 continue;
             }
             // im2col over the padded layer-1 output.
-            im2col(pad1, (h1, w1, c1), &mut s.patches[i * rows * k2..][..rows * k2]);
+            im2col(
+                pad1,
+                (h1, w1, c1),
+                &mut s.patches[i * rows * k2..][..rows * k2],
+            );
         }
         if AVX512 {
             return;
@@ -405,7 +409,10 @@ mod simd {
         out: &[f32],
         out_len: usize,
     ) {
-        assert!(pad.len() >= (h + 2) * (w + 2) * c_in, "padded input too short");
+        assert!(
+            pad.len() >= (h + 2) * (w + 2) * c_in,
+            "padded input too short"
+        );
         assert!(wt.len() >= 9 * c_in * c_out, "weights too short");
         assert!(out.len() >= out_len, "output too short");
     }
@@ -554,8 +561,9 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::kernels::pad_image;
-    use crate::model::{Classifier, ModelMetadata, Net, Normalization};
+    use crate::model::{ModelMetadata, Net, Normalization};
     use crate::reference::{self, conv_weight_from_oihw, rel_err};
+    use crate::Classifier;
 
     /// A classifier with random weights for `(h, w, c_in)` inputs.
     fn random_classifier(

@@ -291,13 +291,17 @@ impl CustomOp3 for ConvPoolReluGrad {
 /// is what limits separate ops on CPU. `w` is `(9 * c_in, c_out)` (see the module docs),
 /// `b` is `(c_out)`. Set `input_grad` to false when `x` never needs a gradient (the
 /// network's input) to skip that work, a third of the backward cost.
-pub(crate) fn conv3x3_pool2_relu(x: &Tensor, w: &Tensor, b: &Tensor, input_grad: bool) -> Result<Tensor> {
+pub(crate) fn conv3x3_pool2_relu(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    input_grad: bool,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let b = b.contiguous()?;
     x.apply_op3(&w, &b, ConvPoolRelu { input_grad })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -309,7 +313,10 @@ mod tests {
     /// The fused op against the reference layer on random data of shape
     /// `(n, h, w, c_in) → c_out`: the output, and the gradients of a random projection of it
     /// for `w`, `b` and, if `input_grad`, `x` (which must have none otherwise).
-    fn check_fused((n, h, w, c_in, c_out): (usize, usize, usize, usize, usize), input_grad: bool) -> Result<()> {
+    fn check_fused(
+        (n, h, w, c_in, c_out): (usize, usize, usize, usize, usize),
+        input_grad: bool,
+    ) -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (n, h, w, c_in), &dev)?;
         let wt = Var::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
@@ -322,13 +329,20 @@ mod tests {
         let probe = Tensor::randn(0f32, 1.0, ours.shape(), &dev)?;
         let g_ours = (&ours * &probe)?.sum_all()?.backward()?;
         let g_ref = (&reference * &probe)?.sum_all()?.backward()?;
-        assert_eq!(g_ours.get(&x).is_some(), input_grad, "{shape}: input gradient");
+        assert_eq!(
+            g_ours.get(&x).is_some(),
+            input_grad,
+            "{shape}: input gradient"
+        );
         let mut checked = vec![("w", &wt), ("b", &b)];
         if input_grad {
             checked.push(("x", &x));
         }
         for (name, v) in checked {
-            let (a, r) = (g_ours.get(v).expect("ours"), g_ref.get(v).expect("reference"));
+            let (a, r) = (
+                g_ours.get(v).expect("ours"),
+                g_ref.get(v).expect("reference"),
+            );
             let e = rel_err_tensors(a, r)?;
             assert!(e < 1e-4, "{shape}: grad {name} rel err {e}");
         }

@@ -21,9 +21,9 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use unified_broker::{Broker, BrokerConfig};
 
+pub use classifier_inference::Classifier;
 pub use config::{AppConfig, ClientConfig, ServerConfig};
 pub use server::{ModelServer, ServerStats, StatsSnapshot};
-pub use trainer::model::Classifier;
 
 /// Loads the model directory named in the config, with a message that says what to do
 /// when it is missing.

@@ -6,12 +6,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use classifier_inference::ModelMetadata;
+use classifier_inference::Preprocessor;
 use classifier_proto::{
     attributes, ClassifyError, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome, Prediction,
     Predictions, ProstMessage, CONTENT_TYPE_RESPONSE, SCHEMA_VERSION,
 };
-use trainer::model::ModelMetadata;
-use trainer::preprocess::Preprocessor;
 use unified_broker::Message;
 
 use crate::decode::{decode_image, DecodeLimits};

@@ -28,12 +28,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use classifier_inference::Classifier;
+use classifier_inference::Preprocessor;
 use classifier_proto::{ClassifyError, ErrorCode};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use trainer::model::Classifier;
-use trainer::preprocess::Preprocessor;
 use unified_broker::{
     Broker, BrokerError, Delivery, Message, Resubscribing, SubscribeOptions, Subscriber,
 };

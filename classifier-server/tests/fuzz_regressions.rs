@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
+use classifier_inference::ModelMetadata;
+use classifier_inference::Preprocessor;
 use classifier_proto::{attributes, ErrorCode, CONTENT_TYPE_REQUEST};
 use classifier_server::decode::DecodeLimits;
 use classifier_server::request::prepare;
-use trainer::model::ModelMetadata;
-use trainer::preprocess::Preprocessor;
 use unified_broker::Message;
 
 /// The same wrapping as `classifier_fuzz::message_from_fuzz_bytes`.

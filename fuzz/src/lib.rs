@@ -11,8 +11,8 @@ use std::sync::{Mutex, OnceLock};
 use classifier_proto::{attributes, ErrorCode};
 use classifier_server::decode::DecodeLimits;
 use classifier_server::request::{PreparedInput, Rejected};
-use trainer::model::ModelMetadata;
-use trainer::preprocess::Preprocessor;
+use classifier_inference::ModelMetadata;
+use classifier_inference::Preprocessor;
 use unified_broker::Message;
 
 mod seeds;

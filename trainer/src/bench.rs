@@ -25,9 +25,9 @@ use image::{DynamicImage, ImageFormat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use classifier_inference::{Classifier, Preprocessor};
+
 use crate::data;
-use crate::model::Classifier;
-use crate::preprocess::Preprocessor;
 use crate::train::{self, TrainConfig};
 
 /// What `trainer bench` measures, and how long.

@@ -8,8 +8,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::model::Normalization;
-use crate::preprocess::Preprocessor;
+use classifier_inference::{Normalization, Preprocessor};
 
 /// Fashion-MNIST display names, in label order.
 pub const FASHION_MNIST_CLASS_NAMES: [&str; 10] = [

@@ -1,13 +1,8 @@
-//! The Fashion-MNIST CNN: model format and inference ([`model`], [`preprocess`]) used by the
-//! classifier server, plus the data loading and training code behind the `trainer` CLI.
+//! Training of the Fashion-MNIST CNN behind the `trainer` CLI: data loading ([`data`]), the
+//! training loop and the drivers that write a model directory ([`train`]), and
+//! `trainer bench` ([`bench`]). The model format, the network and inference live in the
+//! `classifier-inference` crate, which this one writes models for.
 
 pub mod bench;
 pub mod data;
-mod infer;
-pub mod model;
-pub mod ops;
-pub mod preprocess;
 pub mod train;
-
-pub use model::{Classifier, ModelMetadata, Normalization};
-pub use preprocess::Preprocessor;

@@ -11,9 +11,10 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use classifier_inference::model::{chw_batch_to_nhwc, Net, WEIGHTS_FILE};
+use classifier_inference::{Classifier, ModelMetadata, Normalization, Preprocessor};
+
 use crate::data::{self, Dataset};
-use crate::model::{chw_batch_to_nhwc, Classifier, ModelMetadata, Net, Normalization};
-use crate::preprocess::Preprocessor;
 
 /// Hyper-parameters of one training run.
 #[derive(Clone, Debug)]
@@ -286,19 +287,7 @@ pub(crate) fn train_net(
         tracing::debug!(?stats, "epoch done");
         on_epoch(&stats);
     }
-    // Detach the weights from the optimiser's variables.
-    let n = &params.net;
-    let d = |t: &Tensor| t.detach();
-    Ok(Net {
-        conv1_w: d(&n.conv1_w),
-        conv1_b: d(&n.conv1_b),
-        conv2_w: d(&n.conv2_w),
-        conv2_b: d(&n.conv2_b),
-        fc1_w: d(&n.fc1_w),
-        fc1_b: d(&n.fc1_b),
-        fc2_w: d(&n.fc2_w),
-        fc2_b: d(&n.fc2_b),
-    })
+    Ok(params.net.detach())
 }
 
 /// Options shared by all training drivers.
@@ -417,7 +406,7 @@ fn train_and_save(
     meta.validate()?;
     std::fs::create_dir_all(&opts.output)
         .with_context(|| format!("creating {}", opts.output.display()))?;
-    net.save(&opts.output.join(crate::model::WEIGHTS_FILE))?;
+    net.save(&opts.output.join(WEIGHTS_FILE))?;
     meta.save(&opts.output)?;
     Ok(TrainOutcome {
         classifier: Classifier::from_parts(meta, net)?,

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use classifier_inference::{Classifier, ModelMetadata, Normalization, Preprocessor};
 use image::{DynamicImage, GrayImage, Rgb, RgbImage};
 use trainer::data::{self, FASHION_MNIST_CLASS_DIRS};
 use trainer::train::{self, ImageFolderOptions, RunOptions, TrainConfig};
-use trainer::{Classifier, ModelMetadata, Normalization, Preprocessor};
 
 /// Three visually distinct classes: horizontal stripes, vertical stripes, a centred blob.
 fn pattern(class: usize, size: u32, variant: u32) -> GrayImage {

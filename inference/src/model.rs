@@ -1,5 +1,5 @@
 //! The model format (weights in `model.safetensors`, description in `metadata.json`) and the
-//! network itself, shared by training and by inference in the classifier server.
+//! network itself ([`Net`]): the one definition the trainer writes and every consumer reads.
 //!
 //! Network (NHWC tensors throughout):
 //! `conv3x3(pad 1) c→32 → maxpool 2 → ReLU → conv3x3(pad 1) 32→64 → maxpool 2 → ReLU →
@@ -8,13 +8,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::infer::FastNet;
 use crate::ops;
 
 /// File name of the weights inside a model directory.
@@ -163,17 +161,26 @@ impl ModelMetadata {
     }
 }
 
-/// The network's parameters and forward pass, used by both training (with `Var`-backed
-/// tensors) and inference.
+/// The network's parameters and its candle forward pass: trained by the trainer (with
+/// `Var`-backed tensors, through the custom op's backward pass), stored and loaded here, and
+/// the reference the fast inference path is checked against. Shapes: see [`names`].
 #[derive(Clone, Debug)]
-pub(crate) struct Net {
+pub struct Net {
+    /// See [`names::CONV1_W`].
     pub conv1_w: Tensor,
+    /// See [`names::CONV1_B`].
     pub conv1_b: Tensor,
+    /// See [`names::CONV2_W`].
     pub conv2_w: Tensor,
+    /// See [`names::CONV2_B`].
     pub conv2_b: Tensor,
+    /// See [`names::FC1_W`].
     pub fc1_w: Tensor,
+    /// See [`names::FC1_B`].
     pub fc1_b: Tensor,
+    /// See [`names::FC2_W`].
     pub fc2_w: Tensor,
+    /// See [`names::FC2_B`].
     pub fc2_b: Tensor,
 }
 
@@ -198,6 +205,21 @@ impl Net {
             None => h,
         };
         h.matmul(&self.fc2_w.t()?)?.broadcast_add(&self.fc2_b)
+    }
+
+    /// The same weights cut loose from the autograd graph (what a finished training run
+    /// keeps, without the optimiser's variables).
+    pub fn detach(&self) -> Net {
+        Net {
+            conv1_w: self.conv1_w.detach(),
+            conv1_b: self.conv1_b.detach(),
+            conv2_w: self.conv2_w.detach(),
+            conv2_b: self.conv2_b.detach(),
+            fc1_w: self.fc1_w.detach(),
+            fc1_b: self.fc1_b.detach(),
+            fc2_w: self.fc2_w.detach(),
+            fc2_b: self.fc2_b.detach(),
+        }
     }
 
     /// Named tensors, as stored in `model.safetensors`.
@@ -284,8 +306,9 @@ impl Net {
     }
 }
 
-/// Converts N concatenated CHW images into one NHWC tensor (a copy; free for 1 channel).
-pub(crate) fn chw_batch_to_nhwc(
+/// Converts N concatenated CHW images (as [`crate::Preprocessor`] makes them) into the one
+/// NHWC tensor [`Net::forward`] takes (a copy; a plain reshape for 1 channel).
+pub fn chw_batch_to_nhwc(
     inputs: &[f32],
     n: usize,
     c: usize,
@@ -309,178 +332,4 @@ pub(crate) fn chw_batch_to_nhwc(
         out
     };
     Tensor::from_vec(data, (n, h, w, c), &Device::Cpu)
-}
-
-/// A loaded model ready for inference. It is `Send + Sync` (weights are immutable
-/// reference-counted tensors), so a server can share one instance across threads.
-#[derive(Clone, Debug)]
-pub struct Classifier {
-    meta: ModelMetadata,
-    net: Net,
-    /// The same weights as plain vectors, for the fast inference path.
-    pub(crate) fast: Arc<FastNet>,
-}
-
-/// Largest number of images pushed through the network at once by [`Classifier::predict`];
-/// bigger requests are processed in slices so memory stays bounded.
-const PREDICT_CHUNK: usize = 256;
-
-impl Classifier {
-    /// Loads `model.safetensors` and `metadata.json` from `dir`, validating that they agree.
-    pub fn load(dir: &Path) -> anyhow::Result<Classifier> {
-        let meta = ModelMetadata::load(dir)?;
-        let net = Net::load(&dir.join(WEIGHTS_FILE), &meta)?;
-        Self::from_parts(meta, net)
-    }
-
-    /// Builds a classifier from in-memory parts (used right after training).
-    pub(crate) fn from_parts(meta: ModelMetadata, net: Net) -> anyhow::Result<Classifier> {
-        let v = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
-        let fast = FastNet::new(
-            (
-                meta.input_height as usize,
-                meta.input_width as usize,
-                meta.input_channels as usize,
-            ),
-            (v(&net.conv1_w)?, v(&net.conv1_b)?),
-            (v(&net.conv2_w)?, v(&net.conv2_b)?),
-            (v(&net.fc1_w)?, v(&net.fc1_b)?),
-            (v(&net.fc2_w)?, v(&net.fc2_b)?),
-        )?;
-        Ok(Classifier {
-            meta,
-            net,
-            fast: Arc::new(fast),
-        })
-    }
-
-    /// The model's metadata (class names, input size, normalisation, provenance).
-    pub fn metadata(&self) -> &ModelMetadata {
-        &self.meta
-    }
-
-    /// Number of floats per preprocessed input image: channels × height × width.
-    pub fn input_len(&self) -> usize {
-        self.meta.input_len()
-    }
-
-    /// FLOPs of one forward pass for one image: 2 × the multiply-adds of the two
-    /// convolutions and the two linear layers (bias, pooling, ReLU and softmax, which are
-    /// comparatively free, are not counted).
-    pub(crate) fn flops_per_image(&self) -> u64 {
-        let dims = |t: &Tensor| t.dims().to_vec();
-        let (h, w) = (self.meta.input_height as u64, self.meta.input_width as u64);
-        let (k1, c1) = (
-            dims(&self.net.conv1_w)[0] as u64,
-            dims(&self.net.conv1_w)[1] as u64,
-        );
-        let (k2, c2) = (
-            dims(&self.net.conv2_w)[0] as u64,
-            dims(&self.net.conv2_w)[1] as u64,
-        );
-        let (hidden, flat) = (
-            dims(&self.net.fc1_w)[0] as u64,
-            dims(&self.net.fc1_w)[1] as u64,
-        );
-        let classes = dims(&self.net.fc2_w)[0] as u64;
-        2 * (h * w * k1 * c1 + (h / 2) * (w / 2) * k2 * c2 + flat * hidden + hidden * classes)
-    }
-
-    /// `inputs` is N preprocessed images concatenated (N * input_len floats, CHW each);
-    /// returns N rows of class probabilities (softmax).
-    ///
-    /// Runs the fast path (see the `infer` module): plain-slice kernels on the rayon
-    /// threads, bypassing candle; [`Classifier::predict_candle`] is the reference.
-    pub fn predict(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-        let len = self.input_len();
-        if inputs.len() != n * len {
-            bail!(
-                "predict: expected {n} images of {len} floats ({} floats), got {}",
-                n * len,
-                inputs.len()
-            );
-        }
-        let mut out = Vec::with_capacity(n);
-        for chunk in inputs.chunks(PREDICT_CHUNK * len) {
-            let m = chunk.len() / len;
-            let logits = self.fast.logits(chunk, m);
-            out.extend(
-                logits
-                    .chunks_exact(self.meta.class_names.len())
-                    .map(softmax),
-            );
-        }
-        Ok(out)
-    }
-
-    /// Flat `(n, classes)` logits through candle tensors and the training forward pass
-    /// (for tests of the fast path).
-    #[cfg(test)]
-    pub(crate) fn logits_candle(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
-        let x = chw_batch_to_nhwc(
-            inputs,
-            n,
-            self.meta.input_channels as usize,
-            self.meta.input_height as usize,
-            self.meta.input_width as usize,
-        )?;
-        Ok(self
-            .net
-            .forward(&x, None)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
-    }
-
-    /// [`Classifier::predict`] through candle tensors and the training forward pass: the
-    /// reference the fast path is checked against.
-    pub(crate) fn predict_candle(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-        let len = self.input_len();
-        if inputs.len() != n * len {
-            bail!(
-                "predict: expected {n} images of {len} floats ({} floats), got {}",
-                n * len,
-                inputs.len()
-            );
-        }
-        let mut out = Vec::with_capacity(n);
-        for chunk in inputs.chunks(PREDICT_CHUNK * len) {
-            let m = chunk.len() / len;
-            let x = chw_batch_to_nhwc(
-                chunk,
-                m,
-                self.meta.input_channels as usize,
-                self.meta.input_height as usize,
-                self.meta.input_width as usize,
-            )?;
-            let logits = self.net.forward(&x, None)?;
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            out.extend(probs.to_vec2::<f32>()?);
-        }
-        Ok(out)
-    }
-}
-
-/// Softmax of one row of logits (as candle's `softmax_last_dim`: `exp(x - max) / sum`).
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut out: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
-    let sum: f32 = out.iter().sum();
-    for v in &mut out {
-        *v /= sum;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn assert_send_sync<T: Send + Sync>() {}
-
-    #[test]
-    fn classifier_is_send_sync() {
-        assert_send_sync::<Classifier>();
-    }
 }

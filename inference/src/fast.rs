@@ -1,4 +1,4 @@
-//! The inference path of [`crate::Classifier`]: the same network and weights as
+//! The fast inference path of [`crate::Classifier`]: the same network and weights as
 //! [`crate::model::Net::forward`], over plain slices instead of candle tensors.
 //!
 //! What the profile of the candle path showed (perf, batch 512): the convolution kernels
@@ -22,13 +22,15 @@
 //! as rounding `x + b` is monotonic in `x`; on Fashion-MNIST's test set the probabilities
 //! come out bit-for-bit equal to the candle path's. The AVX-512 kernels are picked at run
 //! time (the crate is built for baseline x86-64); other CPUs take a portable path (direct
-//! layer 1, im2col + `gemm` for layer 2). Tests compare both with candle's reference.
+//! layer 1, im2col + `gemm` for layer 2, with the im2col and pooling of [`crate::kernels`]).
+//! Tests compare the layer kernels with `reference` and both paths with the candle
+//! forward pass.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::ops::sgemm;
+use crate::kernels::{fmax, im2col, max_pool2_relu, sgemm};
 
 /// Images per chunk (the unit of work of one rayon task): small enough that a batch of 16
 /// keeps both cores busy, large enough to amortise the task overhead. On the portable path
@@ -312,26 +314,12 @@ impl FastNet {
                 };
                 continue;
             }
-            // im2col over the padded layer-1 output: for each output pixel and kernel
-            // row, 3 neighbouring pixels × c1 channels are contiguous.
-            let patches = &mut s.patches[i * rows * k2..][..rows * k2];
-            let run = 3 * c1;
-            for y in 0..h1 {
-                for x in 0..w1 {
-                    let row = &mut patches[(y * w1 + x) * k2..][..k2];
-                    for ky in 0..3 {
-                        let src = &pad1[((y + ky) * (w1 + 2) + x) * c1..][..run];
-                        let dst = &mut row[ky * run..][..run];
-                        #[cfg(target_arch = "x86_64")]
-                        if AVX512 {
-                            // SAFETY: AVX512 is only true inside `conv_chunk_avx512`.
-                            unsafe { simd::copy(src, dst) };
-                            continue;
-                        }
-                        dst.copy_from_slice(src);
-                    }
-                }
-            }
+            // im2col over the padded layer-1 output.
+            im2col(
+                pad1,
+                (h1, w1, c1),
+                &mut s.patches[i * rows * k2..][..rows * k2],
+            );
         }
         if AVX512 {
             return;
@@ -355,39 +343,7 @@ impl FastNet {
             .chunks_exact(rows * c2)
             .zip(features.chunks_exact_mut(flat))
         {
-            pool_bias_relu(conv, (h1, w1, c2), &self.conv2_b, out);
-        }
-    }
-}
-
-/// The larger of two floats (`a` if they compare equal), without `f32::max`'s NaN
-/// handling, so it compiles to one `max` instruction.
-#[inline(always)]
-fn fmax(a: f32, b: f32) -> f32 {
-    if b > a {
-        b
-    } else {
-        a
-    }
-}
-
-/// Max-pools one image's `(h, w, c)` map by 2, adds `bias` and applies ReLU, writing the
-/// `(h/2, w/2, c)` result to `out`.
-#[inline(always)]
-fn pool_bias_relu(conv: &[f32], (h, w, c): (usize, usize, usize), bias: &[f32], out: &mut [f32]) {
-    let bias = &bias[..c];
-    let row = w * c;
-    for oy in 0..h / 2 {
-        let top = &conv[2 * oy * row..][..row];
-        let bottom = &conv[(2 * oy + 1) * row..][..row];
-        for ox in 0..w / 2 {
-            let dst = &mut out[(oy * (w / 2) + ox) * c..][..c];
-            let (p00, p01) = top[2 * ox * c..][..2 * c].split_at(c);
-            let (p10, p11) = bottom[2 * ox * c..][..2 * c].split_at(c);
-            for ch in 0..c {
-                let m = fmax(fmax(p00[ch], p01[ch]), fmax(p10[ch], p11[ch]));
-                dst[ch] = fmax(m + bias[ch], 0.0);
-            }
+            max_pool2_relu(conv, (h1, w1, c2), Some(&self.conv2_b), out);
         }
     }
 }
@@ -442,6 +398,25 @@ fn conv1_pool_relu(
 mod simd {
     use std::arch::x86_64::*;
 
+    /// The slice lengths the raw reads and writes of a kernel rely on: `pad` holds one
+    /// zero-padded `(h, w, c_in)` image, `wt` a `(9 * c_in, c_out)` matrix, `out` at least
+    /// `out_len` floats. Panics otherwise.
+    fn assert_lengths(
+        pad: &[f32],
+        (h, w, c_in): (usize, usize, usize),
+        wt: &[f32],
+        c_out: usize,
+        out: &[f32],
+        out_len: usize,
+    ) {
+        assert!(
+            pad.len() >= (h + 2) * (w + 2) * c_in,
+            "padded input too short"
+        );
+        assert!(wt.len() >= 9 * c_in * c_out, "weights too short");
+        assert!(out.len() >= out_len, "output too short");
+    }
+
     /// Layer 2 fused, without im2col: 3×3 convolution over the zero-padded layer-1 output
     /// `pad` (`(h1+2, w1+2, c1)`), 2×2 max-pool, bias, ReLU, into `out` (`(h1/2, w1/2, c2)`).
     ///
@@ -466,9 +441,7 @@ mod simd {
         let (h2, w2) = (h1 / 2, w1 / 2);
         let pw = w1 + 2;
         let run = 3 * c1;
-        assert!(pad.len() >= (h1 + 2) * pw * c1);
-        assert!(wt.len() >= 9 * c1 * c2);
-        assert!(out.len() >= h2 * w2 * c2);
+        assert_lengths(pad, (h1, w1, c1), wt, c2, out, h2 * w2 * c2);
         let zero = _mm512_setzero_ps();
         let mut cb = 0;
         while cb < c2 {
@@ -522,33 +495,6 @@ mod simd {
         }
     }
 
-    /// `dst.copy_from_slice(src)` inlined as 16-float moves: the im2col runs are a few
-    /// hundred bytes, where a `memcpy` call costs more than the copy.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn copy(src: &[f32], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len());
-        let n = src.len();
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 <= n, the length of both slices.
-            _mm512_storeu_ps(
-                dst.as_mut_ptr().add(i),
-                _mm512_loadu_ps(src.as_ptr().add(i)),
-            );
-            i += 16;
-        }
-        if i < n {
-            let mask: __mmask16 = (1u16 << (n - i)) - 1;
-            // SAFETY: the mask covers only the n - i < 16 remaining elements.
-            let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add(i));
-            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), mask, v);
-        }
-    }
-
     /// [`super::conv1_pool_relu`] with 16 output channels per register: for each pooling
     /// window and block of 16 channels, four accumulators (the window's four conv
     /// outputs) take one fused multiply-add per kernel tap and input channel. A tail of
@@ -568,9 +514,7 @@ mod simd {
         let (h1, w1) = (h / 2, w / 2);
         let pw = w + 2;
         let k = 9 * c_in;
-        assert!(pad.len() >= (h + 2) * pw * c_in);
-        assert!(wt.len() >= k * c1);
-        assert!(out.len() >= (h1 + 2) * (w1 + 2) * c1);
+        assert_lengths(pad, (h, w, c_in), wt, c1, out, (h1 + 2) * (w1 + 2) * c1);
         // Offsets in `pad` of each tap, relative to a conv output's top-left input.
         let taps: Vec<usize> = (0..k)
             .map(|t| ((t / (3 * c_in)) * pw + (t / c_in) % 3) * c_in + t % c_in)
@@ -616,8 +560,10 @@ mod simd {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    use crate::model::{Classifier, ModelMetadata, Net, Normalization};
-    use crate::ops::conv_weight_from_oihw;
+    use crate::kernels::pad_image;
+    use crate::model::{ModelMetadata, Net, Normalization};
+    use crate::reference::{self, conv_weight_from_oihw, rel_err};
+    use crate::Classifier;
 
     /// A classifier with random weights for `(h, w, c_in)` inputs.
     fn random_classifier(
@@ -666,46 +612,10 @@ mod tests {
         Ok(Classifier::from_parts(meta, net).expect("consistent shapes"))
     }
 
-    /// max |a - b| / max |b| over two sets of rows.
-    fn rel_err(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-        let a: Vec<f32> = a.concat();
-        let b: Vec<f32> = b.concat();
-        assert_eq!(a.len(), b.len());
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-        diff / scale.max(1e-12)
-    }
-
-    /// `relu(max_pool2d(conv2d(x, pad 1) + b))` with candle's plain NCHW ops, as HWC.
-    fn reference_layer(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Vec<f32>> {
-        let c_out = b.dim(0)?;
-        x.permute((0, 3, 1, 2))?
-            .conv2d(w, 1, 1, 1, 1)?
-            .broadcast_add(&b.reshape((1, c_out, 1, 1))?)?
-            .max_pool2d(2)?
-            .relu()?
-            .permute((0, 2, 3, 1))?
-            .flatten_all()?
-            .to_vec1::<f32>()
-    }
-
-    /// One HWC image zero-padded by one pixel.
-    fn padded(x: &[f32], (h, w, c): (usize, usize, usize)) -> Vec<f32> {
-        let mut p = vec![0f32; (h + 2) * (w + 2) * c];
-        for y in 0..h {
-            p[((y + 1) * (w + 2) + 1) * c..][..w * c].copy_from_slice(&x[y * w * c..][..w * c]);
-        }
-        p
-    }
-
     /// The layer kernels (both AVX-512 ones, when the CPU has them, and the portable
-    /// layer 1) against candle's plain `conv2d` + `max_pool2d` + ReLU on random inputs.
+    /// layer 1) against the reference layer on random inputs.
     #[test]
-    fn layer_kernels_match_candle_conv2d_max_pool2d() -> candle_core::Result<()> {
+    fn layer_kernels_match_reference() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         for (h, w, c_in, c_out) in [
             (28, 28, 1, 32),
@@ -716,8 +626,11 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (1, h, w, c_in), &dev)?;
             let wt = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
             let b = Tensor::randn(0f32, 0.5, c_out, &dev)?;
-            let reference = reference_layer(&x, &wt, &b)?;
-            let pad = padded(&x.flatten_all()?.to_vec1::<f32>()?, (h, w, c_in));
+            let reference = reference::conv3x3_pool2_relu(&x, &wt, &b)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut pad = vec![0f32; (h + 2) * (w + 2) * c_in];
+            pad_image(&x.flatten_all()?.to_vec1::<f32>()?, (h, w, c_in), &mut pad);
             let wk = conv_weight_from_oihw(&wt)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
@@ -731,7 +644,7 @@ mod tests {
                     .collect()
             };
             let check = |ours: &[f32], what: &str| {
-                let e = rel_err(&[ours.to_vec()], std::slice::from_ref(&reference));
+                let e = rel_err(ours, &reference);
                 assert!(e < 1e-4, "{what} {h}x{w}x{c_in}->{c_out}: rel err {e}");
             };
             let mut out = vec![0f32; (h1 + 2) * (w1 + 2) * c_out];
@@ -752,8 +665,8 @@ mod tests {
         Ok(())
     }
 
-    /// The fast path against the candle forward pass (itself tested against candle's
-    /// `conv2d` / `max_pool2d` in `ops`), on random weights and inputs of several shapes,
+    /// The fast path against the candle forward pass (whose layer op is tested against the
+    /// reference in `ops`), on random weights and inputs of several shapes,
     /// batch sizes around the chunk size, and odd sizes that pooling truncates.
     #[test]
     fn fast_path_matches_candle() -> candle_core::Result<()> {
@@ -772,16 +685,13 @@ mod tests {
             let reference = clf.predict_candle(&x, n).expect("candle");
             let fast_logits = clf.fast.logits(&x, n);
             let ref_logits = clf.logits_candle(&x, n).expect("candle logits");
-            let e = rel_err(&[fast_logits], &[ref_logits]);
+            let e = rel_err(&fast_logits, &ref_logits);
             assert!(e < 1e-4, "{input:?} {layers:?} n={n}: logits rel err {e}");
-            let e = rel_err(&fast, &reference);
+            let e = rel_err(&fast.concat(), &reference.concat());
             assert!(e < 1e-4, "{input:?} {layers:?} n={n}: probs rel err {e}");
             let mut portable = (*clf.fast).clone();
             portable.avx512 = false;
-            let e = rel_err(
-                &[portable.logits(&x, n)],
-                &[clf.logits_candle(&x, n).expect("ref")],
-            );
+            let e = rel_err(&portable.logits(&x, n), &ref_logits);
             assert!(
                 e < 1e-4,
                 "{input:?} {layers:?} n={n}: portable logits rel err {e}"

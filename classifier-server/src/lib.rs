@@ -8,21 +8,27 @@
 //! - [`config`]: the config file shared with the client;
 //! - [`decode`]: untrusted bytes → image, with limits against decompression bombs;
 //! - [`request`]: broker message → model input, predictions → reply message;
-//! - [`server`]: the pipeline (intake, decode pool, batcher, model thread, publisher).
+//! - [`pipeline`]: the server itself, one module per stage (intake, decode pool,
+//!   batcher, model thread, reply, dead letters).
 
 pub mod config;
 pub mod decode;
+pub mod pipeline;
 pub mod request;
-pub mod server;
+
+/// The pipeline's former path, still named by `tests/src/cross_process.rs`
+/// (`server::dead_letter_attributes`); use [`pipeline`].
+#[doc(hidden)]
+pub use pipeline as server;
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use unified_broker::{Broker, BrokerConfig};
+use unified_broker::{retry_while_unavailable, Broker, BrokerConfig};
 
 pub use config::{AppConfig, ClientConfig, ServerConfig};
-pub use server::{ModelServer, ServerStats, StatsSnapshot};
+pub use pipeline::{ModelServer, ServerStats, StatsSnapshot};
 pub use trainer::model::Classifier;
 
 /// Loads the model directory named in the config, with a message that says what to do
@@ -45,7 +51,7 @@ pub async fn connect_with_retry(
     config: &BrokerConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Broker>> {
-    match server::retry_while_unavailable("a connection", shutdown, || {
+    match retry_while_unavailable("a connection", shutdown.cancelled(), || {
         unified_broker::connect(config)
     })
     .await

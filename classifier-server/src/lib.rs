@@ -8,22 +8,24 @@
 //! - [`config`]: the config file shared with the client;
 //! - [`decode`]: untrusted bytes → image, with limits against decompression bombs;
 //! - [`request`]: broker message → model input, predictions → reply message;
-//! - [`server`]: the pipeline (intake, decode pool, batcher, model thread, publisher).
+//! - [`pipeline`]: the server itself, one module per stage (intake, decode pool,
+//!   batcher, model thread, reply, dead letters).
 
 pub mod config;
 pub mod decode;
+pub mod pipeline;
 pub mod request;
-pub mod server;
+
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use unified_broker::{Broker, BrokerConfig};
+use unified_broker::{retry_while_unavailable, Broker, BrokerConfig};
 
 pub use classifier_inference::Classifier;
 pub use config::{AppConfig, ClientConfig, ServerConfig};
-pub use server::{ModelServer, ServerStats, StatsSnapshot};
+pub use pipeline::{ModelServer, ServerStats, StatsSnapshot};
 
 /// Loads the model directory named in the config, with a message that says what to do
 /// when it is missing.
@@ -45,7 +47,7 @@ pub async fn connect_with_retry(
     config: &BrokerConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Broker>> {
-    match server::retry_while_unavailable("a connection", shutdown, || {
+    match retry_while_unavailable("a connection", shutdown.cancelled(), || {
         unified_broker::connect(config)
     })
     .await

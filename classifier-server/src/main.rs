@@ -93,10 +93,11 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config()?;
-    if config.broker.backend() == "embedded" {
+    if config.broker.in_process_only() {
         tracing::warn!(
-            "the embedded broker lives inside this process: only clients in this process can reach it \
-             (use `client-app classify`, which starts its own server, or pick kafka/pubsub)"
+            "the {} broker lives inside this process: only clients in this process can reach it \
+             (use `client-app classify`, which starts its own server, or pick kafka/pubsub)",
+            config.broker.backend()
         );
     }
     let classifier = load_classifier(&config.server)?;

@@ -4,8 +4,6 @@
 //! These functions are pure and synchronous, so they can run on worker threads, be
 //! fuzzed, and be tested without a broker.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use classifier_inference::ModelMetadata;
 use classifier_inference::Preprocessor;
 use classifier_proto::{
@@ -219,12 +217,4 @@ pub fn response_message(response: &ClassifyResponse) -> Message {
         .with_attribute(attributes::REQUEST_ID, response.request_id.clone())
         .with_attribute(attributes::JOB_ID, response.job_id.clone())
         .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_RESPONSE)
-}
-
-/// Microseconds since the Unix epoch, for timestamps in messages.
-pub fn unix_micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }

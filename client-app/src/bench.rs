@@ -9,8 +9,9 @@
 //! - the server's safe decoding cost per image ([`classifier_server::decode`]);
 //! - the peak resident memory of this process (`VmHWM`).
 //!
-//! On the embedded broker the server necessarily runs in this process. On Kafka or
-//! Pub/Sub an in-process [`ModelServer`] connected to the real broker is started too,
+//! On a broker that lives only in this process (the embedded one) the server
+//! necessarily runs in this process. On Kafka or Pub/Sub an in-process
+//! [`ModelServer`](classifier_server::ModelServer) connected to the real broker is started too,
 //! unless `--external-server` says servers are already running; the output says which.
 //! With an in-process server the peak memory is that of client and server together.
 
@@ -18,11 +19,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use classifier_server::decode::{decode_image, DecodeLimits};
-use classifier_server::{connect_with_retry, load_classifier, AppConfig, ModelServer};
+use classifier_server::{connect_with_retry, load_classifier, AppConfig};
 use client_app::inputs::{collect_inputs, InputFile};
 use client_app::job::{run_job, FileOutcome, JobOptions, JobReport, NoProgress};
+use client_app::InProcessServer;
 use tokio_util::sync::CancellationToken;
 
 /// What `client-app bench` does.
@@ -119,22 +120,13 @@ pub async fn run(
     anyhow::ensure!(!files.is_empty(), "no files under {}", args.input.display());
     let backend = config.broker.backend().to_string();
     let broker = connect_with_retry(&config.broker, shutdown).await?;
-    let in_process = backend == "embedded" || !args.external_server;
-    let mut server_task = None;
+    let in_process = broker.features().in_process_only || !args.external_server;
+    let mut server = None;
     let mut stats = None;
     if in_process {
-        let classifier = load_classifier(&config.server)?;
-        let mut server_config = config.server.clone();
-        server_config.dead_letter_subscription.clear();
-        let server = ModelServer::new(Arc::clone(&broker), server_config, classifier);
-        server
-            .prepare_topics()
-            .await
-            .context("preparing the in-process server's topics")?;
-        stats = Some(server.stats());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(server.run(stop.clone()));
-        server_task = Some((stop, task));
+        let started = InProcessServer::start(&broker, &config.server).await?;
+        stats = Some(started.stats());
+        server = Some(started);
     }
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -243,13 +235,8 @@ pub async fn run(
         status_mib("VmRSS:").unwrap_or(f64::NAN),
     );
 
-    if let Some((stop, task)) = server_task {
-        stop.cancel();
-        match task.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!("in-process server: {error:#}"),
-            Err(error) => tracing::warn!("in-process server task: {error}"),
-        }
+    if let Some(server) = server {
+        server.stop().await;
     }
     if let Err(error) = broker.close().await {
         tracing::debug!(%error, "closing the broker client failed");

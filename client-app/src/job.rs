@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use classifier_proto::{
-    attributes, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome, ProstMessage,
-    CONTENT_TYPE_REQUEST, SCHEMA_VERSION,
+    attributes, unix_micros_now, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome,
+    ProstMessage, CONTENT_TYPE_REQUEST, SCHEMA_VERSION,
 };
-use classifier_server::request::unix_micros_now;
 use tokio::sync::{mpsc, Semaphore};
-use unified_broker::{Broker, BrokerError, Message, Resubscribing, SubscribeOptions, Subscriber};
+use unified_broker::retry::retry;
+use unified_broker::{
+    Backoff, Broker, BrokerError, Message, Resubscribing, SubscribeOptions, Subscriber,
+};
 
 use crate::inputs::{content_type, InputFile};
 
@@ -454,6 +456,10 @@ async fn flush(
     batch.clear();
 }
 
+/// Delays between attempts to publish requests: 100 ms doubling to 5 s.
+const REQUEST_PUBLISH_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), 2, Duration::from_secs(5));
+
 /// Publishes requests, retrying with backoff until the broker confirms them. A restarted
 /// broker that lost the request topic gets it (and the servers' subscription) again.
 async fn publish_until_confirmed(
@@ -461,26 +467,30 @@ async fn publish_until_confirmed(
     options: &JobOptions,
     messages: Vec<Message>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    while let Err(error) = broker
-        .publish_batch(&options.request_topic, messages.clone())
-        .await
-    {
-        let missing_topic = matches!(error, BrokerError::TopicNotFound(_));
-        if !missing_topic && !error.is_retryable() {
-            // Closed client, bad configuration...: retrying cannot help. The requests
-            // stay registered and are reported unanswered after the timeout.
-            tracing::error!(%error, count = messages.len(), "publishing requests failed for good");
-            return;
-        }
-        tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "publishing requests failed; retrying");
-        if missing_topic {
+    let publish = || async {
+        let result = broker
+            .publish_batch(&options.request_topic, messages.clone())
+            .await;
+        if let Err(BrokerError::TopicNotFound(_)) = result {
             if let Err(error) = ensure_request_topic(broker, options).await {
                 tracing::warn!(%error, "re-creating the request topic failed");
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        result
+    };
+    let published = retry(REQUEST_PUBLISH_BACKOFF, publish, |error, delay| {
+        let missing_topic = matches!(error, BrokerError::TopicNotFound(_));
+        let retrying = missing_topic || error.is_retryable();
+        if retrying {
+            tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "publishing requests failed; retrying");
+        }
+        retrying
+    })
+    .await;
+    if let Err(error) = published {
+        // Closed client, bad configuration...: retrying cannot help. The requests stay
+        // registered and are reported unanswered after the timeout.
+        tracing::error!(%error, count = messages.len(), "publishing requests failed for good");
     }
 }
 

@@ -5,8 +5,9 @@
 //! - [`report`]: per-file lines, summary, accuracy, confusion matrix, result files;
 //! - [`dead_letters`]: reading back what the servers dead-lettered, re-publishing it.
 //!
-//! With the embedded broker the servers cannot be elsewhere, so [`classify`] starts one
-//! inside this process: one command then does it all.
+//! With a broker that lives inside this process (the embedded one) the servers cannot be
+//! elsewhere, so [`classify`] starts one here ([`InProcessServer`]): one command then
+//! does it all.
 
 pub mod dead_letters;
 pub mod inputs;
@@ -18,9 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use classifier_server::server::retry_while_unavailable;
-use classifier_server::{connect_with_retry, load_classifier, AppConfig, ModelServer};
+use classifier_server::{
+    connect_with_retry, load_classifier, AppConfig, Classifier, ModelServer, ServerConfig,
+    ServerStats, StatsSnapshot,
+};
 use tokio_util::sync::CancellationToken;
+use unified_broker::{retry_while_unavailable, Broker};
 
 use crate::job::{JobOptions, JobReport, Progress};
 
@@ -33,7 +37,7 @@ pub struct ClassifyOutcome {
 }
 
 /// Classifies `paths` with the servers reachable through `config.broker`, starting an
-/// in-process server first when the broker is the embedded one.
+/// in-process server first when the broker lives only in this process.
 pub async fn classify(
     config: &AppConfig,
     paths: &[PathBuf],
@@ -44,7 +48,7 @@ pub async fn classify(
     let broker = connect_with_retry(&config.broker, shutdown).await?;
     // Some backends connect lazily: wait (with backoff, logged) until the broker answers.
     let request_topic = config.server.request_topic.as_str();
-    match retry_while_unavailable("the request topic", shutdown, || {
+    match retry_while_unavailable("the request topic", shutdown.cancelled(), || {
         broker.ensure_topic(request_topic)
     })
     .await
@@ -54,21 +58,10 @@ pub async fn classify(
     }
     let mut model_classes = Vec::new();
     let mut in_process = None;
-    if config.broker.backend() == "embedded" {
-        let classifier = load_classifier(&config.server)?;
-        model_classes = classifier.metadata().class_names.clone();
-        let mut server_config = config.server.clone();
-        // Nobody reads dead letters inside this process, and an embedded group nobody
-        // consumes would fill up and stall the server: keep no copies here.
-        server_config.dead_letter_subscription.clear();
-        let server = ModelServer::new(Arc::clone(&broker), server_config, classifier);
-        server
-            .prepare_topics()
-            .await
-            .context("preparing the in-process server's topics")?;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(server.run(stop.clone()));
-        in_process = Some((stop, task));
+    if broker.features().in_process_only {
+        let server = InProcessServer::start(&broker, &config.server).await?;
+        model_classes = server.classifier().metadata().class_names.clone();
+        in_process = Some(server);
     }
     let options = JobOptions {
         request_topic: config.server.request_topic.clone(),
@@ -83,13 +76,8 @@ pub async fn classify(
         report = job::run_job(Arc::clone(&broker), files, &options, progress.as_ref()) => report?,
         _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
     };
-    if let Some((stop, task)) = in_process {
-        stop.cancel();
-        match task.await {
-            Ok(Ok(_stats)) => {}
-            Ok(Err(error)) => tracing::warn!("in-process server: {error:#}"),
-            Err(error) => tracing::warn!("in-process server task: {error}"),
-        }
+    if let Some(server) = in_process {
+        server.stop().await;
     }
     if let Err(error) = broker.close().await {
         tracing::debug!(%error, "closing the broker client failed");
@@ -98,4 +86,60 @@ pub async fn classify(
         report,
         model_classes,
     })
+}
+
+/// A [`ModelServer`] running inside this process on the client's broker connection:
+/// needed where the broker lives only in this process, and used by `bench` to measure
+/// client and server together.
+pub struct InProcessServer {
+    classifier: Arc<Classifier>,
+    stats: Arc<ServerStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<StatsSnapshot>>,
+}
+
+impl InProcessServer {
+    /// Loads the model, creates the server's topics and starts serving.
+    pub async fn start(broker: &Arc<dyn Broker>, config: &ServerConfig) -> anyhow::Result<Self> {
+        let classifier = load_classifier(config)?;
+        let mut server_config = config.clone();
+        // Nobody reads dead letters inside this process, and a group nobody consumes
+        // would fill up (the embedded broker bounds every group) and stall the server:
+        // keep no copies here.
+        server_config.dead_letter_subscription.clear();
+        let server = ModelServer::new(Arc::clone(broker), server_config, Arc::clone(&classifier));
+        server
+            .prepare_topics()
+            .await
+            .context("preparing the in-process server's topics")?;
+        let stats = server.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.run(stop.clone()));
+        Ok(InProcessServer {
+            classifier,
+            stats,
+            stop,
+            task,
+        })
+    }
+
+    /// The model the server runs.
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Stops the server after it finished what it holds; problems are logged.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(Ok(_stats)) => {}
+            Ok(Err(error)) => tracing::warn!("in-process server: {error:#}"),
+            Err(error) => tracing::warn!("in-process server task: {error}"),
+        }
+    }
 }

@@ -195,6 +195,13 @@ async fn run_dead_letters(cli: &Cli, args: &DeadLettersArgs) -> anyhow::Result<E
     use client_app::dead_letters::{self, DeadLetterInbox, InboxOptions};
 
     let config = base_config(cli)?;
+    anyhow::ensure!(
+        !config.broker.in_process_only(),
+        "the {} broker lives inside one process, so no other process can read its dead \
+         letters; choose a broker with --broker or --config (the library's \
+         client_app::dead_letters reads them in-process)",
+        config.broker.backend()
+    );
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
     let broker = classifier_server::connect_with_retry(&config.broker, &shutdown).await?;

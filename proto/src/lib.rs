@@ -58,6 +58,15 @@ pub const CONTENT_TYPE_REQUEST: &str =
 pub const CONTENT_TYPE_RESPONSE: &str =
     "application/x-protobuf; message=classifier.v1.ClassifyResponse";
 
+/// Microseconds since the Unix epoch, as written in the `sent_at_unix_micros` fields
+/// (0 if the clock is before the epoch).
+pub fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +106,12 @@ mod tests {
             back.outcome.map(|o| matches!(o, Outcome::Error(_))),
             Some(true)
         );
+    }
+
+    #[test]
+    fn unix_micros_now_is_after_2020() {
+        // 2020-01-01T00:00:00Z in microseconds: a clock read, not a constant 0.
+        assert!(unix_micros_now() > 1_577_836_800_000_000);
     }
 
     #[test]

@@ -35,14 +35,17 @@ pub mod pubsub;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod resubscribe;
+pub mod retry;
 
 pub use error::{BrokerError, Result};
 pub use message::{AckHandle, Delivery, Message};
 pub use resubscribe::Resubscribing;
+pub use retry::{retry_while_unavailable, Backoff};
 
 /// What a backend promises beyond the common semantics; the conformance suite skips the
 /// cases a backend does not promise, and callers can adapt (e.g. warn about ordering).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The default promises nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Features {
     /// Several groups each get every message; members of one group share them.
     pub consumer_groups: bool,
@@ -52,6 +55,10 @@ pub struct Features {
     pub retains_before_subscription: bool,
     /// Unacked messages outlive the broker process (survive a broker restart).
     pub survives_broker_restart: bool,
+    /// The broker lives inside this process: only clients in the same process reach it,
+    /// so a model server must run in the process of its clients (the client then starts
+    /// one itself). Same as [`BrokerConfig::in_process_only`] for the config it came from.
+    pub in_process_only: bool,
 }
 
 /// Per-subscription tuning. Backends map these onto their own flow control.
@@ -220,6 +227,20 @@ impl BrokerConfig {
         }
     }
 
+    /// Whether the broker this config selects lives inside the process that connects
+    /// to it (see [`Features::in_process_only`]), known before connecting.
+    pub fn in_process_only(&self) -> bool {
+        match self {
+            BrokerConfig::Embedded(_) => true,
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(_) => false,
+            #[cfg(feature = "pubsub")]
+            BrokerConfig::Pubsub(_) => false,
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(_) => false,
+        }
+    }
+
     /// Backend name as written in config files.
     pub fn backend(&self) -> &'static str {
         match self {
@@ -249,5 +270,25 @@ pub async fn connect(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
         BrokerConfig::Pubsub(config) => Ok(Arc::new(pubsub::PubSubBroker::connect(config).await?)),
         #[cfg(feature = "redis")]
         BrokerConfig::Redis(config) => Ok(Arc::new(redis::RedisBroker::connect(config).await?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_process_only_is_known_from_the_config_and_from_the_broker() {
+        let config = BrokerConfig::default();
+        assert!(config.in_process_only());
+        let broker = connect(&config).await.expect("embedded connects");
+        assert!(broker.features().in_process_only);
+        for name in BrokerConfig::BACKENDS
+            .iter()
+            .filter(|name| **name != "embedded")
+        {
+            let config = BrokerConfig::default_for(name).expect("known backend");
+            assert!(!config.in_process_only(), "{name}");
+        }
     }
 }

@@ -11,8 +11,8 @@
 //!   them (or at once for an error no retry can fix), closes the subscriber;
 //! - treats a stream that ended as one to reopen, not as the end;
 //! - reopens: creates the topic and the group's subscription again if they are gone
-//!   (both idempotent), then subscribes, with backoff (250 ms doubling to 10 s) while
-//!   the broker is still away.
+//!   (both idempotent), then subscribes, with backoff ([`BROKER_WAIT`]: 250 ms doubling
+//!   to 10 s) while the broker is still away.
 //!
 //! Every error is still handed to the caller (for its logs); only [`Subscriber::close`]
 //! ends the stream. What the broker itself lost in a restart is lost to this
@@ -26,6 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::retry::{Backoff, BROKER_WAIT};
 use crate::{Broker, BrokerError, Delivery, Result, SubscribeOptions, Subscriber};
 
 /// Consecutive receive errors after which the subscriber is replaced.
@@ -33,9 +34,6 @@ pub const FAILURES_BEFORE_RESUBSCRIBING: u32 = 3;
 
 /// How long closing a failed subscriber may take before it is left to finish alone.
 const CLOSE_FAILED_TIMEOUT: Duration = Duration::from_secs(2);
-
-const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// A [`Subscriber`] that re-creates its topic, subscription and subscriber when they
 /// fail for good (see the module docs).
@@ -52,7 +50,7 @@ pub struct Resubscribing {
     consecutive_failures: u32,
     /// No reopening attempt before this instant (kept across cancelled `next` calls).
     next_attempt_at: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     /// Times the subscriber was replaced, for logs and tests.
     resubscriptions: u64,
 }
@@ -77,7 +75,7 @@ impl Resubscribing {
             reopening: None,
             consecutive_failures: 0,
             next_attempt_at: Instant::now(),
-            backoff: FIRST_BACKOFF,
+            backoff: BROKER_WAIT,
             resubscriptions: 0,
         })
     }
@@ -105,7 +103,7 @@ impl Resubscribing {
             });
         }
         self.consecutive_failures = 0;
-        self.next_attempt_at = Instant::now() + self.backoff;
+        self.next_attempt_at = Instant::now() + self.backoff.current();
     }
 
     /// Drives the reopening attempt (started after the backoff) to its end. Cancel-safe:
@@ -127,13 +125,13 @@ impl Resubscribing {
                 tracing::info!(topic = %self.topic, group = %self.group, "subscribed again");
                 self.inner = Some(inner);
                 self.resubscriptions += 1;
-                self.backoff = FIRST_BACKOFF;
+                self.backoff.reset();
                 Ok(())
             }
             Err(error) => {
-                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-                self.next_attempt_at = Instant::now() + self.backoff;
-                tracing::warn!(topic = %self.topic, group = %self.group, %error, retry_in_ms = self.backoff.as_millis() as u64, "waiting for the broker to serve the subscription again");
+                self.backoff.grow();
+                self.next_attempt_at = Instant::now() + self.backoff.current();
+                tracing::warn!(topic = %self.topic, group = %self.group, %error, retry_in_ms = self.backoff.current().as_millis() as u64, "waiting for the broker to serve the subscription again");
                 Err(error)
             }
         }

@@ -176,6 +176,7 @@ impl Broker for EmbeddedBroker {
             ordered_per_key: false,
             retains_before_subscription: false,
             survives_broker_restart: false,
+            in_process_only: true,
         }
     }
 

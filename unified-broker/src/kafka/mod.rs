@@ -297,6 +297,7 @@ impl Broker for KafkaBroker {
             // Kafka persists its log. (The memory-only Tansu used in tests does not, but
             // that is a property of that test broker, not of this backend.)
             survives_broker_restart: true,
+            in_process_only: false,
         }
     }
 

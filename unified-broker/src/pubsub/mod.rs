@@ -154,6 +154,7 @@ impl Broker for PubSubBroker {
             retains_before_subscription: false,
             // Real Pub/Sub keeps unacked messages; the emulator is in-memory only.
             survives_broker_restart: !self.uses_emulator(),
+            in_process_only: false,
         }
     }
 

@@ -181,6 +181,7 @@ impl Broker for RedisBroker {
             retains_before_subscription: false,
             // Only with the server's persistence configured (AOF); not promised.
             survives_broker_restart: false,
+            in_process_only: false,
         }
     }
 

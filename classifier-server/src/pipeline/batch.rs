@@ -1,0 +1,205 @@
+//! The batcher: groups decoded inputs into batches of up to `max_batch_size`, waiting at
+//! most `max_batch_wait` after the first one; rejected requests skip the model and go
+//! straight to the publisher as error replies.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::decode_pool::Prepared;
+use super::intake::Work;
+use super::reply::{ErrorReplies, Outgoing};
+use crate::request::PreparedInput;
+
+/// One batch for the model: each request with its input.
+pub(super) type Batch = Vec<(Work, PreparedInput)>;
+
+/// How big batches get and how long a partial batch waits.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BatchLimits {
+    /// Most inputs in one batch (at least 1).
+    pub max_batch: usize,
+    /// Longest wait after the first input of a batch.
+    pub max_wait: Duration,
+}
+
+/// Runs until `prepared` closes (sending what it holds) or a later stage is gone.
+pub(super) async fn run(
+    mut prepared: mpsc::Receiver<Prepared>,
+    batches: mpsc::Sender<Batch>,
+    outgoing: mpsc::Sender<Vec<Outgoing>>,
+    limits: BatchLimits,
+    error_replies: ErrorReplies,
+) {
+    let BatchLimits {
+        max_batch,
+        max_wait,
+    } = limits;
+    let mut open = true;
+    while open {
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut deadline = None;
+        while batch.len() < max_batch {
+            let item = match deadline {
+                None => prepared.recv().await,
+                Some(deadline) => tokio::select! {
+                    item = prepared.recv() => item,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                },
+            };
+            match item {
+                Some(Prepared::Ready(work, input)) => {
+                    if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + max_wait);
+                    }
+                    batch.push((work, input));
+                }
+                Some(Prepared::Rejected(work, rejected)) => {
+                    let reply = error_replies.reply(work, rejected);
+                    if outgoing.send(vec![reply]).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() && batches.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use classifier_proto::{ClassifyError, ErrorCode};
+    use unified_broker::Message;
+
+    use super::*;
+    use crate::pipeline::dead_letter::DeadLetters;
+    use crate::pipeline::stats::ServerStats;
+    use crate::pipeline::test_support::work;
+    use crate::request::{Rejected, ReplyRoute};
+
+    struct Stage {
+        prepared: mpsc::Sender<Prepared>,
+        batches: mpsc::Receiver<Batch>,
+        outgoing: mpsc::Receiver<Vec<Outgoing>>,
+        stats: Arc<ServerStats>,
+    }
+
+    fn start(max_batch: usize, max_wait: Duration) -> Stage {
+        let (prepared, prepared_rx) = mpsc::channel(64);
+        let (batches_tx, batches) = mpsc::channel(64);
+        let (outgoing_tx, outgoing) = mpsc::channel(64);
+        let stats = Arc::new(ServerStats::default());
+        tokio::spawn(run(
+            prepared_rx,
+            batches_tx,
+            outgoing_tx,
+            BatchLimits {
+                max_batch,
+                max_wait,
+            },
+            ErrorReplies {
+                context: Default::default(),
+                dead_letters: DeadLetters::default(),
+                stats: Arc::clone(&stats),
+            },
+        ));
+        Stage {
+            prepared,
+            batches,
+            outgoing,
+            stats,
+        }
+    }
+
+    fn ready(id: &str) -> Prepared {
+        let route = ReplyRoute {
+            request_id: id.into(),
+            ..ReplyRoute::default()
+        };
+        Prepared::Ready(
+            work(Message::new(id.to_string())).0,
+            PreparedInput {
+                route,
+                input: Vec::new(),
+            },
+        )
+    }
+
+    fn ids(batch: &Batch) -> Vec<&str> {
+        batch
+            .iter()
+            .map(|(_, input)| input.route.request_id.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_at_once() {
+        let mut stage = start(3, Duration::from_secs(3600));
+        for id in ["a", "b", "c", "d"] {
+            stage.prepared.send(ready(id)).await.expect("open");
+        }
+        let first = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
+            .await
+            .expect("no waiting for a full batch")
+            .expect("a batch");
+        assert_eq!(ids(&first), ["a", "b", "c"]);
+        // "d" waits for more (the wait is an hour); closing the input sends it.
+        drop(stage.prepared);
+        let rest = stage.batches.recv().await.expect("the partial batch");
+        assert_eq!(ids(&rest), ["d"]);
+        assert!(stage.batches.recv().await.is_none(), "the stage ended");
+    }
+
+    #[tokio::test]
+    async fn a_partial_batch_goes_after_the_wait() {
+        let mut stage = start(64, Duration::from_millis(30));
+        let started = std::time::Instant::now();
+        stage.prepared.send(ready("a")).await.expect("open");
+        stage.prepared.send(ready("b")).await.expect("open");
+        let batch = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
+            .await
+            .expect("sent after the wait, while the input stays open")
+            .expect("a batch");
+        assert_eq!(ids(&batch), ["a", "b"]);
+        assert!(started.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[tokio::test]
+    async fn rejections_skip_the_batch() {
+        let mut stage = start(64, Duration::from_secs(3600));
+        stage.prepared.send(ready("a")).await.expect("open");
+        let rejected = Rejected {
+            route: ReplyRoute {
+                request_id: "bad".into(),
+                reply_topic: "replies".into(),
+                ..ReplyRoute::default()
+            },
+            error: ClassifyError {
+                code: ErrorCode::CorruptImage as i32,
+                reason: "truncated".into(),
+            },
+        };
+        stage
+            .prepared
+            .send(Prepared::Rejected(work(Message::new("bad")).0, rejected))
+            .await
+            .expect("open");
+        let replies = tokio::time::timeout(Duration::from_secs(5), stage.outgoing.recv())
+            .await
+            .expect("the error reply does not wait for the batch")
+            .expect("a reply");
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].reply_topic, "replies");
+        assert!(replies[0].dead_letter.is_none(), "dead letters are off");
+        assert_eq!(stage.stats.snapshot().rejected, 1);
+        assert!(stage.batches.try_recv().is_err(), "\"a\" still waits");
+    }
+}

@@ -1,0 +1,124 @@
+//! Copies of requests that can never succeed, for the dead-letter topic: the original
+//! message byte for byte, with the reason added as attributes.
+
+use classifier_proto::{dead_letter_attributes, ErrorCode};
+use unified_broker::Message;
+
+use crate::request::Rejected;
+
+/// Whether and how rejected requests are copied to the dead-letter topic.
+#[derive(Clone, Debug, Default)]
+pub(super) struct DeadLetters {
+    /// Copies are made at all (a dead-letter topic is configured).
+    pub enabled: bool,
+    /// The request topic, named in every copy.
+    pub source_topic: String,
+}
+
+impl DeadLetters {
+    /// The original message, byte for byte, with the reason added as attributes; `None`
+    /// when dead-lettering is off.
+    pub fn copy(
+        &self,
+        original: &Message,
+        rejected: &Rejected,
+        server_id: &str,
+    ) -> Option<Message> {
+        if !self.enabled {
+            return None;
+        }
+        let code = ErrorCode::try_from(rejected.error.code)
+            .map(|c| c.as_str_name().to_string())
+            .unwrap_or_else(|_| rejected.error.code.to_string());
+        let mut copy = original.clone();
+        copy.attributes
+            .insert(dead_letter_attributes::CODE.into(), code);
+        copy.attributes.insert(
+            dead_letter_attributes::REASON.into(),
+            rejected.error.reason.clone(),
+        );
+        copy.attributes.insert(
+            dead_letter_attributes::SOURCE_TOPIC.into(),
+            self.source_topic.clone(),
+        );
+        copy.attributes.insert(
+            dead_letter_attributes::SERVER_ID.into(),
+            server_id.to_string(),
+        );
+        Some(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use classifier_proto::ClassifyError;
+
+    use super::*;
+    use crate::request::ReplyRoute;
+
+    fn rejected(code: i32) -> Rejected {
+        Rejected {
+            route: ReplyRoute::default(),
+            error: ClassifyError {
+                code,
+                reason: "truncated PNG".into(),
+            },
+        }
+    }
+
+    fn enabled() -> DeadLetters {
+        DeadLetters {
+            enabled: true,
+            source_topic: "requests".into(),
+        }
+    }
+
+    #[test]
+    fn a_copy_keeps_the_original_and_adds_the_reason() {
+        let original = Message::new(vec![0xde, 0xad])
+            .with_key("r-1")
+            .with_attribute("request-id", "r-1");
+        let copy = enabled()
+            .copy(
+                &original,
+                &rejected(ErrorCode::CorruptImage as i32),
+                "server-a",
+            )
+            .expect("enabled");
+        assert_eq!(copy.payload, original.payload);
+        assert_eq!(copy.key, original.key);
+        assert_eq!(copy.attribute("request-id"), Some("r-1"));
+        assert_eq!(
+            copy.attribute(dead_letter_attributes::CODE),
+            Some("CORRUPT_IMAGE")
+        );
+        assert_eq!(
+            copy.attribute(dead_letter_attributes::REASON),
+            Some("truncated PNG")
+        );
+        assert_eq!(
+            copy.attribute(dead_letter_attributes::SOURCE_TOPIC),
+            Some("requests")
+        );
+        assert_eq!(
+            copy.attribute(dead_letter_attributes::SERVER_ID),
+            Some("server-a")
+        );
+    }
+
+    #[test]
+    fn an_unknown_code_is_written_as_its_number() {
+        let copy = enabled()
+            .copy(&Message::new("x"), &rejected(9999), "s")
+            .expect("enabled");
+        assert_eq!(copy.attribute(dead_letter_attributes::CODE), Some("9999"));
+    }
+
+    #[test]
+    fn no_copy_when_disabled() {
+        let disabled = DeadLetters::default();
+        assert!(disabled
+            .copy(&Message::new("x"), &rejected(1), "s")
+            .is_none());
+    }
+}

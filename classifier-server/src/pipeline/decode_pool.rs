@@ -1,0 +1,141 @@
+//! The decode pool: untrusted bytes become a model input or a rejection
+//! ([`crate::request::prepare`]: size check, protobuf, sniffing, bounded decode,
+//! preprocessing) on a small dedicated thread pool, never on the async executor.
+//!
+//! Not to be confused with [`crate::decode`], the safe image decoding it calls.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use classifier_inference::Classifier;
+use classifier_inference::Preprocessor;
+
+use super::intake::Work;
+use crate::config::ServerConfig;
+use crate::decode::DecodeLimits;
+use crate::request::{prepare, PreparedInput, Rejected};
+
+/// Output of the decode stage: an input for the model, or why there is none.
+pub(super) enum Prepared {
+    /// Decoded and preprocessed.
+    Ready(Work, PreparedInput),
+    /// Can never be classified (answered with an error reply).
+    Rejected(Work, Rejected),
+}
+
+/// Decoding and preprocessing on dedicated worker threads.
+pub(super) struct DecodePool {
+    pool: Arc<rayon::ThreadPool>,
+    preprocessor: Arc<Preprocessor>,
+    limits: Arc<DecodeLimits>,
+}
+
+impl DecodePool {
+    /// One decode thread per core, preprocessing for `classifier`'s input format.
+    pub fn new(classifier: &Classifier, config: &ServerConfig) -> anyhow::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("decode-{i}"))
+            .build()
+            .context("starting the decode threads")?;
+        Ok(DecodePool {
+            pool: Arc::new(pool),
+            preprocessor: Arc::new(Preprocessor::new(classifier.metadata())),
+            limits: Arc::new(config.limits.clone()),
+        })
+    }
+
+    /// Decodes `chunk` on one decode thread, in order, sending each result on `out`.
+    pub fn submit(&self, chunk: Vec<Work>, out: mpsc::Sender<Prepared>) {
+        let preprocessor = Arc::clone(&self.preprocessor);
+        let limits = Arc::clone(&self.limits);
+        self.pool.spawn(move || {
+            for work in chunk {
+                let prepared = match prepare(work.delivery.message(), &limits, &preprocessor) {
+                    Ok(input) => Prepared::Ready(work, input),
+                    Err(rejected) => Prepared::Rejected(work, *rejected),
+                };
+                // Fails only while shutting down; the rest of the chunk is then dropped
+                // (nacked).
+                if out.blocking_send(prepared).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Lets the threads go once their current jobs are done.
+    pub fn shutdown(self) {
+        drop(self.pool);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use classifier_proto::{attributes, ClassifyRequest, ErrorCode, ProstMessage};
+    use unified_broker::Message;
+
+    use super::*;
+    use crate::pipeline::test_support::{shipped_classifier, work};
+
+    fn request(id: &str, image: Vec<u8>) -> Message {
+        let request = ClassifyRequest {
+            request_id: id.into(),
+            reply_topic: "replies".into(),
+            image,
+            ..ClassifyRequest::default()
+        };
+        Message::new(request.encode_to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_chunk_is_decoded_in_order_into_inputs_and_rejections() {
+        let classifier = shipped_classifier();
+        let pool = DecodePool::new(&classifier, &ServerConfig::default()).expect("threads");
+        let png = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/bag/00018.png"
+        ))
+        .expect("an example image");
+        let garbage =
+            Message::new(vec![0xff, 0xff, 0xff]).with_attribute(attributes::REQUEST_ID, "junk");
+        let chunk = vec![
+            work(request("good", png)).0,
+            work(garbage).0,
+            work(request("not-an-image", b"hello".to_vec())).0,
+        ];
+        let (out, mut results) = mpsc::channel(8);
+        pool.submit(chunk, out);
+        let mut seen = Vec::new();
+        while let Some(prepared) = tokio::time::timeout(Duration::from_secs(10), results.recv())
+            .await
+            .expect("decoded in time")
+        {
+            seen.push(match prepared {
+                Prepared::Ready(_, input) => {
+                    assert_eq!(input.input.len(), classifier.input_len());
+                    (input.route.request_id, None)
+                }
+                Prepared::Rejected(_, rejected) => {
+                    (rejected.route.request_id, Some(rejected.error.code))
+                }
+            });
+        }
+        assert_eq!(
+            seen,
+            [
+                ("good".to_string(), None),
+                ("junk".to_string(), Some(ErrorCode::MalformedRequest as i32)),
+                (
+                    "not-an-image".to_string(),
+                    Some(ErrorCode::UnsupportedFormat as i32)
+                ),
+            ]
+        );
+        pool.shutdown();
+    }
+}

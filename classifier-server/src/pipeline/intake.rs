@@ -1,0 +1,194 @@
+//! Intake: takes deliveries from the subscription while fewer than `max_in_flight` are
+//! unfinished, and hands them to the decode pool a chunk at a time.
+//!
+//! A permit of the in-flight semaphore travels with each request ([`Work`]) until it is
+//! acked (or given up), so memory is bounded whatever the backlog on the broker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use unified_broker::{Delivery, Resubscribing, Subscriber};
+
+use super::decode_pool::{DecodePool, Prepared};
+use super::stats::ServerStats;
+
+/// One request travelling through the pipeline, holding its in-flight permit.
+pub(super) struct Work {
+    /// The request as received; acked once its reply is out.
+    pub delivery: Delivery,
+    /// When intake took it, for the reply's queue time.
+    pub received_at: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Work {
+    /// A request taken under `permit`.
+    pub fn new(delivery: Delivery, received_at: Instant, permit: OwnedSemaphorePermit) -> Self {
+        Work {
+            delivery,
+            received_at,
+            _permit: permit,
+        }
+    }
+}
+
+/// Requests decoded together in one job on a decode thread, at most: enough to make the
+/// hand-over cheap, few enough that both decode threads get work.
+pub(super) const DECODE_CHUNK: usize = 16;
+
+/// Pause after a receive error before asking the subscription again.
+const RECEIVE_ERROR_PAUSE: Duration = Duration::from_millis(500);
+
+/// Takes work while there is room, until `shutdown` (or the end of the subscription),
+/// then returns the subscriber for closing. Dropping `prepared` at the end tells the
+/// later stages that nothing more comes once the decode pool is done.
+pub(super) async fn run(
+    mut subscriber: Resubscribing,
+    in_flight: &Arc<Semaphore>,
+    decode_pool: &DecodePool,
+    prepared: mpsc::Sender<Prepared>,
+    stats: &ServerStats,
+    shutdown: &CancellationToken,
+) -> Resubscribing {
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(in_flight).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let next = tokio::select! {
+            next = subscriber.next() => next,
+            _ = shutdown.cancelled() => break,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let chunk = take_chunk(&mut subscriber, in_flight, delivery, permit).await;
+                ServerStats::add(&stats.received, chunk.len() as u64);
+                decode_pool.submit(chunk, prepared.clone());
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "receiving from the broker failed; retrying");
+                tokio::time::sleep(RECEIVE_ERROR_PAUSE).await;
+            }
+            None => {
+                tracing::warn!("the broker client was closed; stopping");
+                break;
+            }
+        }
+    }
+    subscriber
+}
+
+/// `first` and whatever else is already waiting (with room for it), up to
+/// [`DECODE_CHUNK`]: decoded in the same job, one hand-over to the decode threads per
+/// chunk instead of per request.
+async fn take_chunk<S: Subscriber + ?Sized>(
+    subscriber: &mut S,
+    in_flight: &Arc<Semaphore>,
+    first: Delivery,
+    permit: OwnedSemaphorePermit,
+) -> Vec<Work> {
+    let received_at = Instant::now();
+    let mut chunk = vec![Work::new(first, received_at, permit)];
+    while chunk.len() < DECODE_CHUNK {
+        let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
+            break;
+        };
+        let ready = tokio::select! {
+            biased;
+            next = subscriber.next() => next,
+            () = std::future::ready(()) => None,
+        };
+        match ready {
+            Some(Ok(delivery)) => chunk.push(Work::new(delivery, received_at, permit)),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "receiving from the broker failed; retrying");
+                break;
+            }
+            None => break,
+        }
+    }
+    chunk
+}
+
+#[cfg(test)]
+mod tests {
+    use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
+    use unified_broker::{Broker, Message, SubscribeOptions};
+
+    use super::*;
+
+    /// A subscriber holding `n` waiting messages.
+    async fn subscriber_with(n: usize) -> Box<dyn Subscriber> {
+        let broker = EmbeddedBroker::new(EmbeddedConfig::default());
+        broker
+            .ensure_topic_and_subscription("requests", "servers")
+            .await
+            .expect("create");
+        let messages = (0..n).map(|i| Message::new(format!("m{i}"))).collect();
+        broker
+            .publish_batch("requests", messages)
+            .await
+            .expect("publish");
+        broker
+            .subscribe("requests", "servers", SubscribeOptions::default())
+            .await
+            .expect("subscribe")
+    }
+
+    async fn first_delivery(subscriber: &mut Box<dyn Subscriber>) -> Delivery {
+        subscriber.next().await.expect("open").expect("a delivery")
+    }
+
+    #[tokio::test]
+    async fn a_chunk_takes_what_waits_up_to_the_chunk_size() {
+        let mut subscriber = subscriber_with(DECODE_CHUNK + 4).await;
+        let in_flight = Arc::new(Semaphore::new(100));
+        let first = first_delivery(&mut subscriber).await;
+        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
+        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit).await;
+        assert_eq!(chunk.len(), DECODE_CHUNK);
+        assert_eq!(in_flight.available_permits(), 100 - DECODE_CHUNK);
+        let payloads: Vec<_> = chunk
+            .iter()
+            .map(|work| work.delivery.message().payload.clone())
+            .collect();
+        assert_eq!(payloads[0].as_ref(), b"m0");
+        assert_eq!(
+            payloads[DECODE_CHUNK - 1].as_ref(),
+            format!("m{}", DECODE_CHUNK - 1).as_bytes()
+        );
+        // Finishing the work gives the permits back.
+        drop(chunk);
+        assert_eq!(in_flight.available_permits(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_stops_where_the_in_flight_limit_is() {
+        let mut subscriber = subscriber_with(10).await;
+        let in_flight = Arc::new(Semaphore::new(3));
+        let first = first_delivery(&mut subscriber).await;
+        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
+        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit).await;
+        assert_eq!(chunk.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_does_not_wait_for_more() {
+        let mut subscriber = subscriber_with(2).await;
+        let in_flight = Arc::new(Semaphore::new(100));
+        let first = first_delivery(&mut subscriber).await;
+        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(5),
+            take_chunk(&mut *subscriber, &in_flight, first, permit),
+        )
+        .await
+        .expect("returns without waiting for a third message");
+        assert_eq!(chunk.len(), 2);
+    }
+}

@@ -1,0 +1,297 @@
+//! The request pipeline of the model server, one module per stage.
+//!
+//! ```text
+//!  broker ──next()──▶ intake ──▶ decode pool ──▶ batcher ──▶ model thread ──▶ reply ──▶ broker
+//!                      (async)   (worker threads)  (async)    (own thread)    (async: publish, then ack)
+//! ```
+//!
+//! - [`intake`]: takes deliveries while fewer than `max_in_flight` are unfinished;
+//! - [`decode_pool`]: untrusted bytes → model input or rejection, on dedicated threads;
+//! - [`batch`]: groups inputs up to `max_batch_size`, waiting at most
+//!   `max_batch_wait_ms`; rejections skip the model;
+//! - [`infer`]: the model thread, one batch at a time;
+//! - [`reply`]: publishes replies and acks each request only after its reply was
+//!   confirmed (at-least-once), retrying publishes with backoff;
+//! - [`dead_letter`]: the copies of requests that can never succeed;
+//! - [`stats`]: the counters.
+//!
+//! Shutdown (the `shutdown` token): intake stops, everything already taken is finished
+//! within `drain_timeout`, then the subscription is closed (committing acks).
+
+mod batch;
+mod dead_letter;
+mod decode_pool;
+mod infer;
+mod intake;
+mod reply;
+mod stats;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use classifier_inference::Classifier;
+use unified_broker::{
+    retry_while_unavailable, Broker, BrokerError, Resubscribing, SubscribeOptions, Subscriber,
+};
+
+pub use stats::{ServerStats, StatsSnapshot};
+
+use crate::config::ServerConfig;
+use crate::request::ReplyContext;
+
+/// Everything the server needs, bundled so `run` reads as the pipeline it is.
+pub struct ModelServer {
+    broker: Arc<dyn Broker>,
+    config: ServerConfig,
+    classifier: Arc<Classifier>,
+    stats: Arc<ServerStats>,
+    server_id: String,
+}
+
+impl ModelServer {
+    /// Prepares a server; nothing happens until [`ModelServer::run`].
+    pub fn new(broker: Arc<dyn Broker>, config: ServerConfig, classifier: Arc<Classifier>) -> Self {
+        let server_id = if config.server_id.is_empty() {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            format!("server-{}-{}", std::process::id(), &id[..6])
+        } else {
+            config.server_id.clone()
+        };
+        ModelServer {
+            broker,
+            config,
+            classifier,
+            stats: Arc::new(ServerStats::default()),
+            server_id,
+        }
+    }
+
+    /// The counters, shared with the running server.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// This replica's id, as written in its replies.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Creates the request topic and the server group's subscription if needed.
+    pub async fn prepare_topics(&self) -> Result<(), BrokerError> {
+        self.broker
+            .ensure_topic_and_subscription(&self.config.request_topic, &self.config.group)
+            .await?;
+        let dead_letters = &self.config.dead_letter_topic;
+        let inspection = &self.config.dead_letter_subscription;
+        if !dead_letters.is_empty() {
+            if inspection.is_empty() {
+                self.broker.ensure_topic(dead_letters).await?;
+            } else {
+                self.broker
+                    .ensure_topic_and_subscription(dead_letters, inspection)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves until `shutdown` is cancelled (or the subscription ends), then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<StatsSnapshot> {
+        let Some(subscriber) = self.subscribe(&shutdown).await? else {
+            return Ok(self.stats.snapshot());
+        };
+        let config = &self.config;
+        let capacity = config.max_in_flight.max(1);
+        let in_flight = Arc::new(Semaphore::new(capacity));
+        let (prepared_tx, prepared_rx) = mpsc::channel(capacity);
+        let (batch_tx, batch_rx) = mpsc::channel(2);
+        let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
+
+        // broker → intake → decode pool → batcher → model thread → reply → broker
+        let decode_pool = decode_pool::DecodePool::new(&self.classifier, config)?;
+        let batcher = tokio::spawn(batch::run(
+            prepared_rx,
+            batch_tx,
+            outgoing_tx.clone(),
+            batch::BatchLimits {
+                max_batch: config.max_batch_size.max(1),
+                max_wait: config.max_batch_wait(),
+            },
+            reply::ErrorReplies {
+                context: self.reply_context(),
+                dead_letters: dead_letter::DeadLetters {
+                    enabled: !config.dead_letter_topic.is_empty(),
+                    source_topic: config.request_topic.clone(),
+                },
+                stats: Arc::clone(&self.stats),
+            },
+        ));
+        let model_thread = infer::spawn_model_thread(
+            infer::Model {
+                classifier: Arc::clone(&self.classifier),
+                default_top_k: config.default_top_k,
+                context: self.reply_context(),
+                stats: Arc::clone(&self.stats),
+            },
+            batch_rx,
+            outgoing_tx,
+        )?;
+        let publisher = tokio::spawn(reply::run(
+            Arc::clone(&self.broker),
+            outgoing_rx,
+            config.dead_letter_topic.clone(),
+            Arc::clone(&self.stats),
+        ));
+        let subscriber = intake::run(
+            subscriber,
+            &in_flight,
+            &decode_pool,
+            prepared_tx,
+            &self.stats,
+            &shutdown,
+        )
+        .await;
+
+        self.drain(&in_flight).await;
+        decode_pool.shutdown();
+        batcher.abort();
+        publisher.abort();
+        let _ = model_thread.join();
+        if let Err(error) = Box::new(subscriber).close().await {
+            tracing::warn!(%error, "closing the subscription failed");
+        }
+        let stats = self.stats.snapshot();
+        tracing::info!(?stats, "stopped");
+        Ok(stats)
+    }
+
+    /// Subscribes to the request topic, waiting for the broker (and saying so) while it
+    /// is not up yet. Once subscribed, the subscription re-creates itself if the broker
+    /// restarts and forgets it. `None` if `shutdown` came first.
+    async fn subscribe(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Resubscribing>> {
+        let config = &self.config;
+        let options = SubscribeOptions {
+            max_outstanding_messages: config.max_in_flight,
+            ..SubscribeOptions::default()
+        };
+        let subscribed =
+            retry_while_unavailable("the request topic", shutdown.cancelled(), || async {
+                self.prepare_topics().await?;
+                Resubscribing::subscribe(
+                    Arc::clone(&self.broker),
+                    &config.request_topic,
+                    &config.group,
+                    options.clone(),
+                )
+                .await
+            })
+            .await;
+        let Some(subscribed) = subscribed else {
+            return Ok(None);
+        };
+        let subscriber = subscribed.context("subscribing to the request topic")?;
+        tracing::info!(
+            server_id = %self.server_id,
+            backend = self.broker.backend(),
+            topic = %config.request_topic,
+            group = %config.group,
+            model = %self.classifier.metadata().name,
+            version = %self.classifier.metadata().version,
+            "serving"
+        );
+        Ok(Some(subscriber))
+    }
+
+    /// Waits (at most the drain timeout) until every request taken was acked or given
+    /// up: intake has stopped, so every permit back means nothing is left in flight.
+    async fn drain(&self, in_flight: &Semaphore) {
+        let config = &self.config;
+        tracing::info!(
+            drain_timeout_secs = config.drain_timeout_secs,
+            "stopping intake; finishing requests in flight"
+        );
+        let drained = tokio::time::timeout(config.drain_timeout(), async {
+            let max = config.max_in_flight.max(1) as u32;
+            let _all = in_flight.acquire_many(max).await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "drain timeout passed with requests unfinished; the broker will redeliver them"
+            );
+        }
+    }
+
+    fn reply_context(&self) -> ReplyContext {
+        ReplyContext {
+            server_id: self.server_id.clone(),
+            ..ReplyContext::default()
+        }
+    }
+}
+
+/// Helpers for the stages' unit tests.
+#[cfg(test)]
+mod test_support {
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Instant;
+
+    use tokio::sync::Semaphore;
+    use classifier_inference::Classifier;
+    use unified_broker::{AckHandle, Delivery, Message};
+
+    use super::intake::Work;
+
+    /// How a test delivery was settled: `None` (not yet), `Some("ack")`, `Some("nack")`.
+    #[derive(Clone, Default)]
+    pub struct Settlement(Arc<Mutex<Option<&'static str>>>);
+
+    impl Settlement {
+        pub fn get(&self) -> Option<&'static str> {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    struct Recorder(Settlement);
+
+    impl Recorder {
+        fn settle(&self, how: &'static str) {
+            *(self.0).0.lock().unwrap_or_else(|p| p.into_inner()) = Some(how);
+        }
+    }
+
+    impl AckHandle for Recorder {
+        fn ack(self: Box<Self>) -> unified_broker::Result<()> {
+            self.settle("ack");
+            Ok(())
+        }
+        fn nack(self: Box<Self>) -> unified_broker::Result<()> {
+            self.settle("nack");
+            Ok(())
+        }
+    }
+
+    /// A request holding `message`, and what will tell how it was settled.
+    pub fn work(message: Message) -> (Work, Settlement) {
+        let settlement = Settlement::default();
+        let delivery = Delivery::new(message, Some(1), Box::new(Recorder(settlement.clone())));
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a fresh semaphore has room");
+        (Work::new(delivery, Instant::now(), permit), settlement)
+    }
+
+    /// The model shipped in `models/fashion-mnist`, loaded once per test binary.
+    pub fn shipped_classifier() -> Arc<Classifier> {
+        static MODEL: OnceLock<Arc<Classifier>> = OnceLock::new();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/fashion-mnist");
+        Arc::clone(MODEL.get_or_init(|| {
+            Arc::new(Classifier::load(std::path::Path::new(dir)).expect("the shipped model loads"))
+        }))
+    }
+}

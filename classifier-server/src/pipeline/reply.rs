@@ -1,0 +1,360 @@
+//! Replying: publishes replies (grouped by reply topic) and dead-letter copies, and
+//! acks each request only after its reply was confirmed: at-least-once.
+//!
+//! A failed publish is retried with backoff ([`REPLY_PUBLISH_BACKOFF`]) for as long as
+//! it takes, and the request is not acked meanwhile; if the server stops first, the
+//! unacked request goes back to the broker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use classifier_proto::ErrorCode;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use unified_broker::retry::retry;
+use unified_broker::{Backoff, Broker, BrokerError, Message};
+
+use super::dead_letter::DeadLetters;
+use super::intake::Work;
+use super::stats::ServerStats;
+use crate::request::{error_response, response_message, Rejected, ReplyContext};
+
+/// Delays between attempts to publish a reply: 50 ms doubling to 5 s.
+pub(super) const REPLY_PUBLISH_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(50), 2, Duration::from_secs(5));
+
+/// A reply to publish, and the request to ack once it is out.
+pub(super) struct Outgoing {
+    /// The request answered.
+    pub work: Work,
+    /// Where the reply goes; empty when nobody can be answered.
+    pub reply_topic: String,
+    /// The reply.
+    pub message: Message,
+    /// For requests that can never succeed: the copy for the dead-letter topic.
+    pub dead_letter: Option<Message>,
+}
+
+/// Turns rejected requests into error replies (and dead-letter copies), counting and
+/// logging them: the path of requests that skip the model.
+pub(super) struct ErrorReplies {
+    /// Identity stamped on the replies.
+    pub context: ReplyContext,
+    /// Whether copies are made.
+    pub dead_letters: DeadLetters,
+    /// Where `rejected` is counted.
+    pub stats: Arc<ServerStats>,
+}
+
+impl ErrorReplies {
+    /// The error reply to `work`, rejected for `rejected`'s reason.
+    pub fn reply(&self, work: Work, rejected: Rejected) -> Outgoing {
+        ServerStats::add(&self.stats.rejected, 1);
+        tracing::info!(
+            request_id = %rejected.route.request_id,
+            code = ?ErrorCode::try_from(rejected.error.code).unwrap_or(ErrorCode::Internal),
+            reason = %rejected.error.reason,
+            "request rejected"
+        );
+        let context = ReplyContext {
+            queue_time_micros: work.received_at.elapsed().as_micros() as u64,
+            ..self.context.clone()
+        };
+        Outgoing {
+            reply_topic: rejected.route.reply_topic.clone(),
+            message: response_message(&error_response(&rejected, &context)),
+            dead_letter: self.dead_letters.copy(
+                work.delivery.message(),
+                &rejected,
+                &context.server_id,
+            ),
+            work,
+        }
+    }
+}
+
+/// The publisher stage: for each group of replies, one task per reply topic that
+/// publishes and then acks. Ends when `outgoing` closes and every task is done.
+pub(super) async fn run(
+    broker: Arc<dyn Broker>,
+    mut outgoing: mpsc::Receiver<Vec<Outgoing>>,
+    dead_letter_topic: String,
+    stats: Arc<ServerStats>,
+) {
+    let mut tasks = JoinSet::new();
+    while let Some(replies) = outgoing.recv().await {
+        let mut by_topic: BTreeMap<String, Vec<Outgoing>> = BTreeMap::new();
+        for reply in replies {
+            by_topic
+                .entry(reply.reply_topic.clone())
+                .or_default()
+                .push(reply);
+        }
+        for (topic, replies) in by_topic {
+            tasks.spawn(publish_then_ack(
+                Arc::clone(&broker),
+                topic,
+                replies,
+                dead_letter_topic.clone(),
+                Arc::clone(&stats),
+            ));
+        }
+        // Reap finished tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// What became of a publish that was retried until it stopped failing transiently.
+enum Published {
+    Confirmed,
+    /// The topic does not exist (a client's reply topic after it gave up).
+    TopicGone,
+}
+
+/// Publishes, retrying every failure but a missing topic with [`REPLY_PUBLISH_BACKOFF`]
+/// for as long as it takes; the caller's requests stay unacked meanwhile.
+async fn publish_with_retry(
+    broker: &dyn Broker,
+    topic: &str,
+    messages: Vec<Message>,
+    stats: &ServerStats,
+) -> Published {
+    let published = retry(
+        REPLY_PUBLISH_BACKOFF,
+        || broker.publish_batch(topic, messages.clone()),
+        |error, delay| {
+            if let BrokerError::TopicNotFound(_) = error {
+                return false;
+            }
+            ServerStats::add(&stats.publish_retries, 1);
+            tracing::warn!(%topic, %error, retry_in_ms = delay.as_millis() as u64, "publishing failed; retrying (requests stay unacked)");
+            true
+        },
+    )
+    .await;
+    match published {
+        Ok(()) => Published::Confirmed,
+        // The only error not retried.
+        Err(_) => Published::TopicGone,
+    }
+}
+
+/// Publishes the replies to `topic` and the dead-letter copies among them, then acks
+/// their requests.
+async fn publish_then_ack(
+    broker: Arc<dyn Broker>,
+    topic: String,
+    replies: Vec<Outgoing>,
+    dead_letter_topic: String,
+    stats: Arc<ServerStats>,
+) {
+    if topic.is_empty() {
+        // Nobody to answer: a message without any routing information.
+        ServerStats::add(&stats.unanswerable, replies.len() as u64);
+        tracing::warn!(
+            count = replies.len(),
+            "requests without a reply topic; dead-lettering and acking them"
+        );
+    } else {
+        let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
+        if let Published::TopicGone = publish_with_retry(&*broker, &topic, messages, &stats).await {
+            ServerStats::add(&stats.unanswerable, replies.len() as u64);
+            tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
+        }
+    }
+    let dead: Vec<Message> = replies
+        .iter()
+        .filter_map(|r| r.dead_letter.clone())
+        .collect();
+    if !dead.is_empty() && !dead_letter_topic.is_empty() {
+        let count = dead.len() as u64;
+        match publish_with_retry(&*broker, &dead_letter_topic, dead, &stats).await {
+            Published::Confirmed => ServerStats::add(&stats.dead_lettered, count),
+            Published::TopicGone => {
+                tracing::error!(topic = %dead_letter_topic, "the dead-letter topic does not exist; copies dropped")
+            }
+        }
+    }
+    for reply in replies {
+        if let Err(error) = reply.work.delivery.ack() {
+            tracing::warn!(%error, "ack failed; the request may be redelivered and answered twice");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
+    use unified_broker::{Delivery, SubscribeOptions, Subscriber};
+
+    use super::*;
+    use crate::pipeline::test_support::{work, Settlement};
+
+    fn outgoing(
+        reply_topic: &str,
+        reply: &str,
+        dead_letter: Option<&str>,
+    ) -> (Outgoing, Settlement) {
+        let (work, settlement) = work(Message::new("request"));
+        let outgoing = Outgoing {
+            work,
+            reply_topic: reply_topic.into(),
+            message: Message::new(reply.to_string()),
+            dead_letter: dead_letter.map(|copy| Message::new(copy.to_string())),
+        };
+        (outgoing, settlement)
+    }
+
+    async fn next(subscriber: &mut Box<dyn Subscriber>) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(5), subscriber.next())
+            .await
+            .expect("a delivery in time")
+            .expect("open")
+            .expect("a delivery")
+    }
+
+    #[tokio::test]
+    async fn a_request_is_acked_only_after_its_reply_was_confirmed() {
+        // One message per group at most: a second publish waits until the first is acked.
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig {
+            max_backlog_per_group: 1,
+        }));
+        broker
+            .ensure_topic_and_subscription("replies", "client")
+            .await
+            .expect("create");
+        broker
+            .publish("replies", Message::new("earlier"))
+            .await
+            .expect("room for one");
+        let (reply, settlement) = outgoing("replies", "the reply", None);
+        let stats = Arc::new(ServerStats::default());
+        let task = tokio::spawn(publish_then_ack(
+            Arc::clone(&broker),
+            "replies".into(),
+            vec![reply],
+            String::new(),
+            Arc::clone(&stats),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            settlement.get(),
+            None,
+            "acked before the reply was confirmed"
+        );
+
+        let mut client = broker
+            .subscribe("replies", "client", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let earlier = next(&mut client).await;
+        assert_eq!(earlier.message().payload.as_ref(), b"earlier");
+        earlier.ack().expect("ack");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the publish goes through once there is room")
+            .expect("no panic");
+        assert_eq!(settlement.get(), Some("ack"));
+        assert_eq!(
+            next(&mut client).await.message().payload.as_ref(),
+            b"the reply"
+        );
+        assert_eq!(stats.snapshot().unanswerable, 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_reply_topic_the_copy_is_dead_lettered_and_the_request_acked() {
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
+        broker
+            .ensure_topic_and_subscription("dead", "inspect")
+            .await
+            .expect("create");
+        let (reply, settlement) = outgoing("", "unsendable", Some("the copy"));
+        let stats = Arc::new(ServerStats::default());
+        publish_then_ack(
+            Arc::clone(&broker),
+            String::new(),
+            vec![reply],
+            "dead".into(),
+            Arc::clone(&stats),
+        )
+        .await;
+        assert_eq!(settlement.get(), Some("ack"));
+        let stats = stats.snapshot();
+        assert_eq!((stats.unanswerable, stats.dead_lettered), (1, 1));
+        let mut inspector = broker
+            .subscribe("dead", "inspect", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        assert_eq!(
+            next(&mut inspector).await.message().payload.as_ref(),
+            b"the copy"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gone_reply_topic_is_not_retried_and_the_request_is_acked() {
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
+        let (reply, settlement) = outgoing("replies-of-a-gone-client", "late", None);
+        let stats = Arc::new(ServerStats::default());
+        let done = tokio::time::timeout(
+            Duration::from_secs(5),
+            publish_then_ack(
+                broker,
+                "replies-of-a-gone-client".into(),
+                vec![reply],
+                String::new(),
+                Arc::clone(&stats),
+            ),
+        )
+        .await;
+        assert!(done.is_ok(), "a missing topic is not waited for");
+        assert_eq!(settlement.get(), Some("ack"));
+        let stats = stats.snapshot();
+        assert_eq!((stats.unanswerable, stats.publish_retries), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn the_publisher_answers_each_reply_topic_and_ends_with_its_input() {
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
+        for topic in ["replies-a", "replies-b"] {
+            broker
+                .ensure_topic_and_subscription(topic, "client")
+                .await
+                .expect("create");
+        }
+        let (to_publisher, from_stages) = mpsc::channel(4);
+        let publisher = tokio::spawn(run(
+            Arc::clone(&broker),
+            from_stages,
+            String::new(),
+            Arc::default(),
+        ));
+        let (a1, a1_settled) = outgoing("replies-a", "a1", None);
+        let (b1, b1_settled) = outgoing("replies-b", "b1", None);
+        let (a2, a2_settled) = outgoing("replies-a", "a2", None);
+        to_publisher.send(vec![a1, b1, a2]).await.expect("open");
+        drop(to_publisher);
+        tokio::time::timeout(Duration::from_secs(5), publisher)
+            .await
+            .expect("ends once its input closes and its tasks are done")
+            .expect("no panic");
+        for settled in [a1_settled, b1_settled, a2_settled] {
+            assert_eq!(settled.get(), Some("ack"));
+        }
+        for (topic, expected) in [("replies-a", vec!["a1", "a2"]), ("replies-b", vec!["b1"])] {
+            let mut client = broker
+                .subscribe(topic, "client", SubscribeOptions::default())
+                .await
+                .expect("subscribe");
+            for payload in expected {
+                assert_eq!(
+                    next(&mut client).await.message().payload.as_ref(),
+                    payload.as_bytes()
+                );
+            }
+        }
+    }
+}

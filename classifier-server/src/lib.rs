@@ -16,7 +16,6 @@ pub mod decode;
 pub mod pipeline;
 pub mod request;
 
-
 use std::sync::Arc;
 
 use anyhow::Context;

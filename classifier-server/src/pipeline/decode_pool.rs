@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
 use classifier_inference::Classifier;
 use classifier_inference::Preprocessor;
+use tokio::sync::mpsc;
 
 use super::intake::Work;
 use crate::config::ServerConfig;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use classifier_inference::Classifier;
 use classifier_proto::{ClassifyError, ErrorCode};
 use tokio::sync::mpsc;
-use classifier_inference::Classifier;
 
 use super::batch::Batch;
 use super::reply::Outgoing;

@@ -29,9 +29,9 @@ mod stats;
 use std::sync::Arc;
 
 use anyhow::Context;
+use classifier_inference::Classifier;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
-use classifier_inference::Classifier;
 use unified_broker::{
     retry_while_unavailable, Broker, BrokerError, Resubscribing, SubscribeOptions, Subscriber,
 };
@@ -241,8 +241,8 @@ mod test_support {
     use std::sync::{Arc, Mutex, OnceLock};
     use std::time::Instant;
 
-    use tokio::sync::Semaphore;
     use classifier_inference::Classifier;
+    use tokio::sync::Semaphore;
     use unified_broker::{AckHandle, Delivery, Message};
 
     use super::intake::Work;

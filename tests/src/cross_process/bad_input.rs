@@ -38,8 +38,8 @@ pub fn bad_inputs_are_answered(backend_env: &[(String, String)]) {
 /// send it, and every one of them is copied to the dead-letter topic with its original
 /// bytes and the reason. A good request behind them is still classified and not copied.
 pub fn poison_messages_are_dead_lettered(backend_env: &[(String, String)]) {
-    use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, Outcome, ProstMessage};
     use classifier_proto::dead_letter_attributes as dead;
+    use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, Outcome, ProstMessage};
     use unified_broker::{Message, SubscribeOptions};
 
     let mut run = CaseRun::new(backend_env, "poison");

@@ -63,8 +63,11 @@ pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &st
         &[
             "classify",
             &folder_arg,
+            // Long enough for a loaded machine: in one full run (2026-12-02, other builds
+            // on both cores) the Pub/Sub client noticed its lost reply subscription only
+            // after more than 30 s and gave up on 4,700 images; alone it passes in time.
             "--timeout",
-            "30",
+            "90",
             // A small window keeps the job running long enough to be cut in the middle.
             "--window",
             "20",

@@ -71,23 +71,8 @@ pid=$!
 echo "$pid" >"$PID_FILE"
 
 # Wait (bounded) until the broker accepts connections.
-for _ in $(seq 1 300); do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        rm -f "$PID_FILE"
-        echo "kafka-start: Tansu exited early; last lines of $LOG_FILE:" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-        exit 1
-    fi
-    if port_open 127.0.0.1 "$PORT"; then
-        echo "kafka-start: Tansu (PID $pid) listening on 127.0.0.1:$PORT, log in $LOG_FILE" >&2
-        echo "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$PORT"
-        exit 0
-    fi
-    sleep 0.1
-done
+wait_until_ready kafka-start Tansu "$pid" "$PID_FILE" "$LOG_FILE" 30 0.1 \
+    port_open 127.0.0.1 "$PORT" || exit 1
 
-echo "kafka-start: Tansu did not accept connections within 30 s; stopping it" >&2
-kill -TERM "$pid" 2>/dev/null || true
-rm -f "$PID_FILE"
-tail -n 20 "$LOG_FILE" >&2 || true
-exit 1
+echo "kafka-start: Tansu (PID $pid) listening on 127.0.0.1:$PORT, log in $LOG_FILE" >&2
+echo "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$PORT"

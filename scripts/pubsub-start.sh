@@ -67,21 +67,9 @@ nohup "$EMULATOR" --host="$HOST" --port="$PORT" --dir="$DATA_DIR" >"$LOG_FILE" 2
 pid=$!
 echo "$pid" >"$PID_FILE"
 
-deadline=$((SECONDS + START_TIMEOUT_SECONDS))
-until answers_http; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "pubsub-start: the emulator exited during start-up; last lines of $LOG_FILE:" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-        rm -f "$PID_FILE"
-        exit 1
-    fi
-    if ((SECONDS >= deadline)); then
-        echo "pubsub-start: the emulator did not answer on $HOST:$PORT within ${START_TIMEOUT_SECONDS}s; stopping it (log: $LOG_FILE)" >&2
-        PUBSUB_PORT="$PORT" "$ROOT/scripts/pubsub-stop.sh" >&2 || true
-        exit 1
-    fi
-    sleep 0.5
-done
+# Ready once it answers HTTP.
+wait_until_ready pubsub-start "the emulator" "$pid" "$PID_FILE" "$LOG_FILE" \
+    "$START_TIMEOUT_SECONDS" 0.5 answers_http || exit 1
 
 echo "pubsub-start: emulator running (pid $pid, log $LOG_FILE)" >&2
 echo "PUBSUB_EMULATOR_HOST=$HOST:$PORT"

@@ -75,21 +75,9 @@ nohup "$REDIS_SERVER" \
 pid=$!
 echo "$pid" >"$PID_FILE"
 
-deadline=$((SECONDS + START_TIMEOUT_SECONDS))
-until answers_ping; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        rm -f "$PID_FILE"
-        echo "redis-start: redis-server exited during start-up; last lines of $LOG_FILE:" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-        exit 1
-    fi
-    if ((SECONDS >= deadline)); then
-        echo "redis-start: redis-server did not answer PING on $HOST:$PORT within ${START_TIMEOUT_SECONDS}s; stopping it" >&2
-        REDIS_PORT="$PORT" "$ROOT/scripts/redis-stop.sh" >&2 || true
-        exit 1
-    fi
-    sleep 0.1
-done
+# Ready once it answers PING.
+wait_until_ready redis-start redis-server "$pid" "$PID_FILE" "$LOG_FILE" \
+    "$START_TIMEOUT_SECONDS" 0.1 answers_ping || exit 1
 
 echo "redis-start: redis-server (PID $pid) listening on $HOST:$PORT, log in $LOG_FILE" >&2
 echo "REDIS_URL=redis://$HOST:$PORT"

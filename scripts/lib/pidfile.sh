@@ -73,3 +73,30 @@ stop_pid_file() {
     fi
     rm -f "$pid_file"
 }
+
+# wait_until_ready TAG WHAT PID PID_FILE LOG_FILE TIMEOUT_SECONDS POLL_SECONDS CHECK [ARG...]
+#
+# Runs CHECK [ARG...] every POLL_SECONDS until it succeeds: the broker just started as
+# PID (recorded in PID_FILE, logging to LOG_FILE) is ready. Fails if PID exits first, or
+# if TIMEOUT_SECONDS pass first (then it stops PID with stop_pid_file); either way it
+# says so, prints the last lines of LOG_FILE and removes PID_FILE.
+wait_until_ready() {
+    local tag=$1 what=$2 pid=$3 pid_file=$4 log_file=$5 timeout_seconds=$6 poll_seconds=$7
+    shift 7
+    local deadline=$((SECONDS + timeout_seconds))
+    until "$@"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rm -f "$pid_file"
+            echo "$tag: $what exited during start-up; last lines of $log_file:" >&2
+            tail -n 20 "$log_file" >&2 || true
+            return 1
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "$tag: $what was not ready within ${timeout_seconds}s; stopping it; last lines of $log_file:" >&2
+            tail -n 20 "$log_file" >&2 || true
+            stop_pid_file "$tag" "$pid_file" "$what" 10 || true
+            return 1
+        fi
+        sleep "$poll_seconds"
+    done
+}

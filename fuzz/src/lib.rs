@@ -8,10 +8,10 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+use classifier_inference::Preprocessor;
 use classifier_proto::{attributes, ErrorCode};
 use classifier_server::decode::DecodeLimits;
 use classifier_server::request::{PreparedInput, Rejected};
-use classifier_inference::Preprocessor;
 use unified_broker::Message;
 
 mod replay;

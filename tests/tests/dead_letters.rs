@@ -105,7 +105,7 @@ async fn embedded_dead_letters_are_listed_and_republished_after_a_fix() {
         .await
         .expect("publish");
     for _ in 0..2 {
-        match next_reply(&mut replies).await.outcome {
+        match next_reply(&mut *replies).await.outcome {
             Some(Outcome::Error(error)) => assert_eq!(error.code, ErrorCode::ImageTooLarge as i32),
             other => panic!("expected IMAGE_TOO_LARGE, got {other:?}"),
         }
@@ -159,7 +159,7 @@ async fn embedded_dead_letters_are_listed_and_republished_after_a_fix() {
         .expect("republish");
     assert_eq!(count, 1);
     inbox.close().await.expect("close");
-    let reply = next_reply(&mut replies).await;
+    let reply = next_reply(&mut *replies).await;
     assert_eq!(reply.request_id, "r-1");
     assert_eq!(top_class(&reply), "Trouser");
     stop.cancel();

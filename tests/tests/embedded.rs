@@ -218,7 +218,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
                 .await
         }
     });
-    let first = next_reply(&mut replies).await;
+    let first = next_reply(&mut *replies).await;
     assert_eq!(first.request_id, "req-1");
     assert!(
         flaky.attempts.load(Ordering::SeqCst) >= 4,
@@ -229,7 +229,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
         .expect("second publish completes once the first request is acked")
         .expect("task")
         .expect("publish");
-    let second = next_reply(&mut replies).await;
+    let second = next_reply(&mut *replies).await;
     assert_eq!(second.request_id, "req-2");
     assert_eq!(top_class(&second), "Trouser");
     stop.cancel();
@@ -264,7 +264,7 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
         .publish("requests-malformed", routed)
         .await
         .expect("publish");
-    let response = next_reply(&mut replies).await;
+    let response = next_reply(&mut *replies).await;
     assert_eq!(response.request_id, "bad-1");
     match response.outcome {
         Some(Outcome::Error(error)) => {

@@ -10,6 +10,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=lib/pidfile.sh
+source scripts/lib/pidfile.sh
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -27,22 +29,13 @@ fail() {
     exit 1
 }
 
-port_open() {
-    # bash's /dev/tcp: succeeds when something accepts a connection on the port.
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null
-}
-
 [[ "$PORT" =~ ^[0-9]+$ ]] || fail "KAFKA_PORT must be a number, got '$PORT'"
 
-if [[ -f "$PID_FILE" ]]; then
-    old_pid="$(cat "$PID_FILE")"
-    if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
-        fail "a broker started by this script is already running (PID $old_pid); run KAFKA_PORT=$PORT scripts/kafka-stop.sh first"
-    fi
-    rm -f "$PID_FILE"
+if old_pid="$(running_pid "$PID_FILE")"; then
+    fail "a broker started by this script is already running (PID $old_pid); run KAFKA_PORT=$PORT scripts/kafka-stop.sh first"
 fi
 
-if port_open; then
+if port_open 127.0.0.1 "$PORT"; then
     fail "something already listens on 127.0.0.1:$PORT; stop it or set KAFKA_PORT"
 fi
 
@@ -78,23 +71,8 @@ pid=$!
 echo "$pid" >"$PID_FILE"
 
 # Wait (bounded) until the broker accepts connections.
-for _ in $(seq 1 300); do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        rm -f "$PID_FILE"
-        echo "kafka-start: Tansu exited early; last lines of $LOG_FILE:" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-        exit 1
-    fi
-    if port_open; then
-        echo "kafka-start: Tansu (PID $pid) listening on 127.0.0.1:$PORT, log in $LOG_FILE" >&2
-        echo "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$PORT"
-        exit 0
-    fi
-    sleep 0.1
-done
+wait_until_ready kafka-start Tansu "$pid" "$PID_FILE" "$LOG_FILE" 30 0.1 \
+    port_open 127.0.0.1 "$PORT" || exit 1
 
-echo "kafka-start: Tansu did not accept connections within 30 s; stopping it" >&2
-kill -TERM "$pid" 2>/dev/null || true
-rm -f "$PID_FILE"
-tail -n 20 "$LOG_FILE" >&2 || true
-exit 1
+echo "kafka-start: Tansu (PID $pid) listening on 127.0.0.1:$PORT, log in $LOG_FILE" >&2
+echo "KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$PORT"

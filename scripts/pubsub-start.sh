@@ -14,6 +14,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib/pidfile.sh
+source "$ROOT/scripts/lib/pidfile.sh"
 PORT="${PUBSUB_PORT:-8085}"
 RUN_DIR="$ROOT/.tools/run"
 PID_FILE="$RUN_DIR/pubsub-$PORT.pid"
@@ -40,21 +42,12 @@ fi
 mkdir -p "$RUN_DIR"
 
 # Already running (started by this script)?
-if [[ -f "$PID_FILE" ]]; then
-    old_pid="$(cat "$PID_FILE")"
-    if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
-        echo "pubsub-start: the emulator is already running (pid $old_pid); stop it with PUBSUB_PORT=$PORT scripts/pubsub-stop.sh" >&2
-        exit 1
-    fi
-    rm -f "$PID_FILE"
+if old_pid="$(running_pid "$PID_FILE")"; then
+    echo "pubsub-start: the emulator is already running (pid $old_pid); stop it with PUBSUB_PORT=$PORT scripts/pubsub-stop.sh" >&2
+    exit 1
 fi
 
-port_in_use() {
-    # bash's /dev/tcp: succeeds if something accepts connections on the port.
-    (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
-}
-
-if port_in_use; then
+if port_open "$HOST" "$PORT"; then
     echo "pubsub-start: port $PORT on $HOST is already in use; set PUBSUB_PORT to a free port" >&2
     exit 1
 fi
@@ -63,7 +56,7 @@ answers_http() {
     if command -v curl >/dev/null 2>&1; then
         curl -s -o /dev/null --max-time 2 "http://$HOST:$PORT/"
     else
-        port_in_use
+        port_open "$HOST" "$PORT"
     fi
 }
 
@@ -74,21 +67,9 @@ nohup "$EMULATOR" --host="$HOST" --port="$PORT" --dir="$DATA_DIR" >"$LOG_FILE" 2
 pid=$!
 echo "$pid" >"$PID_FILE"
 
-deadline=$((SECONDS + START_TIMEOUT_SECONDS))
-until answers_http; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "pubsub-start: the emulator exited during start-up; last lines of $LOG_FILE:" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-        rm -f "$PID_FILE"
-        exit 1
-    fi
-    if ((SECONDS >= deadline)); then
-        echo "pubsub-start: the emulator did not answer on $HOST:$PORT within ${START_TIMEOUT_SECONDS}s; stopping it (log: $LOG_FILE)" >&2
-        "$ROOT/scripts/pubsub-stop.sh" >&2 || true
-        exit 1
-    fi
-    sleep 0.5
-done
+# Ready once it answers HTTP.
+wait_until_ready pubsub-start "the emulator" "$pid" "$PID_FILE" "$LOG_FILE" \
+    "$START_TIMEOUT_SECONDS" 0.5 answers_http || exit 1
 
 echo "pubsub-start: emulator running (pid $pid, log $LOG_FILE)" >&2
 echo "PUBSUB_EMULATOR_HOST=$HOST:$PORT"

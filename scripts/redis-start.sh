@@ -14,6 +14,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib/pidfile.sh
+source "$ROOT/scripts/lib/pidfile.sh"
 PORT="${REDIS_PORT:-6380}"
 HOST=127.0.0.1
 RUN_DIR="$ROOT/.tools/run"
@@ -43,20 +45,11 @@ REDIS_SERVER="$(command -v redis-server)"
 
 mkdir -p "$RUN_DIR"
 
-if [[ -f "$PID_FILE" ]]; then
-    old_pid="$(cat "$PID_FILE")"
-    if [[ "$old_pid" =~ ^[0-9]+$ ]] && kill -0 "$old_pid" 2>/dev/null; then
-        fail "a Redis started by this script is already running (PID $old_pid); run REDIS_PORT=$PORT scripts/redis-stop.sh first"
-    fi
-    rm -f "$PID_FILE"
+if old_pid="$(running_pid "$PID_FILE")"; then
+    fail "a Redis started by this script is already running (PID $old_pid); run REDIS_PORT=$PORT scripts/redis-stop.sh first"
 fi
 
-port_open() {
-    # bash's /dev/tcp: succeeds when something accepts a connection on the port.
-    (exec 3<>"/dev/tcp/$HOST/$PORT") 2>/dev/null
-}
-
-if port_open; then
+if port_open "$HOST" "$PORT"; then
     fail "something already listens on $HOST:$PORT; stop it or set REDIS_PORT"
 fi
 
@@ -82,21 +75,9 @@ nohup "$REDIS_SERVER" \
 pid=$!
 echo "$pid" >"$PID_FILE"
 
-deadline=$((SECONDS + START_TIMEOUT_SECONDS))
-until answers_ping; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        rm -f "$PID_FILE"
-        echo "redis-start: redis-server exited during start-up; last lines of $LOG_FILE:" >&2
-        tail -n 20 "$LOG_FILE" >&2 || true
-        exit 1
-    fi
-    if ((SECONDS >= deadline)); then
-        echo "redis-start: redis-server did not answer PING on $HOST:$PORT within ${START_TIMEOUT_SECONDS}s; stopping it" >&2
-        REDIS_PORT="$PORT" "$ROOT/scripts/redis-stop.sh" >&2 || true
-        exit 1
-    fi
-    sleep 0.1
-done
+# Ready once it answers PING.
+wait_until_ready redis-start redis-server "$pid" "$PID_FILE" "$LOG_FILE" \
+    "$START_TIMEOUT_SECONDS" 0.1 answers_ping || exit 1
 
 echo "redis-start: redis-server (PID $pid) listening on $HOST:$PORT, log in $LOG_FILE" >&2
 echo "REDIS_URL=redis://$HOST:$PORT"

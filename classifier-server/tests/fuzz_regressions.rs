@@ -5,54 +5,17 @@
 //! byte (bit 0: `request-id` attribute, bit 1: `job-id`, bit 2: `reply-topic`, bit 3:
 //! `content-type`) followed by the broker message payload. The file name starts with the
 //! error code the request must be rejected with, e.g. `CORRUPT_IMAGE--png-bad-chunk`.
-//! The limits are the fuzz targets' (`fuzz/src/lib.rs`: `fuzz_limits`).
+//! The wrapping, limits and preprocessor are the fuzz targets' own (`fuzz/src/replay.rs`).
 
 use std::path::{Path, PathBuf};
 
-use classifier_inference::ModelMetadata;
-use classifier_inference::Preprocessor;
-use classifier_proto::{attributes, ErrorCode, CONTENT_TYPE_REQUEST};
-use classifier_server::decode::DecodeLimits;
+use classifier_proto::{attributes, ErrorCode};
 use classifier_server::request::prepare;
-use unified_broker::Message;
 
-/// The same wrapping as `classifier_fuzz::message_from_fuzz_bytes`.
-fn message_from_fuzz_bytes(data: &[u8]) -> Message {
-    let Some((&flags, payload)) = data.split_first() else {
-        return Message::new(Vec::new());
-    };
-    let mut message = Message::new(payload.to_vec());
-    if flags & 1 != 0 {
-        message = message.with_attribute(attributes::REQUEST_ID, "fuzz-request");
-    }
-    if flags & 2 != 0 {
-        message = message.with_attribute(attributes::JOB_ID, "fuzz-job");
-    }
-    if flags & 4 != 0 {
-        message = message.with_attribute(attributes::REPLY_TOPIC, "fuzz-replies");
-    }
-    if flags & 8 != 0 {
-        message = message.with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_REQUEST);
-    }
-    message
-}
-
-/// The same limits as `classifier_fuzz::fuzz_limits`.
-fn fuzz_limits() -> DecodeLimits {
-    DecodeLimits {
-        max_message_bytes: 1024 * 1024,
-        max_width: 2048,
-        max_height: 2048,
-        max_pixels: 1024 * 1024,
-        max_decoded_bytes: 32 * 1024 * 1024,
-    }
-}
-
-fn preprocessor() -> Preprocessor {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fashion-mnist");
-    let metadata = ModelMetadata::load(&dir).expect("the shipped model's metadata loads");
-    Preprocessor::new(&metadata)
-}
+/// The fuzz crate's own wrapping, limits and preprocessor (see its `src/replay.rs`).
+#[path = "../../fuzz/src/replay.rs"]
+mod replay;
+use replay::{fuzz_limits, message_from_fuzz_bytes, preprocessor};
 
 fn regression_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions");
@@ -87,7 +50,7 @@ fn every_fuzz_regression_is_rejected_cleanly() {
         let name = path.display();
         let data = std::fs::read(&path).unwrap_or_else(|e| panic!("reading {name}: {e}"));
         let message = message_from_fuzz_bytes(&data);
-        let outcome = std::panic::catch_unwind(|| prepare(&message, &limits, &preprocessor))
+        let outcome = std::panic::catch_unwind(|| prepare(&message, &limits, preprocessor))
             .unwrap_or_else(|_| panic!("{name}: prepare panicked"));
         let rejected = match outcome {
             Ok(prepared) => panic!(
@@ -139,7 +102,7 @@ fn replay_a_fuzz_corpus() {
         let data = std::fs::read(&path).expect("readable input");
         let message = message_from_fuzz_bytes(&data);
         let started = std::time::Instant::now();
-        let outcome = prepare(&message, &limits, &preprocessor);
+        let outcome = prepare(&message, &limits, preprocessor);
         let took = started.elapsed();
         let line = match outcome {
             Ok(_) => "accepted".to_string(),
@@ -166,7 +129,7 @@ fn rejection_reasons_carry_no_control_characters() {
     for path in regression_files() {
         let data = std::fs::read(&path).expect("readable input");
         let message = message_from_fuzz_bytes(&data);
-        if let Err(rejected) = prepare(&message, &limits, &preprocessor) {
+        if let Err(rejected) = prepare(&message, &limits, preprocessor) {
             assert!(
                 !rejected.error.reason.chars().any(char::is_control),
                 "{}: control characters in the reason: {:?}",

@@ -10,7 +10,7 @@
 
 #![no_main]
 
-use classifier_fuzz::{check_outcome, fuzz_limits, install_panic_hook, preprocessor};
+use classifier_fuzz::{check_outcome, fuzz_limits, init_target, preprocessor};
 use classifier_proto::{attributes, ClassifyRequest, ErrorCode, ProstMessage};
 use classifier_server::decode::{decode_image, DecodeLimits};
 use classifier_server::request::prepare;
@@ -37,11 +37,7 @@ fn limits_from(control: &[u8]) -> DecodeLimits {
 }
 
 fuzz_target!(
-    init: {
-        classifier_fuzz::make_seeds_if_asked();
-        install_panic_hook();
-        preprocessor();
-    },
+    init: init_target(),
     |data: &[u8]| {
         if data.len() < HEADER {
             return;

@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 use classifier_fuzz::{
-    check_outcome, fuzz_limits, install_panic_hook, message_from_fuzz_bytes, preprocessor,
+    check_outcome, fuzz_limits, init_target, message_from_fuzz_bytes, preprocessor,
 };
 use classifier_server::decode::DecodeLimits;
 use classifier_server::request::prepare;
@@ -22,11 +22,7 @@ fn limits() -> &'static DecodeLimits {
 }
 
 fuzz_target!(
-    init: {
-        classifier_fuzz::make_seeds_if_asked();
-        install_panic_hook();
-        preprocessor();
-    },
+    init: init_target(),
     |data: &[u8]| {
         let message = message_from_fuzz_bytes(data);
         let outcome = prepare(&message, limits(), preprocessor());

@@ -1,79 +1,34 @@
 //! Shared pieces of the fuzz targets: how fuzz bytes become a broker message, the limits
 //! and preprocessor the targets use, and the properties every outcome must satisfy.
 //!
-//! `classifier-server/tests/fuzz_regressions.rs` wraps its inputs the same way
-//! ([`message_from_fuzz_bytes`]), so a file found here can be replayed there as is.
+//! `classifier-server/tests/fuzz_regressions.rs` replays inputs with the same code
+//! (module `replay`, included there by path), so a file found here can be replayed there
+//! as is.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
+use classifier_inference::Preprocessor;
 use classifier_proto::{attributes, ErrorCode};
 use classifier_server::decode::DecodeLimits;
 use classifier_server::request::{PreparedInput, Rejected};
-use classifier_inference::ModelMetadata;
-use classifier_inference::Preprocessor;
 use unified_broker::Message;
 
+mod replay;
 mod seeds;
+pub use replay::{
+    fuzz_limits, message_from_fuzz_bytes, preprocessor, FUZZ_JOB_ID, FUZZ_REPLY_TOPIC,
+    FUZZ_REQUEST_ID,
+};
 pub use seeds::{make_seeds_if_asked, write_seeds};
 
-/// Attribute values set when the flag byte asks for them.
-pub const FUZZ_REQUEST_ID: &str = "fuzz-request";
-/// See [`FUZZ_REQUEST_ID`].
-pub const FUZZ_JOB_ID: &str = "fuzz-job";
-/// See [`FUZZ_REQUEST_ID`].
-pub const FUZZ_REPLY_TOPIC: &str = "fuzz-replies";
-
-/// Builds the broker message a fuzz input stands for.
-///
-/// Byte 0 is a flag byte: bit 0 sets the `request-id` attribute, bit 1 `job-id`, bit 2
-/// `reply-topic`, bit 3 `content-type`; the rest of the input is the payload (normally a
-/// `ClassifyRequest` protobuf). An empty input is an empty message.
-pub fn message_from_fuzz_bytes(data: &[u8]) -> Message {
-    let Some((&flags, payload)) = data.split_first() else {
-        return Message::new(Vec::new());
-    };
-    let mut message = Message::new(payload.to_vec());
-    if flags & 1 != 0 {
-        message = message.with_attribute(attributes::REQUEST_ID, FUZZ_REQUEST_ID);
-    }
-    if flags & 2 != 0 {
-        message = message.with_attribute(attributes::JOB_ID, FUZZ_JOB_ID);
-    }
-    if flags & 4 != 0 {
-        message = message.with_attribute(attributes::REPLY_TOPIC, FUZZ_REPLY_TOPIC);
-    }
-    if flags & 8 != 0 {
-        message = message.with_attribute(
-            attributes::CONTENT_TYPE,
-            classifier_proto::CONTENT_TYPE_REQUEST,
-        );
-    }
-    message
-}
-
-/// Limits for fuzzing: the shape of the defaults, scaled down so the fuzzer spends its
-/// time on malformed data rather than on decoding large legitimate images.
-pub fn fuzz_limits() -> DecodeLimits {
-    DecodeLimits {
-        max_message_bytes: 1024 * 1024,
-        max_width: 2048,
-        max_height: 2048,
-        max_pixels: 1024 * 1024,
-        max_decoded_bytes: 32 * 1024 * 1024,
-    }
-}
-
-/// The shipped model's preprocessor, loaded once.
-pub fn preprocessor() -> &'static Preprocessor {
-    static PREPROCESSOR: OnceLock<Preprocessor> = OnceLock::new();
-    PREPROCESSOR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fashion-mnist");
-        let metadata = ModelMetadata::load(&dir)
-            .unwrap_or_else(|error| panic!("loading {}: {error:#}", dir.display()));
-        Preprocessor::new(&metadata)
-    })
+/// What every target does once before its first input: writes the seed corpus if asked
+/// (see [`make_seeds_if_asked`]), installs the panic hook ([`install_panic_hook`]) and
+/// loads the preprocessor, so the first input is not timed with the model's loading.
+pub fn init_target() {
+    make_seeds_if_asked();
+    install_panic_hook();
+    preprocessor();
 }
 
 /// Makes panics that `decode_image` catches (decoder panics, reported as corrupt images)

@@ -10,6 +10,10 @@ pub mod cross_process;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use classifier_proto::{ClassifyResponse, Outcome, ProstMessage};
+use unified_broker::{Delivery, Subscriber};
 
 /// The workspace root (where `examples/` and `models/` are).
 pub fn workspace_root() -> PathBuf {
@@ -158,6 +162,41 @@ pub fn parse_summary(stdout: &str) -> Summary {
         unanswered: number_after("unanswered: ").expect("summary has unanswered"),
         duplicates: number_after("duplicate replies: ").expect("summary has duplicates"),
         accuracy_percent,
+    }
+}
+
+/// The next delivery on `subscriber` within `wait`; panics, naming `what` the test
+/// waited for, if the wait ends first, the stream ends or the backend reports an error.
+pub async fn next_delivery(
+    subscriber: &mut dyn Subscriber,
+    wait: Duration,
+    what: &str,
+) -> Delivery {
+    tokio::time::timeout(wait, subscriber.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {wait:?}"))
+        .unwrap_or_else(|| panic!("the stream ended before {what}"))
+        .unwrap_or_else(|error| panic!("a receive error instead of {what}: {error}"))
+}
+
+/// The next reply on `replies` (within 30 s), decoded and acked.
+pub async fn next_reply(replies: &mut dyn Subscriber) -> ClassifyResponse {
+    let delivery = next_delivery(replies, Duration::from_secs(30), "reply").await;
+    let response =
+        ClassifyResponse::decode(delivery.message().payload.as_ref()).expect("a ClassifyResponse");
+    delivery.ack().expect("ack");
+    response
+}
+
+/// The class the model ranked first in `reply`; panics if the reply is not predictions.
+pub fn top_class(reply: &ClassifyResponse) -> &str {
+    match &reply.outcome {
+        Some(Outcome::Predictions(predictions)) => predictions
+            .top_k
+            .first()
+            .map(|class| class.class_name.as_str())
+            .expect("at least one prediction"),
+        other => panic!("expected predictions, got {other:?}"),
     }
 }
 

@@ -12,15 +12,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use classifier_proto::{
-    attributes, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome, ProstMessage,
-};
+use classifier_proto::{attributes, ClassifyRequest, ErrorCode, Outcome, ProstMessage};
 use classifier_server::{load_classifier, ModelServer, ServerConfig};
 use client_app::dead_letters::{DeadLetterInbox, InboxOptions};
-use integration_tests::{copy_examples, run_client, workspace_root, ServerProcess};
+use integration_tests::cross_process::backend_env;
+use integration_tests::{
+    copy_examples, next_delivery, next_reply, run_client, top_class, workspace_root, ServerProcess,
+};
 use tokio_util::sync::CancellationToken;
 use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
-use unified_broker::{Broker, Message, SubscribeOptions, Subscriber};
+use unified_broker::{Broker, Message, SubscribeOptions};
 
 const DEAD_LETTER_TOPIC: &str = "dead-letters-under-test";
 const INSPECTION_GROUP: &str = "inspection";
@@ -71,17 +72,6 @@ fn request(id: &str, file: &str, reply_topic: &str) -> Message {
         .with_attribute(attributes::REPLY_TOPIC, reply_topic)
 }
 
-async fn next_reply(replies: &mut Box<dyn Subscriber>) -> ClassifyResponse {
-    let delivery = tokio::time::timeout(Duration::from_secs(30), replies.next())
-        .await
-        .expect("a reply within 30 s")
-        .expect("open")
-        .expect("delivery");
-    let response = ClassifyResponse::decode(delivery.message().payload.as_ref()).expect("reply");
-    delivery.ack().expect("ack");
-    response
-}
-
 fn inbox_options() -> InboxOptions {
     InboxOptions {
         topic: DEAD_LETTER_TOPIC.into(),
@@ -115,7 +105,7 @@ async fn embedded_dead_letters_are_listed_and_republished_after_a_fix() {
         .await
         .expect("publish");
     for _ in 0..2 {
-        match next_reply(&mut replies).await.outcome {
+        match next_reply(&mut *replies).await.outcome {
             Some(Outcome::Error(error)) => assert_eq!(error.code, ErrorCode::ImageTooLarge as i32),
             other => panic!("expected IMAGE_TOO_LARGE, got {other:?}"),
         }
@@ -169,12 +159,9 @@ async fn embedded_dead_letters_are_listed_and_republished_after_a_fix() {
         .expect("republish");
     assert_eq!(count, 1);
     inbox.close().await.expect("close");
-    let reply = next_reply(&mut replies).await;
+    let reply = next_reply(&mut *replies).await;
     assert_eq!(reply.request_id, "r-1");
-    match reply.outcome {
-        Some(Outcome::Predictions(p)) => assert_eq!(p.top_k[0].class_name, "Trouser"),
-        other => panic!("expected predictions, got {other:?}"),
-    }
+    assert_eq!(top_class(&reply), "Trouser");
     stop.cancel();
     task.await.expect("task").expect("server ran");
 
@@ -194,19 +181,7 @@ async fn embedded_dead_letters_are_listed_and_republished_after_a_fix() {
 /// The Kafka environment, or `None` when no broker is configured (fails under
 /// `REQUIRE_BROKERS`).
 fn kafka_env() -> Option<Vec<(String, String)>> {
-    match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-        Ok(servers) if !servers.trim().is_empty() => Some(vec![
-            ("CLASSIFIER_BROKER".into(), "kafka".into()),
-            ("KAFKA_BOOTSTRAP_SERVERS".into(), servers),
-        ]),
-        _ if std::env::var_os("REQUIRE_BROKERS").is_some() => {
-            panic!("REQUIRE_BROKERS is set but KAFKA_BOOTSTRAP_SERVERS is not")
-        }
-        _ => {
-            eprintln!("*** dead_letters on Kafka: SKIPPED: KAFKA_BOOTSTRAP_SERVERS not set ***");
-            None
-        }
-    }
+    backend_env("kafka", "KAFKA_BOOTSTRAP_SERVERS")
 }
 
 fn stdout_of(output: &std::process::Output) -> String {
@@ -316,11 +291,12 @@ async fn kafka_dead_letters_command_lists_and_republishes() {
         .subscribe(&inspect_topic, "test", SubscribeOptions::default())
         .await
         .expect("subscribe");
-    let delivery = tokio::time::timeout(Duration::from_secs(90), inspect.next())
-        .await
-        .expect("the re-published request within 90 s")
-        .expect("open")
-        .expect("delivery");
+    let delivery = next_delivery(
+        &mut *inspect,
+        Duration::from_secs(90),
+        "re-published request",
+    )
+    .await;
     let message = delivery.message();
     let original = ClassifyRequest::decode(message.payload.as_ref()).expect("the original request");
     assert_eq!(original.request_id, chosen);

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use classifier_proto::{attributes, ClassifyResponse, ErrorCode, Outcome, ProstMessage};
+use classifier_proto::{attributes, ErrorCode, Outcome, ProstMessage};
 use classifier_server::{load_classifier, ModelServer, ServerConfig};
 use client_app::job::{run_job, FileOutcome, JobOptions, NoProgress};
 use integration_tests::{
-    assert_errors_reported, copy_examples, parse_summary, run_client, workspace_root,
-    write_bad_inputs,
+    assert_errors_reported, copy_examples, next_delivery, next_reply, parse_summary, run_client,
+    top_class, workspace_root, write_bad_inputs,
 };
 use tokio_util::sync::CancellationToken;
 use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
@@ -158,17 +158,6 @@ async fn reply_reader(broker: &dyn Broker, reply_topic: &str) -> Box<dyn Subscri
         .expect("subscribe to replies")
 }
 
-async fn next_reply(subscriber: &mut Box<dyn Subscriber>) -> ClassifyResponse {
-    let delivery = tokio::time::timeout(Duration::from_secs(30), subscriber.next())
-        .await
-        .expect("a reply within 30 s")
-        .expect("subscription open")
-        .expect("delivery");
-    let response = ClassifyResponse::decode(delivery.message().payload.as_ref()).expect("response");
-    delivery.ack().expect("ack");
-    response
-}
-
 /// Publishing a reply fails three times: the server retries, the reply arrives once, and
 /// only then is the request acked (until then a second group member could not have
 /// "lost" it: it stays unacked in the group).
@@ -229,7 +218,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
                 .await
         }
     });
-    let first = next_reply(&mut replies).await;
+    let first = next_reply(&mut *replies).await;
     assert_eq!(first.request_id, "req-1");
     assert!(
         flaky.attempts.load(Ordering::SeqCst) >= 4,
@@ -240,12 +229,9 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
         .expect("second publish completes once the first request is acked")
         .expect("task")
         .expect("publish");
-    let second = next_reply(&mut replies).await;
+    let second = next_reply(&mut *replies).await;
     assert_eq!(second.request_id, "req-2");
-    match second.outcome {
-        Some(Outcome::Predictions(p)) => assert_eq!(p.top_k[0].class_name, "Trouser"),
-        other => panic!("expected predictions, got {other:?}"),
-    }
+    assert_eq!(top_class(&second), "Trouser");
     stop.cancel();
     let final_stats = running.await.expect("task").expect("server ran");
     assert_eq!(final_stats.publish_retries, 3);
@@ -278,7 +264,7 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
         .publish("requests-malformed", routed)
         .await
         .expect("publish");
-    let response = next_reply(&mut replies).await;
+    let response = next_reply(&mut *replies).await;
     assert_eq!(response.request_id, "bad-1");
     match response.outcome {
         Some(Outcome::Error(error)) => {
@@ -301,11 +287,7 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
         .await
         .expect("dead-letter subscription");
     for _ in 0..2 {
-        let delivery = tokio::time::timeout(Duration::from_secs(30), dead.next())
-            .await
-            .expect("a dead letter within 30 s")
-            .expect("open")
-            .expect("delivery");
+        let delivery = next_delivery(&mut *dead, Duration::from_secs(30), "dead letter").await;
         let message = delivery.message();
         assert_eq!(message.payload.as_ref(), [0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert_eq!(

@@ -1,16 +1,10 @@
 //! End to end over Redis Streams: `classifier-server` and `client-app` as separate
 //! processes. Needs `REDIS_URL` (scripts/test.sh starts a server and sets it).
 
-use integration_tests::cross_process::backend_env;
+use integration_tests::cross_process::backend_env_with_config;
 
 fn env() -> Option<Vec<(String, String)>> {
-    let mut env = backend_env("redis", "REDIS_URL")?;
-    let config = integration_tests::workspace_root().join("tests/redis-e2e.toml");
-    env.push((
-        "CLASSIFIER_CONFIG".into(),
-        config.to_string_lossy().into_owned(),
-    ));
-    Some(env)
+    backend_env_with_config("redis", "REDIS_URL", "tests/redis-e2e.toml")
 }
 
 integration_tests::cross_process_tests!(env(), "REDIS_URL");

@@ -50,3 +50,37 @@ impl BrokerError {
 
 /// Shorthand used throughout the crate.
 pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
+/// Checks a numeric setting of `backend`'s config against the values it accepts: a
+/// [`BrokerError::Config`] saying "`backend`: `name` must be between … and …, got …"
+/// unless `allowed` holds `value`. The one wording of every backend's range checks.
+pub(crate) fn check_between<T: PartialOrd + std::fmt::Display>(
+    backend: &str,
+    name: &str,
+    value: T,
+    allowed: std::ops::RangeInclusive<T>,
+) -> Result<()> {
+    if allowed.contains(&value) {
+        return Ok(());
+    }
+    Err(BrokerError::Config(format!(
+        "{backend}: {name} must be between {} and {}, got {value}",
+        allowed.start(),
+        allowed.end()
+    )))
+}
+
+/// Like [`check_between`] for a setting with only a lower bound: "must be at least …".
+pub(crate) fn check_at_least<T: PartialOrd + std::fmt::Display>(
+    backend: &str,
+    name: &str,
+    value: T,
+    min: T,
+) -> Result<()> {
+    if value >= min {
+        return Ok(());
+    }
+    Err(BrokerError::Config(format!(
+        "{backend}: {name} must be at least {min}, got {value}"
+    )))
+}

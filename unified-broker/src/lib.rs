@@ -18,6 +18,7 @@
 //! message published after the group was created, members of one group share the
 //! messages, and a nacked or abandoned delivery comes back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -150,6 +151,32 @@ pub trait Subscriber: Send {
     async fn close(self: Box<Self>) -> Result<()>;
 }
 
+/// Whether a client was closed, for the backends that refuse to publish after
+/// [`Broker::close`] by themselves: `close` sets it, every publish checks it first.
+#[derive(Default)]
+pub(crate) struct ClosedFlag(AtomicBool);
+
+impl ClosedFlag {
+    /// Marks the client closed: from now on [`ClosedFlag::ensure_open`] fails.
+    pub(crate) fn close(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// `Err(BrokerError::Closed)` once the client was closed.
+    pub(crate) fn ensure_open(&self) -> Result<()> {
+        if self.0.load(Ordering::Acquire) {
+            return Err(BrokerError::Closed);
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ClosedFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0.load(Ordering::Relaxed), f)
+    }
+}
+
 /// Which backend to use and how to reach it. Deserialised from the `[broker]` table of
 /// a config file, e.g. `backend = "kafka"` plus the backend's own fields.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -271,6 +298,17 @@ pub async fn connect(config: &BrokerConfig) -> Result<Arc<dyn Broker>> {
         #[cfg(feature = "redis")]
         BrokerConfig::Redis(config) => Ok(Arc::new(redis::RedisBroker::connect(config).await?)),
     }
+}
+
+/// The `[broker]` table of the example config file `config/<name>.toml`, parsed: what
+/// each backend's tests check their example file with.
+#[cfg(test)]
+pub(crate) fn example_config(name: &str) -> BrokerConfig {
+    let path = format!("{}/../config/{name}.toml", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|error| panic!("{path}: {error}"));
+    let table: toml::Table = toml::from_str(&text).expect("valid TOML");
+    let broker = table.get("broker").expect("[broker] table").clone();
+    broker.try_into().expect("a valid BrokerConfig")
 }
 
 #[cfg(test)]

@@ -214,6 +214,18 @@ mod tests {
         Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()))
     }
 
+    /// A member of the group "workers" on `topic`.
+    async fn resubscribing(broker: &Arc<dyn Broker>, topic: &str) -> Resubscribing {
+        Resubscribing::subscribe(
+            Arc::clone(broker),
+            topic,
+            "workers",
+            SubscribeOptions::default(),
+        )
+        .await
+        .expect("subscribe")
+    }
+
     /// Publishes `payload` every 20 ms until `subscriber` yields a delivery, and returns
     /// that delivery's payload.
     async fn receive_while_publishing(
@@ -247,14 +259,7 @@ mod tests {
     #[tokio::test]
     async fn carries_on_after_the_topic_was_deleted() {
         let broker = broker();
-        let mut subscriber = Resubscribing::subscribe(
-            Arc::clone(&broker),
-            "jobs",
-            "workers",
-            SubscribeOptions::default(),
-        )
-        .await
-        .expect("subscribe");
+        let mut subscriber = resubscribing(&broker, "jobs").await;
         assert_eq!(
             receive_while_publishing(&broker, &mut subscriber, "before").await,
             b"before"
@@ -273,23 +278,13 @@ mod tests {
     #[tokio::test]
     async fn subscribe_creates_the_topic_and_the_group() {
         let broker = broker();
-        let mut subscriber = Resubscribing::subscribe(
-            Arc::clone(&broker),
-            "fresh",
-            "workers",
-            SubscribeOptions::default(),
-        )
-        .await
-        .expect("subscribe");
+        let mut subscriber = resubscribing(&broker, "fresh").await;
         broker
             .publish("fresh", Message::new("kept for the group"))
             .await
             .expect("the topic exists");
-        let delivery = tokio::time::timeout(Duration::from_secs(5), subscriber.next())
-            .await
-            .expect("in time")
-            .expect("stream open")
-            .expect("delivery");
+        let delivery =
+            crate::conformance::next_within(&mut subscriber, Duration::from_secs(5)).await;
         assert_eq!(delivery.message().payload.as_ref(), b"kept for the group");
     }
 }

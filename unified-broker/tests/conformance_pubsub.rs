@@ -8,71 +8,57 @@
 //! it, so `order_per_key` really runs.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use unified_broker::conformance::{self, numbered_messages, receive_all, BrokerFactory, Case};
-use unified_broker::pubsub::{PubSubBroker, PubSubConfig, EMULATOR_HOST_ENV, KEY_ATTRIBUTE};
-use unified_broker::{Broker, BrokerError, Message, SubscribeOptions};
+use unified_broker::conformance::{
+    self, numbered_messages, receive_all, BrokerFactory, Case, ConnectFactory,
+};
+use unified_broker::pubsub::{PubSubConfig, EMULATOR_HOST_ENV, KEY_ATTRIBUTE};
+use unified_broker::{BrokerConfig, BrokerError, Message, SubscribeOptions};
 
 /// When set (to anything), the cases the emulator is known to fail run anyway.
 const RUN_KNOWN_FAILURES_ENV: &str = "PUBSUB_RUN_KNOWN_FAILURES";
 
-/// Clients of the emulator named by `PUBSUB_EMULATOR_HOST`.
-struct Emulator {
-    config: PubSubConfig,
-}
-
-#[async_trait]
-impl BrokerFactory for Emulator {
-    async fn client(&self) -> Arc<dyn Broker> {
-        Arc::new(
-            PubSubBroker::connect(&self.config)
-                .await
-                .expect("connect to the Pub/Sub emulator"),
-        )
+/// Why the emulator is known to fail `case`, if it is (see
+/// `BrokerFactory::known_failure`).
+fn emulator_known_failure(case: &str) -> Option<&'static str> {
+    // Set to run the known failures anyway (to reproduce or re-check them).
+    if std::env::var_os(RUN_KNOWN_FAILURES_ENV).is_some() {
+        return None;
     }
-
-    fn known_failure(&self, case: &str) -> Option<&'static str> {
-        // Set to run the known failures anyway (to reproduce or re-check them).
-        if std::env::var_os(RUN_KNOWN_FAILURES_ENV).is_some() {
-            return None;
-        }
-        // The emulator's defect, not ours (root-caused 2026-12-02 with a logging HTTP/2
-        // proxy between client and emulator, and jstack on the emulator's JVM):
-        //
-        // - Our side is right: each closing subscriber's nack is a unary
-        //   ModifyAckDeadline(0), answered OK before the client resets the stream, e.g.
-        //   13:53:21.864 modack deadline=0 (ack id 1) sent; 21.876 OK; 21.877
-        //   RST_STREAM(CANCEL) on the StreamingPull.
-        // - The emulator (0.8.20) never ends a StreamingPull whose client reset it: its
-        //   pusher thread keeps pulling the subscription every 50 ms, flow control
-        //   ignored, and hands messages (fresh ack ids) to the dead stream. jstack at
-        //   14:06:39 showed 13 such threads in FakePubsubServer$StreamingPullPusher.run,
-        //   4 of them the streams of a failed run reset at 13:55:15-13:58:15; they only
-        //   stop when the subscription is deleted. So every nacked or expired message
-        //   races the live subscriber against every earlier round's dead stream, and a
-        //   message a dead stream takes is back only after its ack deadline (measured:
-        //   one held message, nacked and confirmed before the close, came back to the
-        //   next subscriber with a third ack id 10.0 s later).
-        // - With ordering on, the emulator redelivers expired messages of a key only
-        //   when the oldest outstanding one expires (RESEND_ALL). The live subscriber
-        //   holds that oldest one (and extends it), so what the dead streams took never
-        //   comes back: the round waits for 5 more messages until the case's deadline.
-        //
-        // Runs with PUBSUB_RUN_KNOWN_FAILURES=1 on 2026-12-02: ordered 0 of 2 passed
-        // ("no delivery before the timeout" in a round; the wire log shows the live
-        // stream getting nothing for 2 minutes while extending its 5 held ack ids),
-        // unordered 2 of 2 passed (it failed in some of the 6 runs of 2026-11-24).
-        // Loss across a closing or crashing server is still tested end to end
-        // (tests/tests/pubsub.rs: crash and graceful hand-over).
-        (case == "continue_after_subscriber_close").then_some(
-            "the Pub/Sub emulator keeps serving messages to StreamingPulls their client \
-             reset (it never ends them), so messages nacked at a close go to dead streams \
-             and, with ordering, never come back while an older one is held",
-        )
-    }
+    // The emulator's defect, not ours (root-caused 2026-12-02 with a logging HTTP/2
+    // proxy between client and emulator, and jstack on the emulator's JVM):
+    //
+    // - Our side is right: each closing subscriber's nack is a unary
+    //   ModifyAckDeadline(0), answered OK before the client resets the stream, e.g.
+    //   13:53:21.864 modack deadline=0 (ack id 1) sent; 21.876 OK; 21.877
+    //   RST_STREAM(CANCEL) on the StreamingPull.
+    // - The emulator (0.8.20) never ends a StreamingPull whose client reset it: its
+    //   pusher thread keeps pulling the subscription every 50 ms, flow control
+    //   ignored, and hands messages (fresh ack ids) to the dead stream. jstack at
+    //   14:06:39 showed 13 such threads in FakePubsubServer$StreamingPullPusher.run,
+    //   4 of them the streams of a failed run reset at 13:55:15-13:58:15; they only
+    //   stop when the subscription is deleted. So every nacked or expired message
+    //   races the live subscriber against every earlier round's dead stream, and a
+    //   message a dead stream takes is back only after its ack deadline (measured:
+    //   one held message, nacked and confirmed before the close, came back to the
+    //   next subscriber with a third ack id 10.0 s later).
+    // - With ordering on, the emulator redelivers expired messages of a key only
+    //   when the oldest outstanding one expires (RESEND_ALL). The live subscriber
+    //   holds that oldest one (and extends it), so what the dead streams took never
+    //   comes back: the round waits for 5 more messages until the case's deadline.
+    //
+    // Runs with PUBSUB_RUN_KNOWN_FAILURES=1 on 2026-12-02: ordered 0 of 2 passed
+    // ("no delivery before the timeout" in a round; the wire log shows the live
+    // stream getting nothing for 2 minutes while extending its 5 held ack ids),
+    // unordered 2 of 2 passed (it failed in some of the 6 runs of 2026-11-24).
+    // Loss across a closing or crashing server is still tested end to end
+    // (tests/tests/pubsub.rs: crash and graceful hand-over).
+    (case == "continue_after_subscriber_close").then_some(
+        "the Pub/Sub emulator keeps serving messages to StreamingPulls their client \
+         reset (it never ends them), so messages nacked at a close go to dead streams \
+         and, with ordering, never come back while an older one is held",
+    )
 }
 
 /// The emulator's config, or `None` (after saying so) when the tests must be skipped.
@@ -93,24 +79,23 @@ fn emulator_config(ordering: bool) -> Option<PubSubConfig> {
     })
 }
 
-fn factory(ordering: bool) -> Option<Emulator> {
-    emulator_config(ordering).map(|config| Emulator { config })
+/// Clients of the emulator `config` names, each with its own connections.
+fn emulator(config: PubSubConfig) -> ConnectFactory {
+    ConnectFactory::new(BrokerConfig::Pubsub(config)).with_known_failures(emulator_known_failure)
+}
+
+fn factory(ordering: bool) -> Option<ConnectFactory> {
+    emulator_config(ordering).map(emulator)
 }
 
 /// The whole suite with the default configuration (no ordering).
 mod unordered {
-    unified_broker::conformance_tests!(match super::factory(false) {
-        Some(factory) => factory,
-        None => return,
-    });
+    unified_broker::conformance_tests!(optional super::factory(false));
 }
 
 /// The whole suite with message ordering on.
 mod ordered {
-    unified_broker::conformance_tests!(match super::factory(true) {
-        Some(factory) => factory,
-        None => return,
-    });
+    unified_broker::conformance_tests!(optional super::factory(true));
 }
 
 /// A delivery held longer than the ack deadline is not redelivered: the client keeps
@@ -120,12 +105,10 @@ async fn held_message_lease_is_extended() {
     let Some(config) = emulator_config(false) else {
         return;
     };
-    let emulator = Emulator {
-        config: PubSubConfig {
-            ack_deadline_seconds: 10,
-            ..config
-        },
-    };
+    let emulator = emulator(PubSubConfig {
+        ack_deadline_seconds: 10,
+        ..config
+    });
     let case = Case::new(&emulator, "lease", &["readers"]).await;
     case.publish_marked("slow").await;
     let mut subscriber = case.subscribe("readers").await;

@@ -87,23 +87,15 @@ mod tests {
             .expect("enabled");
         assert_eq!(copy.payload, original.payload);
         assert_eq!(copy.key, original.key);
-        assert_eq!(copy.attribute("request-id"), Some("r-1"));
-        assert_eq!(
-            copy.attribute(dead_letter_attributes::CODE),
-            Some("CORRUPT_IMAGE")
-        );
-        assert_eq!(
-            copy.attribute(dead_letter_attributes::REASON),
-            Some("truncated PNG")
-        );
-        assert_eq!(
-            copy.attribute(dead_letter_attributes::SOURCE_TOPIC),
-            Some("requests")
-        );
-        assert_eq!(
-            copy.attribute(dead_letter_attributes::SERVER_ID),
-            Some("server-a")
-        );
+        for (name, value) in [
+            ("request-id", "r-1"),
+            (dead_letter_attributes::CODE, "CORRUPT_IMAGE"),
+            (dead_letter_attributes::REASON, "truncated PNG"),
+            (dead_letter_attributes::SOURCE_TOPIC, "requests"),
+            (dead_letter_attributes::SERVER_ID, "server-a"),
+        ] {
+            assert_eq!(copy.attribute(name), Some(value), "attribute {name}");
+        }
     }
 
     #[test]

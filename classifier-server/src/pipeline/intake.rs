@@ -140,17 +140,20 @@ mod tests {
             .expect("subscribe")
     }
 
-    async fn first_delivery(subscriber: &mut Box<dyn Subscriber>) -> Delivery {
-        subscriber.next().await.expect("open").expect("a delivery")
+    /// The first chunk `take_chunk` takes from a subscriber holding `waiting` messages,
+    /// with room for `room` in flight, and the in-flight semaphore.
+    async fn first_chunk(waiting: usize, room: usize) -> (Vec<Work>, Arc<Semaphore>) {
+        let mut subscriber = subscriber_with(waiting).await;
+        let in_flight = Arc::new(Semaphore::new(room));
+        let first = subscriber.next().await.expect("open").expect("a delivery");
+        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
+        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit).await;
+        (chunk, in_flight)
     }
 
     #[tokio::test]
     async fn a_chunk_takes_what_waits_up_to_the_chunk_size() {
-        let mut subscriber = subscriber_with(DECODE_CHUNK + 4).await;
-        let in_flight = Arc::new(Semaphore::new(100));
-        let first = first_delivery(&mut subscriber).await;
-        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
-        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit).await;
+        let (chunk, in_flight) = first_chunk(DECODE_CHUNK + 4, 100).await;
         assert_eq!(chunk.len(), DECODE_CHUNK);
         assert_eq!(in_flight.available_permits(), 100 - DECODE_CHUNK);
         let payloads: Vec<_> = chunk
@@ -169,26 +172,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunk_stops_where_the_in_flight_limit_is() {
-        let mut subscriber = subscriber_with(10).await;
-        let in_flight = Arc::new(Semaphore::new(3));
-        let first = first_delivery(&mut subscriber).await;
-        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
-        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit).await;
+        let (chunk, _in_flight) = first_chunk(10, 3).await;
         assert_eq!(chunk.len(), 3);
     }
 
     #[tokio::test]
     async fn a_chunk_does_not_wait_for_more() {
-        let mut subscriber = subscriber_with(2).await;
-        let in_flight = Arc::new(Semaphore::new(100));
-        let first = first_delivery(&mut subscriber).await;
-        let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
-        let chunk = tokio::time::timeout(
-            Duration::from_secs(5),
-            take_chunk(&mut *subscriber, &in_flight, first, permit),
-        )
-        .await
-        .expect("returns without waiting for a third message");
+        let (chunk, _in_flight) = tokio::time::timeout(Duration::from_secs(5), first_chunk(2, 100))
+            .await
+            .expect("returns without waiting for a third message");
         assert_eq!(chunk.len(), 2);
     }
 }

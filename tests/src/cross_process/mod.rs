@@ -48,22 +48,39 @@ pub fn case_env(backend_env: &[(String, String)], case: &str) -> Vec<(String, St
 
 /// The backend environment from the variables the test script sets, or `None` (with a
 /// loud message) when the broker is not running and `REQUIRE_BROKERS` is not set.
+/// An empty variable counts as unset.
 pub fn backend_env(backend: &str, address_var: &str) -> Option<Vec<(String, String)>> {
     match std::env::var(address_var) {
-        Ok(address) => Some(vec![
+        Ok(address) if !address.trim().is_empty() => Some(vec![
             ("CLASSIFIER_BROKER".into(), backend.into()),
             (address_var.into(), address),
         ]),
-        Err(_) if std::env::var_os("REQUIRE_BROKERS").is_some() => {
+        _ if std::env::var_os("REQUIRE_BROKERS").is_some() => {
             panic!("{address_var} is not set but REQUIRE_BROKERS is: start the broker (scripts/test.sh does)")
         }
-        Err(_) => {
+        _ => {
             eprintln!(
                 "SKIPPED: {address_var} not set, so the {backend} end-to-end tests cannot run"
             );
             None
         }
     }
+}
+
+/// [`backend_env`] plus `CLASSIFIER_CONFIG` naming `config_file` (a path relative to the
+/// workspace root), for a backend whose servers need settings of their own in the tests.
+pub fn backend_env_with_config(
+    backend: &str,
+    address_var: &str,
+    config_file: &str,
+) -> Option<Vec<(String, String)>> {
+    let mut env = backend_env(backend, address_var)?;
+    let config = crate::workspace_root().join(config_file);
+    env.push((
+        "CLASSIFIER_CONFIG".into(),
+        config.to_string_lossy().into_owned(),
+    ));
+    Some(env)
 }
 
 /// One case's setup: its environment (see [`case_env`]) and a scratch folder for its

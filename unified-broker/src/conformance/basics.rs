@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    assert_none_lost, ids_of, numbered_messages, receive_all, unique_name, BrokerFactory, Case,
-    ID_ATTRIBUTE,
+    assert_none_lost, assert_subscribe_finds_no_topic, ids_of, next_within, numbered_messages,
+    receive_all, unique_name, BrokerFactory, Case, ID_ATTRIBUTE,
 };
 use crate::Message;
 
@@ -96,4 +96,47 @@ pub async fn admin_is_idempotent(factory: &dyn BrokerFactory) {
     for _ in 0..2 {
         broker.delete_topic(&topic).await.expect("delete_topic");
     }
+}
+
+/// Image-sized payloads (several MB), keys and attributes make the round trip through
+/// the backend's publish, storage and receive limits, in order (one key); a first
+/// delivery is not counted as a redelivery. Not one of the suite's cases: the test files
+/// of the backends meant to carry such messages call it.
+pub async fn large_messages_round_trip(factory: &dyn BrokerFactory) {
+    let case = Case::new(factory, "large", &["readers"]).await;
+    let sizes = [5 * 1024 * 1024, 1, 8 * 1024 * 1024];
+    let messages: Vec<Message> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            Message::new(vec![(i % 251) as u8; size])
+                .with_key("same-key")
+                .with_attribute("size", size.to_string())
+        })
+        .collect();
+    case.publish(messages).await;
+    let mut subscriber = case.subscribe("readers").await;
+    for (i, &size) in sizes.iter().enumerate() {
+        let delivery = next_within(&mut *subscriber, factory.receive_timeout()).await;
+        let message = delivery.message();
+        assert_eq!(message.payload.len(), size, "message {i} in order");
+        assert!(message.payload.iter().all(|&b| b == (i % 251) as u8));
+        assert_eq!(message.attribute("size"), Some(size.to_string().as_str()));
+        assert_eq!(message.key.as_deref(), Some("same-key"));
+        assert!(
+            matches!(delivery.attempt(), None | Some(1)),
+            "first delivery of message {i} counted as attempt {:?}",
+            delivery.attempt()
+        );
+        delivery.ack().expect("ack");
+    }
+    case.close_and_delete(subscriber).await;
+}
+
+/// Subscribing to a topic that does not exist is `TopicNotFound`, not a silently created
+/// topic. Not one of the suite's cases: the test files of the backends that check it
+/// (with checks of their own, or as it is) add it.
+pub async fn missing_topic_is_reported(factory: &dyn BrokerFactory) {
+    let broker = factory.client().await;
+    assert_subscribe_finds_no_topic(&*broker, &unique_name("missing")).await;
 }

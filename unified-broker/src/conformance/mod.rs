@@ -25,7 +25,10 @@ mod load;
 mod ordering;
 mod redelivery;
 
-pub use basics::{admin_is_idempotent, publish_subscribe, topic_isolation};
+pub use basics::{
+    admin_is_idempotent, large_messages_round_trip, missing_topic_is_reported, publish_subscribe,
+    topic_isolation,
+};
 pub use groups::{
     group_members_share_the_stream, groups_each_receive_everything, new_group_receives_old_messages,
 };
@@ -47,10 +50,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::{Broker, Delivery, Features, Message, SubscribeOptions, Subscriber};
+use crate::{
+    Broker, BrokerConfig, BrokerError, Delivery, Features, Message, SubscribeOptions, Subscriber,
+};
 
 /// Attribute carrying each test message's unique id.
 pub const ID_ATTRIBUTE: &str = "conformance-id";
+
+/// How long a case waits for messages unless its factory says otherwise (see
+/// [`BrokerFactory::receive_timeout`]).
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Makes clients of the backend under test.
 #[async_trait]
@@ -61,7 +70,7 @@ pub trait BrokerFactory: Send + Sync {
     /// How long a case waits for messages before declaring them lost. Generous: a first
     /// consumer-group join can take seconds on some brokers.
     fn receive_timeout(&self) -> Duration {
-        Duration::from_secs(60)
+        DEFAULT_RECEIVE_TIMEOUT
     }
 
     /// Why the broker under test is known to fail `case`, if it is. Such a case is
@@ -106,6 +115,93 @@ pub fn broker_address_or_skip(var: &str, suite: &str, start_script: &str) -> Opt
     }
 }
 
+/// Clients of a broker that runs outside the tests (Kafka, Pub/Sub, Redis), each a new
+/// connection made by [`crate::connect`] from one config: the factory all such backends'
+/// test files need, so each of them only says how its backend is configured.
+pub struct ConnectFactory {
+    config: BrokerConfig,
+    receive_timeout: Duration,
+    known_failure: fn(&str) -> Option<&'static str>,
+}
+
+impl ConnectFactory {
+    /// Clients connected with `config`, with the [`DEFAULT_RECEIVE_TIMEOUT`] and no known
+    /// failures.
+    pub fn new(config: BrokerConfig) -> ConnectFactory {
+        ConnectFactory {
+            config,
+            receive_timeout: DEFAULT_RECEIVE_TIMEOUT,
+            known_failure: |_case| None,
+        }
+    }
+
+    /// The same factory with `timeout` as its [`BrokerFactory::receive_timeout`].
+    pub fn with_receive_timeout(self, timeout: Duration) -> ConnectFactory {
+        ConnectFactory {
+            receive_timeout: timeout,
+            ..self
+        }
+    }
+
+    /// The same factory with `known_failure` as its [`BrokerFactory::known_failure`].
+    pub fn with_known_failures(
+        self,
+        known_failure: fn(&str) -> Option<&'static str>,
+    ) -> ConnectFactory {
+        ConnectFactory {
+            known_failure,
+            ..self
+        }
+    }
+}
+
+#[async_trait]
+impl BrokerFactory for ConnectFactory {
+    async fn client(&self) -> Arc<dyn Broker> {
+        crate::connect(&self.config).await.unwrap_or_else(|error| {
+            panic!(
+                "connect to the {} broker under test: {error}",
+                self.config.backend()
+            )
+        })
+    }
+
+    fn receive_timeout(&self) -> Duration {
+        self.receive_timeout
+    }
+
+    fn known_failure(&self, case: &str) -> Option<&'static str> {
+        (self.known_failure)(case)
+    }
+}
+
+/// An address where nothing listens (port 9, discard, on loopback), for checking what
+/// connecting to nothing gives (see [`assert_unavailable`]).
+pub const UNREACHABLE_ADDRESS: &str = "127.0.0.1:9";
+
+/// Panics unless `connected` failed with a retryable [`BrokerError::Unavailable`]: what
+/// connecting to an address where nothing listens must give.
+pub fn assert_unavailable<B>(connected: crate::Result<B>) {
+    match connected {
+        Err(error @ BrokerError::Unavailable(_)) => assert!(error.is_retryable()),
+        Err(other) => panic!("expected Unavailable, got {other}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
+
+/// Panics unless subscribing to `topic`, which must not exist, fails with
+/// [`BrokerError::TopicNotFound`] naming it (instead of creating the topic silently).
+pub async fn assert_subscribe_finds_no_topic(broker: &dyn Broker, topic: &str) {
+    match broker
+        .subscribe(topic, "readers", SubscribeOptions::default())
+        .await
+    {
+        Err(BrokerError::TopicNotFound(name)) => assert_eq!(name, topic),
+        Err(other) => panic!("expected TopicNotFound, got {other}"),
+        Ok(_) => panic!("subscribing to the missing topic {topic} succeeded"),
+    }
+}
+
 /// A unique topic (or group) name that every backend accepts (starts with a letter,
 /// lower-case letters, digits and dashes only, well under 255 characters).
 pub fn unique_name(case: &str) -> String {
@@ -134,7 +230,7 @@ fn ids_of(messages: &[Message]) -> HashSet<String> {
 }
 
 /// The test id a delivery carries ("" if none).
-fn id_of(delivery: &Delivery) -> String {
+pub fn id_of(delivery: &Delivery) -> String {
     delivery
         .message()
         .attribute(ID_ATTRIBUTE)
@@ -405,10 +501,23 @@ impl<'f> Case<'f> {
 
 /// Generates one `#[tokio::test]` per conformance case for the factory expression.
 ///
-/// Use in a backend's test file: `unified_broker::conformance_tests!(factory());`
+/// Use in a backend's test file: `unified_broker::conformance_tests!(factory());`. With
+/// `optional`, the expression is an `Option` of a factory, for a broker that runs outside
+/// the tests: `None` (no broker configured, and said so) makes every case return at once.
+/// Names after a `;` add cases of this module that are not in the suite, e.g.
+/// `conformance_tests!(optional factory(); large_messages_round_trip)`.
 #[macro_export]
 macro_rules! conformance_tests {
-    ($factory:expr) => {
+    (optional $factory:expr $(; $($extra:ident),+ $(,)?)?) => {
+        $crate::conformance_tests!(
+            match $factory {
+                Some(factory) => factory,
+                None => return,
+            }
+            $(; $($extra),+)?
+        );
+    };
+    ($factory:expr $(; $($extra:ident),+ $(,)?)?) => {
         $crate::conformance_tests!(@cases $factory;
             publish_subscribe,
             concurrent_publish_subscribe,
@@ -425,6 +534,7 @@ macro_rules! conformance_tests {
             groups_each_receive_everything,
             group_members_share_the_stream,
             admin_is_idempotent,
+            $($($extra,)+)?
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

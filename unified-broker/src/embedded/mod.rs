@@ -16,7 +16,6 @@
 //! the classifier server in-process), not a persistence layer.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -24,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::{
-    AckHandle, Broker, BrokerError, Delivery, Features, Message, Result, SubscribeOptions,
-    Subscriber,
+    AckHandle, Broker, BrokerError, ClosedFlag, Delivery, Features, Message, Result,
+    SubscribeOptions, Subscriber,
 };
 
 /// Settings of the embedded broker.
@@ -49,7 +48,7 @@ impl Default for EmbeddedConfig {
 /// [`EmbeddedBroker::new_client`] another client of the same one.
 pub struct EmbeddedBroker {
     shared: Arc<Shared>,
-    closed: AtomicBool,
+    closed: ClosedFlag,
 }
 
 struct Shared {
@@ -133,7 +132,7 @@ impl EmbeddedBroker {
                 config,
                 topics: Mutex::new(HashMap::new()),
             }),
-            closed: AtomicBool::new(false),
+            closed: ClosedFlag::default(),
         }
     }
 
@@ -141,7 +140,7 @@ impl EmbeddedBroker {
     pub fn new_client(&self) -> Self {
         EmbeddedBroker {
             shared: Arc::clone(&self.shared),
-            closed: AtomicBool::new(false),
+            closed: ClosedFlag::default(),
         }
     }
 
@@ -181,9 +180,7 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(BrokerError::Closed);
-        }
+        self.closed.ensure_open()?;
         let topic_state = self.topic(topic)?;
         let groups: Vec<Arc<Group>> = lock(&topic_state.groups).values().cloned().collect();
         for message in messages {
@@ -247,7 +244,7 @@ impl Broker for EmbeddedBroker {
 
     async fn close(&self) -> Result<()> {
         // Publishes are confirmed when `publish_batch` returns: nothing to flush.
-        self.closed.store(true, Ordering::Release);
+        self.closed.close();
         Ok(())
     }
 }

@@ -6,6 +6,8 @@ use std::fmt;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{check_at_least, check_between};
+
 /// Settings of the Kafka backend, read from the `[broker]` table (`backend = "kafka"`).
 ///
 /// Every field has a default, so `backend = "kafka"` alone talks to a broker on
@@ -161,36 +163,26 @@ impl KafkaConfig {
     pub(crate) fn validate(&self) -> crate::Result<()> {
         let fail = |what: String| Err(crate::BrokerError::Config(what));
         if self.bootstrap_servers.trim().is_empty() {
-            return fail("kafka.bootstrap_servers is empty".into());
+            return fail("kafka: bootstrap_servers is empty".into());
         }
-        if self.partitions < 1 {
-            return fail(format!(
-                "kafka.partitions must be at least 1, got {}",
-                self.partitions
-            ));
-        }
-        if self.replication_factor < 1 {
-            return fail(format!(
-                "kafka.replication_factor must be at least 1, got {}",
-                self.replication_factor
-            ));
-        }
-        if self.session_timeout_ms < 1_000 {
-            return fail(format!(
-                "kafka.session_timeout_ms must be at least 1000, got {}",
-                self.session_timeout_ms
-            ));
-        }
-        if !(1024..=1_000_000_000).contains(&self.message_max_bytes) {
-            return fail(format!(
-                "kafka.message_max_bytes must be between 1 KiB and 1e9, got {}",
-                self.message_max_bytes
-            ));
-        }
+        check_at_least("kafka", "partitions", self.partitions, 1)?;
+        check_at_least("kafka", "replication_factor", self.replication_factor, 1)?;
+        check_at_least(
+            "kafka",
+            "session_timeout_ms",
+            self.session_timeout_ms,
+            1_000,
+        )?;
+        check_between(
+            "kafka",
+            "message_max_bytes",
+            self.message_max_bytes,
+            1024..=1_000_000_000,
+        )?;
         const CODECS: &[&str] = &["none", "gzip", "snappy", "lz4", "zstd"];
         if !CODECS.contains(&self.compression.as_str()) {
             return fail(format!(
-                "kafka.compression must be one of {CODECS:?}, got {:?}",
+                "kafka: compression must be one of {CODECS:?}, got {:?}",
                 self.compression
             ));
         }
@@ -374,12 +366,7 @@ mod tests {
 
     #[test]
     fn example_config_file_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/kafka.toml");
-        let text = std::fs::read_to_string(path).expect("config/kafka.toml exists");
-        let table: toml::Table = toml::from_str(&text).expect("valid TOML");
-        let broker = table.get("broker").expect("[broker] table").clone();
-        let parsed: crate::BrokerConfig = broker.try_into().expect("a valid BrokerConfig");
-        let crate::BrokerConfig::Kafka(config) = parsed else {
+        let crate::BrokerConfig::Kafka(config) = crate::example_config("kafka") else {
             panic!("config/kafka.toml selects another backend");
         };
         assert!(config.validate().is_ok());

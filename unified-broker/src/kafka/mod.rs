@@ -23,7 +23,6 @@ mod consumer;
 mod offsets;
 mod producer;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +37,9 @@ use rdkafka::ClientContext;
 pub use self::config::KafkaConfig;
 use self::consumer::KafkaSubscriber;
 use self::producer::{ProducerContext, Producers};
-use crate::{Broker, BrokerError, Features, Message, Result, SubscribeOptions, Subscriber};
+use crate::{
+    Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
+};
 
 /// A client of a Kafka cluster: one idempotent producer (replaced when a broker restart
 /// spoils it, see `producer.rs`) and one admin client, shared by every call; each
@@ -47,7 +48,7 @@ pub struct KafkaBroker {
     config: KafkaConfig,
     producers: Producers,
     admin: Arc<AdminClient<LogContext>>,
-    closed: AtomicBool,
+    closed: ClosedFlag,
 }
 
 /// librdkafka context of the admin client: forwards its logs to `tracing`.
@@ -197,7 +198,7 @@ impl KafkaBroker {
             config: config.clone(),
             producers,
             admin: Arc::new(admin),
-            closed: AtomicBool::new(false),
+            closed: ClosedFlag::default(),
         })
     }
 
@@ -302,9 +303,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(BrokerError::Closed);
-        }
+        self.closed.ensure_open()?;
         let (generation, producer) = self.producers.current();
         let result = self.publish_with(&producer, topic, &messages).await;
         result.map_err(|error| {
@@ -351,7 +350,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
+        self.closed.close();
         let producer = self.producers.current_unused();
         let timeout = self.config.message_timeout();
         tokio::task::spawn_blocking(move || producer.flush(timeout))

@@ -7,6 +7,7 @@ use std::time::Duration;
 use google_cloud_auth::credentials::{self, Credentials};
 use serde::{Deserialize, Serialize};
 
+use crate::error::check_between;
 use crate::{BrokerError, Result};
 
 /// The standard variable Google's client libraries and tools read to find an emulator.
@@ -110,24 +111,24 @@ impl PubSubConfig {
         if self.project_id.trim().is_empty() {
             return Err(BrokerError::Config("pubsub: project_id is empty".into()));
         }
-        if !(10..=600).contains(&self.ack_deadline_seconds) {
-            return Err(BrokerError::Config(format!(
-                "pubsub: ack_deadline_seconds must be 10..=600, got {}",
-                self.ack_deadline_seconds
-            )));
-        }
-        if self.batch_max_messages == 0 || self.batch_max_messages > 1000 {
-            return Err(BrokerError::Config(format!(
-                "pubsub: batch_max_messages must be 1..=1000, got {}",
-                self.batch_max_messages
-            )));
-        }
-        if self.batch_max_bytes == 0 || self.batch_max_bytes > 10_000_000 {
-            return Err(BrokerError::Config(format!(
-                "pubsub: batch_max_bytes must be 1..=10000000, got {}",
-                self.batch_max_bytes
-            )));
-        }
+        check_between(
+            "pubsub",
+            "ack_deadline_seconds",
+            self.ack_deadline_seconds,
+            10..=600,
+        )?;
+        check_between(
+            "pubsub",
+            "batch_max_messages",
+            self.batch_max_messages,
+            1..=1000,
+        )?;
+        check_between(
+            "pubsub",
+            "batch_max_bytes",
+            self.batch_max_bytes,
+            1..=10_000_000,
+        )?;
         if self.credentials_file.is_some() && self.credentials_json.is_some() {
             return Err(BrokerError::Config(
                 "pubsub: set credentials_file or credentials_json, not both".into(),

@@ -256,14 +256,7 @@ mod tests {
 
     #[test]
     fn the_example_config_file_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/pubsub.toml");
-        let text = std::fs::read_to_string(path).expect("config/pubsub.toml");
-        #[derive(serde::Deserialize)]
-        struct File {
-            broker: crate::BrokerConfig,
-        }
-        let file: File = toml::from_str(&text).expect("valid config");
-        match file.broker {
+        match crate::example_config("pubsub") {
             crate::BrokerConfig::Pubsub(config) => config.validate().expect("valid values"),
             other => panic!("expected the pubsub backend, got {other:?}"),
         }

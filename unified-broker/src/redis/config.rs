@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{check_at_least, check_between};
 use crate::{BrokerError, Result};
 
 /// The variable that overrides [`RedisConfig::url`], as many Redis tools read it.
@@ -111,41 +112,24 @@ impl RedisConfig {
 
     /// Checks what would otherwise only fail later or behave oddly.
     pub(crate) fn validate(&self) -> Result<()> {
-        let fail = |what: String| Err(BrokerError::Config(format!("redis: {what}")));
         if self.url.trim().is_empty() {
-            return fail("url is empty".into());
+            return Err(BrokerError::Config("redis: url is empty".into()));
         }
-        if self.max_len < 1_000 {
-            return fail(format!(
-                "max_len must be at least 1000, got {}",
-                self.max_len
-            ));
-        }
-        if !(100..=MAX_CLAIM_IDLE_MS).contains(&self.claim_idle_ms) {
-            return fail(format!(
-                "claim_idle_ms must be between 100 and {MAX_CLAIM_IDLE_MS}, got {}",
-                self.claim_idle_ms
-            ));
-        }
-        if !(10..=60_000).contains(&self.claim_interval_ms) {
-            return fail(format!(
-                "claim_interval_ms must be between 10 and 60000, got {}",
-                self.claim_interval_ms
-            ));
-        }
-        if !(1..=10_000).contains(&self.read_count) {
-            return fail(format!(
-                "read_count must be between 1 and 10000, got {}",
-                self.read_count
-            ));
-        }
-        if self.request_timeout_ms < 100 {
-            return fail(format!(
-                "request_timeout_ms must be at least 100, got {}",
-                self.request_timeout_ms
-            ));
-        }
-        Ok(())
+        check_at_least("redis", "max_len", self.max_len, 1_000)?;
+        check_between(
+            "redis",
+            "claim_idle_ms",
+            self.claim_idle_ms,
+            100..=MAX_CLAIM_IDLE_MS,
+        )?;
+        check_between(
+            "redis",
+            "claim_interval_ms",
+            self.claim_interval_ms,
+            10..=60_000,
+        )?;
+        check_between("redis", "read_count", self.read_count, 1..=10_000)?;
+        check_at_least("redis", "request_timeout_ms", self.request_timeout_ms, 100)
     }
 
     pub(crate) fn claim_idle(&self) -> Duration {
@@ -227,12 +211,7 @@ mod tests {
 
     #[test]
     fn example_config_file_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/redis.toml");
-        let text = std::fs::read_to_string(path).expect("config/redis.toml exists");
-        let table: toml::Table = toml::from_str(&text).expect("valid TOML");
-        let broker = table.get("broker").expect("[broker] table").clone();
-        let parsed: crate::BrokerConfig = broker.try_into().expect("a valid BrokerConfig");
-        let crate::BrokerConfig::Redis(config) = parsed else {
+        let crate::BrokerConfig::Redis(config) = crate::example_config("redis") else {
             panic!("config/redis.toml selects another backend");
         };
         assert!(config.validate().is_ok());

@@ -31,8 +31,6 @@ mod config;
 mod consumer;
 mod producer;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError};
@@ -40,7 +38,9 @@ use redis::{ErrorKind, RedisError};
 use self::config::redacted_url;
 pub use self::config::{RedisConfig, URL_ENV};
 use self::consumer::RedisSubscriber;
-use crate::{Broker, BrokerError, Features, Message, Result, SubscribeOptions, Subscriber};
+use crate::{
+    Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
+};
 
 /// Stream field holding a message's payload.
 pub const PAYLOAD_FIELD: &str = "payload";
@@ -56,14 +56,14 @@ pub struct RedisBroker {
     config: RedisConfig,
     client: redis::Client,
     manager: ConnectionManager,
-    closed: AtomicBool,
+    closed: ClosedFlag,
 }
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
             .field("config", &self.config)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .field("closed", &self.closed)
             .finish()
     }
 }
@@ -155,7 +155,7 @@ impl RedisBroker {
             config: config.clone(),
             client,
             manager,
-            closed: AtomicBool::new(false),
+            closed: ClosedFlag::default(),
         })
     }
 
@@ -186,9 +186,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(BrokerError::Closed);
-        }
+        self.closed.ensure_open()?;
         self.append(topic, &messages).await
     }
 
@@ -230,7 +228,7 @@ impl Broker for RedisBroker {
 
     async fn close(&self) -> Result<()> {
         // Publishes are confirmed before `publish_batch` returns: nothing to flush.
-        self.closed.store(true, Ordering::Release);
+        self.closed.close();
         tracing::debug!("redis client closed for publishing");
         Ok(())
     }

@@ -237,6 +237,11 @@ async fn run_dead_letters(cli: &Cli, args: &DeadLettersArgs) -> anyhow::Result<E
             }
         );
     }
+    for id in &args.republish {
+        if !listed.iter().any(|letter| &letter.request_id == id) {
+            eprintln!("no dead letter with request id {id} was read; nothing re-published for it");
+        }
+    }
     let outcome = if args.republish_all || !args.republish.is_empty() {
         inbox
             .republish(

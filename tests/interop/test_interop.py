@@ -63,8 +63,10 @@ def environment(backend, request_topic):
     return env
 
 
-def run_client_app(backend, request_topic, folder, output):
-    """`client-app classify` on the folder; its exit status and results by file."""
+def run_client_app(backend, request_topic, folder):
+    """`client-app classify` on the folder; its exit status and results by file (read
+    from the results file it writes beside the folder, removed afterwards)."""
+    output = folder + ".jsonl"
     completed = subprocess.run(
         [CLIENT_BIN, "classify", folder, "--quiet", "--timeout", "90", "--output", output],
         env=environment(backend, request_topic),
@@ -79,6 +81,7 @@ def run_client_app(backend, request_topic, folder, output):
             for line in file:
                 row = json.loads(line)
                 rows[row["file"]] = row
+        os.remove(output)
     return completed, rows
 
 
@@ -104,9 +107,7 @@ class Interop(unittest.TestCase):
         )
         self.addCleanup(stop, server)
 
-        output = folder + ".jsonl"
-        self.addCleanup(lambda: os.path.exists(output) and os.remove(output))
-        completed, ours = run_client_app(backend, topic, folder, output)
+        completed, ours = run_client_app(backend, topic, folder)
         self.assertEqual(completed.returncode, 2, f"client-app (1 bad file → exit 2): {completed.stderr[-2000:]}")
 
         foreign = subprocess.run(
@@ -153,9 +154,7 @@ class Interop(unittest.TestCase):
         self.addCleanup(stop, server)
         self.assertEqual(server.stdout.readline().strip(), "foreign server: ready")
 
-        output = folder + ".jsonl"
-        self.addCleanup(lambda: os.path.exists(output) and os.remove(output))
-        completed, rows = run_client_app(backend, topic, folder, output)
+        completed, rows = run_client_app(backend, topic, folder)
         self.assertEqual(completed.returncode, 0, f"client-app: {completed.stderr[-2000:]}")
         self.assertEqual(len(rows), 10 * IMAGES_PER_CLASS)
         for name, row in rows.items():

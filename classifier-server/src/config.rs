@@ -37,8 +37,10 @@ pub struct AppConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Directory holding `model.safetensors` and `metadata.json`.
-    pub model_dir: PathBuf,
+    /// Directory holding `model.safetensors` and `metadata.json`; unset means the
+    /// per-user model directory if it holds one, else the model built into the binary
+    /// (see [`crate::model_source`]).
+    pub model_dir: Option<PathBuf>,
     /// Topic requests arrive on.
     pub request_topic: String,
     /// Consumer group (Pub/Sub: subscription) shared by all replicas.
@@ -70,7 +72,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            model_dir: PathBuf::from("models/fashion-mnist"),
+            model_dir: None,
             request_topic: DEFAULT_REQUEST_TOPIC.to_string(),
             group: DEFAULT_SERVER_GROUP.to_string(),
             server_id: String::new(),
@@ -106,8 +108,15 @@ pub struct ClientConfig {
     pub window: usize,
     /// Give up when no reply arrived for this long.
     pub reply_timeout_secs: u64,
-    /// Files larger than this are reported as errors without being sent.
+    /// Files larger than this are reported as errors without being read.
     pub max_file_bytes: usize,
+    /// Largest request sent, when less than the broker's own limit; larger ones are
+    /// reported as `FILE_TOO_LARGE` (or downscaled, with `resize_to`).
+    pub max_request_bytes: Option<usize>,
+    /// Images whose request would exceed the size limit are downscaled to fit this many
+    /// pixels a side and re-encoded as PNG before sending; unset reports them as
+    /// `FILE_TOO_LARGE`.
+    pub resize_to: Option<u32>,
     /// Predictions to ask for per image.
     pub top_k: usize,
 }
@@ -118,6 +127,8 @@ impl Default for ClientConfig {
             window: 256,
             reply_timeout_secs: 60,
             max_file_bytes: 16 * 1024 * 1024,
+            max_request_bytes: None,
+            resize_to: None,
             top_k: 3,
         }
     }
@@ -149,8 +160,8 @@ impl AppConfig {
         if let Some(backend) = lookup("CLASSIFIER_BROKER") {
             self.select_backend(&backend)?;
         }
-        if let Some(dir) = lookup("CLASSIFIER_MODEL_DIR") {
-            self.server.model_dir = PathBuf::from(dir);
+        if let Some(dir) = lookup(crate::model_source::MODEL_DIR_ENV) {
+            self.server.model_dir = Some(PathBuf::from(dir));
         }
         if let Some(topic) = lookup("CLASSIFIER_REQUEST_TOPIC") {
             self.server.request_topic = topic;
@@ -187,10 +198,7 @@ mod tests {
     fn no_file_means_embedded_broker_and_shipped_model() {
         let config = AppConfig::default();
         assert_eq!(config.broker.backend(), "embedded");
-        assert_eq!(
-            config.server.model_dir,
-            PathBuf::from("models/fashion-mnist")
-        );
+        assert_eq!(config.server.model_dir, None);
     }
 
     #[test]
@@ -225,7 +233,8 @@ mod tests {
         assert_eq!(
             config.broker,
             BrokerConfig::Embedded(unified_broker::embedded::EmbeddedConfig {
-                max_backlog_per_group: 7
+                max_backlog_per_group: 7,
+                ..Default::default()
             })
         );
     }

@@ -7,12 +7,14 @@
 //!
 //! - [`config`]: the config file shared with the client;
 //! - [`decode`]: untrusted bytes → image, with limits against decompression bombs;
+//! - [`model_source`]: which model to load (named, per-user or built in);
 //! - [`request`]: broker message → model input, predictions → reply message;
 //! - [`pipeline`]: the server itself, one module per stage (intake, decode pool,
 //!   batcher, model thread, reply, dead letters).
 
 pub mod config;
 pub mod decode;
+pub mod model_source;
 pub mod pipeline;
 pub mod request;
 
@@ -26,17 +28,16 @@ pub use classifier_inference::Classifier;
 pub use config::{AppConfig, ClientConfig, ServerConfig};
 pub use pipeline::{ModelServer, ServerStats, StatsSnapshot};
 
-/// Loads the model directory named in the config, with a message that says what to do
-/// when it is missing.
+/// Loads the model the config names, or else the per-user or built-in one (see
+/// [`model_source`]), and logs which.
 pub fn load_classifier(config: &ServerConfig) -> anyhow::Result<Arc<Classifier>> {
-    let dir = &config.model_dir;
-    let classifier = Classifier::load(dir).with_context(|| {
-        format!(
-            "cannot load the model from {} (expected model.safetensors and metadata.json; \
-             train one with `cargo run --release -p trainer -- train`, or set --model)",
-            dir.display()
-        )
-    })?;
+    let source = model_source::resolve(
+        config.model_dir.as_deref(),
+        model_source::user_model_dir().as_deref(),
+    )?;
+    let classifier = model_source::load(&source)?;
+    let meta = classifier.metadata();
+    tracing::info!(model = %meta.name, version = %meta.version, from = %source, "model loaded");
     Ok(Arc::new(classifier))
 }
 

@@ -54,7 +54,7 @@ impl Args {
         }
         let server = &mut config.server;
         if let Some(model) = &self.model {
-            server.model_dir = model.clone();
+            server.model_dir = Some(model.clone());
         }
         if let Some(topic) = &self.request_topic {
             server.request_topic = topic.clone();

@@ -114,7 +114,7 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     if let Some(model) = &args.model {
-        config.server.model_dir = model.clone();
+        config.server.model_dir = Some(model.clone());
     }
     let files: Vec<InputFile> = collect_inputs(std::slice::from_ref(&args.input))?;
     anyhow::ensure!(!files.is_empty(), "no files under {}", args.input.display());
@@ -148,12 +148,8 @@ pub async fn run(
     );
 
     let options = |window: usize| JobOptions {
-        request_topic: config.server.request_topic.clone(),
-        server_group: config.server.group.clone(),
         window,
-        reply_timeout: Duration::from_secs(config.client.reply_timeout_secs),
-        max_file_bytes: config.client.max_file_bytes,
-        top_k: config.client.top_k as u32,
+        ..JobOptions::from_config(&config)
     };
     // Warm-up: topics, connections, the model's thread pools.
     run_job(

@@ -78,6 +78,15 @@ impl DeadLetter {
         }
     }
 
+    /// Whether the server left the original payload out of this copy (it was too large
+    /// for the broker together with the reason), so it cannot be re-published.
+    pub fn payload_omitted(&self) -> bool {
+        self.delivery
+            .message()
+            .attribute(dead_letter_attributes::PAYLOAD_OMITTED)
+            .is_some()
+    }
+
     /// The request as it was first published: the original payload and attributes,
     /// without the dead-letter ones.
     fn original(&self) -> Message {
@@ -169,6 +178,14 @@ impl DeadLetterInbox {
             let topic = to_topic.unwrap_or(&letter.source_topic).to_string();
             if topic.is_empty() {
                 failures.push(format!("{}: no source topic recorded", letter.request_id));
+                self.letters.push(letter);
+                continue;
+            }
+            if letter.payload_omitted() {
+                failures.push(format!(
+                    "{}: the server kept only the reason, not the image (too large for the broker)",
+                    letter.request_id
+                ));
                 self.letters.push(letter);
                 continue;
             }

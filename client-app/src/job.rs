@@ -38,10 +38,32 @@ pub struct JobOptions {
     pub window: usize,
     /// Give up after this long without any reply.
     pub reply_timeout: Duration,
-    /// Files larger than this are not sent.
+    /// Files larger than this are not read.
     pub max_file_bytes: usize,
+    /// Largest request sent, if less than what the broker takes (`--max-bytes`).
+    pub max_request_bytes: Option<usize>,
+    /// Images whose request would be too large are downscaled to fit this many pixels
+    /// on each side and re-encoded as PNG before sending (`--resize-to`); `None` reports
+    /// them as `FILE_TOO_LARGE`.
+    pub resize_to: Option<u32>,
     /// Predictions asked for per image.
     pub top_k: u32,
+}
+
+impl JobOptions {
+    /// The options the config's `[server]` (topic, group) and `[client]` tables give.
+    pub fn from_config(config: &classifier_server::AppConfig) -> JobOptions {
+        JobOptions {
+            request_topic: config.server.request_topic.clone(),
+            server_group: config.server.group.clone(),
+            window: config.client.window,
+            reply_timeout: Duration::from_secs(config.client.reply_timeout_secs),
+            max_file_bytes: config.client.max_file_bytes,
+            max_request_bytes: config.client.max_request_bytes,
+            resize_to: config.client.resize_to,
+            top_k: config.client.top_k as u32,
+        }
+    }
 }
 
 /// One predicted class.
@@ -165,13 +187,18 @@ pub async fn run_job(
     ensure_request_topic(&*broker, options)
         .await
         .context("creating the request topic and the servers' subscription")?;
+    let max_request_bytes = request_size_limit(&*broker, options).await;
     // Creates the reply topic and subscription, and again should a broker restart lose
     // them, so replies to what is sent after the restart still find their way back.
     let mut replies = Resubscribing::subscribe(
         Arc::clone(&broker),
         &reply_topic,
         &reply_group,
-        SubscribeOptions::default(),
+        // Nobody else reads a job's reply topic: no group join to wait for.
+        SubscribeOptions {
+            sole_member: true,
+            ..SubscribeOptions::default()
+        },
     )
     .await
     .context("subscribing to the reply topic")?;
@@ -188,6 +215,7 @@ pub async fn run_job(
         reply_topic.clone(),
         Arc::clone(&window),
         sent_tx,
+        max_request_bytes,
     ));
 
     let mut results: Vec<Option<FileResult>> = vec![None; files.len()];
@@ -362,15 +390,28 @@ async fn send_all(
     reply_topic: String,
     window: Arc<Semaphore>,
     sent: mpsc::UnboundedSender<Sent>,
+    max_request_bytes: usize,
 ) {
     let mut batch: Vec<(usize, String, Message)> = Vec::new();
+    // Files are read whole only if they can be sent, or downscaled to be.
+    let read_limit = match options.resize_to {
+        Some(_) => options.max_file_bytes,
+        None => options.max_file_bytes.min(max_request_bytes),
+    };
+    let local_failure = |index: usize, (code, reason): (&'static str, String)| {
+        let _ = sent.send(Sent::LocalFailure {
+            index,
+            code,
+            reason,
+        });
+    };
     let mut read_ahead: std::collections::VecDeque<FileRead> = std::collections::VecDeque::new();
     for (index, file) in files.iter().enumerate() {
         // Take a window slot; if none is free right now, first send what is batched.
         let permit = match Arc::clone(&window).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                flush(&*broker, &options, &mut batch, &pending).await;
+                flush(&*broker, &options, &mut batch, &pending, &window, &local_failure).await;
                 match Arc::clone(&window).acquire_owned().await {
                     Ok(permit) => permit,
                     Err(_) => return,
@@ -378,24 +419,18 @@ async fn send_all(
             }
         };
         if read_ahead.is_empty() {
-            read_ahead.extend(read_chunk(&files[index..], options.max_file_bytes).await);
+            read_ahead.extend(read_chunk(&files[index..], read_limit).await);
         }
         let bytes = match read_ahead
             .pop_front()
             .unwrap_or_else(|| Err(("UNREADABLE_FILE", "the file was not read".to_string())))
         {
             Ok(bytes) => bytes,
-            Err((code, reason)) => {
-                let _ = sent.send(Sent::LocalFailure {
-                    index,
-                    code,
-                    reason,
-                });
+            Err(failure) => {
+                local_failure(index, failure);
                 continue; // the permit is dropped: the slot is free again
             }
         };
-        // From here the slot is returned when the reply arrives.
-        permit.forget();
         let request_id = format!("{}-{index}", &job_id[..12]);
         let request = ClassifyRequest {
             schema_version: SCHEMA_VERSION,
@@ -409,29 +444,111 @@ async fn send_all(
             attributes: HashMap::new(),
             top_k: options.top_k,
         };
-        let message = Message::new(request.encode_to_vec())
-            .with_key(request_id.clone())
-            .with_attribute(attributes::REQUEST_ID, request_id.clone())
-            .with_attribute(attributes::REPLY_TOPIC, reply_topic.clone())
-            .with_attribute(attributes::JOB_ID, job_id.clone())
-            .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_REQUEST);
+        let message = match fit_request(request, max_request_bytes, options.resize_to).await {
+            Ok(message) => message,
+            Err(failure) => {
+                local_failure(index, failure);
+                continue;
+            }
+        };
+        // From here the slot is returned when the reply arrives.
+        permit.forget();
         batch.push((index, request_id, message));
         if batch.len() >= SEND_BATCH {
-            flush(&*broker, &options, &mut batch, &pending).await;
+            flush(&*broker, &options, &mut batch, &pending, &window, &local_failure).await;
         }
     }
-    flush(&*broker, &options, &mut batch, &pending).await;
+    flush(&*broker, &options, &mut batch, &pending, &window, &local_failure).await;
     let _ = sent.send(Sent::Done);
+}
+
+/// The error code and reason reported for a file that was not sent.
+type Failure = (&'static str, String);
+
+/// The largest request this job sends: what the broker takes on the request topic, or
+/// less if `--max-bytes` says so.
+async fn request_size_limit(broker: &dyn Broker, options: &JobOptions) -> usize {
+    let broker_limit = match broker.max_message_bytes(&options.request_topic).await {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "asking the broker for the request topic's size limit failed; using the client's own");
+            broker.features().max_message_bytes
+        }
+    };
+    options
+        .max_request_bytes
+        .map_or(broker_limit, |ours| ours.min(broker_limit))
+}
+
+/// The broker message that carries `request`.
+fn request_message(request: &ClassifyRequest) -> Message {
+    let request_id = request.request_id.clone();
+    Message::new(request.encode_to_vec())
+        .with_key(request_id.clone())
+        .with_attribute(attributes::REQUEST_ID, request_id)
+        .with_attribute(attributes::REPLY_TOPIC, request.reply_topic.clone())
+        .with_attribute(attributes::JOB_ID, request.job_id.clone())
+        .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_REQUEST)
+}
+
+/// The message for `request` if it fits in `limit` bytes: as it is, or (with
+/// `resize_to`) with its image downscaled to fit `resize_to` pixels a side and
+/// re-encoded as PNG. Otherwise `FILE_TOO_LARGE`, naming the limit.
+async fn fit_request(
+    mut request: ClassifyRequest,
+    limit: usize,
+    resize_to: Option<u32>,
+) -> Result<Message, Failure> {
+    let message = request_message(&request);
+    if message.size() <= limit {
+        return Ok(message);
+    }
+    let too_large = |size: usize, what: &str| {
+        (
+            "FILE_TOO_LARGE",
+            format!("the request {what} is {size} bytes; the broker accepts at most {limit}"),
+        )
+    };
+    let Some(side) = resize_to else {
+        let (code, reason) = too_large(message.size(), "for this file");
+        return Err((code, format!("{reason} (--resize-to downscales large images)")));
+    };
+    drop(message);
+    let original = std::mem::take(&mut request.image);
+    let downscaled = tokio::task::spawn_blocking(move || crate::downscale::to_png(&original, side))
+        .await
+        .map_err(|error| ("FILE_TOO_LARGE", format!("downscaling failed: {error}")))?
+        .map_err(|error| {
+            (
+                "FILE_TOO_LARGE",
+                format!("the file is too large to send and cannot be downscaled: {error:#}"),
+            )
+        })?;
+    request.image = downscaled;
+    request.content_type = "image/png".to_string();
+    let message = request_message(&request);
+    if message.size() <= limit {
+        Ok(message)
+    } else {
+        let (code, reason) = too_large(message.size(), &format!("downscaled to {side} px"));
+        Err((code, format!("{reason} (try a smaller --resize-to)")))
+    }
 }
 
 /// Publishes the batch, retrying with backoff until the broker confirms it. (A batch
 /// that was partly published before an error is sent again; the server may then answer
 /// twice, which the receiver counts as duplicates.)
+///
+/// Should the broker refuse the batch for its size (a limit lower than it said), each
+/// request is published alone, and those refused again are reported as
+/// `FILE_TOO_LARGE` through `local_failure`, their window slots given back.
 async fn flush(
     broker: &dyn Broker,
     options: &JobOptions,
     batch: &mut Vec<(usize, String, Message)>,
     pending: &Pending,
+    window: &Semaphore,
+    local_failure: &(dyn Fn(usize, Failure) + Sync),
 ) {
     if batch.is_empty() {
         return;
@@ -452,7 +569,21 @@ async fn flush(
             );
         }
     }
-    publish_until_confirmed(broker, options, messages).await;
+    if let Err(BrokerError::MessageTooLarge { .. }) =
+        publish_until_confirmed(broker, options, messages).await
+    {
+        for (index, request_id, message) in batch.drain(..) {
+            let published = publish_until_confirmed(broker, options, vec![message]).await;
+            if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
+                lock(pending).remove(&request_id);
+                window.add_permits(1);
+                local_failure(
+                    index,
+                    ("FILE_TOO_LARGE", format!("the broker refused the request: {error}")),
+                );
+            }
+        }
+    }
     batch.clear();
 }
 
@@ -462,11 +593,12 @@ const REQUEST_PUBLISH_BACKOFF: Backoff =
 
 /// Publishes requests, retrying with backoff until the broker confirms them. A restarted
 /// broker that lost the request topic gets it (and the servers' subscription) again.
+/// Returns the final error if retrying cannot help.
 async fn publish_until_confirmed(
     broker: &dyn Broker,
     options: &JobOptions,
     messages: Vec<Message>,
-) {
+) -> unified_broker::Result<()> {
     let publish = || async {
         let result = broker
             .publish_batch(&options.request_topic, messages.clone())
@@ -487,11 +619,13 @@ async fn publish_until_confirmed(
         retrying
     })
     .await;
-    if let Err(error) = published {
-        // Closed client, bad configuration...: retrying cannot help. The requests stay
-        // registered and are reported unanswered after the timeout.
+    if let Err(error) = &published {
+        // Closed client, bad configuration, too large...: retrying cannot help. Unless
+        // the caller reports them otherwise, the requests stay registered and are
+        // reported unanswered after the timeout.
         tracing::error!(%error, count = messages.len(), "publishing requests failed for good");
     }
+    published
 }
 
 /// Creates the request topic and the servers' subscription if they do not exist, so
@@ -535,7 +669,8 @@ fn resend_unanswered(
             tracing::warn!(%error, "re-creating the request topic failed");
         }
         for chunk in messages.chunks(SEND_BATCH) {
-            publish_until_confirmed(&*broker, &options, chunk.to_vec()).await;
+            // A final failure was logged; those requests end unanswered.
+            let _ = publish_until_confirmed(&*broker, &options, chunk.to_vec()).await;
         }
     });
 }
@@ -585,7 +720,8 @@ fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
         return Err((
             "FILE_TOO_LARGE",
             format!(
-                "the file is {} bytes; the client sends at most {max_bytes}",
+                "the file is {} bytes; the client sends at most {max_bytes} \
+                 (--resize-to downscales large images)",
                 metadata.len()
             ),
         ));

@@ -10,13 +10,13 @@
 //! does it all.
 
 pub mod dead_letters;
+pub mod downscale;
 pub mod inputs;
 pub mod job;
 pub mod report;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use classifier_server::{
@@ -63,14 +63,7 @@ pub async fn classify(
         model_classes = server.classifier().metadata().class_names.clone();
         in_process = Some(server);
     }
-    let options = JobOptions {
-        request_topic: config.server.request_topic.clone(),
-        server_group: config.server.group.clone(),
-        window: config.client.window,
-        reply_timeout: Duration::from_secs(config.client.reply_timeout_secs),
-        max_file_bytes: config.client.max_file_bytes,
-        top_k: config.client.top_k as u32,
-    };
+    let options = JobOptions::from_config(config);
     let progress = progress_for(files.len());
     let report = tokio::select! {
         report = job::run_job(Arc::clone(&broker), files, &options, progress.as_ref()) => report?,

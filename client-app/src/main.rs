@@ -90,6 +90,15 @@ struct ClassifyArgs {
     /// Model directory for the in-process server (embedded broker only).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Send requests of at most this many bytes (default: the broker's limit, e.g.
+    /// 10 MB on Pub/Sub); larger images are FILE_TOO_LARGE, or downscaled with
+    /// --resize-to.
+    #[arg(long, value_name = "BYTES")]
+    max_bytes: Option<usize>,
+    /// Downscale images too large to send so they fit PIXELS×PIXELS (aspect ratio
+    /// kept) and send them as PNG, instead of reporting FILE_TOO_LARGE.
+    #[arg(long, value_name = "PIXELS", value_parser = clap::value_parser!(u32).range(1..))]
+    resize_to: Option<u32>,
     /// Print only the summary, not one line per file.
     #[arg(long, short)]
     quiet: bool,
@@ -133,7 +142,13 @@ fn config(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<AppConfig> {
         config.server.request_topic = topic.clone();
     }
     if let Some(model) = &args.model {
-        config.server.model_dir = model.clone();
+        config.server.model_dir = Some(model.clone());
+    }
+    if let Some(bytes) = args.max_bytes {
+        config.client.max_request_bytes = Some(bytes);
+    }
+    if let Some(side) = args.resize_to {
+        config.client.resize_to = Some(side);
     }
     Ok(config)
 }

@@ -33,6 +33,14 @@ impl Classifier {
         Self::from_parts(meta, net)
     }
 
+    /// Builds a classifier from the bytes of a model directory's two files (for a model
+    /// compiled into a binary); `origin` names them in errors.
+    pub fn from_bytes(weights: &[u8], metadata_json: &str, origin: &str) -> anyhow::Result<Self> {
+        let meta = ModelMetadata::from_json(metadata_json, &format!("{origin} metadata"))?;
+        let net = Net::from_safetensors_bytes(weights, &meta, &format!("{origin} weights"))?;
+        Self::from_parts(meta, net)
+    }
+
     /// Builds a classifier from in-memory parts (what a training run returns, without
     /// writing and reading back the model directory).
     pub fn from_parts(meta: ModelMetadata, net: Net) -> anyhow::Result<Classifier> {

@@ -146,10 +146,14 @@ impl ModelMetadata {
         let path = dir.join(METADATA_FILE);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates the text of a `metadata.json`; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &str) -> anyhow::Result<Self> {
         let meta: ModelMetadata =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        meta.validate()
-            .with_context(|| format!("invalid {}", path.display()))?;
+            serde_json::from_str(text).with_context(|| format!("parsing {origin}"))?;
+        meta.validate().with_context(|| format!("invalid {origin}"))?;
         Ok(meta)
     }
 
@@ -249,12 +253,32 @@ impl Net {
 
     /// Reads weights from `path` and checks their shapes against the metadata.
     pub fn load(path: &Path, meta: &ModelMetadata) -> anyhow::Result<Self> {
-        let mut map = candle_core::safetensors::load(path, &Device::Cpu)
+        let map = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("reading {}", path.display()))?;
+        Self::from_tensors(map, meta, &path.display().to_string())
+    }
+
+    /// Reads weights from the bytes of a safetensors file (`origin` names it in errors)
+    /// and checks their shapes against the metadata.
+    pub fn from_safetensors_bytes(
+        bytes: &[u8],
+        meta: &ModelMetadata,
+        origin: &str,
+    ) -> anyhow::Result<Self> {
+        let map = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .with_context(|| format!("reading {origin}"))?;
+        Self::from_tensors(map, meta, origin)
+    }
+
+    fn from_tensors(
+        mut map: HashMap<String, Tensor>,
+        meta: &ModelMetadata,
+        origin: &str,
+    ) -> anyhow::Result<Self> {
         let mut take = |name: &str| -> anyhow::Result<Tensor> {
             let t = map
                 .remove(name)
-                .with_context(|| format!("{} has no tensor {name}", path.display()))?;
+                .with_context(|| format!("{origin} has no tensor {name}"))?;
             Ok(t.to_dtype(DType::F32)?)
         };
         let net = Net {
@@ -268,7 +292,7 @@ impl Net {
             fc2_b: take(names::FC2_B)?,
         };
         net.check_shapes(meta)
-            .with_context(|| format!("{} does not match its metadata", path.display()))?;
+            .with_context(|| format!("{origin} does not match its metadata"))?;
         Ok(net)
     }
 

@@ -49,6 +49,10 @@ pub mod dead_letter_attributes {
     pub const SOURCE_TOPIC: &str = "dead-letter-source-topic";
     /// The server that gave up on it.
     pub const SERVER_ID: &str = "dead-letter-server-id";
+    /// Set (to the original payload's size in bytes) on a copy whose payload was left
+    /// out because the copy would have been larger than the broker accepts; such a copy
+    /// cannot be re-published.
+    pub const PAYLOAD_OMITTED: &str = "dead-letter-payload-omitted";
 }
 
 /// Content type attribute value of a protobuf `ClassifyRequest` payload.

@@ -65,9 +65,12 @@ impl ServerProcess {
     /// Starts a server with the given environment (backend, topic, group...).
     pub fn start(id: &str, env: &[(String, String)], log: &Path) -> ServerProcess {
         let log_file = std::fs::File::create(log).expect("server log file");
+        // Started away from the repository, with no per-user model: the server finds
+        // the model built into it, as an installed one does.
         let child = Command::new(binary("classifier-server"))
             .args(["--server-id", id])
-            .current_dir(workspace_root())
+            .current_dir(std::env::temp_dir())
+            .env("XDG_DATA_HOME", std::env::temp_dir().join("no-per-user-data"))
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -28,7 +28,7 @@ const INSPECTION_GROUP: &str = "inspection";
 
 fn server_config(request_topic: &str, max_side: u32) -> ServerConfig {
     let mut config = ServerConfig {
-        model_dir: workspace_root().join("models/fashion-mnist"),
+        model_dir: Some(workspace_root().join("models/fashion-mnist")),
         request_topic: request_topic.to_string(),
         dead_letter_topic: DEAD_LETTER_TOPIC.to_string(),
         dead_letter_subscription: INSPECTION_GROUP.to_string(),

@@ -84,7 +84,7 @@ fn missing_path_is_a_clear_error() {
 
 fn server_config(topic: &str) -> ServerConfig {
     ServerConfig {
-        model_dir: workspace_root().join("models/fashion-mnist"),
+        model_dir: Some(workspace_root().join("models/fashion-mnist")),
         request_topic: topic.to_string(),
         ..ServerConfig::default()
     }
@@ -165,6 +165,7 @@ async fn reply_reader(broker: &dyn Broker, reply_topic: &str) -> Box<dyn Subscri
 async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     let embedded = EmbeddedBroker::new(EmbeddedConfig {
         max_backlog_per_group: 1,
+        ..EmbeddedConfig::default()
     });
     let flaky = Arc::new(FlakyReplies {
         inner: Arc::new(embedded.new_client()),
@@ -328,6 +329,8 @@ async fn job_without_server_reports_unanswered_after_timeout() {
         window: 4,
         reply_timeout: Duration::from_millis(500),
         max_file_bytes: 1 << 20,
+        max_request_bytes: None,
+        resize_to: None,
         top_k: 1,
     };
     let report = run_job(broker, files, &options, &NoProgress)

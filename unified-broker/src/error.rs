@@ -33,6 +33,16 @@ pub enum BrokerError {
     /// An operation did not complete in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A message is larger than the broker accepts (never retryable: the same message
+    /// will be refused again). Checked before publishing against
+    /// [`crate::Broker::max_message_bytes`], and what a broker's own size rejection maps to.
+    #[error("message of {size} bytes is larger than the broker accepts ({limit} bytes at most)")]
+    MessageTooLarge {
+        /// The message's [`crate::Message::size`] (0 when the broker did not say).
+        size: usize,
+        /// The limit it exceeded (0 when the broker did not say).
+        limit: usize,
+    },
 }
 
 impl BrokerError {
@@ -45,6 +55,15 @@ impl BrokerError {
                 | BrokerError::Timeout(_)
                 | BrokerError::Subscribe(_)
         )
+    }
+}
+
+/// `Err(BrokerError::MessageTooLarge)` for the first of `messages` larger than `limit`:
+/// what every backend checks before it sends anything of a batch.
+pub(crate) fn check_message_sizes(messages: &[crate::Message], limit: usize) -> Result<()> {
+    match messages.iter().map(crate::Message::size).find(|&size| size > limit) {
+        Some(size) => Err(BrokerError::MessageTooLarge { size, limit }),
+        None => Ok(()),
     }
 }
 

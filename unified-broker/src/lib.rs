@@ -60,6 +60,10 @@ pub struct Features {
     /// so a model server must run in the process of its clients (the client then starts
     /// one itself). Same as [`BrokerConfig::in_process_only`] for the config it came from.
     pub in_process_only: bool,
+    /// The largest [`Message::size`] this client publishes: larger messages fail at once
+    /// with [`BrokerError::MessageTooLarge`], before anything is sent. A topic may accept
+    /// less ([`Broker::max_message_bytes`]).
+    pub max_message_bytes: usize,
 }
 
 /// Per-subscription tuning. Backends map these onto their own flow control.
@@ -69,6 +73,12 @@ pub struct SubscribeOptions {
     pub max_outstanding_messages: usize,
     /// Upper bound on payload bytes handed out and not yet settled by this subscriber.
     pub max_outstanding_bytes: usize,
+    /// This subscriber is the only member its group will ever have (a client's private
+    /// reply topic), so the backend may skip group coordination: Kafka then assigns
+    /// itself every partition of the topic instead of joining the group, which saves
+    /// the join (seconds on some brokers) before the first delivery. Acks, nacks and
+    /// committed positions work as for any member. Other backends ignore it.
+    pub sole_member: bool,
 }
 
 impl Default for SubscribeOptions {
@@ -76,6 +86,7 @@ impl Default for SubscribeOptions {
         SubscribeOptions {
             max_outstanding_messages: 1_000,
             max_outstanding_bytes: 100 * 1024 * 1024,
+            sole_member: false,
         }
     }
 }
@@ -90,6 +101,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// What this backend promises beyond the basics.
     fn features(&self) -> Features;
+
+    /// The largest [`Message::size`] that `topic` accepts from this client: the
+    /// [`Features::max_message_bytes`], or less where the broker says so for the topic
+    /// (Kafka's `max.message.bytes`). Callers check a message against it to answer "too
+    /// large" at once instead of sending it.
+    async fn max_message_bytes(&self, topic: &str) -> Result<usize> {
+        let _ = topic;
+        Ok(self.features().max_message_bytes)
+    }
 
     /// Publishes one message; returns once the broker has confirmed it.
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {

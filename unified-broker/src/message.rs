@@ -48,6 +48,14 @@ impl Message {
     pub fn attribute(&self, name: &str) -> Option<&str> {
         self.attributes.get(name).map(String::as_str)
     }
+
+    /// The bytes this message counts against a broker's message size limit
+    /// ([`crate::Features::max_message_bytes`]): payload, key, and every attribute's name
+    /// and value. (Each backend's limit already leaves room for its own framing.)
+    pub fn size(&self) -> usize {
+        let attributes: usize = self.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.payload.len() + self.key.as_ref().map_or(0, String::len) + attributes
+    }
 }
 
 impl fmt::Debug for Message {

@@ -19,6 +19,31 @@ use unified_broker::{BrokerConfig, BrokerError, Message, SubscribeOptions};
 /// When set (to anything), the cases the emulator is known to fail run anyway.
 const RUN_KNOWN_FAILURES_ENV: &str = "PUBSUB_RUN_KNOWN_FAILURES";
 
+/// Why the emulator is known to fail `case` with message ordering on, if it is (see
+/// `BrokerFactory::known_failure`): the cases of [`emulator_known_failure`], and one more.
+fn emulator_known_failure_ordered(case: &str) -> Option<&'static str> {
+    if std::env::var_os(RUN_KNOWN_FAILURES_ENV).is_some() {
+        return None;
+    }
+    // The same emulator defect as below, met by a dropped (crashed) subscriber: CI run of
+    // 2026-12-02 (clean clone, full suite) lost 10 of 10 messages for the case's 60 s,
+    // while the unordered variant passed in the same run and this one passed in every
+    // earlier full run. The dropped subscriber's nacks are confirmed before its stream
+    // is reset (see `pubsub/subscriber.rs`), but the emulator keeps pulling for the reset
+    // stream; with ordering it redelivers a key's messages to the stream that holds the
+    // key, so what that dead stream takes before the new subscriber connects never
+    // reaches the live one. Loss across a crashing server is still tested end to end on
+    // Pub/Sub with ordering off (tests/tests/pubsub.rs), and this case runs unordered.
+    if case == "unacked_redelivered_to_new_subscriber" {
+        return Some(
+            "with ordering on, the Pub/Sub emulator can hand a dropped subscriber's nacked \
+             messages to its reset StreamingPull, which it never ends, and keeps the \
+             ordering key there (lost 10 of 10 in one CI run of 2026-12-02)",
+        );
+    }
+    emulator_known_failure(case)
+}
+
 /// Why the emulator is known to fail `case`, if it is (see
 /// `BrokerFactory::known_failure`).
 fn emulator_known_failure(case: &str) -> Option<&'static str> {
@@ -71,17 +96,20 @@ fn emulator_config(ordering: bool) -> Option<PubSubConfig> {
     Some(PubSubConfig {
         emulator_host: Some(host),
         enable_message_ordering: ordering,
-        ack_deadline_seconds: std::env::var("EXP_DEADLINE")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(10),
+        // Pub/Sub's minimum: an expired lease comes back as soon as the service allows.
+        ack_deadline_seconds: 10,
         ..PubSubConfig::default()
     })
 }
 
 /// Clients of the emulator `config` names, each with its own connections.
 fn emulator(config: PubSubConfig) -> ConnectFactory {
-    ConnectFactory::new(BrokerConfig::Pubsub(config)).with_known_failures(emulator_known_failure)
+    let known_failures = if config.enable_message_ordering {
+        emulator_known_failure_ordered
+    } else {
+        emulator_known_failure
+    };
+    ConnectFactory::new(BrokerConfig::Pubsub(config)).with_known_failures(known_failures)
 }
 
 fn factory(ordering: bool) -> Option<ConnectFactory> {

@@ -49,6 +49,19 @@ impl DeadLetters {
     }
 }
 
+/// `copy` without its payload, marked with [`dead_letter_attributes::PAYLOAD_OMITTED`]:
+/// what is dead-lettered when the full copy (the original plus the reason) is larger
+/// than the broker accepts, so the reason is kept even when the bytes cannot be.
+pub(super) fn without_payload(copy: &Message) -> Message {
+    let mut smaller = copy.clone();
+    smaller.attributes.insert(
+        dead_letter_attributes::PAYLOAD_OMITTED.into(),
+        copy.payload.len().to_string(),
+    );
+    smaller.payload = Default::default();
+    smaller
+}
+
 #[cfg(test)]
 mod tests {
     use classifier_proto::ClassifyError;

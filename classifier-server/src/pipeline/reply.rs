@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use unified_broker::retry::retry;
 use unified_broker::{Backoff, Broker, BrokerError, Message};
 
-use super::dead_letter::DeadLetters;
+use super::dead_letter::{self, DeadLetters};
 use super::intake::Work;
 use super::stats::ServerStats;
 use crate::request::{error_response, response_message, Rejected, ReplyContext};
@@ -111,10 +111,13 @@ enum Published {
     Confirmed,
     /// The topic does not exist (a client's reply topic after it gave up).
     TopicGone,
+    /// The broker refuses the batch for its size: final, as is.
+    TooLarge,
 }
 
-/// Publishes, retrying every failure but a missing topic with [`REPLY_PUBLISH_BACKOFF`]
-/// for as long as it takes; the caller's requests stay unacked meanwhile.
+/// Publishes, retrying every failure but a missing topic or a message too large with
+/// [`REPLY_PUBLISH_BACKOFF`] for as long as it takes; the caller's requests stay unacked
+/// meanwhile.
 async fn publish_with_retry(
     broker: &dyn Broker,
     topic: &str,
@@ -125,7 +128,7 @@ async fn publish_with_retry(
         REPLY_PUBLISH_BACKOFF,
         || broker.publish_batch(topic, messages.clone()),
         |error, delay| {
-            if let BrokerError::TopicNotFound(_) = error {
+            if let BrokerError::TopicNotFound(_) | BrokerError::MessageTooLarge { .. } = error {
                 return false;
             }
             ServerStats::add(&stats.publish_retries, 1);
@@ -136,8 +139,47 @@ async fn publish_with_retry(
     .await;
     match published {
         Ok(()) => Published::Confirmed,
-        // The only error not retried.
+        Err(BrokerError::MessageTooLarge { .. }) => Published::TooLarge,
+        // The only other error not retried.
         Err(_) => Published::TopicGone,
+    }
+}
+
+/// Publishes dead-letter copies; a copy too large for the broker (a request near the
+/// size limit, plus the reason) goes without its payload instead
+/// ([`dead_letter::without_payload`]). Counts what was published in `stats`.
+async fn publish_dead_letters(
+    broker: &dyn Broker,
+    topic: &str,
+    copies: Vec<Message>,
+    stats: &ServerStats,
+) {
+    match publish_with_retry(broker, topic, copies.clone(), stats).await {
+        Published::Confirmed => {
+            ServerStats::add(&stats.dead_lettered, copies.len() as u64);
+            return;
+        }
+        Published::TopicGone => {
+            tracing::error!(%topic, "the dead-letter topic does not exist; copies dropped");
+            return;
+        }
+        Published::TooLarge => {}
+    }
+    for copy in copies {
+        let published = match publish_with_retry(broker, topic, vec![copy.clone()], stats).await {
+            Published::TooLarge => {
+                tracing::warn!(%topic, bytes = copy.payload.len(), "dead-letter copy too large for the broker; sending it without the original payload");
+                let smaller = dead_letter::without_payload(&copy);
+                publish_with_retry(broker, topic, vec![smaller], stats).await
+            }
+            other => other,
+        };
+        match published {
+            Published::Confirmed => ServerStats::add(&stats.dead_lettered, 1),
+            Published::TopicGone | Published::TooLarge => {
+                tracing::error!(%topic, "a dead-letter copy could not be published; dropped")
+            }
+        }
     }
 }
 
@@ -159,9 +201,18 @@ async fn publish_then_ack(
         );
     } else {
         let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
-        if let Published::TopicGone = publish_with_retry(&*broker, &topic, messages, &stats).await {
-            ServerStats::add(&stats.unanswerable, replies.len() as u64);
-            tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
+        match publish_with_retry(&*broker, &topic, messages, &stats).await {
+            Published::Confirmed => {}
+            Published::TopicGone => {
+                ServerStats::add(&stats.unanswerable, replies.len() as u64);
+                tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
+            }
+            Published::TooLarge => {
+                // Replies are small; only absurd request fields (a huge file name) get
+                // here. Retrying cannot help, so the requests are acked unanswered.
+                ServerStats::add(&stats.unanswerable, replies.len() as u64);
+                tracing::error!(%topic, count = replies.len(), "replies larger than the broker accepts; not answered");
+            }
         }
     }
     let dead: Vec<Message> = replies
@@ -169,13 +220,7 @@ async fn publish_then_ack(
         .filter_map(|r| r.dead_letter.clone())
         .collect();
     if !dead.is_empty() && !dead_letter_topic.is_empty() {
-        let count = dead.len() as u64;
-        match publish_with_retry(&*broker, &dead_letter_topic, dead, &stats).await {
-            Published::Confirmed => ServerStats::add(&stats.dead_lettered, count),
-            Published::TopicGone => {
-                tracing::error!(topic = %dead_letter_topic, "the dead-letter topic does not exist; copies dropped")
-            }
-        }
+        publish_dead_letters(&*broker, &dead_letter_topic, dead, &stats).await;
     }
     for reply in replies {
         if let Err(error) = reply.work.delivery.ack() {
@@ -220,6 +265,7 @@ mod tests {
         // One message per group at most: a second publish waits until the first is acked.
         let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig {
             max_backlog_per_group: 1,
+            ..EmbeddedConfig::default()
         }));
         broker
             .ensure_topic_and_subscription("replies", "client")

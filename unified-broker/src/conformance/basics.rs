@@ -1,7 +1,7 @@
 //! The basics: messages arrive intact, stay on their topic, and admin calls can be
 //! repeated.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use super::{
     assert_none_lost, assert_subscribe_finds_no_topic, ids_of, next_within, numbered_messages,
     receive_all, unique_name, BrokerFactory, Case, ID_ATTRIBUTE,
 };
-use crate::Message;
+use crate::{BrokerError, Message};
 
 /// Case 1: 100 messages arrive with ids, payloads and attributes intact; closing ends the
 /// subscription cleanly.
@@ -130,6 +130,56 @@ pub async fn large_messages_round_trip(factory: &dyn BrokerFactory) {
         );
         delivery.ack().expect("ack");
     }
+    case.close_and_delete(subscriber).await;
+}
+
+/// Case 17 (beyond Watermill's list): the topic's size limit ([`crate::Broker::max_message_bytes`]) is exact: a
+/// message of exactly that [`Message::size`] is published and arrives intact, one byte
+/// more fails with [`BrokerError::MessageTooLarge`], which is final (not retryable), and
+/// nothing of it arrives.
+pub async fn size_limit_is_exact(factory: &dyn BrokerFactory) {
+    let case = Case::new(factory, "sizelimit", &["readers"]).await;
+    let limit = case
+        .broker
+        .max_message_bytes(&case.topic)
+        .await
+        .expect("max_message_bytes");
+    assert!(
+        limit <= case.broker.features().max_message_bytes,
+        "a topic's limit is at most the client's"
+    );
+    let sized = |id: &str, size: usize| {
+        let message = Message::new(Vec::new()).with_attribute(ID_ATTRIBUTE, id);
+        let filler = size - message.size();
+        Message {
+            payload: vec![b'x'; filler].into(),
+            ..message
+        }
+    };
+    let over = sized("over", limit + 1);
+    assert_eq!(over.size(), limit + 1);
+    match case.broker.publish(&case.topic, over).await {
+        Err(error @ BrokerError::MessageTooLarge { .. }) => {
+            assert!(!error.is_retryable(), "{error} is final")
+        }
+        other => panic!("a message one byte over the limit of {limit}: {other:?}"),
+    }
+    case.broker
+        .publish(&case.topic, sized("fits", limit))
+        .await
+        .expect("a message of exactly the limit is published");
+    case.publish_marked("after").await;
+    let mut subscriber = case.subscribe("readers").await;
+    let expected: HashSet<String> = ["fits".to_string(), "after".to_string()].into();
+    let received = case.receive_all(&mut *subscriber, &expected).await;
+    assert_none_lost(&expected, &received.ids(), "size_limit_is_exact");
+    assert_eq!(received.ids(), expected, "nothing of the refused message");
+    let fits = received
+        .first_seen
+        .iter()
+        .find(|m| m.attribute(ID_ATTRIBUTE) == Some("fits"))
+        .expect("received");
+    assert_eq!(fits.size(), limit, "arrived intact");
     case.close_and_delete(subscriber).await;
 }
 

@@ -27,7 +27,7 @@ mod redelivery;
 
 pub use basics::{
     admin_is_idempotent, large_messages_round_trip, missing_topic_is_reported, publish_subscribe,
-    topic_isolation,
+    size_limit_is_exact, topic_isolation,
 };
 pub use groups::{
     group_members_share_the_stream, groups_each_receive_everything, new_group_receives_old_messages,
@@ -534,6 +534,7 @@ macro_rules! conformance_tests {
             groups_each_receive_everything,
             group_members_share_the_stream,
             admin_is_idempotent,
+            size_limit_is_exact,
             $($($extra,)+)?
         );
     };

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::error::check_message_sizes;
 use crate::{
     AckHandle, Broker, BrokerError, ClosedFlag, Delivery, Features, Message, Result,
     SubscribeOptions, Subscriber,
@@ -34,12 +35,20 @@ pub struct EmbeddedConfig {
     /// Messages a consumer group may hold (queued plus delivered-but-unacked) before
     /// publishers to its topic wait.
     pub max_backlog_per_group: usize,
+    /// Largest message ([`Message::size`]) accepted; larger ones fail with
+    /// [`BrokerError::MessageTooLarge`]. Bounds what one request can make the process hold.
+    pub max_message_bytes: usize,
 }
+
+/// The embedded broker's default [`EmbeddedConfig::max_message_bytes`]: 32 MiB, room for
+/// the client's largest file (16 MiB by default) and its envelope.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
         EmbeddedConfig {
             max_backlog_per_group: 10_000,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -176,11 +185,13 @@ impl Broker for EmbeddedBroker {
             retains_before_subscription: false,
             survives_broker_restart: false,
             in_process_only: true,
+            max_message_bytes: self.shared.config.max_message_bytes,
         }
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.closed.ensure_open()?;
+        check_message_sizes(&messages, self.shared.config.max_message_bytes)?;
         let topic_state = self.topic(topic)?;
         let groups: Vec<Arc<Group>> = lock(&topic_state.groups).values().cloned().collect();
         for message in messages {

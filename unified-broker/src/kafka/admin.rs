@@ -15,7 +15,7 @@
 //!   an idle group holds no messages, only offsets, so that is harmless. A group with
 //!   active members cannot be deleted (an error, as in Kafka).
 
-use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use super::{is_unknown_topic, map_error, ErrorContext, KafkaBroker};
@@ -62,6 +62,35 @@ impl KafkaBroker {
             }
         }
         Ok(())
+    }
+
+    /// The topic's `max.message.bytes` as the broker describes it (its own setting or the
+    /// broker's default), or `None` if the broker does not describe it. A topic that does
+    /// not exist is [`BrokerError::TopicNotFound`].
+    pub(super) async fn topic_max_message_bytes(&self, topic: &str) -> Result<Option<usize>> {
+        let resource = ResourceSpecifier::Topic(topic);
+        let described = self
+            .admin
+            .describe_configs([&resource], &self.admin_options())
+            .await
+            .map_err(|error| map_error(&error, ErrorContext::Admin(topic)))?;
+        let limit = match described.into_iter().next() {
+            Some(Ok(config)) => config
+                .get("max.message.bytes")
+                .and_then(|entry| entry.value.as_deref()?.parse::<usize>().ok()),
+            Some(Err(code)) if is_unknown_topic(code) => {
+                return Err(BrokerError::TopicNotFound(topic.to_string()))
+            }
+            Some(Err(code)) => {
+                tracing::debug!(topic, ?code, "describing the topic's config failed");
+                None
+            }
+            None => None,
+        };
+        if limit.is_none() {
+            tracing::debug!(topic, "the broker does not describe max.message.bytes");
+        }
+        Ok(limit)
     }
 
     /// Deletes `topic` if it exists.

@@ -213,6 +213,13 @@ impl KafkaConfig {
         config
     }
 
+    /// The largest [`crate::Message::size`] the producer sends: its `message.max.bytes`
+    /// less the record framing ([`super::RECORD_FRAMING_BYTES`]).
+    pub(crate) fn max_record_bytes(&self) -> usize {
+        self.message_max_bytes
+            .saturating_sub(super::RECORD_FRAMING_BYTES)
+    }
+
     /// The idempotent producer's settings.
     pub(crate) fn producer(&self) -> ClientConfig {
         let mut config = self.base("producer");

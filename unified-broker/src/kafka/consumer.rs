@@ -317,9 +317,43 @@ pub(crate) struct KafkaSubscriber {
     lost_cluster: bool,
 }
 
+/// Assigns every partition of `topic` to `consumer` (no group join), each starting at
+/// the group's committed position, or at the oldest message if it has none: what a
+/// [`SubscribeOptions::sole_member`] subscriber reads.
+fn assign_every_partition(
+    consumer: &StreamConsumer<MemberContext>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(BrokerError::TopicNotFound(topic.to_string()));
+    }
+    let mut list = TopicPartitionList::new();
+    for &partition in &partitions {
+        list.add_partition_offset(topic, partition, Offset::Stored)
+            .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
+    }
+    consumer
+        .assign(&list)
+        .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
+    // (A metadata request bounded by the request timeout, once per subscription.)
+    tracing::info!(topic, ?partitions, "kafka subscriber assigned every partition (sole member, no group join)");
+    Ok(())
+}
+
 impl KafkaSubscriber {
     /// Creates the consumer and joins `group_id` for `topic` (the join completes in the
-    /// background; the first `next` waits for it).
+    /// background; the first `next` waits for it), or, for a sole member, assigns it
+    /// every partition at once.
     pub(crate) fn start(
         config: rdkafka::ClientConfig,
         topic: &str,
@@ -339,14 +373,18 @@ impl KafkaSubscriber {
         let consumer: StreamConsumer<MemberContext> = config
             .create_with_context(context)
             .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
-        consumer
-            .subscribe(&[topic])
-            .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
-        tracing::info!(
-            topic,
-            group = group_id,
-            "kafka subscriber joining its group"
-        );
+        if options.sole_member {
+            assign_every_partition(&consumer, topic, close_timeout)?;
+        } else {
+            consumer
+                .subscribe(&[topic])
+                .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
+            tracing::info!(
+                topic,
+                group = group_id,
+                "kafka subscriber joining its group"
+            );
+        }
         Ok(KafkaSubscriber {
             consumer: Some(consumer),
             shared,

@@ -37,6 +37,7 @@ use rdkafka::ClientContext;
 pub use self::config::KafkaConfig;
 use self::consumer::KafkaSubscriber;
 use self::producer::{ProducerContext, Producers};
+use crate::error::check_message_sizes;
 use crate::{
     Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
 };
@@ -49,6 +50,10 @@ pub struct KafkaBroker {
     producers: Producers,
     admin: Arc<AdminClient<LogContext>>,
     closed: ClosedFlag,
+    /// Each topic's size limit for this client ([`Broker::max_message_bytes`]), looked up
+    /// once per topic: checked before every publish, because not every Kafka-protocol
+    /// broker enforces `max.message.bytes` itself (Tansu does not).
+    topic_limits: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// librdkafka context of the admin client: forwards its logs to `tracing`.
@@ -117,6 +122,15 @@ fn is_timeout(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// The broker (or librdkafka, checking its own `message.max.bytes`) refused a message for
+/// its size: final, the same message is refused again.
+fn is_too_large(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+    )
+}
+
 fn is_unknown_topic(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
@@ -148,6 +162,7 @@ pub(crate) fn map_error(error: &KafkaError, context: ErrorContext<'_>) -> Broker
     match code {
         Some(code) if is_transport(code) => BrokerError::Unavailable(error.to_string()),
         Some(code) if is_timeout(code) => BrokerError::Timeout(error.to_string()),
+        Some(code) if is_too_large(code) => BrokerError::MessageTooLarge { size: 0, limit: 0 },
         Some(code) if is_unknown_topic(code) && !topic.is_empty() => {
             BrokerError::TopicNotFound(topic.to_string())
         }
@@ -162,6 +177,12 @@ pub(crate) fn map_error(error: &KafkaError, context: ErrorContext<'_>) -> Broker
         },
     }
 }
+
+/// Bytes of a record batch that are not the record's key, value and header strings:
+/// the batch header (61 bytes), the record's own varint fields and the headers' length
+/// prefixes, with room to spare. A message of [`Message::size`] `n` is a batch of at most
+/// `n + RECORD_FRAMING_BYTES` bytes, which `max.message.bytes` limits.
+pub(crate) const RECORD_FRAMING_BYTES: usize = 512;
 
 /// How long to wait before retrying when librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
@@ -199,7 +220,14 @@ impl KafkaBroker {
             producers,
             admin: Arc::new(admin),
             closed: ClosedFlag::default(),
+            topic_limits: Default::default(),
         })
+    }
+
+    fn lock_topic_limits(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.topic_limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The Kafka consumer group that backs `group` on `topic`.
@@ -299,11 +327,28 @@ impl Broker for KafkaBroker {
             // that is a property of that test broker, not of this backend.)
             survives_broker_restart: true,
             in_process_only: false,
+            max_message_bytes: self.config.max_record_bytes(),
         }
+    }
+
+    async fn max_message_bytes(&self, topic: &str) -> Result<usize> {
+        let cached = self.lock_topic_limits().get(topic).copied();
+        if let Some(limit) = cached {
+            return Ok(limit);
+        }
+        let ours = self.config.max_record_bytes();
+        let limit = match self.topic_max_message_bytes(topic).await? {
+            Some(topic_limit) => ours.min(topic_limit.saturating_sub(RECORD_FRAMING_BYTES)),
+            None => ours,
+        };
+        self.lock_topic_limits().insert(topic.to_string(), limit);
+        Ok(limit)
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.closed.ensure_open()?;
+        check_message_sizes(&messages, self.config.max_record_bytes())?;
+        check_message_sizes(&messages, self.max_message_bytes(topic).await?)?;
         let (generation, producer) = self.producers.current();
         let result = self.publish_with(&producer, topic, &messages).await;
         result.map_err(|error| {
@@ -335,6 +380,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
+        self.lock_topic_limits().remove(topic);
         self.remove_topic(topic).await
     }
 

@@ -26,6 +26,16 @@ fn is_unreachable(error: &GaxError) -> bool {
         )
 }
 
+/// The service refused a publish for its size ("Request payload size exceeds the limit",
+/// "message too large"): final, the same request is refused again.
+fn is_size_rejection(error: &GaxError) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    matches!(
+        code(error),
+        Some(Code::InvalidArgument | Code::ResourceExhausted)
+    ) && (text.contains("size") || text.contains("too large"))
+}
+
 /// An admin call (create/delete of topics and subscriptions) failed.
 pub(crate) fn admin(what: &str, error: &GaxError) -> BrokerError {
     if is_unreachable(error) {
@@ -40,6 +50,9 @@ pub(crate) fn publish(topic: &str, error: &PublishError) -> BrokerError {
     match error {
         PublishError::Rpc(source) if code(source) == Some(Code::NotFound) => {
             BrokerError::TopicNotFound(topic.to_string())
+        }
+        PublishError::Rpc(source) if is_size_rejection(source) => {
+            BrokerError::MessageTooLarge { size: 0, limit: 0 }
         }
         PublishError::Rpc(source) if is_unreachable(source) => {
             BrokerError::Unavailable(format!("publish to {topic}: {source}"))

@@ -44,6 +44,7 @@ use google_cloud_pubsub::subscriber::ShutdownBehavior;
 
 pub use config::{PubSubConfig, EMULATOR_HOST_ENV};
 
+use crate::error::check_message_sizes;
 use crate::{Broker, Features, Message, Result, SubscribeOptions, Subscriber};
 use admin::Admin;
 use config::CredentialsKind;
@@ -137,6 +138,11 @@ fn install_crypto_provider() {
 }
 
 /// Clamps a flow-control limit into the i64 the API takes.
+/// Pub/Sub's limit on one message (data, ordering key and attributes, counted as
+/// [`Message::size`] counts them): 10 MB. It is also the client library's batch size, so
+/// a publish request never holds more than one message that large.
+pub const MAX_MESSAGE_BYTES: usize = 10_000_000;
+
 fn limit(value: usize) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -155,10 +161,12 @@ impl Broker for PubSubBroker {
             // Real Pub/Sub keeps unacked messages; the emulator is in-memory only.
             survives_broker_restart: !self.uses_emulator(),
             in_process_only: false,
+            max_message_bytes: MAX_MESSAGE_BYTES,
         }
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        check_message_sizes(&messages, MAX_MESSAGE_BYTES)?;
         let topic_path = self.admin.topic_path(topic)?;
         if messages.is_empty() {
             return Ok(());

@@ -50,6 +50,11 @@ pub struct RedisConfig {
     /// Timeout of connecting and of each command (the blocking read gets this on top of
     /// its own wait).
     pub request_timeout_ms: u64,
+    /// Largest message ([`crate::Message::size`]) published; larger ones fail with
+    /// [`crate::BrokerError::MessageTooLarge`] before they are sent. Redis itself takes
+    /// values up to its `proto-max-bulk-len` (512 MB), but every entry stays in the
+    /// server's memory until trimmed, so this is kept to what one image needs.
+    pub max_message_bytes: usize,
 }
 
 impl Default for RedisConfig {
@@ -61,6 +66,7 @@ impl Default for RedisConfig {
             claim_interval_ms: 1_000,
             read_count: 100,
             request_timeout_ms: 10_000,
+            max_message_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -74,6 +80,7 @@ impl fmt::Debug for RedisConfig {
             .field("claim_interval_ms", &self.claim_interval_ms)
             .field("read_count", &self.read_count)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("max_message_bytes", &self.max_message_bytes)
             .finish()
     }
 }

@@ -38,6 +38,7 @@ use redis::{ErrorKind, RedisError};
 use self::config::redacted_url;
 pub use self::config::{RedisConfig, URL_ENV};
 use self::consumer::RedisSubscriber;
+use crate::error::check_message_sizes;
 use crate::{
     Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
 };
@@ -182,11 +183,13 @@ impl Broker for RedisBroker {
             // Only with the server's persistence configured (AOF); not promised.
             survives_broker_restart: false,
             in_process_only: false,
+            max_message_bytes: self.config.max_message_bytes,
         }
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.closed.ensure_open()?;
+        check_message_sizes(&messages, self.config.max_message_bytes)?;
         self.append(topic, &messages).await
     }
 

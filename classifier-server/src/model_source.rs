@@ -188,9 +188,17 @@ mod tests {
         let error = resolve_with(None, Some(user.path()), false)
             .expect_err("none")
             .to_string();
-        for place in ["--model", MODEL_DIR_ENV, "server.model_dir", "embedded-model"] {
+        for place in [
+            "--model",
+            MODEL_DIR_ENV,
+            "server.model_dir",
+            "embedded-model",
+        ] {
             assert!(error.contains(place), "{place} missing from: {error}");
         }
-        assert!(error.contains(&user.path().display().to_string()), "{error}");
+        assert!(
+            error.contains(&user.path().display().to_string()),
+            "{error}"
+        );
     }
 }

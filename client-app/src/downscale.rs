@@ -62,7 +62,10 @@ mod tests {
 
     #[test]
     fn small_images_keep_their_size() {
-        assert_eq!(dimensions(&to_png(&png(20, 30), 100).expect("re-encoded")), (20, 30));
+        assert_eq!(
+            dimensions(&to_png(&png(20, 30), 100).expect("re-encoded")),
+            (20, 30)
+        );
     }
 
     #[test]

@@ -411,7 +411,15 @@ async fn send_all(
         let permit = match Arc::clone(&window).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                flush(&*broker, &options, &mut batch, &pending, &window, &local_failure).await;
+                flush(
+                    &*broker,
+                    &options,
+                    &mut batch,
+                    &pending,
+                    &window,
+                    &local_failure,
+                )
+                .await;
                 match Arc::clone(&window).acquire_owned().await {
                     Ok(permit) => permit,
                     Err(_) => return,
@@ -455,10 +463,26 @@ async fn send_all(
         permit.forget();
         batch.push((index, request_id, message));
         if batch.len() >= SEND_BATCH {
-            flush(&*broker, &options, &mut batch, &pending, &window, &local_failure).await;
+            flush(
+                &*broker,
+                &options,
+                &mut batch,
+                &pending,
+                &window,
+                &local_failure,
+            )
+            .await;
         }
     }
-    flush(&*broker, &options, &mut batch, &pending, &window, &local_failure).await;
+    flush(
+        &*broker,
+        &options,
+        &mut batch,
+        &pending,
+        &window,
+        &local_failure,
+    )
+    .await;
     let _ = sent.send(Sent::Done);
 }
 
@@ -511,7 +535,10 @@ async fn fit_request(
     };
     let Some(side) = resize_to else {
         let (code, reason) = too_large(message.size(), "for this file");
-        return Err((code, format!("{reason} (--resize-to downscales large images)")));
+        return Err((
+            code,
+            format!("{reason} (--resize-to downscales large images)"),
+        ));
     };
     drop(message);
     let original = std::mem::take(&mut request.image);
@@ -579,7 +606,10 @@ async fn flush(
                 window.add_permits(1);
                 local_failure(
                     index,
-                    ("FILE_TOO_LARGE", format!("the broker refused the request: {error}")),
+                    (
+                        "FILE_TOO_LARGE",
+                        format!("the broker refused the request: {error}"),
+                    ),
                 );
             }
         }

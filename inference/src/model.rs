@@ -153,7 +153,8 @@ impl ModelMetadata {
     pub fn from_json(text: &str, origin: &str) -> anyhow::Result<Self> {
         let meta: ModelMetadata =
             serde_json::from_str(text).with_context(|| format!("parsing {origin}"))?;
-        meta.validate().with_context(|| format!("invalid {origin}"))?;
+        meta.validate()
+            .with_context(|| format!("invalid {origin}"))?;
         Ok(meta)
     }
 

@@ -70,7 +70,10 @@ impl ServerProcess {
         let child = Command::new(binary("classifier-server"))
             .args(["--server-id", id])
             .current_dir(std::env::temp_dir())
-            .env("XDG_DATA_HOME", std::env::temp_dir().join("no-per-user-data"))
+            .env(
+                "XDG_DATA_HOME",
+                std::env::temp_dir().join("no-per-user-data"),
+            )
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -393,4 +396,30 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         let _ = self.script("stop");
     }
+}
+
+/// Writes `under.png` and `over.png` into `dir` for a broker limit of `limit` bytes per
+/// message: an example image padded with zeros (after its end, which decoders ignore)
+/// to 4 KiB less than the limit, so its request (file plus envelope) just fits, and to
+/// one byte more than the limit, so it cannot. Returns their paths.
+pub fn write_size_probes(dir: &Path, limit: usize) -> (PathBuf, PathBuf) {
+    let example = std::fs::read_dir(workspace_root().join("examples/sneaker"))
+        .expect("examples/sneaker")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "png"))
+        .expect("an example PNG");
+    let image = std::fs::read(&example).expect("read the example");
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let padded = |name: &str, len: usize| {
+        let mut bytes = image.clone();
+        bytes.resize(len, 0);
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write probe");
+        path
+    };
+    (
+        padded("under.png", limit - 4096),
+        padded("over.png", limit + 1),
+    )
 }

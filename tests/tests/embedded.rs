@@ -12,7 +12,7 @@ use classifier_server::{load_classifier, ModelServer, ServerConfig};
 use client_app::job::{run_job, FileOutcome, JobOptions, NoProgress};
 use integration_tests::{
     assert_errors_reported, copy_examples, next_delivery, next_reply, parse_summary, run_client,
-    top_class, workspace_root, write_bad_inputs,
+    top_class, workspace_root, write_bad_inputs, write_size_probes,
 };
 use tokio_util::sync::CancellationToken;
 use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
@@ -52,6 +52,59 @@ fn main_command_classifies_every_example() {
     assert!(stdout.contains("confusion matrix"), "{stdout}");
     let csv = std::fs::read_to_string(&results).expect("results file");
     assert_eq!(csv.lines().count(), 201, "header + one row per image");
+}
+
+/// The embedded broker's configured size limit, end to end: a file just under it is
+/// classified, one just over is `FILE_TOO_LARGE` naming the limit, `--max-bytes` lowers
+/// the limit further, and `--resize-to` sends both.
+#[test]
+fn embedded_size_limit_is_answered_and_configurable() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let limit = 1_000_000;
+    let config = work.path().join("small-messages.toml");
+    std::fs::write(
+        &config,
+        format!("[broker]\nbackend = \"embedded\"\nmax_message_bytes = {limit}\n"),
+    )
+    .expect("write config");
+    let folder = work.path().join("probes");
+    write_size_probes(&folder, limit);
+    let env = [(
+        "CLASSIFIER_CONFIG".to_string(),
+        config.to_string_lossy().into_owned(),
+    )];
+    let folder_arg = folder.to_string_lossy().into_owned();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["classify", folder_arg.as_str()];
+        args.extend_from_slice(extra);
+        let output = run_client(&args, &env);
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.code(), parse_summary(&stdout), stdout)
+    };
+    let line_of = |stdout: &str, name: &str| -> String {
+        stdout
+            .lines()
+            .find(|line| line.contains(name))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{stdout}"))
+            .to_string()
+    };
+
+    let (code, summary, stdout) = run(&[]);
+    assert_eq!(code, Some(2), "{stdout}");
+    assert_eq!((summary.classified, summary.errors), (1, 1), "{stdout}");
+    let over = line_of(&stdout, "over.png");
+    assert!(
+        over.contains("FILE_TOO_LARGE") && over.contains(&limit.to_string()),
+        "{over}"
+    );
+
+    let (_, summary, stdout) = run(&["--max-bytes", "500000"]);
+    assert_eq!((summary.classified, summary.errors), (0, 2), "{stdout}");
+    assert!(line_of(&stdout, "under.png").contains("500000"), "{stdout}");
+
+    let (code, summary, stdout) = run(&["--resize-to", "64"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert_eq!(summary.classified, 2, "{stdout}");
 }
 
 /// Good images, a text file, a zero-byte PNG, a truncated JPEG and a PNG claiming

@@ -99,7 +99,10 @@ fn a_model_in_the_per_user_directory_is_used_without_flags() {
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
     assert_eq!(parse_summary(&text).classified, 20);
-    assert!(text.contains("→  user-"), "per-user model's classes: {text}");
+    assert!(
+        text.contains("→  user-"),
+        "per-user model's classes: {text}"
+    );
 }
 
 #[test]
@@ -113,7 +116,11 @@ fn a_named_model_directory_wins_over_the_per_user_one() {
     renamed_model(&named, "named-");
     let by_flag = installed.classify(&["--model", &named.to_string_lossy()], &[]);
     assert!(by_flag.status.success(), "{}", stderr(&by_flag));
-    assert!(stdout(&by_flag).contains("→  named-"), "{}", stdout(&by_flag));
+    assert!(
+        stdout(&by_flag).contains("→  named-"),
+        "{}",
+        stdout(&by_flag)
+    );
     let by_env = installed.classify(&[], &[("CLASSIFIER_MODEL_DIR", &named)]);
     assert!(by_env.status.success(), "{}", stderr(&by_env));
     assert!(stdout(&by_env).contains("→  named-"), "{}", stdout(&by_env));

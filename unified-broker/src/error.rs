@@ -61,7 +61,11 @@ impl BrokerError {
 /// `Err(BrokerError::MessageTooLarge)` for the first of `messages` larger than `limit`:
 /// what every backend checks before it sends anything of a batch.
 pub(crate) fn check_message_sizes(messages: &[crate::Message], limit: usize) -> Result<()> {
-    match messages.iter().map(crate::Message::size).find(|&size| size > limit) {
+    match messages
+        .iter()
+        .map(crate::Message::size)
+        .find(|&size| size > limit)
+    {
         Some(size) => Err(BrokerError::MessageTooLarge { size, limit }),
         None => Ok(()),
     }

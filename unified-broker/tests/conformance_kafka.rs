@@ -57,9 +57,9 @@ async fn unreachable_broker_is_unavailable() {
 /// sends there, and a message over it fails at once with `MessageTooLarge`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topics_smaller_size_limit_is_described_and_enforced() {
-    let Some(servers) = factory().map(|_| {
-        std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("checked by factory()")
-    }) else {
+    let Some(servers) =
+        factory().map(|_| std::env::var("KAFKA_BOOTSTRAP_SERVERS").expect("checked by factory()"))
+    else {
         return;
     };
     let small = 1024 * 1024;
@@ -80,7 +80,10 @@ async fn a_topics_smaller_size_limit_is_described_and_enforced() {
     .expect("connect");
     let own = client.features().max_message_bytes;
     let limit = client.max_message_bytes(&topic).await.expect("limit");
-    assert!(limit < small, "the topic's {small} bytes, less framing: got {limit} (client's own: {own})");
+    assert!(
+        limit < small,
+        "the topic's {small} bytes, less framing: got {limit} (client's own: {own})"
+    );
     let over = Message::new(vec![0u8; limit + 1]);
     let refused = client.publish(&topic, over).await;
     assert!(

@@ -15,6 +15,7 @@ mod crash;
 mod flood;
 mod happy_path;
 mod outages;
+mod size_limits;
 
 pub use bad_input::{bad_inputs_are_answered, poison_messages_are_dead_lettered};
 pub use crash::{graceful_shutdown_hands_over, server_crash_loses_nothing};
@@ -24,6 +25,7 @@ pub use outages::{
     broker_restart_mid_run, no_server_means_unanswered_after_timeout,
     server_waits_for_an_unreachable_broker,
 };
+pub use size_limits::size_limits_are_answered;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -198,10 +200,15 @@ fn lookup(env: &[(String, String)], name: &str) -> String {
 async fn connect_as_configured(
     env: &[(String, String)],
 ) -> std::sync::Arc<dyn unified_broker::Broker> {
-    let backend = lookup(env, "CLASSIFIER_BROKER");
-    let mut config = unified_broker::BrokerConfig::default_for(&backend).expect("backend config");
-    config.apply_env(&|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
-    unified_broker::connect(&config).await.expect("connect")
+    let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let mut config = match value("CLASSIFIER_CONFIG") {
+        Some(path) => classifier_server::AppConfig::from_file(Path::new(&path)).expect("config"),
+        None => classifier_server::AppConfig::default(),
+    };
+    config.apply_env(value).expect("environment");
+    unified_broker::connect(&config.broker)
+        .await
+        .expect("connect")
 }
 
 /// The last 25 lines of `stdout`, for failure messages.
@@ -242,6 +249,7 @@ macro_rules! cross_process_tests {
             graceful_shutdown_hands_over,
             flood_is_worked_through_with_bounded_memory,
             poison_messages_are_dead_lettered,
+            size_limits_are_answered,
         );
         $crate::cross_process_tests!(@with_address $env, $address_var;
             server_waits_for_an_unreachable_broker,

@@ -346,7 +346,11 @@ fn assign_every_partition(
         .assign(&list)
         .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
     // (A metadata request bounded by the request timeout, once per subscription.)
-    tracing::info!(topic, ?partitions, "kafka subscriber assigned every partition (sole member, no group join)");
+    tracing::info!(
+        topic,
+        ?partitions,
+        "kafka subscriber assigned every partition (sole member, no group join)"
+    );
     Ok(())
 }
 

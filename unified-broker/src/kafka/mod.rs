@@ -224,7 +224,9 @@ impl KafkaBroker {
         })
     }
 
-    fn lock_topic_limits(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+    fn lock_topic_limits(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
         self.topic_limits
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -311,6 +311,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_copy_too_large_for_the_broker_goes_without_its_payload_and_the_request_is_acked() {
+        let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig {
+            max_message_bytes: 1_000,
+            ..EmbeddedConfig::default()
+        }));
+        broker
+            .ensure_topic_and_subscription("replies", "client")
+            .await
+            .expect("create");
+        broker
+            .ensure_topic_and_subscription("dead", "inspect")
+            .await
+            .expect("create");
+        let big = "x".repeat(1_001);
+        let (too_large, too_large_settled) = outgoing("replies", "error reply", Some(&big));
+        let (small, small_settled) = outgoing("replies", "error reply", Some("small copy"));
+        let stats = Arc::new(ServerStats::default());
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            publish_then_ack(
+                Arc::clone(&broker),
+                "replies".into(),
+                vec![too_large, small],
+                "dead".into(),
+                Arc::clone(&stats),
+            ),
+        )
+        .await
+        .expect("a final size error is not retried");
+        assert_eq!(too_large_settled.get(), Some("ack"));
+        assert_eq!(small_settled.get(), Some("ack"));
+        assert_eq!(stats.snapshot().dead_lettered, 2);
+        let mut inspector = broker
+            .subscribe("dead", "inspect", SubscribeOptions::default())
+            .await
+            .expect("subscribe");
+        let mut copies = Vec::new();
+        for _ in 0..2 {
+            let delivery = next(&mut inspector).await;
+            copies.push(delivery.message().clone());
+            delivery.ack().expect("ack");
+        }
+        copies.sort_by_key(|copy| copy.payload.len());
+        let omitted = classifier_proto::dead_letter_attributes::PAYLOAD_OMITTED;
+        assert_eq!(
+            copies[0].payload.len(),
+            0,
+            "the large copy lost its payload"
+        );
+        assert_eq!(copies[0].attribute(omitted), Some("1001"));
+        assert_eq!(copies[1].payload.as_ref(), b"small copy");
+        assert_eq!(copies[1].attribute(omitted), None);
+    }
+
+    #[tokio::test]
     async fn without_a_reply_topic_the_copy_is_dead_lettered_and_the_request_acked() {
         let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
         broker

@@ -55,8 +55,9 @@ cp "$CARGO_TARGET_DIR/release/classifier-server" "$CARGO_TARGET_DIR/release/clie
     "$rootfs/usr/local/bin/"
 cp -r "$work/src/models/fashion-mnist/." "$rootfs/opt/classifier/model/"
 cp -r "$work/src/config/." "$rootfs/etc/classifier/"
-# What debian:bookworm-slim ships of these: libc6 and libgcc-s1 (plus the vDSO).
-allowed='^(linux-vdso\.so\.1|libc\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libdl\.so\.2|libpthread\.so\.0|librt\.so\.1|/lib64/ld-linux-x86-64\.so\.2|ld-linux-aarch64\.so\.1)$'
+# What debian:bookworm-slim ships of these: libc6, libgcc-s1 and zlib1g (dpkg needs
+# it; librdkafka links it), plus the vDSO.
+allowed='^(linux-vdso\.so\.1|libz\.so\.1|libc\.so\.6|libm\.so\.6|libgcc_s\.so\.1|libdl\.so\.2|libpthread\.so\.0|librt\.so\.1|/lib64/ld-linux-x86-64\.so\.2|ld-linux-aarch64\.so\.1)$'
 for binary in "$rootfs"/usr/local/bin/*; do
     libs="$(ldd "$binary" | awk '{print $1}')"
     extra="$(grep -Ev "$allowed" <<<"$libs" || true)"

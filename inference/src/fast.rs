@@ -16,11 +16,14 @@
 //!   im2col copy and no `gemm` packing; the four outputs of each pooling window stay in
 //!   registers, are pooled there, and only the pooled, biased, rectified features are
 //!   written, straight into the flattened `(h, w, c)` order of the linear layer;
-//! - the linear layers run over the whole batch with `gemm` (in tasks of 64 rows).
+//! - the linear layers run over the whole batch (in tasks of 64 rows) through
+//!   [`direct::linear`], a cache-blocked product with the weights repacked once into
+//!   panels of 32 outputs (`gemm` on the portable path).
 //!
 //! Bias is added after pooling: `max(a + b) = max(a) + b` holds exactly in floating point,
-//! as rounding `x + b` is monotonic in `x`; on Fashion-MNIST's test set the probabilities
-//! come out bit-for-bit equal to the candle path's.
+//! as rounding `x + b` is monotonic in `x`. The sums run in other orders than the candle
+//! path's `gemm`, so probabilities agree to float rounding (the tests bound the
+//! difference), not bit for bit.
 //!
 //! The kernels are written once, generic over the lane operations of [`crate::simd`], and
 //! monomorphised for AVX-512 and for AVX2 + FMA inside `#[target_feature]` wrappers (the

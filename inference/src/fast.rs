@@ -85,6 +85,9 @@ pub(crate) struct FastNet {
     /// `(9 * c1, c2)`, rows `(ky, kx, ci)`.
     conv2_w: Vec<f32>,
     conv2_b: Vec<f32>,
+    /// `conv2_w` with rows padded to a multiple of the SIMD level's layer-2 block
+    /// width, and that row stride (see [`direct::pad_columns`]).
+    conv2_padded: Arc<(Vec<f32>, usize)>,
     /// `(hidden, flat)`.
     fc1_w: Vec<f32>,
     fc1_b: Vec<f32>,
@@ -149,6 +152,7 @@ impl FastNet {
             classes,
             conv1_w: conv1.0,
             conv1_b: conv1.1,
+            conv2_padded: Arc::new((Vec::new(), c2)),
             conv2_w: conv2.0,
             conv2_b: conv2.1,
             fc1_p: Arc::new(direct::Packed::new(&fc1.0, hidden, flat)),
@@ -157,8 +161,16 @@ impl FastNet {
             fc1_b: fc1.1,
             fc2_w: fc2.0,
             fc2_b: fc2.1,
-            level: simd_level(),
-        })
+            level: SimdLevel::Portable,
+        }
+        .at_level(simd_level()))
+    }
+
+    /// This network at `level` (or the best supported level below it), with the layer-2
+    /// weights padded for that level's blocks.
+    fn at_level(mut self, level: SimdLevel) -> FastNet {
+        self.set_level(level);
+        self
     }
 
     /// The SIMD level whose kernels run.
@@ -170,6 +182,14 @@ impl FastNet {
     /// returns the level set.
     pub(crate) fn set_level(&mut self, level: SimdLevel) -> SimdLevel {
         self.level = level.or_supported();
+        let block = match self.level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => AVX512_NV.1 * Avx512::N,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => AVX2_NV.1 * Avx2::N,
+            _ => 1,
+        };
+        self.conv2_padded = Arc::new(direct::pad_columns(&self.conv2_w, self.c2, block));
         self.level
     }
 
@@ -353,7 +373,7 @@ impl FastNet {
             direct::conv2_pool_relu::<S, NV2>(
                 pad1,
                 (h1, w1, c1),
-                &self.conv2_w,
+                (&self.conv2_padded.0, self.conv2_padded.1),
                 &self.conv2_b,
                 out,
             );
@@ -553,7 +573,10 @@ mod direct {
     /// (kernel row, then the `3 · c1` contiguous inputs of that row) loads `NV` weight
     /// registers and broadcasts 4 inputs into `4 · NV` fused multiply-adds. The
     /// accumulators are pooled in registers, so the conv output never reaches memory.
-    /// Channels beyond `c2` in the last block are masked off.
+    ///
+    /// `wt` is `(9 * c1, stride)` with `stride` a multiple of the block width `NV · N`
+    /// (see [`pad_columns`]), so the weight loads of the hot loop are never masked; the
+    /// bias and the stores of channels beyond `c2` in the last block are.
     ///
     /// # Safety
     /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
@@ -562,31 +585,43 @@ mod direct {
     pub(super) unsafe fn conv2_pool_relu<S: Lanes, const NV: usize>(
         pad: &[f32],
         (h1, w1, c1): (usize, usize, usize),
-        wt: &[f32],
+        (wt, stride): (&[f32], usize),
         bias: &[f32],
         out: &mut [f32],
     ) {
         let c2 = bias.len();
-        assert_lengths(pad, (h1, w1, c1), wt, c2, out, (h1 / 2) * (w1 / 2) * c2);
         let bw = NV * S::N;
+        assert!(stride % bw == 0 && stride >= c2, "weight stride not padded");
+        assert_lengths(pad, (h1, w1, c1), wt, stride, out, (h1 / 2) * (w1 / 2) * c2);
         let mut cb = 0;
         while cb < c2 {
             if cb + bw <= c2 {
-                conv2_block::<S, NV, true>(pad, (h1, w1, c1), wt, bias, out, cb);
+                conv2_block::<S, NV, true>(pad, (h1, w1, c1), (wt, stride), bias, out, cb);
             } else {
-                conv2_block::<S, NV, false>(pad, (h1, w1, c1), wt, bias, out, cb);
+                conv2_block::<S, NV, false>(pad, (h1, w1, c1), (wt, stride), bias, out, cb);
             }
             cb += bw;
         }
     }
 
-    /// One block of output channels `cb..cb + NV · N` of [`conv2_pool_relu`] (whole when
-    /// `FULL`, else cut at `c2` by masks). The caller checked the slice lengths.
+    /// `(rows, c)` row-major values with each row padded by zeros to `stride` columns
+    /// (the smallest multiple of `multiple` not below `c`); returns them and `stride`.
+    pub(super) fn pad_columns(w: &[f32], c: usize, multiple: usize) -> (Vec<f32>, usize) {
+        let stride = c.div_ceil(multiple) * multiple;
+        let mut out = vec![0f32; w.len() / c.max(1) * stride];
+        for (dst, src) in out.chunks_exact_mut(stride).zip(w.chunks_exact(c)) {
+            dst[..c].copy_from_slice(src);
+        }
+        (out, stride)
+    }
+
+    /// One block of output channels `cb..cb + NV · N` of [`conv2_pool_relu`] (stored
+    /// whole when `FULL`, else cut at `c2` by masks). The caller checked the slice lengths.
     #[inline(always)]
     unsafe fn conv2_block<S: Lanes, const NV: usize, const FULL: bool>(
         pad: &[f32],
         (h1, w1, c1): (usize, usize, usize),
-        wt: &[f32],
+        (wt, stride): (&[f32], usize),
         bias: &[f32],
         out: &mut [f32],
         cb: usize,
@@ -606,12 +641,12 @@ mod direct {
                     // SAFETY (all raw reads): the furthest input read is
                     // base + (ky + 1) * pw * c1 + c1 + run - 1 < (h1 + 2) * pw * c1, as
                     // 2 * py + 1 + 2 <= h1 + 1 and 2 * px + 1 + 3 <= w1 + 2; weight rows
-                    // k < 9 * c1 and lanes (unless masked off) cb + lane < c2.
+                    // k < 9 * c1 and lanes cb + lane < stride.
                     let p = pad.as_ptr().add(base + ky * pw * c1);
                     let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
-                    let wrow = wt.as_ptr().add(ky * run * c2 + cb);
+                    let wrow = wt.as_ptr().add(ky * run * stride + cb);
                     for j in 0..run {
-                        let wv = load_block::<S, NV, FULL>(wrow.add(j * c2), &m);
+                        let wv = load_block::<S, NV, true>(wrow.add(j * stride), &m);
                         for (a, qp) in acc.iter_mut().zip(q) {
                             let x = S::splat(*qp.add(j));
                             for (av, w) in a.iter_mut().zip(wv) {
@@ -890,7 +925,7 @@ fn run_direct(
     bias: &[f32],
     out: &mut [f32],
 ) {
-    use crate::simd::Portable;
+    use crate::simd::{Lanes, Portable};
     assert!(level.is_none_or(SimdLevel::is_supported));
     // SAFETY: only supported levels reach the wrappers (asserted above); portable lanes
     // are plain Rust.
@@ -900,7 +935,10 @@ fn run_direct(
             Some(SimdLevel::Avx512) => direct_avx512(layer2, pad, geometry, wt, bias, out),
             #[cfg(target_arch = "x86_64")]
             Some(SimdLevel::Avx2) => direct_avx2(layer2, pad, geometry, wt, bias, out),
-            _ if layer2 => direct::conv2_pool_relu::<Portable, 4>(pad, geometry, wt, bias, out),
+            _ if layer2 => {
+                let (wp, stride) = direct::pad_columns(wt, bias.len(), 4 * Portable::N);
+                direct::conv2_pool_relu::<Portable, 4>(pad, geometry, (&wp, stride), bias, out)
+            }
             _ => direct::conv1_pool_relu::<Portable, 2>(pad, geometry, wt, bias, out),
         }
     }
@@ -918,7 +956,8 @@ unsafe fn direct_avx512(
     out: &mut [f32],
 ) {
     if layer2 {
-        direct::conv2_pool_relu::<Avx512, { AVX512_NV.1 }>(pad, geometry, wt, bias, out)
+        let (wp, stride) = direct::pad_columns(wt, bias.len(), AVX512_NV.1 * Avx512::N);
+        direct::conv2_pool_relu::<Avx512, { AVX512_NV.1 }>(pad, geometry, (&wp, stride), bias, out)
     } else {
         direct::conv1_pool_relu::<Avx512, { AVX512_NV.0 }>(pad, geometry, wt, bias, out)
     }
@@ -936,7 +975,8 @@ unsafe fn direct_avx2(
     out: &mut [f32],
 ) {
     if layer2 {
-        direct::conv2_pool_relu::<Avx2, { AVX2_NV.1 }>(pad, geometry, wt, bias, out)
+        let (wp, stride) = direct::pad_columns(wt, bias.len(), AVX2_NV.1 * Avx2::N);
+        direct::conv2_pool_relu::<Avx2, { AVX2_NV.1 }>(pad, geometry, (&wp, stride), bias, out)
     } else {
         direct::conv1_pool_relu::<Avx2, { AVX2_NV.0 }>(pad, geometry, wt, bias, out)
     }

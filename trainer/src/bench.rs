@@ -640,3 +640,17 @@ fn decode(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_lines_are_parsed_per_batch() {
+        let out = "ort batch 1: 7602 images/s\nort batch 32: 16175 images/s\n";
+        assert_eq!(parse_peer_line(out, 1), Some(7602.0));
+        assert_eq!(parse_peer_line(out, 32), Some(16175.0));
+        assert_eq!(parse_peer_line(out, 3), None);
+        assert_eq!(parse_peer_line("ort batch 1: fast images/s", 1), None);
+    }
+}

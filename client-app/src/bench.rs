@@ -143,6 +143,11 @@ pub async fn run(
         args.runs.max(1),
     );
     println!(
+        "model kernels: SIMD level {} (CPU supports up to {}; CLASSIFIER_SIMD=avx512|avx2|portable forces one)",
+        classifier_inference::simd_level(),
+        classifier_inference::SimdLevel::detected()
+    );
+    println!(
         "server batching: max_batch_size {}, max_batch_wait_ms {}, max_in_flight {}",
         config.server.max_batch_size, config.server.max_batch_wait_ms, config.server.max_in_flight
     );

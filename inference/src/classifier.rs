@@ -10,6 +10,7 @@ use candle_core::{DType, Tensor};
 
 use crate::fast::FastNet;
 use crate::model::{chw_batch_to_nhwc, ModelMetadata, Net, WEIGHTS_FILE};
+use crate::simd::SimdLevel;
 
 /// A loaded model ready for inference. It is `Send + Sync` (weights are immutable
 /// reference-counted tensors), so a server can share one instance across threads.
@@ -63,6 +64,26 @@ impl Classifier {
             net,
             fast: Arc::new(fast),
         })
+    }
+
+    /// The SIMD level this classifier's kernels run at: [`crate::simd_level`] (the best
+    /// the CPU has, or what `CLASSIFIER_SIMD` asked for) unless
+    /// [`Classifier::with_simd_level`] chose another.
+    pub fn simd_level(&self) -> SimdLevel {
+        self.fast.level()
+    }
+
+    /// This classifier with its kernels at `level`, or at the best level below it that
+    /// the CPU supports (see [`Classifier::simd_level`] for which one was taken). Shares
+    /// the weights; for benchmarks and tests that compare levels in one process.
+    pub fn with_simd_level(&self, level: SimdLevel) -> Classifier {
+        let mut fast = (*self.fast).clone();
+        fast.set_level(level);
+        Classifier {
+            meta: self.meta.clone(),
+            net: self.net.clone(),
+            fast: Arc::new(fast),
+        }
     }
 
     /// The model's metadata (class names, input size, normalisation, provenance).

@@ -10,27 +10,38 @@
 //! - the batch is cut into chunks of [`CHUNK`] images, one chunk at a time per rayon
 //!   thread; each thread reuses thread-local scratch buffers across chunks and calls;
 //! - layer 1 is a direct 3×3 convolution fused with 2×2 max-pool, bias and ReLU
-//!   ([`simd::conv1_pool_relu`]), writing into a zero-padded buffer for layer 2;
-//! - layer 2 is a direct convolution too ([`simd::conv2_pool_relu`]): the inputs of one
+//!   ([`direct::conv1_pool_relu`]), writing into a zero-padded buffer for layer 2;
+//! - layer 2 is a direct convolution too ([`direct::conv2_pool_relu`]): the inputs of one
 //!   output pixel's kernel row are `3 · c1` contiguous floats of the padded buffer, so no
 //!   im2col copy and no `gemm` packing; the four outputs of each pooling window stay in
 //!   registers, are pooled there, and only the pooled, biased, rectified features are
 //!   written, straight into the flattened `(h, w, c)` order of the linear layer;
-//! - the linear layers run over the whole batch with `gemm` (in tasks of 64 rows).
+//! - the linear layers run over the whole batch (in tasks of 64 rows) through
+//!   [`direct::linear`], a cache-blocked product with the weights repacked once into
+//!   panels of 32 outputs (`gemm` on the portable path).
 //!
 //! Bias is added after pooling: `max(a + b) = max(a) + b` holds exactly in floating point,
-//! as rounding `x + b` is monotonic in `x`; on Fashion-MNIST's test set the probabilities
-//! come out bit-for-bit equal to the candle path's. The AVX-512 kernels are picked at run
-//! time (the crate is built for baseline x86-64); other CPUs take a portable path (direct
-//! layer 1, im2col + `gemm` for layer 2, with the im2col and pooling of [`crate::kernels`]).
-//! Tests compare the layer kernels with `reference` and both paths with the candle
-//! forward pass.
+//! as rounding `x + b` is monotonic in `x`. The sums run in other orders than the candle
+//! path's `gemm`, so probabilities agree to float rounding (the tests bound the
+//! difference), not bit for bit.
+//!
+//! The kernels are written once, generic over the lane operations of [`crate::simd`], and
+//! monomorphised for AVX-512 and for AVX2 + FMA inside `#[target_feature]` wrappers (the
+//! crate is built for baseline x86-64); [`crate::simd::simd_level`] picks the level at run
+//! time. Without either (or forced with `CLASSIFIER_SIMD=portable`, or on other
+//! architectures) a portable path runs: plain layer 1, im2col + `gemm` for layer 2, with
+//! the im2col and pooling of [`crate::kernels`]. Tests compare the layer kernels with
+//! `reference` and every path the CPU can run with the candle forward pass.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::kernels::{fmax, im2col, max_pool2_relu, sgemm};
+use crate::simd::{simd_level, SimdLevel};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512, Lanes};
 
 /// Images per chunk (the unit of work of one rayon task): small enough that a batch of 16
 /// keeps both cores busy, large enough to amortise the task overhead. On the portable path
@@ -38,17 +49,25 @@ use crate::kernels::{fmax, im2col, max_pool2_relu, sgemm};
 /// within one core's L2 cache.
 pub(crate) const CHUNK: usize = 8;
 
-/// Whether the CPU runs the AVX-512 kernels.
-fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// The kernel table: registers of output channels per block (`NV`) of the two direct
+/// convolutions at each SIMD level, `(layer 1, layer 2)`. Each block keeps `4 · NV`
+/// accumulators (the four conv outputs of a pooling window) in registers: AVX-512 has 32
+/// registers, AVX2 16. The same generic kernels of [`direct`] run at every level.
+///
+/// `NV` of layers 1 and 2 with AVX-512 (32 and 64 channels per block).
+#[cfg(target_arch = "x86_64")]
+const AVX512_NV: (usize, usize) = (2, 4);
+/// `NV` of layers 1 and 2 with AVX2 (16 and 16 channels per block).
+#[cfg(target_arch = "x86_64")]
+const AVX2_NV: (usize, usize) = (2, 2);
+/// The linear layers' tiles, `(R, NVC, KU)` of [`direct::linear`]: AVX-512 8 rows × 2
+/// registers (16 accumulators), AVX2 3 rows × 4 registers (12); single rows with 4 and 2
+/// accumulator sets (8 chains each).
+#[cfg(target_arch = "x86_64")]
+const AVX512_FC: (usize, usize, usize) = (8, 2, 4);
+/// See [`AVX512_FC`].
+#[cfg(target_arch = "x86_64")]
+const AVX2_FC: (usize, usize, usize) = (3, 4, 2);
 
 /// The network's weights as plain vectors, with the shapes they imply.
 #[derive(Clone, Debug)]
@@ -66,15 +85,20 @@ pub(crate) struct FastNet {
     /// `(9 * c1, c2)`, rows `(ky, kx, ci)`.
     conv2_w: Vec<f32>,
     conv2_b: Vec<f32>,
+    /// `conv2_w` with rows padded to a multiple of the SIMD level's layer-2 block
+    /// width, and that row stride (see [`direct::pad_columns`]).
+    conv2_padded: Arc<(Vec<f32>, usize)>,
     /// `(hidden, flat)`.
     fc1_w: Vec<f32>,
     fc1_b: Vec<f32>,
     /// `(classes, hidden)`.
     fc2_w: Vec<f32>,
     fc2_b: Vec<f32>,
-    /// Whether to run the AVX-512 kernels (the CPU has them; tests turn it off to check
-    /// the portable path too).
-    pub(crate) avx512: bool,
+    /// `fc1_w` and `fc2_w` repacked for the SIMD kernels.
+    fc1_p: Arc<direct::Packed>,
+    fc2_p: Arc<direct::Packed>,
+    /// The SIMD level whose kernels run (supported by the CPU: see [`FastNet::set_level`]).
+    level: SimdLevel,
 }
 
 /// Per-thread buffers, reused across chunks and calls.
@@ -128,14 +152,45 @@ impl FastNet {
             classes,
             conv1_w: conv1.0,
             conv1_b: conv1.1,
+            conv2_padded: Arc::new((Vec::new(), c2)),
             conv2_w: conv2.0,
             conv2_b: conv2.1,
+            fc1_p: Arc::new(direct::Packed::new(&fc1.0, hidden, flat)),
+            fc2_p: Arc::new(direct::Packed::new(&fc2.0, classes, hidden)),
             fc1_w: fc1.0,
             fc1_b: fc1.1,
             fc2_w: fc2.0,
             fc2_b: fc2.1,
-            avx512: has_avx512(),
-        })
+            level: SimdLevel::Portable,
+        }
+        .at_level(simd_level()))
+    }
+
+    /// This network at `level` (or the best supported level below it), with the layer-2
+    /// weights padded for that level's blocks.
+    fn at_level(mut self, level: SimdLevel) -> FastNet {
+        self.set_level(level);
+        self
+    }
+
+    /// The SIMD level whose kernels run.
+    pub(crate) fn level(&self) -> SimdLevel {
+        self.level
+    }
+
+    /// Runs the kernels of `level`, or of the best level below it the CPU supports;
+    /// returns the level set.
+    pub(crate) fn set_level(&mut self, level: SimdLevel) -> SimdLevel {
+        self.level = level.or_supported();
+        let block = match self.level {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => AVX512_NV.1 * Avx512::N,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => AVX2_NV.1 * Avx2::N,
+            _ => 1,
+        };
+        self.conv2_padded = Arc::new(direct::pad_columns(&self.conv2_w, self.c2, block));
+        self.level
     }
 
     /// Floats per input image (CHW).
@@ -177,19 +232,7 @@ impl FastNet {
         }
         let mut logits = vec![0f32; n * self.classes];
         if n > 0 {
-            sgemm(
-                n,
-                self.classes,
-                self.hidden,
-                &mut logits,
-                false,
-                &hidden,
-                self.hidden,
-                1,
-                &self.fc2_w,
-                1,
-                self.hidden,
-            );
+            self.linear(&hidden, &self.fc2_p, &self.fc2_w, &mut logits);
         }
         for row in logits.chunks_exact_mut(self.classes) {
             for (v, b) in row.iter_mut().zip(&self.fc2_b) {
@@ -201,27 +244,30 @@ impl FastNet {
 
     /// The hidden layer for some rows of features.
     fn fc1(&self, features: &[f32], hidden: &mut [f32]) {
-        let flat = self.flat();
-        let m = features.len() / flat;
-        if m == 0 {
+        if features.is_empty() {
             return;
         }
-        sgemm(
-            m,
-            self.hidden,
-            flat,
-            hidden,
-            false,
-            features,
-            flat,
-            1,
-            &self.fc1_w,
-            1,
-            flat,
-        );
+        self.linear(features, &self.fc1_p, &self.fc1_w, hidden);
         for row in hidden.chunks_exact_mut(self.hidden) {
             for (v, b) in row.iter_mut().zip(&self.fc1_b) {
                 *v = (*v + b).max(0.0);
+            }
+        }
+    }
+
+    /// `out = x · wᵀ` for a linear layer (`packed` and `w` are its weights, repacked and
+    /// as stored): the SIMD level's [`direct::linear`], or `gemm` on the portable path.
+    fn linear(&self, x: &[f32], packed: &direct::Packed, w: &[f32], out: &mut [f32]) {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `level` is only ever set to a level the CPU supports.
+            SimdLevel::Avx512 => unsafe { linear_avx512(x, packed, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            SimdLevel::Avx2 => unsafe { linear_avx2(x, packed, out) },
+            _ => {
+                let (n, k) = (packed.n, packed.k);
+                sgemm(x.len() / k, n, k, out, false, x, k, 1, w, 1, k);
             }
         }
     }
@@ -231,14 +277,15 @@ impl FastNet {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             self.layout(&mut s);
-            #[cfg(target_arch = "x86_64")]
-            {
-                if self.avx512 {
-                    // SAFETY: `avx512` is only true when the CPU has AVX-512F.
-                    return unsafe { self.conv_chunk_avx512(inputs, features, &mut s) };
-                }
+            match self.level {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `level` is only ever set to a level the CPU supports.
+                SimdLevel::Avx512 => unsafe { self.conv_chunk_avx512(inputs, features, &mut s) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                SimdLevel::Avx2 => unsafe { self.conv_chunk_avx2(inputs, features, &mut s) },
+                _ => self.conv_chunk_portable(inputs, features, &mut s),
             }
-            self.conv_chunk_generic::<false>(inputs, features, &mut s)
         })
     }
 
@@ -257,21 +304,86 @@ impl FastNet {
         s.conv2 = vec![0.0; CHUNK * h1 * w1 * self.c2];
     }
 
+    /// [`FastNet::conv_simd`] with the AVX-512 kernels.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn conv_chunk_avx512(&self, inputs: &[f32], features: &mut [f32], s: &mut Scratch) {
-        self.conv_chunk_generic::<true>(inputs, features, s)
+        self.conv_simd::<Avx512, { AVX512_NV.0 }, { AVX512_NV.1 }>(inputs, features, s)
     }
 
-    /// The body of [`FastNet::conv_chunk`]; `AVX512` selects the AVX-512 kernels (only
-    /// called from [`FastNet::conv_chunk_avx512`], which checked the CPU has them).
+    /// [`FastNet::conv_simd`] with the AVX2 kernels.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn conv_chunk_avx2(&self, inputs: &[f32], features: &mut [f32], s: &mut Scratch) {
+        self.conv_simd::<Avx2, { AVX2_NV.0 }, { AVX2_NV.1 }>(inputs, features, s)
+    }
+
+    /// CHW → zero-padded HWC (the border stays zero from `layout`).
     #[inline(always)]
-    fn conv_chunk_generic<const AVX512: bool>(
+    fn pad_input(&self, img: &[f32], pad0: &mut [f32]) {
+        let (h, w, c_in) = (self.h, self.w, self.c_in);
+        for ch in 0..c_in {
+            for y in 0..h {
+                let src = &img[(ch * h + y) * w..][..w];
+                let dst = &mut pad0[((y + 1) * (w + 2) + 1) * c_in..];
+                for (x, v) in src.iter().enumerate() {
+                    dst[x * c_in + ch] = *v;
+                }
+            }
+        }
+    }
+
+    /// The body of [`FastNet::conv_chunk`] at a SIMD level: both layers as the direct
+    /// kernels of [`direct`], `NV1` and `NV2` registers of output channels per block.
+    ///
+    /// # Safety
+    /// `S`'s CPU features must be available: only called from the `#[target_feature]`
+    /// wrappers above, which the dispatch reaches only on CPUs that have them.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn conv_simd<S: Lanes, const NV1: usize, const NV2: usize>(
         &self,
         inputs: &[f32],
         features: &mut [f32],
         s: &mut Scratch,
     ) {
+        let (h, w, c_in, c1, c2) = (self.h, self.w, self.c_in, self.c1, self.c2);
+        let (h1, w1) = (h / 2, w / 2);
+        let flat = self.flat();
+        let len = self.input_len();
+        let pad1 = &mut s.pad1[..(h1 + 2) * (w1 + 2) * c1];
+        for (img, out) in inputs
+            .chunks_exact(len)
+            .zip(features.chunks_exact_mut(flat))
+        {
+            self.pad_input(img, &mut s.pad0);
+            direct::conv1_pool_relu::<S, NV1>(
+                &s.pad0,
+                (h, w, c_in),
+                &self.conv1_w,
+                &self.conv1_b,
+                pad1,
+            );
+            direct::conv2_pool_relu::<S, NV2>(
+                pad1,
+                (h1, w1, c1),
+                (&self.conv2_padded.0, self.conv2_padded.1),
+                &self.conv2_b,
+                out,
+            );
+        }
+        debug_assert_eq!(c2 * (h1 / 2) * (w1 / 2), flat);
+    }
+
+    /// The body of [`FastNet::conv_chunk`] without hand-written SIMD: the plain layer 1,
+    /// then im2col of the chunk and one `gemm` product for layer 2, pooled afterwards.
+    fn conv_chunk_portable(&self, inputs: &[f32], features: &mut [f32], s: &mut Scratch) {
         let (h, w, c_in, c1, c2) = (self.h, self.w, self.c_in, self.c1, self.c2);
         let (h1, w1) = (h / 2, w / 2);
         let (h2, w2) = (h1 / 2, w1 / 2);
@@ -281,48 +393,14 @@ impl FastNet {
         let k2 = 9 * c1;
         let rows = h1 * w1;
         for (i, img) in inputs.chunks_exact(len).enumerate() {
-            // CHW → zero-padded HWC (the border stays zero from `layout`).
-            for ch in 0..c_in {
-                for y in 0..h {
-                    let src = &img[(ch * h + y) * w..][..w];
-                    let dst = &mut s.pad0[((y + 1) * (w + 2) + 1) * c_in..];
-                    for (x, v) in src.iter().enumerate() {
-                        dst[x * c_in + ch] = *v;
-                    }
-                }
-            }
+            self.pad_input(img, &mut s.pad0);
             let pad1 = &mut s.pad1[i * pad1_len..][..pad1_len];
-            let geometry = (h, w, c_in);
-            #[cfg(target_arch = "x86_64")]
-            if AVX512 {
-                // SAFETY: AVX512 is only true inside `conv_chunk_avx512`.
-                unsafe {
-                    simd::conv1_pool_relu(&s.pad0, geometry, &self.conv1_w, &self.conv1_b, pad1)
-                };
-            } else {
-                conv1_pool_relu(&s.pad0, geometry, &self.conv1_w, &self.conv1_b, pad1);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            conv1_pool_relu(&s.pad0, geometry, &self.conv1_w, &self.conv1_b, pad1);
-            #[cfg(target_arch = "x86_64")]
-            if AVX512 {
-                let flat = h2 * w2 * c2;
-                let out = &mut features[i * flat..][..flat];
-                // SAFETY: AVX512 is only true inside `conv_chunk_avx512`.
-                unsafe {
-                    simd::conv2_pool_relu(pad1, (h1, w1, c1), &self.conv2_w, &self.conv2_b, out)
-                };
-                continue;
-            }
-            // im2col over the padded layer-1 output.
+            conv1_pool_relu(&s.pad0, (h, w, c_in), &self.conv1_w, &self.conv1_b, pad1);
             im2col(
                 pad1,
                 (h1, w1, c1),
                 &mut s.patches[i * rows * k2..][..rows * k2],
             );
-        }
-        if AVX512 {
-            return;
         }
         let conv2 = &mut s.conv2[..m * rows * c2];
         sgemm(
@@ -348,11 +426,31 @@ impl FastNet {
     }
 }
 
+/// [`direct::linear`] with the AVX-512 tiles of the table.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, out: &mut [f32]) {
+    direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, out)
+}
+
+/// [`direct::linear`] with the AVX2 tiles of the table.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_avx2(x: &[f32], w: &direct::Packed, out: &mut [f32]) {
+    direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, out)
+}
+
 /// Layer 1 fused: 3×3 convolution (stride 1, the padding already in `pad`), 2×2
 /// max-pool, bias, ReLU. `pad` is one zero-padded HWC image `(h+2, w+2, c_in)`; the
 /// pooled `(h/2, w/2, c1)` result goes into the interior of `out`, itself padded by one
 /// pixel for layer 2. `wt` is `(9 * c_in, c1)` with rows `(ky, kx, ci)`. Portable version
-/// of [`simd::conv1_pool_relu`].
+/// of [`direct::conv1_pool_relu`].
 fn conv1_pool_relu(
     pad: &[f32],
     (h, w, c_in): (usize, usize, usize),
@@ -393,10 +491,13 @@ fn conv1_pool_relu(
     }
 }
 
-/// AVX-512 versions of the hand-written kernels.
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
+/// The hand-written SIMD kernels, each written once over [`Lanes`] and a block of `NV`
+/// registers of output channels; [`FastNet::conv_chunk`] runs them monomorphised for
+/// AVX-512 or AVX2 inside `#[target_feature]` wrappers (see [`KERNELS`]).
+// Elsewhere than on x86-64 only the tests run these kernels (with portable lanes).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod direct {
+    use crate::simd::Lanes;
 
     /// The slice lengths the raw reads and writes of a kernel rely on: `pad` holds one
     /// zero-padded `(h, w, c_in)` image, `wt` a `(9 * c_in, c_out)` matrix, `out` at least
@@ -417,93 +518,325 @@ mod simd {
         assert!(out.len() >= out_len, "output too short");
     }
 
+    /// The lane masks of one block of `NV` registers starting at channel `cb` of `c`.
+    #[inline(always)]
+    unsafe fn block_masks<S: Lanes, const NV: usize>(c: usize, cb: usize) -> [S::M; NV] {
+        let mut m = [S::mask(0); NV];
+        for (v, mv) in m.iter_mut().enumerate() {
+            *mv = S::mask(c.saturating_sub(cb + v * S::N).min(S::N));
+        }
+        m
+    }
+
+    /// Loads `NV` registers from `p`: whole when `FULL`, else only the masked lanes.
+    #[inline(always)]
+    unsafe fn load_block<S: Lanes, const NV: usize, const FULL: bool>(
+        p: *const f32,
+        m: &[S::M; NV],
+    ) -> [S::V; NV] {
+        let mut out = [S::zero(); NV];
+        for (v, o) in out.iter_mut().enumerate() {
+            *o = if FULL {
+                S::load(p.add(v * S::N))
+            } else {
+                S::load_masked(m[v], p.add(v * S::N))
+            };
+        }
+        out
+    }
+
+    /// Max-pools the four conv outputs of a window, adds the bias, applies ReLU and
+    /// stores the `NV` registers at `o` (masked unless `FULL`).
+    #[inline(always)]
+    unsafe fn pool_bias_relu_store<S: Lanes, const NV: usize, const FULL: bool>(
+        acc: &[[S::V; NV]; 4],
+        bias: &[S::V; NV],
+        m: &[S::M; NV],
+        o: *mut f32,
+    ) {
+        for v in 0..NV {
+            let mx = S::max(S::max(acc[0][v], acc[1][v]), S::max(acc[2][v], acc[3][v]));
+            let r = S::max(S::add(mx, bias[v]), S::zero());
+            if FULL {
+                S::store(o.add(v * S::N), r);
+            } else {
+                S::store_masked(o.add(v * S::N), m[v], r);
+            }
+        }
+    }
+
     /// Layer 2 fused, without im2col: 3×3 convolution over the zero-padded layer-1 output
     /// `pad` (`(h1+2, w1+2, c1)`), 2×2 max-pool, bias, ReLU, into `out` (`(h1/2, w1/2, c2)`).
     ///
-    /// For each pooling window and block of 64 output channels, 16 registers accumulate
-    /// the window's four conv outputs (4 × 4 vectors of 16 channels); each step over the
-    /// reduction (kernel row, then the `3 · c1` contiguous inputs of that row) loads 4
-    /// weight vectors and broadcasts 4 inputs into 16 fused multiply-adds. The
+    /// For each pooling window and block of `NV` registers of output channels, `4 · NV`
+    /// registers accumulate the window's four conv outputs; each step over the reduction
+    /// (kernel row, then the `3 · c1` contiguous inputs of that row) loads `NV` weight
+    /// registers and broadcasts 4 inputs into `4 · NV` fused multiply-adds. The
     /// accumulators are pooled in registers, so the conv output never reaches memory.
-    /// Channels beyond `c2` in the last block are masked off.
+    ///
+    /// `wt` is `(9 * c1, stride)` with `stride` a multiple of the block width `NV · N`
+    /// (see [`pad_columns`]), so the weight loads of the hot loop are never masked; the
+    /// bias and the stores of channels beyond `c2` in the last block are.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F. Slice lengths are checked (panics, not UB).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn conv2_pool_relu(
+    /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
+    /// (panics, not UB).
+    #[inline(always)]
+    pub(super) unsafe fn conv2_pool_relu<S: Lanes, const NV: usize>(
         pad: &[f32],
         (h1, w1, c1): (usize, usize, usize),
-        wt: &[f32],
+        (wt, stride): (&[f32], usize),
         bias: &[f32],
         out: &mut [f32],
+    ) {
+        let c2 = bias.len();
+        let bw = NV * S::N;
+        assert!(stride % bw == 0 && stride >= c2, "weight stride not padded");
+        assert_lengths(pad, (h1, w1, c1), wt, stride, out, (h1 / 2) * (w1 / 2) * c2);
+        let mut cb = 0;
+        while cb < c2 {
+            if cb + bw <= c2 {
+                conv2_block::<S, NV, true>(pad, (h1, w1, c1), (wt, stride), bias, out, cb);
+            } else {
+                conv2_block::<S, NV, false>(pad, (h1, w1, c1), (wt, stride), bias, out, cb);
+            }
+            cb += bw;
+        }
+    }
+
+    /// `(rows, c)` row-major values with each row padded by zeros to `stride` columns
+    /// (the smallest multiple of `multiple` not below `c`); returns them and `stride`.
+    pub(super) fn pad_columns(w: &[f32], c: usize, multiple: usize) -> (Vec<f32>, usize) {
+        let stride = c.div_ceil(multiple) * multiple;
+        let mut out = vec![0f32; w.len() / c.max(1) * stride];
+        for (dst, src) in out.chunks_exact_mut(stride).zip(w.chunks_exact(c)) {
+            dst[..c].copy_from_slice(src);
+        }
+        (out, stride)
+    }
+
+    /// One block of output channels `cb..cb + NV · N` of [`conv2_pool_relu`] (stored
+    /// whole when `FULL`, else cut at `c2` by masks). The caller checked the slice lengths.
+    #[inline(always)]
+    unsafe fn conv2_block<S: Lanes, const NV: usize, const FULL: bool>(
+        pad: &[f32],
+        (h1, w1, c1): (usize, usize, usize),
+        (wt, stride): (&[f32], usize),
+        bias: &[f32],
+        out: &mut [f32],
+        cb: usize,
     ) {
         let c2 = bias.len();
         let (h2, w2) = (h1 / 2, w1 / 2);
         let pw = w1 + 2;
         let run = 3 * c1;
-        assert_lengths(pad, (h1, w1, c1), wt, c2, out, h2 * w2 * c2);
-        let zero = _mm512_setzero_ps();
-        let mut cb = 0;
-        while cb < c2 {
-            let lane_mask = |v: usize| -> __mmask16 {
-                let lanes = c2.saturating_sub(cb + 16 * v).min(16);
-                ((1u32 << lanes) - 1) as u16
-            };
-            let m = [lane_mask(0), lane_mask(1), lane_mask(2), lane_mask(3)];
-            for py in 0..h2 {
-                for px in 0..w2 {
-                    let mut acc = [[zero; 4]; 4];
-                    // Top-left input of the window's first conv output.
-                    let base = (2 * py * pw + 2 * px) * c1;
-                    for ky in 0..3 {
-                        // SAFETY (all raw reads): the furthest input read is
-                        // base + (ky + 1) * pw * c1 + c1 + run - 1 < (h1 + 2) * pw * c1, as
-                        // 2 * py + 1 + 2 <= h1 + 1 and 2 * px + 1 + 3 <= w1 + 2; weight rows
-                        // k < 9 * c1 and lanes masked to cb + 16 * v + lane < c2.
-                        let p = pad.as_ptr().add(base + ky * pw * c1);
-                        let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
-                        let wrow = wt.as_ptr().add(ky * run * c2 + cb);
-                        for j in 0..run {
-                            let wp = wrow.add(j * c2);
-                            let wv = [
-                                _mm512_maskz_loadu_ps(m[0], wp),
-                                _mm512_maskz_loadu_ps(m[1], wp.add(16)),
-                                _mm512_maskz_loadu_ps(m[2], wp.add(32)),
-                                _mm512_maskz_loadu_ps(m[3], wp.add(48)),
-                            ];
-                            for (a, qp) in acc.iter_mut().zip(q) {
-                                let x = _mm512_set1_ps(*qp.add(j));
-                                for (av, w) in a.iter_mut().zip(wv) {
-                                    *av = _mm512_fmadd_ps(x, w, *av);
-                                }
+        let m = block_masks::<S, NV>(c2, cb);
+        let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
+        for py in 0..h2 {
+            for px in 0..w2 {
+                let mut acc = [[S::zero(); NV]; 4];
+                // Top-left input of the window's first conv output.
+                let base = (2 * py * pw + 2 * px) * c1;
+                for ky in 0..3 {
+                    // SAFETY (all raw reads): the furthest input read is
+                    // base + (ky + 1) * pw * c1 + c1 + run - 1 < (h1 + 2) * pw * c1, as
+                    // 2 * py + 1 + 2 <= h1 + 1 and 2 * px + 1 + 3 <= w1 + 2; weight rows
+                    // k < 9 * c1 and lanes cb + lane < stride.
+                    let p = pad.as_ptr().add(base + ky * pw * c1);
+                    let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
+                    let wrow = wt.as_ptr().add(ky * run * stride + cb);
+                    for j in 0..run {
+                        let wv = load_block::<S, NV, true>(wrow.add(j * stride), &m);
+                        for (a, qp) in acc.iter_mut().zip(q) {
+                            let x = S::splat(*qp.add(j));
+                            for (av, w) in a.iter_mut().zip(wv) {
+                                *av = S::fmadd(x, w, *av);
                             }
                         }
                     }
-                    let o = out.as_mut_ptr().add((py * w2 + px) * c2 + cb);
-                    for v in 0..4 {
-                        let mx = _mm512_max_ps(
-                            _mm512_max_ps(acc[0][v], acc[1][v]),
-                            _mm512_max_ps(acc[2][v], acc[3][v]),
-                        );
-                        let b = _mm512_maskz_loadu_ps(m[v], bias.as_ptr().add(cb + 16 * v));
-                        let r = _mm512_max_ps(_mm512_add_ps(mx, b), zero);
-                        _mm512_mask_storeu_ps(o.add(16 * v), m[v], r);
-                    }
                 }
+                let o = out.as_mut_ptr().add((py * w2 + px) * c2 + cb);
+                pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
             }
-            cb += 64;
         }
     }
 
-    /// [`super::conv1_pool_relu`] with 16 output channels per register: for each pooling
-    /// window and block of 16 channels, four accumulators (the window's four conv
-    /// outputs) take one fused multiply-add per kernel tap and input channel. A tail of
-    /// fewer than 16 channels uses masked loads and stores.
+    /// Columns per panel of [`Packed`] weights (a multiple of every level's lanes).
+    pub(super) const PANEL: usize = 32;
+    /// Reduction steps per pass over the rows: a panel's slice of `KC · PANEL` weights
+    /// (32 KiB) stays in the L1/L2 cache while every row tile runs over it.
+    const KC: usize = 256;
+
+    /// A linear layer's `(n, k)` weights (as stored: one row per output) repacked for
+    /// [`linear`]: panels of [`PANEL`] outputs, each `k` rows of `PANEL` contiguous
+    /// floats, zero beyond `n`.
+    #[derive(Clone, Debug)]
+    pub(super) struct Packed {
+        /// Outputs.
+        pub(super) n: usize,
+        /// Inputs (the reduction length).
+        pub(super) k: usize,
+        /// `ceil(n / PANEL)` panels of `k · PANEL` floats.
+        data: Vec<f32>,
+    }
+
+    impl Packed {
+        /// Packs row-major `(n, k)` weights.
+        pub(super) fn new(w: &[f32], n: usize, k: usize) -> Packed {
+            assert_eq!(w.len(), n * k, "weights must be (n, k)");
+            let panels = n.div_ceil(PANEL);
+            let mut data = vec![0f32; panels * k * PANEL];
+            for (o, row) in w.chunks_exact(k).enumerate() {
+                let panel = &mut data[(o / PANEL) * k * PANEL..][..k * PANEL];
+                for (kk, v) in row.iter().enumerate() {
+                    panel[kk * PANEL + o % PANEL] = *v;
+                }
+            }
+            Packed { n, k, data }
+        }
+    }
+
+    /// `out (m × n) = x (m × k) · wᵀ` for a [`Packed`] `w`, row-major `x` and `out`.
+    ///
+    /// Blocked for the cache: for each slice of [`KC`] reduction steps and each panel,
+    /// tiles of `R` rows keep `R · NVC` accumulators in registers (`NVC · N` must be
+    /// [`PANEL`]); each step loads `NVC` weight registers and broadcasts `R` inputs into
+    /// `R · NVC` fused multiply-adds. Leftover rows run one at a time, their reduction
+    /// split over `KU` independent accumulator sets so the FMA latency is covered.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F. Slice lengths are checked (panics, not UB).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn conv1_pool_relu(
+    /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
+    /// (panics, not UB).
+    #[inline(always)]
+    pub(super) unsafe fn linear<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
+        x: &[f32],
+        w: &Packed,
+        out: &mut [f32],
+    ) {
+        assert_eq!(NVC * S::N, PANEL, "a tile must cover one panel");
+        let (n, k) = (w.n, w.k);
+        let m = x.len() / k.max(1);
+        assert!(
+            x.len() == m * k && out.len() >= m * n,
+            "linear: bad lengths"
+        );
+        for p in 0..n.div_ceil(PANEL) {
+            let c0 = p * PANEL;
+            let masks = block_masks::<S, NVC>(n, c0);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                // SAFETY: panel p's rows k0..k0 + kc lie within `data`; rows r < m of `x`
+                // hold k floats from r * k; outputs r * n + c0 + lane < m * n unless
+                // masked off.
+                let wp = w.data.as_ptr().add(p * k * PANEL + k0 * PANEL);
+                let mut r = 0;
+                while r + R <= m {
+                    tile::<S, R, NVC, 1>(
+                        x.as_ptr().add(r * k + k0),
+                        k,
+                        wp,
+                        kc,
+                        out.as_mut_ptr().add(r * n + c0),
+                        n,
+                        &masks,
+                        k0 == 0,
+                    );
+                    r += R;
+                }
+                while r < m {
+                    tile::<S, 1, NVC, KU>(
+                        x.as_ptr().add(r * k + k0),
+                        k,
+                        wp,
+                        kc,
+                        out.as_mut_ptr().add(r * n + c0),
+                        n,
+                        &masks,
+                        k0 == 0,
+                    );
+                    r += 1;
+                }
+                k0 += kc;
+            }
+        }
+    }
+
+    /// One tile of [`linear`]: `R` rows of `x` (stride `x_rs`) times `kc` rows of a panel
+    /// (`wp`), added to the tile of `out` (stride `out_rs`, lanes of `masks`) unless
+    /// `first`, when it is overwritten. The reduction is split over `KU` accumulator sets.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
+        x: *const f32,
+        x_rs: usize,
+        wp: *const f32,
+        kc: usize,
+        out: *mut f32,
+        out_rs: usize,
+        masks: &[S::M; NVC],
+        first: bool,
+    ) {
+        let mut acc = [[[S::zero(); NVC]; R]; KU];
+        if !first {
+            for (r, a) in acc[0].iter_mut().enumerate() {
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = S::load_masked(masks[v], out.add(r * out_rs + v * S::N));
+                }
+            }
+        }
+        let steps = kc / KU * KU;
+        let mut kk = 0;
+        while kk < steps {
+            for (u, set) in acc.iter_mut().enumerate() {
+                let wk = wp.add((kk + u) * PANEL);
+                let mut wv = [S::zero(); NVC];
+                for (v, w) in wv.iter_mut().enumerate() {
+                    *w = S::load(wk.add(v * S::N));
+                }
+                for (r, a) in set.iter_mut().enumerate() {
+                    let xv = S::splat(*x.add(r * x_rs + kk + u));
+                    for (av, w) in a.iter_mut().zip(wv) {
+                        *av = S::fmadd(xv, w, *av);
+                    }
+                }
+            }
+            kk += KU;
+        }
+        for kk in steps..kc {
+            let wk = wp.add(kk * PANEL);
+            for (r, a) in acc[0].iter_mut().enumerate() {
+                let xv = S::splat(*x.add(r * x_rs + kk));
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = S::fmadd(xv, S::load(wk.add(v * S::N)), *av);
+                }
+            }
+        }
+        let (total, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (a, b) in total[0].iter_mut().zip(set) {
+                for (av, bv) in a.iter_mut().zip(b) {
+                    *av = S::add(*av, *bv);
+                }
+            }
+        }
+        for (r, a) in acc[0].iter().enumerate() {
+            for (v, av) in a.iter().enumerate() {
+                S::store_masked(out.add(r * out_rs + v * S::N), masks[v], *av);
+            }
+        }
+    }
+
+    /// [`super::conv1_pool_relu`] with `NV` registers of output channels per block: for
+    /// each pooling window and block, `4 · NV` accumulators (the window's four conv
+    /// outputs) take one fused multiply-add per kernel tap, input channel and register.
+    /// A tail block of fewer channels uses masked loads and stores.
+    ///
+    /// # Safety
+    /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
+    /// (panics, not UB).
+    #[inline(always)]
+    pub(super) unsafe fn conv1_pool_relu<S: Lanes, const NV: usize>(
         pad: &[f32],
         (h, w, c_in): (usize, usize, usize),
         wt: &[f32],
@@ -513,46 +846,139 @@ mod simd {
         let c1 = bias.len();
         let (h1, w1) = (h / 2, w / 2);
         let pw = w + 2;
-        let k = 9 * c_in;
         assert_lengths(pad, (h, w, c_in), wt, c1, out, (h1 + 2) * (w1 + 2) * c1);
         // Offsets in `pad` of each tap, relative to a conv output's top-left input.
-        let taps: Vec<usize> = (0..k)
+        let taps: Vec<usize> = (0..9 * c_in)
             .map(|t| ((t / (3 * c_in)) * pw + (t / c_in) % 3) * c_in + t % c_in)
             .collect();
-        let zero = _mm512_setzero_ps();
+        let bw = NV * S::N;
         let mut cb = 0;
         while cb < c1 {
-            let lanes = (c1 - cb).min(16);
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
+            if cb + bw <= c1 {
+                conv1_block::<S, NV, true>(pad, (h, w, c_in), wt, bias, out, cb, &taps);
             } else {
-                (1u16 << lanes) - 1
-            };
-            let b = _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(cb));
-            for py in 0..h1 {
-                for px in 0..w1 {
-                    let base = (2 * py * pw + 2 * px) * c_in;
-                    let p = pad.as_ptr().add(base);
-                    let (mut a0, mut a1, mut a2, mut a3) = (zero, zero, zero, zero);
-                    for (t, &off) in taps.iter().enumerate() {
-                        // SAFETY (all raw reads): base + off + (pw + 1) * c_in is within
-                        // `pad` since 2 * py + 1 + 2 <= h + 1 and 2 * px + 1 + 2 <= w + 1;
-                        // the weight row t * c1 + cb + lanes <= k * c1.
-                        let wv = _mm512_maskz_loadu_ps(mask, wt.as_ptr().add(t * c1 + cb));
-                        let q = p.add(off);
-                        a0 = _mm512_fmadd_ps(_mm512_set1_ps(*q), wv, a0);
-                        a1 = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(c_in)), wv, a1);
-                        a2 = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(pw * c_in)), wv, a2);
-                        a3 = _mm512_fmadd_ps(_mm512_set1_ps(*q.add((pw + 1) * c_in)), wv, a3);
-                    }
-                    let m = _mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3));
-                    let r = _mm512_max_ps(_mm512_add_ps(m, b), zero);
-                    let o = ((py + 1) * (w1 + 2) + px + 1) * c1 + cb;
-                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(o), mask, r);
-                }
+                conv1_block::<S, NV, false>(pad, (h, w, c_in), wt, bias, out, cb, &taps);
             }
-            cb += 16;
+            cb += bw;
         }
+    }
+
+    /// One block of output channels of [`conv1_pool_relu`] (whole when `FULL`, else cut
+    /// at `c1` by masks). The caller checked the slice lengths.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv1_block<S: Lanes, const NV: usize, const FULL: bool>(
+        pad: &[f32],
+        (h, w, c_in): (usize, usize, usize),
+        wt: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+        cb: usize,
+        taps: &[usize],
+    ) {
+        let c1 = bias.len();
+        let (h1, w1) = (h / 2, w / 2);
+        let pw = w + 2;
+        let m = block_masks::<S, NV>(c1, cb);
+        let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
+        for py in 0..h1 {
+            for px in 0..w1 {
+                let base = (2 * py * pw + 2 * px) * c_in;
+                let p = pad.as_ptr().add(base);
+                let mut acc = [[S::zero(); NV]; 4];
+                for (t, &off) in taps.iter().enumerate() {
+                    // SAFETY (all raw reads): base + off + (pw + 1) * c_in is within
+                    // `pad` since 2 * py + 1 + 2 <= h + 1 and 2 * px + 1 + 2 <= w + 1;
+                    // the weight row t * c1 + cb + lane < 9 * c_in * c1 unless masked.
+                    let wv = load_block::<S, NV, FULL>(wt.as_ptr().add(t * c1 + cb), &m);
+                    let q = p.add(off);
+                    let x = [
+                        S::splat(*q),
+                        S::splat(*q.add(c_in)),
+                        S::splat(*q.add(pw * c_in)),
+                        S::splat(*q.add((pw + 1) * c_in)),
+                    ];
+                    for (a, xv) in acc.iter_mut().zip(x) {
+                        for (av, wr) in a.iter_mut().zip(wv) {
+                            *av = S::fmadd(xv, wr, *av);
+                        }
+                    }
+                }
+                let o = out
+                    .as_mut_ptr()
+                    .add(((py + 1) * (w1 + 2) + px + 1) * c1 + cb);
+                pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
+            }
+        }
+    }
+}
+
+/// Runs one direct kernel for tests: layer 2 if `layer2`, else layer 1, at `level` (a
+/// level the CPU supports), or with [`Portable`](crate::simd::Portable) lanes for `None`.
+#[cfg(test)]
+fn run_direct(
+    level: Option<SimdLevel>,
+    layer2: bool,
+    pad: &[f32],
+    geometry: (usize, usize, usize),
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    use crate::simd::{Lanes, Portable};
+    assert!(level.is_none_or(SimdLevel::is_supported));
+    // SAFETY: only supported levels reach the wrappers (asserted above); portable lanes
+    // are plain Rust.
+    unsafe {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Some(SimdLevel::Avx512) => direct_avx512(layer2, pad, geometry, wt, bias, out),
+            #[cfg(target_arch = "x86_64")]
+            Some(SimdLevel::Avx2) => direct_avx2(layer2, pad, geometry, wt, bias, out),
+            _ if layer2 => {
+                let (wp, stride) = direct::pad_columns(wt, bias.len(), 4 * Portable::N);
+                direct::conv2_pool_relu::<Portable, 4>(pad, geometry, (&wp, stride), bias, out)
+            }
+            _ => direct::conv1_pool_relu::<Portable, 2>(pad, geometry, wt, bias, out),
+        }
+    }
+}
+
+/// [`run_direct`] with the AVX-512 kernels of the table.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn direct_avx512(
+    layer2: bool,
+    pad: &[f32],
+    geometry: (usize, usize, usize),
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    if layer2 {
+        let (wp, stride) = direct::pad_columns(wt, bias.len(), AVX512_NV.1 * Avx512::N);
+        direct::conv2_pool_relu::<Avx512, { AVX512_NV.1 }>(pad, geometry, (&wp, stride), bias, out)
+    } else {
+        direct::conv1_pool_relu::<Avx512, { AVX512_NV.0 }>(pad, geometry, wt, bias, out)
+    }
+}
+
+/// [`run_direct`] with the AVX2 kernels of the table.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_avx2(
+    layer2: bool,
+    pad: &[f32],
+    geometry: (usize, usize, usize),
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    if layer2 {
+        let (wp, stride) = direct::pad_columns(wt, bias.len(), AVX2_NV.1 * Avx2::N);
+        direct::conv2_pool_relu::<Avx2, { AVX2_NV.1 }>(pad, geometry, (&wp, stride), bias, out)
+    } else {
+        direct::conv1_pool_relu::<Avx2, { AVX2_NV.0 }>(pad, geometry, wt, bias, out)
     }
 }
 
@@ -563,6 +989,7 @@ mod tests {
     use crate::kernels::pad_image;
     use crate::model::{ModelMetadata, Net, Normalization};
     use crate::reference::{self, conv_weight_from_oihw, rel_err};
+    use crate::simd::SimdLevel;
     use crate::Classifier;
 
     /// A classifier with random weights for `(h, w, c_in)` inputs.
@@ -612,8 +1039,9 @@ mod tests {
         Ok(Classifier::from_parts(meta, net).expect("consistent shapes"))
     }
 
-    /// The layer kernels (both AVX-512 ones, when the CPU has them, and the portable
-    /// layer 1) against the reference layer on random inputs.
+    /// The layer kernels (the plain layer 1, the generic direct kernels with portable
+    /// lanes, and with the lanes of every SIMD level the CPU has) against the reference
+    /// layer on random inputs, with channel counts that leave partial blocks.
     #[test]
     fn layer_kernels_match_reference() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -649,17 +1077,19 @@ mod tests {
             };
             let mut out = vec![0f32; (h1 + 2) * (w1 + 2) * c_out];
             super::conv1_pool_relu(&pad, (h, w, c_in), &wk, &bv, &mut out);
-            check(&interior(&out), "portable layer 1");
-            #[cfg(target_arch = "x86_64")]
-            if super::has_avx512() {
+            check(&interior(&out), "plain layer 1");
+            // The generic kernels with portable lanes run everywhere; then every SIMD level
+            // this CPU has.
+            let mut levels = vec![None];
+            levels.extend(SimdLevel::supported().into_iter().skip(1).map(Some));
+            for level in levels {
+                let name = level.map_or("portable-lanes".into(), |l| l.to_string());
                 let mut out = vec![0f32; (h1 + 2) * (w1 + 2) * c_out];
-                // SAFETY: the CPU has AVX-512F.
-                unsafe { super::simd::conv1_pool_relu(&pad, (h, w, c_in), &wk, &bv, &mut out) };
-                check(&interior(&out), "AVX-512 layer 1");
+                super::run_direct(level, false, &pad, (h, w, c_in), &wk, &bv, &mut out);
+                check(&interior(&out), &format!("{name} layer 1"));
                 let mut out = vec![0f32; h1 * w1 * c_out];
-                // SAFETY: as above.
-                unsafe { super::simd::conv2_pool_relu(&pad, (h, w, c_in), &wk, &bv, &mut out) };
-                check(&out, "AVX-512 layer 2");
+                super::run_direct(level, true, &pad, (h, w, c_in), &wk, &bv, &mut out);
+                check(&out, &format!("{name} layer 2"));
             }
         }
         Ok(())
@@ -689,13 +1119,15 @@ mod tests {
             assert!(e < 1e-4, "{input:?} {layers:?} n={n}: logits rel err {e}");
             let e = rel_err(&fast.concat(), &reference.concat());
             assert!(e < 1e-4, "{input:?} {layers:?} n={n}: probs rel err {e}");
-            let mut portable = (*clf.fast).clone();
-            portable.avx512 = false;
-            let e = rel_err(&portable.logits(&x, n), &ref_logits);
-            assert!(
-                e < 1e-4,
-                "{input:?} {layers:?} n={n}: portable logits rel err {e}"
-            );
+            for level in SimdLevel::supported() {
+                let mut at = (*clf.fast).clone();
+                assert_eq!(at.set_level(level), level);
+                let e = rel_err(&at.logits(&x, n), &ref_logits);
+                assert!(
+                    e < 1e-4,
+                    "{input:?} {layers:?} n={n}: {level} logits rel err {e}"
+                );
+            }
         }
         Ok(())
     }

@@ -10,7 +10,8 @@
 //! gzip and logging set-up).
 //!
 //! Layout: [`model`] (format and network), [`classifier`] ([`Classifier`]), [`preprocess`]
-//! ([`Preprocessor`]); privately `ops` (the candle custom op of the network's convolution
+//! ([`Preprocessor`]), [`simd`] (the run-time choice of SIMD level, [`simd_level`], and
+//! the measured FMA peak); privately `ops` (the candle custom op of the network's convolution
 //! layers, with the backward pass training needs), `fast` (the fast inference path),
 //! `kernels` (the slice kernels both of those share) and, in tests, `reference` (the
 //! candle-generic oracles the kernels are checked against).
@@ -23,7 +24,9 @@ mod ops;
 pub mod preprocess;
 #[cfg(test)]
 mod reference;
+pub mod simd;
 
 pub use classifier::Classifier;
 pub use model::{ModelMetadata, Normalization};
 pub use preprocess::Preprocessor;
+pub use simd::{simd_level, SimdLevel};

@@ -1,9 +1,12 @@
 //! `trainer bench`: how fast the model runs on this machine, as tables of medians.
 //!
+//! - **peak**: the machine's float32 FMA peak at the SIMD level the kernels run at
+//!   ([`classifier_inference::simd::fma_peak_gflops`]: a tight loop of independent FMA
+//!   chains on every thread at once), and at the other levels the CPU has;
 //! - **inference**: [`Classifier::predict`] images/s at several batch sizes, the achieved
-//!   GFLOP/s (FLOPs per image counted from the architecture) and its share of the machine's
-//!   own matrix-product GFLOP/s, measured here with candle's `matmul` and with `gemm` on
-//!   the same threads;
+//!   GFLOP/s (FLOPs per image counted from the architecture) and its share of that peak;
+//! - **peer** (with `--peer`): ONNX Runtime on the same CNN shape (`scripts/ort-peer.sh`),
+//!   timed between two rounds of ours at every SIMD level asked for, and the ratios;
 //! - **agreement**: the fast inference path against candle's reference forward pass on
 //!   real test images (argmax agreement, largest probability difference);
 //! - **training**: images/s of real training steps (augmentation, forward, backward,
@@ -19,8 +22,11 @@ use std::io::Cursor;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
-use candle_core::{Device, Tensor};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use classifier_inference::simd::{fma_peak_gflops, SimdLevel};
 use image::{DynamicImage, ImageFormat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -48,9 +54,16 @@ pub struct BenchOptions {
     pub train_batches: usize,
     /// Also time candle's reference forward pass at every batch size, for the speed-up.
     pub candle_reference: bool,
-    /// Parts to run, any of "ceiling", "inference", "agreement", "training", "decode" (the
-    /// empty runs them all.
+    /// Parts to run, any of "peak" (alias "ceiling"), "inference", "agreement",
+    /// "training", "decode"; empty runs them all. The peer comparison runs whenever
+    /// `peer` is set.
     pub sections: Vec<String>,
+    /// The ONNX Runtime peer: a command taking comma-separated batch sizes and printing
+    /// `ort batch B: N images/s` lines (`scripts/ort-peer.sh`); `None` skips the peer.
+    pub peer: Option<PathBuf>,
+    /// SIMD levels timed beside the peer (unsupported ones fall back, and are said to);
+    /// empty: every level the CPU supports.
+    pub simd_levels: Vec<SimdLevel>,
 }
 
 impl Default for BenchOptions {
@@ -64,6 +77,8 @@ impl Default for BenchOptions {
             train_batches: 60,
             candle_reference: true,
             sections: Vec::new(),
+            peer: None,
+            simd_levels: Vec::new(),
         }
     }
 }
@@ -129,14 +144,19 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
     let meta = clf.metadata().clone();
     let threads = rayon::current_num_threads();
     println!(
-        "trainer bench: model {} ({} {}), {} rayon threads, {} runs per figure (medians), load average before: {}",
+        "trainer bench: model {} ({} {}), {} rayon threads, SIMD level {} (CPU supports up to {}), {} runs per figure (medians), load average before: {}",
         opts.model.display(),
         meta.name,
         meta.version,
         threads,
+        clf.simd_level(),
+        SimdLevel::detected(),
         runs,
         load_average()
     );
+    if let Some(cpu) = cpu_model() {
+        println!("CPU: {cpu}");
+    }
     let dataset = match &opts.fashion_mnist {
         Some(dir) => Some(data::load_fashion_mnist(dir).context("loading Fashion-MNIST")?),
         None => None,
@@ -162,34 +182,29 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         }
     };
 
-    // ---- matrix-product ceiling ----
+    // ---- FMA peak ----
     let flops = clf.flops_per_image();
-    let ceiling = if wants("ceiling") {
-        matmul_ceiling(runs, opts.min_seconds)?
+    let level = clf.simd_level();
+    let peak = if wants("peak") || wants("ceiling") {
+        fma_peak(level, runs, opts.min_seconds)
     } else {
-        vec![("not measured".to_string(), f64::NAN, 0)]
+        f64::NAN
     };
-    let best_ceiling = ceiling.iter().map(|c| c.1).fold(f64::NAN, f64::max);
-    println!();
-    println!("## Machine ceiling: float32 matrix product 1024×1024×1024");
-    println!();
-    println!("| how | threads | GFLOP/s |");
-    println!("|---|---|---|");
-    for (name, gflops, t) in &ceiling {
-        println!("| {name} | {t} | {gflops:.1} |");
-    }
-    println!();
-    println!(
-        "Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {:.3} MFLOP → ceiling {:.0} images/s at {:.1} GFLOP/s",
-        flops as f64 / 1e6,
-        best_ceiling * 1e9 / flops as f64,
-        best_ceiling
-    );
     println!("Architecture: {}", meta.architecture);
+    println!(
+        "Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {:.3} MFLOP → at the {level} FMA peak of {peak:.1} GFLOP/s: {:.0} images/s",
+        flops as f64 / 1e6,
+        peak * 1e9 / flops as f64,
+    );
 
     // ---- inference ----
     if wants("inference") {
-        inference(&clf, &inputs, opts, best_ceiling, flops)?;
+        inference(&clf, &inputs, opts, peak, flops)?;
+    }
+
+    // ---- ONNX Runtime beside ours ----
+    if let Some(command) = &opts.peer {
+        peer(&clf, &inputs, opts, command)?;
     }
 
     // ---- agreement with the candle reference ----
@@ -225,17 +240,20 @@ fn inference(
     clf: &Classifier,
     inputs: &[f32],
     opts: &BenchOptions,
-    best_ceiling: f64,
+    peak: f64,
     flops: u64,
 ) -> anyhow::Result<()> {
     let runs = opts.runs.max(1);
     let len = clf.input_len();
     let pool_images = inputs.len() / len;
     println!();
-    println!("## Inference (model only; candle = the reference forward pass through candle tensors, same runs)");
+    println!(
+        "## Inference at {} (model only; candle = the reference forward pass through candle tensors, same runs)",
+        clf.simd_level()
+    );
     println!();
     println!(
-        "| batch | images/s | ms per batch | GFLOP/s | % of ceiling | CPU µs per image | candle images/s | speed-up |"
+        "| batch | images/s | ms per batch | GFLOP/s | % of FMA peak | CPU µs per image | candle images/s | speed-up |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut best = (0usize, 0f64);
@@ -286,97 +304,189 @@ fn inference(
         println!(
             "| {batch} | {ips:.0} | {:.3} | {gflops:.1} | {:.1}% | {:.0} | {candle} | {ratio} |",
             batch as f64 * 1e3 / ips,
-            100.0 * gflops / best_ceiling,
+            100.0 * gflops / peak,
             median(&cpu_per_image)
         );
     }
     println!();
     println!(
-        "Best: {:.0} images/s at batch {} ({:.1}% of the matrix-product ceiling)",
+        "Best: {:.0} images/s at batch {} ({:.1}% of the FMA peak)",
         best.1,
         best.0,
-        100.0 * best.1 * flops as f64 / 1e9 / best_ceiling
+        100.0 * best.1 * flops as f64 / 1e9 / peak
     );
     Ok(())
 }
 
-/// Measures the matrix-product GFLOP/s with candle's `matmul` and with `gemm` directly,
-/// on all rayon threads and on one. Returns (how, GFLOP/s, threads).
-fn matmul_ceiling(runs: usize, min_seconds: f64) -> anyhow::Result<Vec<(String, f64, usize)>> {
-    let n = 1024usize;
-    let flop = 2.0 * (n * n * n) as f64;
-    let mut rng = StdRng::seed_from_u64(1);
-    let a: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let b: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    let mut out = Vec::new();
-
-    let ta = Tensor::from_slice(&a, (n, n), &Device::Cpu)?;
-    let tb = Tensor::from_slice(&b, (n, n), &Device::Cpu)?;
-    let candle_threads = candle_core::utils::get_num_threads();
-    let mut rates = Vec::new();
-    std::hint::black_box(ta.matmul(&tb)?);
-    for _ in 0..runs {
-        rates.push(rate(min_seconds, || {
-            std::hint::black_box(ta.matmul(&tb)?);
-            Ok(1)
-        })?);
-    }
-    out.push((
-        "candle `matmul`".to_string(),
-        median(&rates) * flop / 1e9,
-        candle_threads,
-    ));
-
+/// Prints the FMA peak table (the kernels' level on all threads and on one, then the
+/// CPU's other levels on all threads) and returns the peak at `level` on all threads, in
+/// GFLOP/s: the median of `runs` runs of `min_seconds` each.
+fn fma_peak(level: SimdLevel, runs: usize, min_seconds: f64) -> f64 {
     let threads = rayon::current_num_threads();
-    let mut c = vec![0f32; n * n];
-    for t in [threads, 1] {
-        let par = if t > 1 {
-            gemm::Parallelism::Rayon(t)
-        } else {
-            gemm::Parallelism::None
-        };
-        let mut product = || {
-            // SAFETY: a, b and c are n×n row-major buffers; c is uniquely borrowed.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    n,
-                    n,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    n as isize,
-                    b.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            };
-            Ok(1)
-        };
-        product()?;
-        let mut rates = Vec::new();
-        for _ in 0..runs {
-            rates.push(rate(min_seconds, &mut product)?);
-        }
-        out.push((
-            "`gemm` crate directly".to_string(),
-            median(&rates) * flop / 1e9,
-            t,
-        ));
-        if threads == 1 {
-            break;
+    let duration = Duration::from_secs_f64(min_seconds.max(0.05));
+    let measure = |l: SimdLevel, one: bool| {
+        let rates: Vec<f64> = (0..runs)
+            .map(|_| {
+                if one {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .build()
+                        .map(|p| p.install(|| fma_peak_gflops(l, duration)))
+                        .unwrap_or(f64::NAN)
+                } else {
+                    fma_peak_gflops(l, duration)
+                }
+            })
+            .collect();
+        median(&rates)
+    };
+    let peak = measure(level, false);
+    println!();
+    println!("## Machine peak: float32 FMA (a tight loop of independent FMA chains on every thread at once)");
+    println!();
+    println!("| SIMD level | threads | GFLOP/s |");
+    println!("|---|---|---|");
+    println!("| {level} (the kernels' level) | {threads} | {peak:.1} |");
+    if threads > 1 {
+        println!("| {level} | 1 | {:.1} |", measure(level, true));
+    }
+    for other in SimdLevel::supported().into_iter().rev() {
+        if other != level {
+            println!("| {other} | {threads} | {:.1} |", measure(other, false));
         }
     }
-    Ok(out)
+    println!();
+    peak
+}
+
+/// The CPU's model name from `/proc/cpuinfo` (`None` where there is none).
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
+}
+
+/// Rates (images/s) of `runs` runs of [`Classifier::predict`] on batches of `batch`
+/// images taken in turn from `inputs`, each run at least `min_seconds` long.
+fn predict_rates(
+    clf: &Classifier,
+    inputs: &[f32],
+    batch: usize,
+    runs: usize,
+    min_seconds: f64,
+) -> anyhow::Result<Vec<f64>> {
+    let len = clf.input_len();
+    let pool_images = inputs.len() / len;
+    let batch = batch.max(1).min(pool_images);
+    let mut offset = 0usize;
+    let mut work = || -> anyhow::Result<usize> {
+        if offset + batch > pool_images {
+            offset = 0;
+        }
+        offset += batch;
+        std::hint::black_box(clf.predict(&inputs[(offset - batch) * len..offset * len], batch)?);
+        Ok(batch)
+    };
+    work()?; // warm-up: thread pools, buffers
+    (0..runs).map(|_| rate(min_seconds, &mut work)).collect()
+}
+
+/// Runs the peer `command` for one batch size and returns its images/s.
+fn peer_rate(command: &std::path::Path, batch: usize) -> anyhow::Result<f64> {
+    let out = Command::new(command)
+        .arg(batch.to_string())
+        .output()
+        .with_context(|| format!("running the peer {}", command.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the peer {} failed ({}): {}",
+            command.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    parse_peer_line(&stdout, batch).with_context(|| {
+        format!(
+            "no `ort batch {batch}: N images/s` line in the output of {}: {}",
+            command.display(),
+            stdout.trim()
+        )
+    })
+}
+
+/// The images/s of the `ort batch {batch}: N images/s` line of the peer's output.
+pub fn parse_peer_line(output: &str, batch: usize) -> Option<f64> {
+    let prefix = format!("ort batch {batch}:");
+    output.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(&prefix)?
+            .trim()
+            .strip_suffix("images/s")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// ONNX Runtime beside ours: for each batch size, ours at every level asked for, then
+/// the peer, then ours again (the medians pool both rounds, so load that comes and goes
+/// skews both sides alike), and the ratios ours / ORT.
+fn peer(
+    clf: &Classifier,
+    inputs: &[f32],
+    opts: &BenchOptions,
+    command: &std::path::Path,
+) -> anyhow::Result<()> {
+    let runs = opts.runs.max(1);
+    let mut levels: Vec<SimdLevel> = if opts.simd_levels.is_empty() {
+        SimdLevel::supported().into_iter().rev().collect()
+    } else {
+        opts.simd_levels.clone()
+    };
+    levels.dedup();
+    let ours: Vec<Classifier> = levels.iter().map(|&l| clf.with_simd_level(l)).collect();
+    for (asked, c) in levels.iter().zip(&ours) {
+        if c.simd_level() != *asked {
+            println!(
+                "(this CPU lacks {asked}: that column runs at {})",
+                c.simd_level()
+            );
+        }
+    }
+    println!();
+    println!(
+        "## Peer: ONNX Runtime on the same CNN shape ({}), ours timed before and after it",
+        command.display()
+    );
+    println!();
+    let mut header = "| batch | ORT images/s |".to_string();
+    let mut rule = "|---|---|".to_string();
+    for c in &ours {
+        header += &format!(" ours {0} images/s | {0} / ORT |", c.simd_level());
+        rule += "---|---|";
+    }
+    println!("{header}");
+    println!("{rule}");
+    for &batch in &opts.batch_sizes {
+        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); ours.len()];
+        for (r, c) in rates.iter_mut().zip(&ours) {
+            r.extend(predict_rates(c, inputs, batch, runs, opts.min_seconds)?);
+        }
+        let ort = peer_rate(command, batch)?;
+        for (r, c) in rates.iter_mut().zip(&ours) {
+            r.extend(predict_rates(c, inputs, batch, runs, opts.min_seconds)?);
+        }
+        let mut row = format!("| {batch} | {ort:.0} |");
+        for r in &rates {
+            let m = median(r);
+            row += &format!(" {m:.0} | {:.2}× |", m / ort);
+        }
+        println!("{row}");
+    }
+    println!();
+    println!("load average after the peer: {}", load_average());
+    Ok(())
 }
 
 /// Compares the fast inference path with candle's reference forward pass on the test set.
@@ -529,4 +639,18 @@ fn decode(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_lines_are_parsed_per_batch() {
+        let out = "ort batch 1: 7602 images/s\nort batch 32: 16175 images/s\n";
+        assert_eq!(parse_peer_line(out, 1), Some(7602.0));
+        assert_eq!(parse_peer_line(out, 32), Some(16175.0));
+        assert_eq!(parse_peer_line(out, 3), None);
+        assert_eq!(parse_peer_line("ort batch 1: fast images/s", 1), None);
+    }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
+use classifier_inference::SimdLevel;
 use trainer::train::{self, ImageFolderOptions, RunOptions, TrainConfig};
 
 /// Command line of the trainer.
@@ -72,9 +73,25 @@ struct BenchArgs {
     /// Do not time candle's reference forward pass beside the fast inference path.
     #[arg(long)]
     no_candle: bool,
-    /// Run only these parts (comma separated): ceiling, inference, agreement, training, decode.
+    /// Run only these parts (comma separated): peak, inference, agreement, training, decode.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Also time ONNX Runtime on the same CNN shape (the --peer-command), between two
+    /// rounds of ours at each SIMD level, and print the ratios ours / ORT per batch size.
+    #[arg(long)]
+    peer: bool,
+    /// The peer command: takes comma-separated batch sizes, prints `ort batch B: N images/s`.
+    #[arg(long, default_value = "scripts/ort-peer.sh")]
+    peer_command: PathBuf,
+    /// SIMD levels timed beside the peer (comma separated: avx512, avx2, portable);
+    /// default: every level this CPU supports.
+    #[arg(long, value_delimiter = ',', value_parser = parse_simd_level)]
+    simd_levels: Vec<SimdLevel>,
+}
+
+/// Parses a `--simd-levels` entry.
+fn parse_simd_level(s: &str) -> Result<SimdLevel, String> {
+    SimdLevel::parse(s).ok_or_else(|| format!("{s:?} is not one of avx512, avx2, portable"))
 }
 
 /// Options of `trainer train`.
@@ -233,6 +250,8 @@ fn main() -> anyhow::Result<()> {
                 train_batches: a.train_batches,
                 candle_reference: !a.no_candle,
                 sections: a.only,
+                peer: a.peer.then_some(a.peer_command),
+                simd_levels: a.simd_levels,
             })?;
         }
         Command::ExportSamples {

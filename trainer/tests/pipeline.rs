@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use classifier_inference::{Classifier, ModelMetadata, Normalization, Preprocessor};
+use classifier_inference::{Classifier, ModelMetadata, Normalization, Preprocessor, SimdLevel};
 use image::{DynamicImage, GrayImage, Rgb, RgbImage};
 use trainer::data::{self, FASHION_MNIST_CLASS_DIRS};
 use trainer::train::{self, ImageFolderOptions, RunOptions, TrainConfig};
@@ -258,5 +258,24 @@ fn shipped_model_classifies_shipped_examples() -> anyhow::Result<()> {
     }
     let acc = correct as f32 / probs.len() as f32;
     assert!(acc >= 0.85, "accuracy on shipped examples {acc}");
+    // Every SIMD level this CPU has gives the candle forward pass's classes and, to
+    // float rounding, its probabilities.
+    let reference = clf.predict_candle(&folder.data.images, folder.data.len())?;
+    for level in SimdLevel::supported() {
+        let at = clf.with_simd_level(level);
+        assert_eq!(at.simd_level(), level);
+        let probs = at.predict(&folder.data.images, folder.data.len())?;
+        let mut max_diff = 0f32;
+        for (p, r) in probs.iter().zip(&reference) {
+            assert_eq!(train::argmax(p), train::argmax(r), "{level}: class differs");
+            for (a, b) in p.iter().zip(r) {
+                max_diff = max_diff.max((a - b).abs());
+            }
+        }
+        assert!(
+            max_diff < 1e-5,
+            "{level}: probabilities differ by {max_diff}"
+        );
+    }
     Ok(())
 }

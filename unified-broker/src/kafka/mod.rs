@@ -349,7 +349,7 @@ impl Broker for KafkaBroker {
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
         self.closed.ensure_open()?;
-        check_message_sizes(&messages, self.config.max_record_bytes())?;
+        // The topic's limit is already capped by this client's own.
         check_message_sizes(&messages, self.max_message_bytes(topic).await?)?;
         let (generation, producer) = self.producers.current();
         let result = self.publish_with(&producer, topic, &messages).await;

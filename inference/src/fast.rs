@@ -1035,6 +1035,9 @@ mod tests {
             learning_rate: 0.0,
             tensor_layout: "NHWC".into(),
             created_at_unix: 0,
+            augment: String::new(),
+            label_smoothing: 0.0,
+            best_epoch: 0,
         };
         Ok(Classifier::from_parts(meta, net).expect("consistent shapes"))
     }

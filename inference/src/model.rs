@@ -103,6 +103,17 @@ pub struct ModelMetadata {
     /// Creation time, seconds since the Unix epoch.
     #[serde(default)]
     pub created_at_unix: u64,
+    /// Augmentations used in training, as given to `trainer train --augment` ("none" if
+    /// none; empty for models written before it was recorded).
+    #[serde(default)]
+    pub augment: String,
+    /// Label smoothing of the training loss (0 = plain cross-entropy).
+    #[serde(default)]
+    pub label_smoothing: f32,
+    /// The epoch whose weights were kept (the best on the validation split; 0 when not
+    /// recorded).
+    #[serde(default)]
+    pub best_epoch: usize,
 }
 
 impl ModelMetadata {

@@ -18,6 +18,28 @@ use tokio_util::sync::CancellationToken;
 use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
 use unified_broker::{Broker, BrokerError, Message, SubscribeOptions, Subscriber};
 
+/// Checks that a client run exited 0 with all `files` classified and no error; returns its
+/// summary and stdout.
+fn assert_every_file_classified(
+    output: &std::process::Output,
+    files: usize,
+) -> (integration_tests::Summary, String) {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = parse_summary(&stdout);
+    assert_eq!(
+        (summary.files, summary.classified, summary.errors),
+        (files, files, 0),
+        "{stdout}"
+    );
+    (summary, stdout)
+}
+
 /// The README's first command: every example classified, accuracy ≥ 85%, exit 0.
 #[test]
 fn main_command_classifies_every_example() {
@@ -32,19 +54,7 @@ fn main_command_classifies_every_example() {
         ],
         &[],
     );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary = parse_summary(&stdout);
-    assert_eq!(
-        (summary.files, summary.classified, summary.errors),
-        (200, 200, 0),
-        "{stdout}"
-    );
+    let (summary, stdout) = assert_every_file_classified(&output, 200);
     let accuracy = summary
         .accuracy_percent
         .expect("accuracy printed for class folders");
@@ -404,5 +414,123 @@ async fn job_without_server_reports_unanswered_after_timeout() {
         sent.len(),
         4,
         "only a window's worth was sent before the timeout"
+    );
+}
+
+/// Writes `per_class` 64×64 RGB images into `dir/<colour>/`: dark noise with a square of
+/// the class's colour at a varying place and size (only colour tells the classes apart).
+fn write_colour_folder(dir: &std::path::Path, per_class: u32) {
+    let colours = [
+        ("blue", [40u8, 60, 230]),
+        ("green", [40, 210, 60]),
+        ("red", [230, 40, 40]),
+    ];
+    for (class, rgb) in colours {
+        let folder = dir.join(class);
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        for i in 0..per_class {
+            let side = 16 + (i * 7) % 24;
+            let (x0, y0) = ((i * 13) % (64 - side), (i * 29) % (64 - side));
+            let img = image::RgbImage::from_fn(64, 64, |x, y| {
+                let inside = (x0..x0 + side).contains(&x) && (y0..y0 + side).contains(&y);
+                if inside {
+                    image::Rgb(rgb)
+                } else {
+                    let n = ((x * 31 + y * 17 + i * 7) % 40) as u8;
+                    image::Rgb([n, n, n])
+                }
+            });
+            img.save(folder.join(format!("{i:03}.png")))
+                .expect("write png");
+        }
+    }
+}
+
+/// Runs the workspace's `trainer` binary from the workspace root.
+fn run_trainer(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(integration_tests::binary("trainer"))
+        .args(args)
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("trainer runs")
+}
+
+/// An RGB folder of 64×64 images, end to end: `trainer train --channels 3 --image-size 64`
+/// writes a model, `trainer evaluate --image-folder` reports it class by class, and the
+/// client classifies the folder with it over the embedded broker.
+#[test]
+fn rgb_model_trains_and_serves_over_the_embedded_broker() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("colours");
+    let model = work.path().join("model");
+    write_colour_folder(&data, 16);
+    let (data_arg, model_arg) = (data.to_string_lossy(), model.to_string_lossy());
+    let trained = run_trainer(&[
+        "train",
+        "--image-folder",
+        &data_arg,
+        "--channels",
+        "3",
+        "--image-size",
+        "64",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "8",
+        "--name",
+        "colours",
+        "--output",
+        &model_arg,
+    ]);
+    let stdout = String::from_utf8_lossy(&trained.stdout);
+    assert!(
+        trained.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    assert!(stdout.contains("confusion matrix"), "{stdout}");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("metadata.json")).expect("metadata written"),
+    )
+    .expect("metadata is JSON");
+    assert_eq!(meta["input_channels"], 3);
+    assert_eq!(meta["input_width"], 64);
+    assert_eq!(meta["augment"], "shift(1px)", "the default augmentation");
+
+    let evaluated = run_trainer(&[
+        "evaluate",
+        "--model",
+        &model_arg,
+        "--image-folder",
+        &data_arg,
+    ]);
+    let report = String::from_utf8_lossy(&evaluated.stdout);
+    assert!(evaluated.status.success(), "{report}");
+    assert!(report.contains("of 48 images"), "{report}");
+    for class in ["blue", "green", "red"] {
+        assert!(report.contains(class), "{class} missing from\n{report}");
+    }
+
+    let results = work.path().join("results.jsonl");
+    let output = run_client(
+        &[
+            "classify",
+            &data_arg,
+            "--model",
+            &model_arg,
+            "--output",
+            &results.to_string_lossy(),
+        ],
+        &[],
+    );
+    let (summary, stdout) = assert_every_file_classified(&output, 48);
+    let accuracy = summary.accuracy_percent.expect("accuracy printed");
+    assert!(accuracy >= 90.0, "accuracy {accuracy}%\n{stdout}");
+    let lines = std::fs::read_to_string(&results).expect("results written");
+    assert_eq!(lines.lines().count(), 48);
+    assert!(
+        lines.contains("colours 1.0.0"),
+        "replies name the model: {lines}"
     );
 }

@@ -34,6 +34,7 @@ use rand::{Rng, SeedableRng};
 use classifier_inference::{Classifier, Preprocessor};
 
 use crate::data;
+use crate::evaluate;
 use crate::train::{self, TrainConfig};
 
 /// What `trainer bench` measures, and how long.
@@ -505,8 +506,8 @@ fn agreement(clf: &Classifier, ds: &data::FashionMnist, pre: &Preprocessor) -> a
     let mut correct = 0usize;
     let mut max_diff = 0f32;
     for (i, (f, r)) in fast.iter().zip(&reference).enumerate() {
-        let af = train::argmax(f);
-        if af == train::argmax(r) {
+        let af = evaluate::argmax(f);
+        if af == evaluate::argmax(r) {
             same += 1;
         }
         if af == ds.test.labels[i] as usize {
@@ -529,7 +530,7 @@ fn training(ds: &data::FashionMnist, runs: usize, batches: usize) -> anyhow::Res
     let norm = data::gray_normalization(&ds.train.pixels);
     let full = ds.train.to_dataset(&norm);
     let cfg = TrainConfig {
-        epochs: 1,
+        epochs: Some(1),
         ..TrainConfig::default()
     };
     let images = (batches * cfg.batch_size).min(full.len());

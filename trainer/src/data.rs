@@ -312,6 +312,31 @@ pub fn seeded_split(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usiz
     (rest, held)
 }
 
+/// Splits the indices of `labels` into (rest, held_out) class by class: each class holds
+/// out `fraction` of its own images (seeded shuffle per class, at least one image of a
+/// class with two or more when `fraction > 0`), so both parts keep the class balance of the
+/// whole even for small or skewed datasets. Both parts are returned sorted.
+pub fn stratified_split(labels: &[u32], fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, &l) in labels.iter().enumerate() {
+        by_class[l as usize].push(i);
+    }
+    let (mut rest, mut held) = (Vec::new(), Vec::new());
+    for (class, members) in by_class.iter().enumerate() {
+        let (r, h) = seeded_split(
+            members.len(),
+            fraction,
+            seed ^ (class as u64).wrapping_mul(0x9e37_79b9),
+        );
+        rest.extend(r.into_iter().map(|k| members[k]));
+        held.extend(h.into_iter().map(|k| members[k]));
+    }
+    rest.sort_unstable();
+    held.sort_unstable();
+    (rest, held)
+}
+
 /// A folder of class folders, loaded and preprocessed.
 #[derive(Clone, Debug)]
 pub struct ImageFolder {
@@ -477,6 +502,33 @@ mod tests {
         });
         assert_eq!(f.images, vec![1.0; 4]);
         Ok(())
+    }
+
+    #[test]
+    fn stratified_split_keeps_every_class_in_proportion() {
+        // 3 classes of 10, 30 and 60 images, interleaved.
+        let labels: Vec<u32> = (0..100u32)
+            .map(|i| match i % 10 {
+                0 => 0,
+                1..=3 => 1,
+                _ => 2,
+            })
+            .collect();
+        let (rest, held) = stratified_split(&labels, 0.2, 3);
+        let count = |idx: &[usize], c: u32| idx.iter().filter(|&&i| labels[i] == c).count();
+        assert_eq!(
+            [count(&held, 0), count(&held, 1), count(&held, 2)],
+            [2, 6, 12]
+        );
+        assert_eq!(rest.len() + held.len(), 100);
+        let mut all: Vec<usize> = rest.iter().chain(&held).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..100).collect::<Vec<_>>());
+        assert_eq!(stratified_split(&labels, 0.2, 3), (rest, held.clone()));
+        assert_ne!(stratified_split(&labels, 0.2, 4).1, held);
+        // A class of one image stays in training; no fraction, nothing held out.
+        assert_eq!(stratified_split(&[0, 1, 1], 0.5, 1).1.len(), 1);
+        assert!(stratified_split(&labels, 0.0, 1).1.is_empty());
     }
 
     #[test]

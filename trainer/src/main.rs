@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use classifier_inference::SimdLevel;
+use trainer::evaluate;
 use trainer::train::{self, ImageFolderOptions, RunOptions, TrainConfig};
 
 /// Command line of the trainer.
@@ -23,14 +24,22 @@ struct Cli {
 enum Command {
     /// Train a model and write model.safetensors + metadata.json.
     Train(TrainArgs),
-    /// Print the test accuracy of a saved model on Fashion-MNIST's test set.
+    /// Evaluate a saved model on Fashion-MNIST's test set or on a folder of class folders:
+    /// accuracy, per-class precision and recall, and the confusion matrix.
     Evaluate {
         /// Model directory (model.safetensors + metadata.json).
-        #[arg(long)]
+        #[arg(long, default_value = "models/fashion-mnist")]
         model: PathBuf,
-        /// Directory with the Fashion-MNIST idx files (.gz or raw).
+        /// Directory with the Fashion-MNIST idx files (.gz or raw): evaluate on t10k.
+        #[arg(
+            long,
+            conflicts_with = "image_folder",
+            required_unless_present = "image_folder"
+        )]
+        fashion_mnist: Option<PathBuf>,
+        /// A folder of class folders, each named like one of the model's classes.
         #[arg(long)]
-        fashion_mnist: PathBuf,
+        image_folder: Option<PathBuf>,
     },
     /// Benchmark inference, training and decoding; prints tables of medians.
     Bench(BenchArgs),
@@ -107,15 +116,26 @@ struct TrainArgs {
     /// Train on a folder of class folders.
     #[arg(long)]
     image_folder: Option<PathBuf>,
-    /// Passes over the training data.
-    #[arg(long, default_value_t = 15)]
-    epochs: usize,
+    /// Passes over the training data (at most: early stopping may end sooner). Default:
+    /// from the data size, enough for 3,000 steps, between 15 and 100 epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Stop after this many epochs without a better validation accuracy (the best epoch's
+    /// weights are kept). Default: a quarter of the epochs, at least 5.
+    #[arg(long)]
+    patience: Option<usize>,
     /// Images per optimisation step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Peak AdamW learning rate (cosine decayed).
+    /// Peak AdamW learning rate (after the warm-up; cosine decayed).
     #[arg(long, default_value_t = 2e-3)]
     learning_rate: f64,
+    /// Fraction of the steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.03)]
+    warmup: f64,
+    /// Label smoothing of the loss (0 = plain cross-entropy).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f32,
     /// AdamW weight decay.
     #[arg(long, default_value_t = 1e-4)]
     weight_decay: f64,
@@ -125,15 +145,18 @@ struct TrainArgs {
     /// Seed of all random choices.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Fraction of the training data held out for per-epoch validation.
-    #[arg(long, default_value_t = 0.05)]
+    /// Fraction of the training data held out (per class) for per-epoch validation and
+    /// early stopping.
+    #[arg(long, default_value_t = 0.1)]
     validation_split: f64,
-    /// Maximum random shift in pixels for augmentation (0 disables).
-    #[arg(long, default_value_t = 1)]
+    /// Training augmentations, comma separated: shift (random translation by up to
+    /// --max-shift pixels), flip (left-right mirror: only for data where a mirror image is
+    /// the same class), erase (blank a random rectangle), or none.
+    #[arg(long, default_value = "shift")]
+    augment: String,
+    /// Largest random translation in pixels of `--augment shift`.
+    #[arg(long, default_value_t = train::Augment::DEFAULT_SHIFT)]
     max_shift: usize,
-    /// Disable random horizontal flips.
-    #[arg(long)]
-    no_flip: bool,
     /// Output model directory.
     #[arg(long, default_value = "models/fashion-mnist")]
     output: PathBuf,
@@ -190,13 +213,16 @@ fn main() -> anyhow::Result<()> {
             let opts = RunOptions {
                 config: TrainConfig {
                     epochs: a.epochs,
+                    patience: a.patience,
                     batch_size: a.batch_size,
                     learning_rate: a.learning_rate,
+                    warmup_fraction: a.warmup,
                     weight_decay: a.weight_decay,
                     dropout: a.dropout,
+                    label_smoothing: a.label_smoothing,
                     seed: a.seed,
-                    flip: !a.no_flip,
-                    max_shift: a.max_shift,
+                    augment: train::Augment::parse(&a.augment, a.max_shift)
+                        .map_err(|e| anyhow::anyhow!("--augment: {e}"))?,
                     ..TrainConfig::default()
                 },
                 validation_split: a.validation_split,
@@ -224,6 +250,10 @@ fn main() -> anyhow::Result<()> {
                 .map(|e| format!("{:.1}", e.seconds))
                 .collect();
             println!(
+                "\ntest set, with the weights of epoch {}:\n{}",
+                meta.best_epoch, outcome.test
+            );
+            println!(
                 "test accuracy {:.2}% on {} images; training {:.1}s ({} epochs: {} s); model written to {}",
                 meta.test_accuracy * 100.0,
                 meta.test_samples,
@@ -236,9 +266,23 @@ fn main() -> anyhow::Result<()> {
         Command::Evaluate {
             model,
             fashion_mnist,
+            image_folder,
         } => {
-            let (acc, n) = train::evaluate_fashion_mnist(&model, &fashion_mnist)?;
-            println!("test accuracy {:.2}% on {n} images", acc * 100.0);
+            let evaluation = match (fashion_mnist, image_folder) {
+                (Some(dir), None) => evaluate::evaluate_fashion_mnist(&model, &dir)?,
+                (None, Some(dir)) => {
+                    let result = evaluate::evaluate_image_folder(&model, &dir)?;
+                    if !result.skipped.is_empty() {
+                        println!(
+                            "skipped {} files that are not readable images",
+                            result.skipped.len()
+                        );
+                    }
+                    result.evaluation
+                }
+                _ => bail!("give exactly one of --fashion-mnist or --image-folder"),
+            };
+            println!("{evaluation}");
         }
         Command::Bench(a) => {
             trainer::bench::run(&trainer::bench::BenchOptions {

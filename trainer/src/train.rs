@@ -1,5 +1,7 @@
-//! Training loop (AdamW, cosine learning-rate decay, flip/shift augmentation, dropout) and
-//! the end-to-end "train on a dataset and write a model directory" drivers used by the CLI.
+//! Training loop (AdamW with warm-up and cosine decay, optional flip/shift/erase
+//! augmentation, dropout, label smoothing, early stopping that keeps the best validation
+//! epoch) and the end-to-end "train on a dataset and write a model directory" drivers used
+//! by the CLI.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,28 +17,104 @@ use classifier_inference::model::{chw_batch_to_nhwc, Net, WEIGHTS_FILE};
 use classifier_inference::{Classifier, ModelMetadata, Normalization, Preprocessor};
 
 use crate::data::{self, Dataset};
+use crate::evaluate::Evaluation;
+
+/// Random changes applied to each training image every time it is used. All off by
+/// default: what is harmless for one dataset is wrong for another (a mirrored garment is
+/// still a garment, a mirrored letter or arrow is another class).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Augment {
+    /// Mirror images left-right with probability 1/2.
+    pub flip: bool,
+    /// Translate by up to this many pixels in each direction (edge pixels are replicated;
+    /// 0 = off).
+    pub max_shift: usize,
+    /// Random erasing: with probability 1/2, blank a random rectangle of 2–25% of the image
+    /// to the dataset mean.
+    pub erase: bool,
+}
+
+impl Augment {
+    /// Shift amount `--augment shift` uses unless `--max-shift` says otherwise.
+    pub const DEFAULT_SHIFT: usize = 1;
+
+    /// Parses the `--augment` list: `flip`, `shift`, `erase` (comma separated) or `none`.
+    pub fn parse(list: &str, max_shift: usize) -> Result<Augment, String> {
+        let mut a = Augment::default();
+        for kind in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+            match kind {
+                "none" => {}
+                "flip" => a.flip = true,
+                "shift" => a.max_shift = max_shift,
+                "erase" => a.erase = true,
+                other => {
+                    return Err(format!(
+                        "unknown augmentation {other:?} (known: flip, shift, erase, none)"
+                    ))
+                }
+            }
+        }
+        Ok(a)
+    }
+
+    /// The `--augment` list that gives this (recorded in the metadata).
+    pub fn describe(&self) -> String {
+        let mut kinds = Vec::new();
+        if self.flip {
+            kinds.push("flip".to_string());
+        }
+        if self.max_shift > 0 {
+            kinds.push(format!("shift({}px)", self.max_shift));
+        }
+        if self.erase {
+            kinds.push("erase".to_string());
+        }
+        if kinds.is_empty() {
+            "none".into()
+        } else {
+            kinds.join(",")
+        }
+    }
+}
+
+/// How many epochs to run when the caller does not say: enough for at least this many
+/// optimisation steps, so a dataset of a few thousand images converges as well as
+/// Fashion-MNIST's 60,000 do in [`MIN_AUTO_EPOCHS`] epochs...
+pub const AUTO_MIN_STEPS: usize = 3000;
+/// ...and never fewer epochs than this...
+pub const MIN_AUTO_EPOCHS: usize = 15;
+/// ...nor more than this (early stopping usually ends a small dataset's run before).
+pub const MAX_AUTO_EPOCHS: usize = 100;
 
 /// Hyper-parameters of one training run.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
-    /// Passes over the training set.
-    pub epochs: usize,
+    /// Passes over the training set; `None` picks them from the data size (see
+    /// [`TrainConfig::epochs_for`]).
+    pub epochs: Option<usize>,
     /// Images per optimisation step.
     pub batch_size: usize,
-    /// Peak learning rate of AdamW (cosine decayed per step to `learning_rate * final_lr_fraction`).
+    /// Peak learning rate of AdamW (reached after the warm-up, then cosine decayed per step
+    /// to `learning_rate * final_lr_fraction`).
     pub learning_rate: f64,
     /// Final learning rate as a fraction of the peak.
     pub final_lr_fraction: f64,
+    /// Fraction of all steps spent warming the learning rate up linearly from near 0.
+    pub warmup_fraction: f64,
     /// AdamW decoupled weight decay.
     pub weight_decay: f64,
     /// Dropout probability on the hidden layer.
     pub dropout: f32,
+    /// Label smoothing ε: the target is `1 - ε` on the true class plus `ε / classes` on
+    /// every class (0 = plain cross-entropy).
+    pub label_smoothing: f32,
+    /// Stop when the validation accuracy has not improved for this many epochs (`None`:
+    /// a quarter of the epochs, at least 5). The best epoch's weights are kept either way.
+    pub patience: Option<usize>,
     /// Seed for initialisation, shuffling, augmentation and dropout.
     pub seed: u64,
-    /// Randomly mirror images left-right (good for garments, bad for text).
-    pub flip: bool,
-    /// Maximum random translation in pixels (edge pixels are replicated).
-    pub max_shift: usize,
+    /// Training-time augmentation.
+    pub augment: Augment,
     /// Channels of the first convolution.
     pub conv1_channels: usize,
     /// Channels of the second convolution.
@@ -48,19 +126,42 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            epochs: 15,
+            epochs: None,
             batch_size: 128,
             learning_rate: 2e-3,
             final_lr_fraction: 0.02,
+            warmup_fraction: 0.03,
             weight_decay: 1e-4,
             dropout: 0.3,
+            label_smoothing: 0.0,
+            patience: None,
             seed: 42,
-            flip: true,
-            max_shift: 1,
+            augment: Augment {
+                max_shift: Augment::DEFAULT_SHIFT,
+                ..Augment::default()
+            },
             conv1_channels: 32,
             conv2_channels: 64,
             hidden: 128,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The epochs to run on `train_len` images: the given number, or enough for
+    /// [`AUTO_MIN_STEPS`] steps within [`MIN_AUTO_EPOCHS`]..=[`MAX_AUTO_EPOCHS`].
+    pub fn epochs_for(&self, train_len: usize) -> usize {
+        self.epochs.unwrap_or_else(|| {
+            let steps_per_epoch = train_len.div_ceil(self.batch_size.max(1)).max(1);
+            AUTO_MIN_STEPS
+                .div_ceil(steps_per_epoch)
+                .clamp(MIN_AUTO_EPOCHS, MAX_AUTO_EPOCHS)
+        })
+    }
+
+    /// Epochs without improvement after which training stops, for a run of `epochs`.
+    pub fn patience_for(&self, epochs: usize) -> usize {
+        self.patience.unwrap_or((epochs / 4).max(5))
     }
 }
 
@@ -69,16 +170,33 @@ impl Default for TrainConfig {
 pub struct EpochStats {
     /// 1-based epoch number.
     pub epoch: usize,
-    /// Mean cross-entropy over the epoch's batches.
+    /// Epochs this run will do at most.
+    pub of_epochs: usize,
+    /// Mean training loss (label-smoothed, if smoothing is on) over the epoch's batches.
     pub train_loss: f32,
     /// Accuracy on the (augmented, dropout) training batches.
     pub train_accuracy: f32,
     /// Accuracy on the validation set, if there is one.
     pub val_accuracy: Option<f32>,
+    /// Mean plain cross-entropy on the validation set, if there is one.
+    pub val_loss: Option<f32>,
+    /// Whether this epoch is the best so far on the validation set (its weights are kept).
+    pub best: bool,
     /// Wall time of the epoch's training steps.
     pub seconds: f64,
     /// Learning rate at the end of the epoch.
     pub learning_rate: f64,
+}
+
+/// A finished training run: the kept weights and where they came from.
+#[derive(Debug)]
+pub(crate) struct TrainedNet {
+    /// Weights of the best epoch on the validation set (the last epoch without one).
+    pub net: Net,
+    /// The epoch `net` comes from.
+    pub best_epoch: usize,
+    /// Epochs actually run (fewer than planned when early stopping ended the run).
+    pub epochs_run: usize,
 }
 
 /// Trainable parameters: candle `Var`s plus the `Net` view over them.
@@ -165,42 +283,133 @@ fn augment_into(
     }
 }
 
-/// Current learning rate of the per-step cosine schedule.
-fn cosine_lr(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
+/// A rectangle of an image, `(top, left, height, width)`.
+type Rect = (usize, usize, usize, usize);
+
+/// Picks the rectangle random erasing blanks: 2–25% of the area, aspect ratio 1/3–3.
+fn erase_rect(rng: &mut StdRng, h: usize, w: usize) -> Rect {
+    let area = (h * w) as f64 * rng.random_range(0.02..0.25);
+    let aspect: f64 = rng.random_range((1.0f64 / 3.0).ln()..3.0f64.ln()).exp();
+    let eh = ((area * aspect).sqrt().round() as usize).clamp(1, h);
+    let ew = ((area / aspect).sqrt().round() as usize).clamp(1, w);
+    (
+        rng.random_range(0..=h - eh),
+        rng.random_range(0..=w - ew),
+        eh,
+        ew,
+    )
+}
+
+/// Sets every channel of `rect` of an HWC image to 0 (the dataset mean, once normalised).
+fn erase(dst: &mut [f32], (c, _h, w): (usize, usize, usize), (top, left, eh, ew): Rect) {
+    for y in top..top + eh {
+        dst[(y * w + left) * c..(y * w + left + ew) * c].fill(0.0);
+    }
+}
+
+/// Learning rate at `step` of `total`: linear warm-up over the first `warmup_fraction` of
+/// the steps, then cosine decay to `learning_rate * final_lr_fraction`.
+fn scheduled_lr(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
+    let warmup = (total as f64 * cfg.warmup_fraction).round() as usize;
+    if step < warmup {
+        return cfg.learning_rate * (step + 1) as f64 / warmup as f64;
+    }
     let lo = cfg.learning_rate * cfg.final_lr_fraction;
-    let t = step as f64 / total.max(1) as f64;
+    let t = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
     lo + 0.5 * (cfg.learning_rate - lo) * (1.0 + (std::f64::consts::PI * t).cos())
 }
 
-/// Fraction of `ds` that `net` classifies correctly (evaluation mode, batches of 500).
-pub(crate) fn accuracy(net: &Net, ds: &Dataset) -> anyhow::Result<f32> {
-    if ds.is_empty() {
-        return Ok(0.0);
+/// Cross-entropy of `logits` against labels `y`, with label smoothing `eps`.
+fn training_loss(logits: &Tensor, y: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    if eps <= 0.0 {
+        return candle_nn::loss::cross_entropy(logits, y);
     }
-    let len = ds.image_len();
-    let mut correct = 0usize;
-    for (chunk, labels) in ds.images.chunks(500 * len).zip(ds.labels.chunks(500)) {
-        let x = chw_batch_to_nhwc(chunk, labels.len(), ds.channels, ds.height, ds.width)?;
-        let pred = net.forward(&x, None)?.argmax(1)?.to_vec1::<u32>()?;
-        correct += pred.iter().zip(labels).filter(|(p, l)| p == l).count();
-    }
-    Ok(correct as f32 / ds.len() as f32)
+    let log_probs = candle_nn::ops::log_softmax(logits, 1)?;
+    let nll = candle_nn::loss::nll(&log_probs, y)?;
+    // The uniform part of the target: the mean over classes (and the batch) of -log p.
+    let uniform = log_probs.mean_all()?;
+    nll.affine(1.0 - eps as f64, 0.0)? - uniform.affine(eps as f64, 0.0)?
 }
 
-/// Trains a fresh network on `train`, reporting each epoch to `on_epoch`.
+/// Predicted labels of `net` on `ds` and its mean cross-entropy there (evaluation mode,
+/// batches of 500).
+pub(crate) fn predict_dataset(net: &Net, ds: &Dataset) -> anyhow::Result<(Vec<u32>, f32)> {
+    let len = ds.image_len();
+    let mut preds = Vec::with_capacity(ds.len());
+    let mut loss_sum = 0f64;
+    for (chunk, labels) in ds.images.chunks(500 * len).zip(ds.labels.chunks(500)) {
+        let x = chw_batch_to_nhwc(chunk, labels.len(), ds.channels, ds.height, ds.width)?;
+        let logits = net.forward(&x, None)?;
+        let y = Tensor::from_slice(labels, labels.len(), &Device::Cpu)?;
+        loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64
+            * labels.len() as f64;
+        preds.extend(logits.argmax(1)?.to_vec1::<u32>()?);
+    }
+    Ok((preds, (loss_sum / ds.len().max(1) as f64) as f32))
+}
+
+/// A copy of `net`'s weights that later optimiser steps do not change.
+fn snapshot(net: &Net) -> candle_core::Result<Net> {
+    let copy = |t: &Tensor| t.detach().copy();
+    Ok(Net {
+        conv1_w: copy(&net.conv1_w)?,
+        conv1_b: copy(&net.conv1_b)?,
+        conv2_w: copy(&net.conv2_w)?,
+        conv2_b: copy(&net.conv2_b)?,
+        fc1_w: copy(&net.fc1_w)?,
+        fc1_b: copy(&net.fc1_b)?,
+        fc2_w: copy(&net.fc2_w)?,
+        fc2_b: copy(&net.fc2_b)?,
+    })
+}
+
+/// Fills `batch` with the augmented images `idx` of `train` (HWC each).
+fn fill_batch(
+    train: &Dataset,
+    idx: &[usize],
+    augment: &Augment,
+    rng: &mut StdRng,
+    batch: &mut [f32],
+) {
+    let dims = (train.channels, train.height, train.width);
+    let len = train.image_len();
+    let shift = augment.max_shift as i64;
+    for (k, &i) in idx.iter().enumerate() {
+        let flip = augment.flip && rng.random::<bool>();
+        let (dy, dx) = if shift > 0 {
+            (
+                rng.random_range(-shift..=shift) as isize,
+                rng.random_range(-shift..=shift) as isize,
+            )
+        } else {
+            (0, 0)
+        };
+        let dst = &mut batch[k * len..(k + 1) * len];
+        augment_into(train.image(i), dst, dims, flip, dy, dx);
+        if augment.erase && rng.random::<bool>() {
+            let rect = erase_rect(rng, train.height, train.width);
+            erase(dst, dims, rect);
+        }
+    }
+}
+
+/// Trains a fresh network on `train`, reporting each epoch to `on_epoch`. With a
+/// validation set, the weights of its best epoch (accuracy, then loss) are kept and the run
+/// stops early once it has not improved for the patience.
 pub(crate) fn train_net(
     train: &Dataset,
     val: Option<&Dataset>,
     classes: usize,
     cfg: &TrainConfig,
     mut on_epoch: impl FnMut(&EpochStats),
-) -> anyhow::Result<Net> {
+) -> anyhow::Result<TrainedNet> {
     if train.is_empty() {
         bail!("no training images");
     }
     if cfg.batch_size == 0 {
         bail!("batch size must be positive");
     }
+    let val = val.filter(|v| !v.is_empty());
     let (c, h, w) = (train.channels, train.height, train.width);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let params = Params::init(cfg, c, h, w, classes, &mut rng)?;
@@ -212,39 +421,32 @@ pub(crate) fn train_net(
             ..Default::default()
         },
     )?;
+    let epochs = cfg.epochs_for(train.len());
+    let patience = cfg.patience_for(epochs);
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
-    let total_steps = steps_per_epoch * cfg.epochs;
+    let total_steps = steps_per_epoch * epochs;
+    tracing::info!(
+        epochs,
+        steps = total_steps,
+        patience,
+        augment = %cfg.augment.describe(),
+        "training schedule"
+    );
     let len = train.image_len();
     let keep = 1.0 - cfg.dropout.clamp(0.0, 0.99);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut batch = vec![0f32; cfg.batch_size * len];
     let mut step = 0usize;
-    let shift = cfg.max_shift as i64;
-    for epoch in 1..=cfg.epochs {
+    // (epoch, val accuracy, val loss, weights) of the best epoch so far.
+    let mut best: Option<(usize, f32, f32, Net)> = None;
+    let mut epochs_run = 0;
+    for epoch in 1..=epochs {
         let start = Instant::now();
         order.shuffle(&mut rng);
         let (mut loss_sum, mut correct) = (0f64, 0usize);
         for idx in order.chunks(cfg.batch_size) {
             let n = idx.len();
-            for (k, &i) in idx.iter().enumerate() {
-                let flip = cfg.flip && rng.random::<bool>();
-                let (dy, dx) = if shift > 0 {
-                    (
-                        rng.random_range(-shift..=shift) as isize,
-                        rng.random_range(-shift..=shift) as isize,
-                    )
-                } else {
-                    (0, 0)
-                };
-                augment_into(
-                    train.image(i),
-                    &mut batch[k * len..(k + 1) * len],
-                    (c, h, w),
-                    flip,
-                    dy,
-                    dx,
-                );
-            }
+            fill_batch(train, idx, &cfg.augment, &mut rng, &mut batch);
             let x = Tensor::from_slice(&batch[..n * len], (n, h, w, c), &Device::Cpu)?;
             let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
             let y = Tensor::from_vec(labels.clone(), n, &Device::Cpu)?;
@@ -262,9 +464,9 @@ pub(crate) fn train_net(
             } else {
                 None
             };
-            opt.set_learning_rate(cosine_lr(cfg, step, total_steps));
+            opt.set_learning_rate(scheduled_lr(cfg, step, total_steps));
             let logits = params.net.forward(&x, mask.as_ref())?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let loss = training_loss(&logits, &y, cfg.label_smoothing)?;
             opt.backward_step(&loss)?;
             step += 1;
             loss_sum += loss.to_scalar::<f32>()? as f64 * n as f64;
@@ -272,22 +474,62 @@ pub(crate) fn train_net(
             correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         }
         let seconds = start.elapsed().as_secs_f64();
-        let val_accuracy = match val {
-            Some(v) if !v.is_empty() => Some(accuracy(&params.net, v)?),
-            _ => None,
+        epochs_run = epoch;
+        let (val_accuracy, val_loss) = match val {
+            Some(v) => {
+                let (preds, loss) = predict_dataset(&params.net, v)?;
+                let right = preds.iter().zip(&v.labels).filter(|(p, l)| p == l).count();
+                (Some(right as f32 / v.len() as f32), Some(loss))
+            }
+            None => (None, None),
         };
+        let improved = match (val_accuracy, val_loss, &best) {
+            (Some(_), Some(_), None) => true,
+            (Some(acc), Some(loss), Some((_, best_acc, best_loss, _))) => {
+                acc > *best_acc || (acc == *best_acc && loss < *best_loss)
+            }
+            _ => false,
+        };
+        if let (true, Some(acc), Some(loss)) = (improved, val_accuracy, val_loss) {
+            best = Some((epoch, acc, loss, snapshot(&params.net)?));
+        }
         let stats = EpochStats {
             epoch,
+            of_epochs: epochs,
             train_loss: (loss_sum / train.len() as f64) as f32,
             train_accuracy: correct as f32 / train.len() as f32,
             val_accuracy,
+            val_loss,
+            best: improved,
             seconds,
             learning_rate: opt.learning_rate(),
         };
         tracing::debug!(?stats, "epoch done");
         on_epoch(&stats);
+        if let Some((best_epoch, ..)) = &best {
+            if epoch - best_epoch >= patience && epoch < epochs {
+                tracing::info!(
+                    epoch,
+                    best_epoch,
+                    patience,
+                    "stopping early: no better validation accuracy for {patience} epochs"
+                );
+                break;
+            }
+        }
     }
-    Ok(params.net.detach())
+    Ok(match best {
+        Some((best_epoch, _, _, net)) => TrainedNet {
+            net,
+            best_epoch,
+            epochs_run,
+        },
+        None => TrainedNet {
+            net: params.net.detach(),
+            best_epoch: epochs_run,
+            epochs_run,
+        },
+    })
 }
 
 /// Options shared by all training drivers.
@@ -314,6 +556,8 @@ pub struct TrainOutcome {
     pub classifier: Classifier,
     /// Per-epoch metrics.
     pub epochs: Vec<EpochStats>,
+    /// The kept weights' results on the test set, class by class.
+    pub test: Evaluation,
 }
 
 /// Prints one epoch line on stdout (the CLI's progress report).
@@ -323,11 +567,13 @@ pub fn print_epoch(s: &EpochStats) {
         .map(|v| format!("{:.2}%", v * 100.0))
         .unwrap_or_else(|| "n/a".into());
     println!(
-        "epoch {:>3}: train loss {:.4}  train acc {:.2}%  val acc {}  lr {:.2e}  {:.1}s",
+        "epoch {:>3}/{}: train loss {:.4}  train acc {:.2}%  val acc {}{}  lr {:.2e}  {:.1}s",
         s.epoch,
+        s.of_epochs,
         s.train_loss,
         s.train_accuracy * 100.0,
         val,
+        if s.best { " (best)" } else { "" },
         s.learning_rate,
         s.seconds
     );
@@ -359,7 +605,7 @@ fn train_and_save(
 ) -> anyhow::Result<TrainOutcome> {
     let cfg = &opts.config;
     let (train_idx, val_idx) =
-        data::seeded_split(full_train.len(), opts.validation_split, cfg.seed ^ 0x5eed);
+        data::stratified_split(&full_train.labels, opts.validation_split, cfg.seed ^ 0x5eed);
     let train = full_train.subset(&train_idx);
     let val = full_train.subset(&val_idx);
     tracing::info!(
@@ -370,12 +616,17 @@ fn train_and_save(
     );
     let mut epochs = Vec::new();
     let start = Instant::now();
-    let net = train_net(&train, Some(&val), class_names.len(), cfg, |s| {
+    let trained = train_net(&train, Some(&val), class_names.len(), cfg, |s| {
         on_epoch(s);
         epochs.push(s.clone());
     })?;
     let training_seconds = start.elapsed().as_secs_f64();
-    let test_accuracy = accuracy(&net, test)?;
+    let net = trained.net;
+    let mut evaluation = Evaluation::new(class_names.clone());
+    for (p, &t) in predict_dataset(&net, test)?.0.iter().zip(&test.labels) {
+        evaluation.record(t as usize, *p as usize);
+    }
+    let test_accuracy = evaluation.accuracy() as f32;
     let (c, h, w) = (full_train.channels, full_train.height, full_train.width);
     let meta = ModelMetadata {
         name: opts.name.clone(),
@@ -392,7 +643,7 @@ fn train_and_save(
         test_accuracy,
         test_samples: test.len(),
         training_seconds,
-        epochs: cfg.epochs,
+        epochs: trained.epochs_run,
         command: opts.command.clone(),
         seed: cfg.seed,
         batch_size: cfg.batch_size,
@@ -402,6 +653,9 @@ fn train_and_save(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        augment: cfg.augment.describe(),
+        label_smoothing: cfg.label_smoothing,
+        best_epoch: trained.best_epoch,
     };
     meta.validate()?;
     std::fs::create_dir_all(&opts.output)
@@ -411,6 +665,7 @@ fn train_and_save(
     Ok(TrainOutcome {
         classifier: Classifier::from_parts(meta, net)?,
         epochs,
+        test: evaluation,
     })
 }
 
@@ -531,7 +786,7 @@ pub fn train_image_folder(
         }
     }
     let (train_idx, test_idx) =
-        data::seeded_split(loaded.data.len(), folder.test_split, opts.config.seed);
+        data::stratified_split(&loaded.data.labels, folder.test_split, opts.config.seed);
     let train = loaded.data.subset(&train_idx);
     let test = loaded.data.subset(&test_idx);
     train_and_save(
@@ -544,48 +799,6 @@ pub fn train_image_folder(
         format!("image folder {}", dir.display()),
         on_epoch,
     )
-}
-
-/// Test accuracy of a saved model on Fashion-MNIST's t10k set, fed through the same
-/// [`Preprocessor`] as the server uses. Returns (accuracy, number of test images).
-pub fn evaluate_fashion_mnist(model_dir: &Path, data_dir: &Path) -> anyhow::Result<(f32, usize)> {
-    let clf = Classifier::load(model_dir)?;
-    let ds = data::load_fashion_mnist(data_dir)?;
-    let pre = Preprocessor::new(clf.metadata());
-    let mut correct = 0usize;
-    let batch = 500;
-    let mut inputs = Vec::with_capacity(batch * pre.input_len());
-    for start in (0..ds.test.n).step_by(batch) {
-        let end = (start + batch).min(ds.test.n);
-        inputs.clear();
-        for i in start..end {
-            pre.append_input(
-                &image::DynamicImage::ImageLuma8(ds.test.gray_image(i)),
-                &mut inputs,
-            );
-        }
-        let probs = clf.predict(&inputs, end - start)?;
-        for (i, p) in (start..end).zip(probs) {
-            if argmax(&p) == ds.test.labels[i] as usize {
-                correct += 1;
-            }
-        }
-    }
-    Ok((correct as f32 / ds.test.n.max(1) as f32, ds.test.n))
-}
-
-/// Index of the largest value (first one on ties); 0 for an empty slice.
-pub fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv {
-                (i, x)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
 }
 
 /// Writes up to `per_class` test images per class as PNGs into `out/<class_dir>/<index>.png`
@@ -641,16 +854,96 @@ mod tests {
     }
 
     #[test]
-    fn cosine_schedule_endpoints() {
-        let cfg = TrainConfig::default();
-        assert!((cosine_lr(&cfg, 0, 100) - cfg.learning_rate).abs() < 1e-12);
-        let end = cosine_lr(&cfg, 100, 100);
+    fn schedule_warms_up_then_decays_to_its_floor() {
+        let cfg = TrainConfig {
+            warmup_fraction: 0.1,
+            ..TrainConfig::default()
+        };
+        let lr = |step| scheduled_lr(&cfg, step, 100);
+        assert!((lr(0) - cfg.learning_rate / 10.0).abs() < 1e-12);
+        assert!(lr(4) < lr(5) && lr(5) < lr(9));
+        assert!((lr(9) - cfg.learning_rate).abs() < 1e-12);
+        assert!((lr(10) - cfg.learning_rate).abs() < 1e-12);
+        assert!(lr(50) < lr(10) && lr(99) < lr(50));
+        let end = scheduled_lr(&cfg, 100, 100);
         assert!((end - cfg.learning_rate * cfg.final_lr_fraction).abs() < 1e-12);
+        // No warm-up: the peak at step 0.
+        let plain = TrainConfig {
+            warmup_fraction: 0.0,
+            ..TrainConfig::default()
+        };
+        assert!((scheduled_lr(&plain, 0, 100) - plain.learning_rate).abs() < 1e-12);
     }
 
     #[test]
-    fn argmax_picks_first_max() {
-        assert_eq!(argmax(&[0.1, 0.7, 0.7, 0.2]), 1);
-        assert_eq!(argmax(&[]), 0);
+    fn epochs_follow_the_data_size_unless_given() {
+        let cfg = TrainConfig::default();
+        // Fashion-MNIST sized: the floor.
+        assert_eq!(cfg.epochs_for(57_000), MIN_AUTO_EPOCHS);
+        // 4,320 images = 34 steps per epoch: enough epochs for AUTO_MIN_STEPS.
+        assert_eq!(cfg.epochs_for(4_320), AUTO_MIN_STEPS.div_ceil(34));
+        assert_eq!(cfg.epochs_for(10), MAX_AUTO_EPOCHS);
+        let fixed = TrainConfig {
+            epochs: Some(5),
+            ..TrainConfig::default()
+        };
+        assert_eq!(fixed.epochs_for(10), 5);
+        assert_eq!(cfg.patience_for(100), 25);
+        assert_eq!(cfg.patience_for(15), 5);
+    }
+
+    #[test]
+    fn augment_lists_parse_and_describe() {
+        let a = Augment::parse("flip,shift,erase", 2).unwrap();
+        assert_eq!(
+            a,
+            Augment {
+                flip: true,
+                max_shift: 2,
+                erase: true
+            }
+        );
+        assert_eq!(a.describe(), "flip,shift(2px),erase");
+        assert_eq!(Augment::parse("none", 1).unwrap().describe(), "none");
+        assert_eq!(Augment::parse("", 1).unwrap(), Augment::default());
+        assert!(Augment::parse("rotate", 1).unwrap_err().contains("rotate"));
+        // The default is safe for any folder: no mirroring.
+        assert!(!TrainConfig::default().augment.flip);
+    }
+
+    #[test]
+    fn erasing_blanks_a_rectangle_inside_the_image() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..200 {
+            let (top, left, eh, ew) = erase_rect(&mut rng, 28, 20);
+            assert!(eh >= 1 && ew >= 1 && top + eh <= 28 && left + ew <= 20);
+        }
+        let mut img = vec![1f32; 2 * 3 * 4]; // 2 channels, 3x4, HWC
+        erase(&mut img, (2, 3, 4), (1, 1, 2, 2));
+        let zeros: Vec<usize> = (0..img.len()).filter(|&i| img[i] == 0.0).collect();
+        // Pixels (1,1), (1,2), (2,1), (2,2), both channels each.
+        assert_eq!(zeros, vec![10, 11, 12, 13, 18, 19, 20, 21]);
+    }
+
+    #[test]
+    fn label_smoothing_is_cross_entropy_at_zero_and_mixes_in_uniform() -> anyhow::Result<()> {
+        let logits = Tensor::new(&[[2.0f32, 0.0, -1.0], [0.5, 0.5, 3.0]], &Device::Cpu)?;
+        let y = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+        let plain = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()?;
+        let at_zero = training_loss(&logits, &y, 0.0)?.to_scalar::<f32>()?;
+        assert_eq!(plain, at_zero);
+        // By hand: -(1-e) log p_true - e/3 sum log p, averaged over the two rows.
+        let lp = candle_nn::ops::log_softmax(&logits, 1)?.to_vec2::<f32>()?;
+        let e = 0.1f32;
+        let want = ((0..2)
+            .map(|r| {
+                let t = [0, 2][r];
+                -(1.0 - e) * lp[r][t] - e / 3.0 * lp[r].iter().sum::<f32>()
+            })
+            .sum::<f32>())
+            / 2.0;
+        let got = training_loss(&logits, &y, e)?.to_scalar::<f32>()?;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        Ok(())
     }
 }

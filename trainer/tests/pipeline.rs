@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use classifier_inference::{Classifier, ModelMetadata, Normalization, Preprocessor, SimdLevel};
 use image::{DynamicImage, GrayImage, Rgb, RgbImage};
 use trainer::data::{self, FASHION_MNIST_CLASS_DIRS};
-use trainer::train::{self, ImageFolderOptions, RunOptions, TrainConfig};
+use trainer::evaluate;
+use trainer::train::{self, Augment, ImageFolderOptions, RunOptions, TrainConfig};
 
 /// Three visually distinct classes: horizontal stripes, vertical stripes, a centred blob.
 fn pattern(class: usize, size: u32, variant: u32) -> GrayImage {
@@ -72,6 +73,9 @@ fn meta_for(w: u32, h: u32, c: u32) -> ModelMetadata {
         learning_rate: 0.01,
         tensor_layout: "NHWC".into(),
         created_at_unix: 1,
+        augment: String::new(),
+        label_smoothing: 0.0,
+        best_epoch: 0,
     }
 }
 
@@ -162,14 +166,13 @@ fn tiny_training_run_writes_a_loadable_model() -> anyhow::Result<()> {
     make_folder(data_dir.path(), 12)?;
     let opts = RunOptions {
         config: TrainConfig {
-            epochs: 4,
+            epochs: Some(4),
             batch_size: 8,
             learning_rate: 3e-3,
             conv1_channels: 4,
             conv2_channels: 8,
             hidden: 16,
-            flip: false,
-            max_shift: 0,
+            augment: Augment::default(),
             ..TrainConfig::default()
         },
         validation_split: 0.1,
@@ -224,6 +227,56 @@ fn tiny_training_run_writes_a_loadable_model() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Early stopping: with a learning rate of 0 nothing can improve after the first epoch, so a
+/// patience of 2 ends a 30-epoch run after epoch 3 and keeps epoch 1; the metadata says so,
+/// the split is class-balanced, and the test set is reported class by class.
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_records_it() -> anyhow::Result<()> {
+    let data_dir = tempfile::tempdir()?;
+    let out = tempfile::tempdir()?;
+    make_folder(data_dir.path(), 12)?;
+    let opts = RunOptions {
+        config: TrainConfig {
+            epochs: Some(30),
+            patience: Some(2),
+            batch_size: 8,
+            learning_rate: 0.0,
+            conv1_channels: 4,
+            conv2_channels: 8,
+            hidden: 16,
+            ..TrainConfig::default()
+        },
+        validation_split: 0.2,
+        output: out.path().to_path_buf(),
+        name: "stopped".into(),
+        version: "0.0.1".into(),
+        command: "trainer train".into(),
+    };
+    let folder = ImageFolderOptions {
+        image_size: 12,
+        channels: 1,
+        test_split: 0.25,
+    };
+    let outcome = train::train_image_folder(data_dir.path(), &folder, &opts, |_| {})?;
+    assert_eq!(outcome.epochs.len(), 3, "stopped after the patience");
+    assert!(outcome.epochs[0].best && !outcome.epochs[1].best && !outcome.epochs[2].best);
+    assert!(outcome.epochs.iter().all(|e| e.of_epochs == 30));
+    let meta = Classifier::load(out.path())?.metadata().clone();
+    assert_eq!((meta.epochs, meta.best_epoch), (3, 1));
+    assert_eq!(meta.augment, "shift(1px)");
+    // Every class is in the test set in proportion (12 images per class, 25% held out).
+    let test = &outcome.test;
+    assert_eq!(test.class_names, meta.class_names);
+    assert_eq!(
+        (0..test.class_names.len())
+            .map(|c| test.support(c))
+            .collect::<Vec<_>>(),
+        vec![3; test.class_names.len()]
+    );
+    assert!((test.accuracy() - meta.test_accuracy as f64).abs() < 1e-6);
+    Ok(())
+}
+
 /// The shipped model directory (`models/fashion-mnist` at the workspace root).
 fn shipped_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/fashion-mnist")
@@ -235,7 +288,7 @@ fn shipped_model_classifies_shipped_examples() -> anyhow::Result<()> {
     let meta = clf.metadata();
     assert_eq!(meta.class_dirs, FASHION_MNIST_CLASS_DIRS);
     assert!(
-        meta.test_accuracy >= 0.915,
+        meta.test_accuracy >= 0.93,
         "recorded accuracy {}",
         meta.test_accuracy
     );
@@ -252,7 +305,7 @@ fn shipped_model_classifies_shipped_examples() -> anyhow::Result<()> {
     for (p, &label) in probs.iter().zip(&folder.data.labels) {
         // Folder labels index the sorted folder names; map back to the model's class order.
         let want = &folder.class_dirs[label as usize];
-        if &meta.class_dirs[train::argmax(p)] == want {
+        if &meta.class_dirs[evaluate::argmax(p)] == want {
             correct += 1;
         }
     }
@@ -267,7 +320,11 @@ fn shipped_model_classifies_shipped_examples() -> anyhow::Result<()> {
         let probs = at.predict(&folder.data.images, folder.data.len())?;
         let mut max_diff = 0f32;
         for (p, r) in probs.iter().zip(&reference) {
-            assert_eq!(train::argmax(p), train::argmax(r), "{level}: class differs");
+            assert_eq!(
+                evaluate::argmax(p),
+                evaluate::argmax(r),
+                "{level}: class differs"
+            );
             for (a, b) in p.iter().zip(r) {
                 max_diff = max_diff.max((a - b).abs());
             }

@@ -913,73 +913,69 @@ mod direct {
     }
 }
 
-/// Runs one direct kernel for tests: layer 2 if `layer2`, else layer 1, at `level` (a
-/// level the CPU supports), or with [`Portable`](crate::simd::Portable) lanes for `None`.
+/// The arguments of one direct-kernel test run: layer 2 if `layer2`, else layer 1.
 #[cfg(test)]
-fn run_direct(
-    level: Option<SimdLevel>,
+struct DirectRun<'a> {
     layer2: bool,
-    pad: &[f32],
+    pad: &'a [f32],
     geometry: (usize, usize, usize),
-    wt: &[f32],
-    bias: &[f32],
-    out: &mut [f32],
-) {
-    use crate::simd::{Lanes, Portable};
+    wt: &'a [f32],
+    bias: &'a [f32],
+    out: &'a mut [f32],
+}
+
+/// Runs one direct kernel for tests at `level` (a level the CPU supports), or with
+/// [`Portable`](crate::simd::Portable) lanes for `None`.
+#[cfg(test)]
+fn run_direct(level: Option<SimdLevel>, run: DirectRun) {
+    use crate::simd::Portable;
     assert!(level.is_none_or(SimdLevel::is_supported));
     // SAFETY: only supported levels reach the wrappers (asserted above); portable lanes
     // are plain Rust.
     unsafe {
         match level {
             #[cfg(target_arch = "x86_64")]
-            Some(SimdLevel::Avx512) => direct_avx512(layer2, pad, geometry, wt, bias, out),
+            Some(SimdLevel::Avx512) => direct_avx512(run),
             #[cfg(target_arch = "x86_64")]
-            Some(SimdLevel::Avx2) => direct_avx2(layer2, pad, geometry, wt, bias, out),
-            _ if layer2 => {
-                let (wp, stride) = direct::pad_columns(wt, bias.len(), 4 * Portable::N);
-                direct::conv2_pool_relu::<Portable, 4>(pad, geometry, (&wp, stride), bias, out)
-            }
-            _ => direct::conv1_pool_relu::<Portable, 2>(pad, geometry, wt, bias, out),
+            Some(SimdLevel::Avx2) => direct_avx2(run),
+            _ => direct_with::<Portable, 2, 4>(run),
         }
+    }
+}
+
+/// One direct-kernel run on lanes `S`, with `NV1` and `NV2` vectors per tile in layers 1
+/// and 2; inlined into each level's `#[target_feature]` wrapper below.
+#[cfg(test)]
+#[inline(always)]
+unsafe fn direct_with<S: crate::simd::Lanes, const NV1: usize, const NV2: usize>(run: DirectRun) {
+    let DirectRun {
+        layer2,
+        pad,
+        geometry,
+        wt,
+        bias,
+        out,
+    } = run;
+    if layer2 {
+        let (wp, stride) = direct::pad_columns(wt, bias.len(), NV2 * S::N);
+        direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, out)
+    } else {
+        direct::conv1_pool_relu::<S, NV1>(pad, geometry, wt, bias, out)
     }
 }
 
 /// [`run_direct`] with the AVX-512 kernels of the table.
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn direct_avx512(
-    layer2: bool,
-    pad: &[f32],
-    geometry: (usize, usize, usize),
-    wt: &[f32],
-    bias: &[f32],
-    out: &mut [f32],
-) {
-    if layer2 {
-        let (wp, stride) = direct::pad_columns(wt, bias.len(), AVX512_NV.1 * Avx512::N);
-        direct::conv2_pool_relu::<Avx512, { AVX512_NV.1 }>(pad, geometry, (&wp, stride), bias, out)
-    } else {
-        direct::conv1_pool_relu::<Avx512, { AVX512_NV.0 }>(pad, geometry, wt, bias, out)
-    }
+unsafe fn direct_avx512(run: DirectRun) {
+    direct_with::<Avx512, { AVX512_NV.0 }, { AVX512_NV.1 }>(run)
 }
 
 /// [`run_direct`] with the AVX2 kernels of the table.
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn direct_avx2(
-    layer2: bool,
-    pad: &[f32],
-    geometry: (usize, usize, usize),
-    wt: &[f32],
-    bias: &[f32],
-    out: &mut [f32],
-) {
-    if layer2 {
-        let (wp, stride) = direct::pad_columns(wt, bias.len(), AVX2_NV.1 * Avx2::N);
-        direct::conv2_pool_relu::<Avx2, { AVX2_NV.1 }>(pad, geometry, (&wp, stride), bias, out)
-    } else {
-        direct::conv1_pool_relu::<Avx2, { AVX2_NV.0 }>(pad, geometry, wt, bias, out)
-    }
+unsafe fn direct_avx2(run: DirectRun) {
+    direct_with::<Avx2, { AVX2_NV.0 }, { AVX2_NV.1 }>(run)
 }
 
 #[cfg(test)]
@@ -1087,12 +1083,21 @@ mod tests {
             levels.extend(SimdLevel::supported().into_iter().skip(1).map(Some));
             for level in levels {
                 let name = level.map_or("portable-lanes".into(), |l| l.to_string());
-                let mut out = vec![0f32; (h1 + 2) * (w1 + 2) * c_out];
-                super::run_direct(level, false, &pad, (h, w, c_in), &wk, &bv, &mut out);
-                check(&interior(&out), &format!("{name} layer 1"));
-                let mut out = vec![0f32; h1 * w1 * c_out];
-                super::run_direct(level, true, &pad, (h, w, c_in), &wk, &bv, &mut out);
-                check(&out, &format!("{name} layer 2"));
+                for layer2 in [false, true] {
+                    let size = if layer2 { h1 * w1 } else { (h1 + 2) * (w1 + 2) };
+                    let mut out = vec![0f32; size * c_out];
+                    let run = super::DirectRun {
+                        layer2,
+                        pad: &pad,
+                        geometry: (h, w, c_in),
+                        wt: &wk,
+                        bias: &bv,
+                        out: &mut out,
+                    };
+                    super::run_direct(level, run);
+                    let ours = if layer2 { out } else { interior(&out) };
+                    check(&ours, &format!("{name} layer {}", 1 + usize::from(layer2)));
+                }
             }
         }
         Ok(())

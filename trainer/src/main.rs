@@ -1,6 +1,6 @@
 //! `trainer` CLI: train the CNN, evaluate a saved model, export sample test images.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
@@ -30,16 +30,10 @@ enum Command {
         /// Model directory (model.safetensors + metadata.json).
         #[arg(long, default_value = "models/fashion-mnist")]
         model: PathBuf,
-        /// Directory with the Fashion-MNIST idx files (.gz or raw): evaluate on t10k.
-        #[arg(
-            long,
-            conflicts_with = "image_folder",
-            required_unless_present = "image_folder"
-        )]
-        fashion_mnist: Option<PathBuf>,
-        /// A folder of class folders, each named like one of the model's classes.
-        #[arg(long)]
-        image_folder: Option<PathBuf>,
+        /// Fashion-MNIST's t10k set, or a folder of class folders named like the model's
+        /// classes.
+        #[command(flatten)]
+        data: Dataset,
     },
     /// Benchmark inference, training and decoding; prints tables of medians.
     Bench(BenchArgs),
@@ -103,19 +97,41 @@ fn parse_simd_level(s: &str) -> Result<SimdLevel, String> {
     SimdLevel::parse(s).ok_or_else(|| format!("{s:?} is not one of avx512, avx2, portable"))
 }
 
+/// The images to train or evaluate on: exactly one of the two sources.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct Dataset {
+    /// Directory with the Fashion-MNIST idx files (.gz or raw).
+    #[arg(long)]
+    fashion_mnist: Option<PathBuf>,
+    /// A folder of class folders, one per class, named like the class.
+    #[arg(long)]
+    image_folder: Option<PathBuf>,
+}
+
+/// Which source a [`Dataset`] names.
+enum Source<'a> {
+    FashionMnist(&'a Path),
+    ImageFolder(&'a Path),
+}
+
+impl Dataset {
+    /// The one source given (clap enforces exactly one; this says so again if not).
+    fn source(&self) -> anyhow::Result<Source<'_>> {
+        match (&self.fashion_mnist, &self.image_folder) {
+            (Some(dir), None) => Ok(Source::FashionMnist(dir)),
+            (None, Some(dir)) => Ok(Source::ImageFolder(dir)),
+            _ => bail!("give exactly one of --fashion-mnist or --image-folder"),
+        }
+    }
+}
+
 /// Options of `trainer train`.
 #[derive(Args, Debug)]
 struct TrainArgs {
-    /// Train on Fashion-MNIST idx files in this directory.
-    #[arg(
-        long,
-        conflicts_with = "image_folder",
-        required_unless_present = "image_folder"
-    )]
-    fashion_mnist: Option<PathBuf>,
-    /// Train on a folder of class folders.
-    #[arg(long)]
-    image_folder: Option<PathBuf>,
+    /// Fashion-MNIST's training set, or a folder of class folders.
+    #[command(flatten)]
+    data: Dataset,
     /// Passes over the training data (at most: early stopping may end sooner). Default:
     /// from the data size, enough for 3,000 steps, between 15 and 100 epochs.
     #[arg(long)]
@@ -231,9 +247,11 @@ fn main() -> anyhow::Result<()> {
                 version: a.version,
                 command: command_line,
             };
-            let outcome = match (&a.fashion_mnist, &a.image_folder) {
-                (Some(dir), None) => train::train_fashion_mnist(dir, &opts, train::print_epoch)?,
-                (None, Some(dir)) => {
+            let outcome = match a.data.source()? {
+                Source::FashionMnist(dir) => {
+                    train::train_fashion_mnist(dir, &opts, train::print_epoch)?
+                }
+                Source::ImageFolder(dir) => {
                     let folder = ImageFolderOptions {
                         image_size: a.image_size,
                         channels: a.channels,
@@ -241,7 +259,6 @@ fn main() -> anyhow::Result<()> {
                     };
                     train::train_image_folder(dir, &folder, &opts, train::print_epoch)?
                 }
-                _ => bail!("give exactly one of --fashion-mnist or --image-folder"),
             };
             let meta = outcome.classifier.metadata();
             let per_epoch: Vec<String> = outcome
@@ -263,15 +280,11 @@ fn main() -> anyhow::Result<()> {
                 a.output.display()
             );
         }
-        Command::Evaluate {
-            model,
-            fashion_mnist,
-            image_folder,
-        } => {
-            let evaluation = match (fashion_mnist, image_folder) {
-                (Some(dir), None) => evaluate::evaluate_fashion_mnist(&model, &dir)?,
-                (None, Some(dir)) => {
-                    let result = evaluate::evaluate_image_folder(&model, &dir)?;
+        Command::Evaluate { model, data } => {
+            let evaluation = match data.source()? {
+                Source::FashionMnist(dir) => evaluate::evaluate_fashion_mnist(&model, dir)?,
+                Source::ImageFolder(dir) => {
+                    let result = evaluate::evaluate_image_folder(&model, dir)?;
                     if !result.skipped.is_empty() {
                         println!(
                             "skipped {} files that are not readable images",
@@ -280,7 +293,6 @@ fn main() -> anyhow::Result<()> {
                     }
                     result.evaluation
                 }
-                _ => bail!("give exactly one of --fashion-mnist or --image-folder"),
             };
             println!("{evaluation}");
         }

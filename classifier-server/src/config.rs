@@ -7,6 +7,7 @@
 //! environment variables (`CLASSIFIER_*`, plus the brokers' own standard variables such
 //! as `KAFKA_BOOTSTRAP_SERVERS` and `PUBSUB_EMULATOR_HOST`), then command-line flags.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -67,6 +68,16 @@ pub struct ServerConfig {
     pub dead_letter_subscription: String,
     /// Limits that protect the server from hostile or accidental huge inputs.
     pub limits: DecodeLimits,
+    /// More models to serve, each under its name (`[[server.models]]` with `name` and
+    /// `dir`, or `--model NAME=DIR`); requests choose one by name. Without `model_dir`,
+    /// the first of them is the default model (else `model_dir`'s model is).
+    pub models: Vec<NamedModel>,
+    /// How often model directories are checked for a new model, in milliseconds (a
+    /// model that loads replaces the old one between batches); 0 checks only on SIGHUP.
+    pub model_poll_ms: u64,
+    /// Where to serve Prometheus metrics (`/metrics`) and health probes (`/healthz`,
+    /// `/readyz`) over HTTP, e.g. `127.0.0.1:9464`; unset serves none.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +95,9 @@ impl Default for ServerConfig {
             dead_letter_topic: "classify-dead-letter".to_string(),
             dead_letter_subscription: "dead-letter-inspection".to_string(),
             limits: DecodeLimits::default(),
+            models: Vec::new(),
+            model_poll_ms: 2_000,
+            metrics_addr: None,
         }
     }
 }
@@ -97,6 +111,36 @@ impl ServerConfig {
     /// `drain_timeout_secs` as a duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// `model_poll_ms` as a duration, `None` for 0 (no polling).
+    pub fn model_poll(&self) -> Option<Duration> {
+        (self.model_poll_ms > 0).then(|| Duration::from_millis(self.model_poll_ms))
+    }
+}
+
+/// A model served under a name of its own (see [`ServerConfig::models`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamedModel {
+    /// The name requests ask for.
+    pub name: String,
+    /// Its directory (model.safetensors + metadata.json).
+    pub dir: PathBuf,
+}
+
+impl std::str::FromStr for NamedModel {
+    type Err = String;
+
+    /// `NAME=DIR`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.split_once('=') {
+            Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok(NamedModel {
+                name: name.to_string(),
+                dir: PathBuf::from(dir),
+            }),
+            _ => Err(format!("{text:?} is not NAME=DIR")),
+        }
     }
 }
 
@@ -175,6 +219,17 @@ impl AppConfig {
         }
         if let Some(id) = lookup("CLASSIFIER_SERVER_ID") {
             self.server.server_id = id;
+        }
+        if let Some(ms) = lookup("CLASSIFIER_MODEL_POLL_MS") {
+            self.server.model_poll_ms = ms
+                .parse()
+                .with_context(|| format!("CLASSIFIER_MODEL_POLL_MS={ms:?} is not a number"))?;
+        }
+        if let Some(addr) = lookup("CLASSIFIER_METRICS_ADDR") {
+            let addr = addr
+                .parse()
+                .with_context(|| format!("CLASSIFIER_METRICS_ADDR={addr:?} is not host:port"))?;
+            self.server.metrics_addr = Some(addr);
         }
         self.broker.apply_env(&lookup);
         Ok(())

@@ -8,16 +8,21 @@
 //! - [`config`]: the config file shared with the client;
 //! - [`decode`]: untrusted bytes → image, with limits against decompression bombs;
 //! - [`model_source`]: which model to load (named, per-user or built in);
+//! - [`models`]: the models served, by name, reloaded when their directory changes;
 //! - [`request`]: broker message → model input, predictions → reply message;
 //! - [`pipeline`]: the server itself, one module per stage (intake, decode pool,
-//!   batcher, model thread, reply, dead letters).
+//!   batcher, model thread, reply, dead letters), and the stats they count into;
+//! - [`telemetry`]: those stats as Prometheus metrics, and health probes, over HTTP.
 
 pub mod config;
 pub mod decode;
 pub mod model_source;
+pub mod models;
 pub mod pipeline;
 pub mod request;
+pub mod telemetry;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -25,8 +30,9 @@ use tokio_util::sync::CancellationToken;
 use unified_broker::{retry_while_unavailable, Broker, BrokerConfig};
 
 pub use classifier_inference::Classifier;
-pub use config::{AppConfig, ClientConfig, ServerConfig};
-pub use pipeline::{ModelServer, ServerStats, StatsSnapshot};
+pub use config::{AppConfig, ClientConfig, NamedModel, ServerConfig};
+pub use models::ModelSet;
+pub use pipeline::{ModelServer, NotReady, ServerStats, StatsSnapshot};
 
 /// Loads the model the config names, or else the per-user or built-in one (see
 /// [`model_source`]), and logs which.
@@ -39,6 +45,42 @@ pub fn load_classifier(config: &ServerConfig) -> anyhow::Result<Arc<Classifier>>
     let meta = classifier.metadata();
     tracing::info!(model = %meta.name, version = %meta.version, from = %source, "model loaded");
     Ok(Arc::new(classifier))
+}
+
+/// Loads every model the config names (see [`ServerConfig::models`]): the default one
+/// as [`load_classifier`] finds it unless only named models are given, then the named
+/// ones. Models from a directory are reloaded when it changes.
+pub fn load_models(config: &ServerConfig) -> anyhow::Result<ModelSet> {
+    let mut models = Vec::new();
+    if config.models.is_empty() || config.model_dir.is_some() {
+        let source = model_source::resolve(
+            config.model_dir.as_deref(),
+            model_source::user_model_dir().as_deref(),
+        )?;
+        let classifier = model_source::load(&source)?;
+        let name = classifier.metadata().name.clone();
+        models.push((
+            name,
+            source.dir().map(Path::to_path_buf),
+            Arc::new(classifier),
+        ));
+    }
+    for named in &config.models {
+        let source = model_source::ModelSource::Configured(named.dir.clone());
+        let classifier = model_source::load(&source)
+            .with_context(|| format!("loading the model named {:?}", named.name))?;
+        models.push((
+            named.name.clone(),
+            Some(named.dir.clone()),
+            Arc::new(classifier),
+        ));
+    }
+    let models = ModelSet::new(models)?;
+    for (i, model) in models.served().iter().enumerate() {
+        let meta = model.classifier.metadata();
+        tracing::info!(model = %model.name, version = %meta.version, default = (i == 0), "model loaded");
+    }
+    Ok(models)
 }
 
 /// Connects to the broker, retrying with backoff while it is unreachable, until it

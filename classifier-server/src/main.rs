@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use classifier_server::{
-    cancel_on_signals, connect_with_retry, init_tracing, load_classifier, AppConfig, ModelServer,
+    cancel_on_signals, connect_with_retry, init_tracing, load_models, telemetry, AppConfig,
+    ModelServer, ServerStats,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -22,9 +24,15 @@ struct Args {
     /// Broker backend: embedded, kafka, pubsub or redis (overrides the file).
     #[arg(long)]
     broker: Option<String>,
-    /// Model directory (model.safetensors + metadata.json).
+    /// Model directory (model.safetensors + metadata.json), the default model; or
+    /// NAME=DIR, a model served under NAME for requests that ask for it (repeatable).
+    /// Model directories are watched: a new model in one replaces the old between
+    /// batches (a model that does not load is refused and logged).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Vec<String>,
+    /// How often to check the model directories, in milliseconds (0: only on SIGHUP).
+    #[arg(long)]
+    model_poll_ms: Option<u64>,
     /// Topic to consume requests from.
     #[arg(long)]
     request_topic: Option<String>,
@@ -43,6 +51,10 @@ struct Args {
     /// Seconds to finish in-flight requests after SIGTERM.
     #[arg(long)]
     drain_timeout_secs: Option<u64>,
+    /// Serve Prometheus metrics (/metrics) and health probes (/healthz, /readyz) over
+    /// HTTP on this address, e.g. 127.0.0.1:9464 (default: not served).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Args {
@@ -53,8 +65,23 @@ impl Args {
             config.broker.apply_env(&|name| std::env::var(name).ok());
         }
         let server = &mut config.server;
-        if let Some(model) = &self.model {
-            server.model_dir = Some(model.clone());
+        let mut unnamed = 0;
+        for model in &self.model {
+            match model.split_once('=') {
+                Some((name, _)) if !name.contains(std::path::MAIN_SEPARATOR) => server
+                    .models
+                    .push(model.parse().map_err(anyhow::Error::msg)?),
+                _ => {
+                    unnamed += 1;
+                    server.model_dir = Some(PathBuf::from(model));
+                }
+            }
+        }
+        if unnamed > 1 {
+            anyhow::bail!("give at most one --model DIR without a name (others as NAME=DIR)");
+        }
+        if let Some(ms) = self.model_poll_ms {
+            server.model_poll_ms = ms;
         }
         if let Some(topic) = &self.request_topic {
             server.request_topic = topic.clone();
@@ -73,6 +100,9 @@ impl Args {
         }
         if let Some(secs) = self.drain_timeout_secs {
             server.drain_timeout_secs = secs;
+        }
+        if let Some(addr) = self.metrics_addr {
+            server.metrics_addr = Some(addr);
         }
         Ok(config)
     }
@@ -100,7 +130,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.broker.backend()
         );
     }
-    let classifier = load_classifier(&config.server)?;
+    // The endpoint comes up first, so probes can tell "starting" from "dead".
+    let stats = Arc::new(ServerStats::default());
+    let stop_http = CancellationToken::new();
+    let http = match config.server.metrics_addr {
+        Some(addr) => Some(
+            telemetry::serve(addr, Arc::clone(&stats), stop_http.clone())
+                .await?
+                .1,
+        ),
+        None => None,
+    };
+    let models = load_models(&config.server)?;
+    stats.models_loaded(&models.served());
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
     let broker = match connect_with_retry(&config.broker, &shutdown).await {
@@ -111,8 +153,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(error) => return Err(error),
     };
-    let server = ModelServer::new(broker.clone(), config.server.clone(), classifier);
+    let server =
+        ModelServer::with_models(broker.clone(), config.server.clone(), models).with_stats(stats);
     server.run(shutdown).await?;
     broker.close().await?;
+    stop_http.cancel();
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     Ok(())
 }

@@ -49,6 +49,16 @@ impl fmt::Display for ModelSource {
     }
 }
 
+impl ModelSource {
+    /// The directory the model is read from; `None` for the built-in one.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            ModelSource::Configured(dir) | ModelSource::UserDir(dir) => Some(dir),
+            ModelSource::Embedded => None,
+        }
+    }
+}
+
 /// The per-user model directory (see the module docs), if the platform has a home.
 pub fn user_model_dir() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "image-classifier")

@@ -58,6 +58,29 @@ pub fn prepare(
     limits: &DecodeLimits,
     preprocessor: &Preprocessor,
 ) -> Result<PreparedInput, Box<Rejected>> {
+    prepare_for(message, limits, |_| Ok(preprocessor)).map(|(input, _)| input)
+}
+
+/// What [`prepare_for`] needs of the model a request names: its preprocessing.
+pub trait HasPreprocessor {
+    /// Image → input for this model.
+    fn preprocessor(&self) -> &Preprocessor;
+}
+
+impl HasPreprocessor for &Preprocessor {
+    fn preprocessor(&self) -> &Preprocessor {
+        self
+    }
+}
+
+/// [`prepare`] for a server of several models: `choose` maps the model name the request
+/// gives (empty: none) to the model, or to the reason it is not served (an
+/// `UNKNOWN_MODEL` rejection); the input is preprocessed for that model, returned with it.
+pub fn prepare_for<M: HasPreprocessor>(
+    message: &Message,
+    limits: &DecodeLimits,
+    choose: impl FnOnce(&str) -> Result<M, String>,
+) -> Result<(PreparedInput, M), Box<Rejected>> {
     let fallback_route = route_from_attributes(message);
     if message.payload.len() > limits.max_message_bytes {
         return Err(reject(
@@ -96,11 +119,15 @@ pub fn prepare(
             "the request has no request id",
         ));
     }
+    let model = match choose(&request.model_name) {
+        Ok(model) => model,
+        Err(reason) => return Err(reject(route, ErrorCode::UnknownModel, reason)),
+    };
     match decode_image(&request.image, limits) {
-        Ok(image) => Ok(PreparedInput {
-            route,
-            input: preprocessor.to_input(&image),
-        }),
+        Ok(image) => {
+            let input = model.preprocessor().to_input(&image);
+            Ok((PreparedInput { route, input }, model))
+        }
         Err(error) => Err(reject(route, error.code, error.reason)),
     }
 }
@@ -147,10 +174,13 @@ pub struct ReplyContext {
 }
 
 /// The reply for a classified image: the `top_k` most probable classes.
+///
+/// `model` is the name the model is served under, with its metadata (class names,
+/// version).
 pub fn success_response(
     route: &ReplyRoute,
     probabilities: &[f32],
-    metadata: &ModelMetadata,
+    (model_name, metadata): (&str, &ModelMetadata),
     default_top_k: usize,
     context: &ReplyContext,
 ) -> ClassifyResponse {
@@ -178,7 +208,7 @@ pub fn success_response(
         route,
         Outcome::Predictions(Predictions {
             top_k,
-            model_name: metadata.name.clone(),
+            model_name: model_name.to_string(),
             model_version: metadata.version.clone(),
         }),
         context,

@@ -88,6 +88,7 @@ mod tests {
             sent_at_unix_micros: 42,
             attributes: [("k".to_string(), "v".to_string())].into(),
             top_k: 3,
+            model_name: "shirts".into(),
         };
         let bytes = request.encode_to_vec();
         let back = ClassifyRequest::decode(bytes.as_slice()).expect("decodes");

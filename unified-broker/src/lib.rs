@@ -40,7 +40,7 @@ pub mod retry;
 
 pub use error::{BrokerError, Result};
 pub use message::{AckHandle, Delivery, Message};
-pub use resubscribe::Resubscribing;
+pub use resubscribe::{Resubscribing, SubscriptionState};
 pub use retry::{retry_while_unavailable, Backoff};
 
 /// What a backend promises beyond the common semantics; the conformance suite skips the

@@ -20,6 +20,7 @@
 //! tells the caller that it happened (the client then sends its unanswered requests
 //! again).
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,8 +52,37 @@ pub struct Resubscribing {
     /// No reopening attempt before this instant (kept across cancelled `next` calls).
     next_attempt_at: Instant,
     backoff: Backoff,
-    /// Times the subscriber was replaced, for logs and tests.
-    resubscriptions: u64,
+    /// Whether a subscriber is open, and how often it was replaced; shared with whoever
+    /// asked for [`Resubscribing::state`].
+    state: SubscriptionState,
+}
+
+/// A cloneable, read-only view of a [`Resubscribing`]'s health, for readiness checks and
+/// metrics that must be read while the subscription itself is busy in `next`.
+#[derive(Clone, Debug, Default)]
+pub struct SubscriptionState(Arc<StateCounters>);
+
+#[derive(Debug, Default)]
+struct StateCounters {
+    subscribed: AtomicBool,
+    resubscriptions: AtomicU64,
+}
+
+impl SubscriptionState {
+    /// Whether a subscriber is open now (false while waiting for the broker to serve the
+    /// subscription again).
+    pub fn is_subscribed(&self) -> bool {
+        self.0.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// How many times the subscriber was replaced after a failure.
+    pub fn resubscriptions(&self) -> u64 {
+        self.0.resubscriptions.load(Ordering::Relaxed)
+    }
+
+    fn set_subscribed(&self, subscribed: bool) {
+        self.0.subscribed.store(subscribed, Ordering::Relaxed);
+    }
 }
 
 impl Resubscribing {
@@ -66,6 +96,8 @@ impl Resubscribing {
         options: SubscribeOptions,
     ) -> Result<Self> {
         let inner = open(&*broker, topic, group, &options).await?;
+        let state = SubscriptionState::default();
+        state.set_subscribed(true);
         Ok(Resubscribing {
             broker,
             topic: topic.to_string(),
@@ -76,13 +108,18 @@ impl Resubscribing {
             consecutive_failures: 0,
             next_attempt_at: Instant::now(),
             backoff: BROKER_WAIT,
-            resubscriptions: 0,
+            state,
         })
     }
 
     /// How many times the subscriber was replaced after a failure.
     pub fn resubscriptions(&self) -> u64 {
-        self.resubscriptions
+        self.state.resubscriptions()
+    }
+
+    /// A view of this subscription's health that stays valid while it is in use.
+    pub fn state(&self) -> SubscriptionState {
+        self.state.clone()
     }
 
     /// Drops the current subscriber and schedules a reopening. The old subscriber is
@@ -91,6 +128,7 @@ impl Resubscribing {
     /// halfway.
     fn drop_inner(&mut self, why: &str) {
         if let Some(inner) = self.inner.take() {
+            self.state.set_subscribed(false);
             tracing::warn!(topic = %self.topic, group = %self.group, "{why}; subscribing again");
             let topic = self.topic.clone();
             tokio::spawn(async move {
@@ -124,7 +162,8 @@ impl Resubscribing {
             Ok(inner) => {
                 tracing::info!(topic = %self.topic, group = %self.group, "subscribed again");
                 self.inner = Some(inner);
-                self.resubscriptions += 1;
+                self.state.set_subscribed(true);
+                self.state.0.resubscriptions.fetch_add(1, Ordering::Relaxed);
                 self.backoff.reset();
                 Ok(())
             }
@@ -185,6 +224,7 @@ impl Subscriber for Resubscribing {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
+        self.state.set_subscribed(false);
         match self.inner.take() {
             Some(inner) => inner.close().await,
             None => Ok(()),
@@ -199,7 +239,7 @@ impl std::fmt::Debug for Resubscribing {
             .field("group", &self.group)
             .field("subscribed", &self.inner.is_some())
             .field("reopening", &self.reopening.is_some())
-            .field("resubscriptions", &self.resubscriptions)
+            .field("resubscriptions", &self.state.resubscriptions())
             .finish()
     }
 }
@@ -260,11 +300,13 @@ mod tests {
     async fn carries_on_after_the_topic_was_deleted() {
         let broker = broker();
         let mut subscriber = resubscribing(&broker, "jobs").await;
+        let state = subscriber.state();
         assert_eq!(
             receive_while_publishing(&broker, &mut subscriber, "before").await,
             b"before"
         );
         assert_eq!(subscriber.resubscriptions(), 0);
+        assert!(state.is_subscribed());
 
         // What a broker restart does to an in-memory broker: the topic and the group
         // are gone, and the plain subscriber's stream ends.
@@ -272,6 +314,8 @@ mod tests {
         let after = receive_while_publishing(&broker, &mut subscriber, "after").await;
         assert_eq!(after, b"after");
         assert_eq!(subscriber.resubscriptions(), 1);
+        assert_eq!(state.resubscriptions(), 1);
+        assert!(state.is_subscribed());
         Box::new(subscriber).close().await.expect("close");
     }
 

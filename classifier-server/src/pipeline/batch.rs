@@ -2,6 +2,7 @@
 //! most `max_batch_wait` after the first one; rejected requests skip the model and go
 //! straight to the publisher as error replies.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -9,10 +10,12 @@ use tokio::sync::mpsc;
 use super::decode_pool::Prepared;
 use super::intake::Work;
 use super::reply::{ErrorReplies, Outgoing};
+use crate::models::ServedModel;
 use crate::request::PreparedInput;
 
-/// One batch for the model: each request with its input.
-pub(super) type Batch = Vec<(Work, PreparedInput)>;
+/// One batch for the model thread: each request with its input and the model it was
+/// prepared for (all the same model, except across a reload or on a multi-model server).
+pub(super) type Batch = Vec<(Work, PreparedInput, Arc<ServedModel>)>;
 
 /// How big batches get and how long a partial batch waits.
 #[derive(Clone, Copy, Debug)]
@@ -48,11 +51,11 @@ pub(super) async fn run(
                 },
             };
             match item {
-                Some(Prepared::Ready(work, input)) => {
+                Some(Prepared::Ready(work, input, model)) => {
                     if deadline.is_none() {
                         deadline = Some(tokio::time::Instant::now() + max_wait);
                     }
-                    batch.push((work, input));
+                    batch.push((work, input, model));
                 }
                 Some(Prepared::Rejected(work, rejected)) => {
                     let reply = error_replies.reply(work, rejected);
@@ -80,9 +83,10 @@ mod tests {
     use unified_broker::Message;
 
     use super::*;
+    use crate::models::ModelSet;
     use crate::pipeline::dead_letter::DeadLetters;
     use crate::pipeline::stats::ServerStats;
-    use crate::pipeline::test_support::work;
+    use crate::pipeline::test_support::{shipped_classifier, work};
     use crate::request::{Rejected, ReplyRoute};
 
     struct Stage {
@@ -130,13 +134,14 @@ mod tests {
                 route,
                 input: Vec::new(),
             },
+            ModelSet::single(shipped_classifier()).default_model(),
         )
     }
 
     fn ids(batch: &Batch) -> Vec<&str> {
         batch
             .iter()
-            .map(|(_, input)| input.route.request_id.as_str())
+            .map(|(_, input, _)| input.route.request_id.as_str())
             .collect()
     }
 

@@ -7,19 +7,18 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use classifier_inference::Classifier;
-use classifier_inference::Preprocessor;
 use tokio::sync::mpsc;
 
 use super::intake::Work;
 use crate::config::ServerConfig;
 use crate::decode::DecodeLimits;
-use crate::request::{prepare, PreparedInput, Rejected};
+use crate::models::{ModelSet, ServedModel};
+use crate::request::{prepare_for, PreparedInput, Rejected};
 
 /// Output of the decode stage: an input for the model, or why there is none.
 pub(super) enum Prepared {
-    /// Decoded and preprocessed.
-    Ready(Work, PreparedInput),
+    /// Decoded and preprocessed for the model that is to run it.
+    Ready(Work, PreparedInput, Arc<ServedModel>),
     /// Can never be classified (answered with an error reply).
     Rejected(Work, Rejected),
 }
@@ -27,13 +26,14 @@ pub(super) enum Prepared {
 /// Decoding and preprocessing on dedicated worker threads.
 pub(super) struct DecodePool {
     pool: Arc<rayon::ThreadPool>,
-    preprocessor: Arc<Preprocessor>,
+    models: Arc<ModelSet>,
     limits: Arc<DecodeLimits>,
 }
 
 impl DecodePool {
-    /// One decode thread per core, preprocessing for `classifier`'s input format.
-    pub fn new(classifier: &Classifier, config: &ServerConfig) -> anyhow::Result<Self> {
+    /// One decode thread per core, preprocessing for the model each request names, as
+    /// `models` serves it when the request is decoded.
+    pub fn new(models: &Arc<ModelSet>, config: &ServerConfig) -> anyhow::Result<Self> {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -42,19 +42,20 @@ impl DecodePool {
             .context("starting the decode threads")?;
         Ok(DecodePool {
             pool: Arc::new(pool),
-            preprocessor: Arc::new(Preprocessor::new(classifier.metadata())),
+            models: Arc::clone(models),
             limits: Arc::new(config.limits.clone()),
         })
     }
 
     /// Decodes `chunk` on one decode thread, in order, sending each result on `out`.
     pub fn submit(&self, chunk: Vec<Work>, out: mpsc::Sender<Prepared>) {
-        let preprocessor = Arc::clone(&self.preprocessor);
+        let models = Arc::clone(&self.models);
         let limits = Arc::clone(&self.limits);
         self.pool.spawn(move || {
             for work in chunk {
-                let prepared = match prepare(work.delivery.message(), &limits, &preprocessor) {
-                    Ok(input) => Prepared::Ready(work, input),
+                let message = work.delivery.message();
+                let prepared = match prepare_for(message, &limits, |name| models.resolve(name)) {
+                    Ok((input, model)) => Prepared::Ready(work, input, model),
                     Err(rejected) => Prepared::Rejected(work, *rejected),
                 };
                 // Fails only while shutting down; the rest of the chunk is then dropped
@@ -95,7 +96,8 @@ mod tests {
     #[tokio::test]
     async fn a_chunk_is_decoded_in_order_into_inputs_and_rejections() {
         let classifier = shipped_classifier();
-        let pool = DecodePool::new(&classifier, &ServerConfig::default()).expect("threads");
+        let models = Arc::new(ModelSet::single(Arc::clone(&classifier)));
+        let pool = DecodePool::new(&models, &ServerConfig::default()).expect("threads");
         let png = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../examples/bag/00018.png"
@@ -116,7 +118,7 @@ mod tests {
             .expect("decoded in time")
         {
             seen.push(match prepared {
-                Prepared::Ready(_, input) => {
+                Prepared::Ready(_, input, _) => {
                     assert_eq!(input.input.len(), classifier.input_len());
                     (input.route.request_id, None)
                 }

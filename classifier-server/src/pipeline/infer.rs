@@ -5,19 +5,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use classifier_inference::Classifier;
 use classifier_proto::{ClassifyError, ErrorCode};
 use tokio::sync::mpsc;
 
 use super::batch::Batch;
 use super::reply::Outgoing;
 use super::stats::ServerStats;
+use crate::models::ServedModel;
 use crate::request::{error_response, response_message, success_response, Rejected, ReplyContext};
 
-/// What the model thread needs besides its channels.
+/// What the model thread needs besides its channels and the models (which come with
+/// each request, see [`Batch`]).
 pub(super) struct Model {
-    /// The CNN.
-    pub classifier: Arc<Classifier>,
     /// Predictions per reply when the request does not say.
     pub default_top_k: usize,
     /// Identity stamped on the replies.
@@ -46,54 +45,75 @@ pub(super) fn spawn_model_thread(
 }
 
 impl Model {
-    /// One reply per request of `batch`, in order: predictions, or an internal error
+    /// One reply per request of `batch`, in order. Each run of requests prepared for the
+    /// same model goes through that model at once (a batch holds more than one run only
+    /// across a model reload or on a server of several models).
+    fn run_batch(&self, mut batch: Batch) -> Vec<Outgoing> {
+        let mut replies = Vec::with_capacity(batch.len());
+        while !batch.is_empty() {
+            let model = Arc::clone(&batch[0].2);
+            let same = batch
+                .iter()
+                .take_while(|(_, _, m)| Arc::ptr_eq(m, &model))
+                .count();
+            let rest = batch.split_off(same);
+            replies.extend(self.run_one_model(&model, batch));
+            batch = rest;
+        }
+        replies
+    }
+
+    /// Replies to requests all prepared for `model`: predictions, or an internal error
     /// for every request if the model failed (never dead-lettered: the fault is the
     /// server's, not the request's).
-    fn run_batch(&self, batch: Batch) -> Vec<Outgoing> {
+    fn run_one_model(&self, model: &ServedModel, batch: Batch) -> Vec<Outgoing> {
         let Model {
-            classifier,
             default_top_k,
             context,
             stats,
         } = self;
+        let classifier = &model.classifier;
         let started = Instant::now();
         let n = batch.len();
         let mut inputs = Vec::with_capacity(n * classifier.input_len());
-        for (_, prepared) in &batch {
+        for (_, prepared, _) in &batch {
             inputs.extend_from_slice(&prepared.input);
         }
         let result = classifier.predict(&inputs, n);
-        let inference_micros = started.elapsed().as_micros() as u64;
-        ServerStats::add(&stats.batches, 1);
+        let inference_time = started.elapsed();
+        let inference_micros = inference_time.as_micros() as u64;
+        stats.batch(n, inference_time.as_secs_f64());
         let metadata = classifier.metadata();
         batch
             .into_iter()
             .enumerate()
-            .map(|(i, (work, prepared))| {
+            .map(|(i, (work, prepared, _))| {
                 let context = ReplyContext {
                     queue_time_micros: started.duration_since(work.received_at).as_micros() as u64,
                     inference_time_micros: inference_micros,
                     batch_size: n as u32,
                     ..context.clone()
                 };
+                let mut is_error = false;
                 let response = match result.as_ref().map(|rows| rows.get(i)) {
                     Ok(Some(probabilities)) => {
                         ServerStats::add(&stats.classified, 1);
                         success_response(
                             &prepared.route,
                             probabilities,
-                            metadata,
+                            (&model.name, metadata),
                             *default_top_k,
                             &context,
                         )
                     }
                     Ok(None) | Err(_) => {
-                        ServerStats::add(&stats.rejected, 1);
+                        stats.reject(ErrorCode::Internal.as_str_name());
                         let reason = match &result {
                             Err(error) => format!("the model failed: {error:#}"),
                             Ok(_) => "the model returned too few rows".to_string(),
                         };
                         tracing::error!(%reason, "inference failed");
+                        is_error = true;
                         error_response(
                             &Rejected {
                                 route: prepared.route.clone(),
@@ -109,6 +129,7 @@ impl Model {
                 Outgoing {
                     reply_topic: prepared.route.reply_topic.clone(),
                     message: response_message(&response),
+                    is_error,
                     dead_letter: None,
                     work,
                 }
@@ -123,12 +144,12 @@ mod tests {
     use unified_broker::Message;
 
     use super::*;
+    use crate::models::ModelSet;
     use crate::pipeline::test_support::{shipped_classifier, work};
     use crate::request::{PreparedInput, ReplyRoute};
 
     fn model() -> Model {
         Model {
-            classifier: shipped_classifier(),
             default_top_k: 2,
             context: ReplyContext {
                 server_id: "server-t".into(),
@@ -138,7 +159,19 @@ mod tests {
         }
     }
 
-    fn item(id: &str, input: Vec<f32>) -> (crate::pipeline::intake::Work, PreparedInput) {
+    fn served() -> Arc<ServedModel> {
+        ModelSet::single(shipped_classifier()).default_model()
+    }
+
+    fn item(
+        id: &str,
+        input: Vec<f32>,
+        model: &Arc<ServedModel>,
+    ) -> (
+        crate::pipeline::intake::Work,
+        PreparedInput,
+        Arc<ServedModel>,
+    ) {
         let route = ReplyRoute {
             request_id: id.into(),
             reply_topic: format!("replies-{id}"),
@@ -147,6 +180,7 @@ mod tests {
         (
             work(Message::new(id.to_string())).0,
             PreparedInput { route, input },
+            Arc::clone(model),
         )
     }
 
@@ -157,8 +191,12 @@ mod tests {
     #[test]
     fn a_batch_gets_one_prediction_reply_per_request_in_order() {
         let model = model();
-        let len = model.classifier.input_len();
-        let replies = model.run_batch(vec![item("a", vec![0.0; len]), item("b", vec![1.0; len])]);
+        let served = served();
+        let len = served.classifier.input_len();
+        let replies = model.run_batch(vec![
+            item("a", vec![0.0; len], &served),
+            item("b", vec![1.0; len], &served),
+        ]);
         assert_eq!(replies.len(), 2);
         for (reply, id) in replies.iter().zip(["a", "b"]) {
             assert_eq!(reply.reply_topic, format!("replies-{id}"));
@@ -182,7 +220,7 @@ mod tests {
     fn a_model_failure_is_an_internal_error_reply_not_a_dead_letter() {
         let model = model();
         // A wrong input length makes `predict` fail for the whole batch.
-        let replies = model.run_batch(vec![item("a", vec![0.0; 3])]);
+        let replies = model.run_batch(vec![item("a", vec![0.0; 3], &served())]);
         assert_eq!(replies.len(), 1);
         assert!(replies[0].dead_letter.is_none());
         match decode(&replies[0]).outcome {
@@ -190,5 +228,51 @@ mod tests {
             other => panic!("expected an error, got {other:?}"),
         }
         assert_eq!(model.stats.snapshot().rejected, 1);
+    }
+
+    #[test]
+    fn each_request_is_run_by_the_model_it_was_prepared_for() {
+        let model = model();
+        let classifier = shipped_classifier();
+        let models = ModelSet::new(vec![
+            ("first".into(), None, Arc::clone(&classifier)),
+            ("second".into(), None, classifier),
+        ])
+        .expect("two models");
+        let (first, second) = (models.resolve("first"), models.resolve("second"));
+        let (first, second) = (first.expect("known"), second.expect("known"));
+        let len = first.classifier.input_len();
+        let replies = model.run_batch(vec![
+            item("a", vec![0.0; len], &first),
+            item("b", vec![0.0; len], &second),
+            item("c", vec![0.0; len], &second),
+            item("d", vec![0.0; len], &first),
+        ]);
+        let answered: Vec<(String, String)> = replies
+            .iter()
+            .map(|reply| {
+                let response = decode(reply);
+                match response.outcome {
+                    Some(Outcome::Predictions(p)) => (response.request_id, p.model_name),
+                    other => panic!("expected predictions, got {other:?}"),
+                }
+            })
+            .collect();
+        let expected = [
+            ("a", "first"),
+            ("b", "second"),
+            ("c", "second"),
+            ("d", "first"),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(id, name)| (id.to_string(), name.to_string()))
+            .collect();
+        assert_eq!(answered, expected);
+        assert_eq!(
+            model.stats.snapshot().batches,
+            3,
+            "one run per model in a row"
+        );
     }
 }

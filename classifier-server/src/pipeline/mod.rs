@@ -31,46 +31,64 @@ use std::sync::Arc;
 use anyhow::Context;
 use classifier_inference::Classifier;
 use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use unified_broker::{
     retry_while_unavailable, Broker, BrokerError, Resubscribing, SubscribeOptions, Subscriber,
 };
 
-pub use stats::{ServerStats, StatsSnapshot};
+pub use stats::{NotReady, ServerStats, StatsSnapshot};
 
 use crate::config::ServerConfig;
+use crate::models::{ModelSet, Reload};
 use crate::request::ReplyContext;
 
 /// Everything the server needs, bundled so `run` reads as the pipeline it is.
 pub struct ModelServer {
     broker: Arc<dyn Broker>,
     config: ServerConfig,
-    classifier: Arc<Classifier>,
+    models: Arc<ModelSet>,
     stats: Arc<ServerStats>,
     server_id: String,
 }
 
 impl ModelServer {
-    /// Prepares a server; nothing happens until [`ModelServer::run`].
+    /// Prepares a server of one model; nothing happens until [`ModelServer::run`].
     pub fn new(broker: Arc<dyn Broker>, config: ServerConfig, classifier: Arc<Classifier>) -> Self {
+        Self::with_models(broker, config, ModelSet::single(classifier))
+    }
+
+    /// Prepares a server of `models` (see [`ModelSet`]: requests choose one by name, and
+    /// models loaded from a directory are reloaded when it changes).
+    pub fn with_models(broker: Arc<dyn Broker>, config: ServerConfig, models: ModelSet) -> Self {
         let server_id = if config.server_id.is_empty() {
             let id = uuid::Uuid::new_v4().simple().to_string();
             format!("server-{}-{}", std::process::id(), &id[..6])
         } else {
             config.server_id.clone()
         };
+        let stats = Arc::new(ServerStats::default());
         ModelServer {
             broker,
             config,
-            classifier,
-            stats: Arc::new(ServerStats::default()),
+            models: Arc::new(models),
+            stats: Arc::clone(&stats),
             server_id,
         }
+        .with_stats(stats)
     }
 
     /// The counters, shared with the running server.
     pub fn stats(&self) -> Arc<ServerStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Counts into `stats` (made before the server, so that a metrics endpoint can
+    /// report readiness while the broker is still being reached) instead of its own.
+    pub fn with_stats(mut self, stats: Arc<ServerStats>) -> Self {
+        stats.models_loaded(&self.models.served());
+        self.stats = stats;
+        self
     }
 
     /// This replica's id, as written in its replies.
@@ -105,12 +123,15 @@ impl ModelServer {
         let config = &self.config;
         let capacity = config.max_in_flight.max(1);
         let in_flight = Arc::new(Semaphore::new(capacity));
+        self.stats
+            .serving(subscriber.state(), Arc::clone(&in_flight), capacity);
         let (prepared_tx, prepared_rx) = mpsc::channel(capacity);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
 
         // broker → intake → decode pool → batcher → model thread → reply → broker
-        let decode_pool = decode_pool::DecodePool::new(&self.classifier, config)?;
+        let decode_pool = decode_pool::DecodePool::new(&self.models, config)?;
+        let reloader = self.watch_models(&shutdown);
         let batcher = tokio::spawn(batch::run(
             prepared_rx,
             batch_tx,
@@ -130,7 +151,6 @@ impl ModelServer {
         ));
         let model_thread = infer::spawn_model_thread(
             infer::Model {
-                classifier: Arc::clone(&self.classifier),
                 default_top_k: config.default_top_k,
                 context: self.reply_context(),
                 stats: Arc::clone(&self.stats),
@@ -154,6 +174,8 @@ impl ModelServer {
         )
         .await;
 
+        self.stats.draining();
+        reloader.abort();
         self.drain(&in_flight).await;
         decode_pool.shutdown();
         batcher.abort();
@@ -195,13 +217,18 @@ impl ModelServer {
             return Ok(None);
         };
         let subscriber = subscribed.context("subscribing to the request topic")?;
+        let models: Vec<String> = self
+            .models
+            .served()
+            .iter()
+            .map(|m| format!("{} {}", m.name, m.version()))
+            .collect();
         tracing::info!(
             server_id = %self.server_id,
             backend = self.broker.backend(),
             topic = %config.request_topic,
             group = %config.group,
-            model = %self.classifier.metadata().name,
-            version = %self.classifier.metadata().version,
+            models = %models.join(", "),
             "serving"
         );
         Ok(Some(subscriber))
@@ -227,11 +254,83 @@ impl ModelServer {
         }
     }
 
+    /// Checks the model directories every `model_poll_ms` (if not 0) and on SIGHUP
+    /// (which loads every directory again, changed or not), swapping in new models
+    /// between batches and refusing, with a log line, those that do not load.
+    fn watch_models(&self, shutdown: &CancellationToken) -> JoinHandle<()> {
+        let models = Arc::clone(&self.models);
+        let stats = Arc::clone(&self.stats);
+        let poll = self.config.model_poll();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut hangups = Hangups::new();
+            let mut tick = poll.map(tokio::time::interval);
+            loop {
+                let next_tick = async {
+                    match tick.as_mut() {
+                        Some(tick) => drop(tick.tick().await),
+                        None => std::future::pending().await,
+                    }
+                };
+                let force = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = hangups.next() => true,
+                    () = next_tick => false,
+                };
+                let check = Arc::clone(&models);
+                let Ok(outcomes) =
+                    tokio::task::spawn_blocking(move || check.reload_changed(force)).await
+                else {
+                    continue;
+                };
+                for outcome in &outcomes {
+                    match outcome {
+                        Reload::Swapped { name, from, to } => {
+                            tracing::info!(model = %name, from = %from, to = %to, "model reloaded: new requests use it")
+                        }
+                        Reload::Refused { name, reason } => {
+                            tracing::error!(model = %name, %reason, "refusing the new model; the old one keeps serving")
+                        }
+                    }
+                }
+                if !outcomes.is_empty() {
+                    stats.models_loaded(&models.served());
+                }
+            }
+        })
+    }
+
     fn reply_context(&self) -> ReplyContext {
         ReplyContext {
             server_id: self.server_id.clone(),
             ..ReplyContext::default()
         }
+    }
+}
+
+/// SIGHUPs, as a stream that never ends where there are none (off Unix, or if the
+/// handler cannot be installed).
+struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Hangups(signal(SignalKind::hangup()).ok())
+        }
+        #[cfg(not(unix))]
+        Hangups()
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = self.0.as_mut() {
+            if signal.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
     }
 }
 

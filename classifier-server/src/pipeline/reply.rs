@@ -32,6 +32,8 @@ pub(super) struct Outgoing {
     pub reply_topic: String,
     /// The reply.
     pub message: Message,
+    /// Whether the reply is an error reply (for the metrics).
+    pub is_error: bool,
     /// For requests that can never succeed: the copy for the dead-letter topic.
     pub dead_letter: Option<Message>,
 }
@@ -50,10 +52,11 @@ pub(super) struct ErrorReplies {
 impl ErrorReplies {
     /// The error reply to `work`, rejected for `rejected`'s reason.
     pub fn reply(&self, work: Work, rejected: Rejected) -> Outgoing {
-        ServerStats::add(&self.stats.rejected, 1);
+        let code = ErrorCode::try_from(rejected.error.code).unwrap_or(ErrorCode::Internal);
+        self.stats.reject(code.as_str_name());
         tracing::info!(
             request_id = %rejected.route.request_id,
-            code = ?ErrorCode::try_from(rejected.error.code).unwrap_or(ErrorCode::Internal),
+            code = ?code,
             reason = %rejected.error.reason,
             "request rejected"
         );
@@ -64,6 +67,7 @@ impl ErrorReplies {
         Outgoing {
             reply_topic: rejected.route.reply_topic.clone(),
             message: response_message(&error_response(&rejected, &context)),
+            is_error: true,
             dead_letter: self.dead_letters.copy(
                 work.delivery.message(),
                 &rejected,
@@ -202,7 +206,10 @@ async fn publish_then_ack(
     } else {
         let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
         match publish_with_retry(&*broker, &topic, messages, &stats).await {
-            Published::Confirmed => {}
+            Published::Confirmed => {
+                let errors = replies.iter().filter(|r| r.is_error).count();
+                stats.published(replies.len(), errors);
+            }
             Published::TopicGone => {
                 ServerStats::add(&stats.unanswerable, replies.len() as u64);
                 tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
@@ -223,6 +230,7 @@ async fn publish_then_ack(
         publish_dead_letters(&*broker, &dead_letter_topic, dead, &stats).await;
     }
     for reply in replies {
+        stats.finished(reply.work.received_at.elapsed().as_secs_f64());
         if let Err(error) = reply.work.delivery.ack() {
             tracing::warn!(%error, "ack failed; the request may be redelivered and answered twice");
         }
@@ -247,6 +255,7 @@ mod tests {
             work,
             reply_topic: reply_topic.into(),
             message: Message::new(reply.to_string()),
+            is_error: dead_letter.is_some(),
             dead_letter: dead_letter.map(|copy| Message::new(copy.to_string())),
         };
         (outgoing, settlement)

@@ -1,85 +1,373 @@
-//! The counters a running server keeps ([`ServerStats`]) and their snapshot.
+//! What a running server counts ([`ServerStats`]): the counters the stages add to, their
+//! [`StatsSnapshot`] for logs and tests, and the same numbers as Prometheus metrics with
+//! the readiness the HTTP endpoints report (see [`crate::telemetry`]).
+//!
+//! Every number lives once, in a Prometheus metric: the snapshot reads those.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// Counters a running server keeps; read them for logs, tests and benchmarks.
-#[derive(Debug, Default)]
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio::sync::Semaphore;
+use unified_broker::SubscriptionState;
+
+use crate::models::ServedModel;
+
+/// Counters, histograms and readiness of one server process, shared by its stages and
+/// its metrics endpoint.
+#[derive(Debug)]
 pub struct ServerStats {
+    registry: Registry,
     /// Deliveries taken from the broker.
-    pub received: AtomicU64,
-    /// Requests answered with predictions.
-    pub classified: AtomicU64,
-    /// Requests answered with an error reply.
-    pub rejected: AtomicU64,
+    pub(crate) received: IntCounter,
+    /// Requests answered with predictions (reply built).
+    pub(crate) classified: IntCounter,
+    /// Requests answered with an error reply (reply built), all codes.
+    rejected: IntCounter,
+    /// The same, by error code.
+    rejected_by_code: IntCounterVec,
+    /// Replies the broker confirmed, by outcome (`classified` or `error`).
+    replies_published: IntCounterVec,
     /// Requests acked without any reply (no reply topic, or the reply topic is gone).
-    pub unanswerable: AtomicU64,
-    /// Batches run through the model.
-    pub batches: AtomicU64,
+    pub(crate) unanswerable: IntCounter,
     /// Reply publishes that failed and were retried.
-    pub publish_retries: AtomicU64,
+    pub(crate) publish_retries: IntCounter,
     /// Requests copied to the dead-letter topic.
-    pub dead_lettered: AtomicU64,
+    pub(crate) dead_lettered: IntCounter,
+    /// Requests per batch run through the model (its count is the number of batches).
+    batch_size: Histogram,
+    /// Seconds the model took per batch.
+    inference_seconds: Histogram,
+    /// Seconds from taking a request off the broker to acking it.
+    request_seconds: Histogram,
+    /// Requests taken and not yet acked (read from the intake's semaphore when scraped).
+    in_flight: IntGauge,
+    /// Times the request subscription was opened again after a failure.
+    resubscriptions: IntCounter,
+    /// 1 for the loaded model's name and version.
+    model_info: IntGaugeVec,
+    /// 1 while `/readyz` says ready.
+    ready: IntGauge,
+    live: Mutex<Option<LiveSources>>,
+    model_loaded: AtomicBool,
+    draining: AtomicBool,
 }
 
-/// A snapshot of [`ServerStats`].
+/// What a serving pipeline lends the stats so they can be read at scrape time.
+#[derive(Debug)]
+struct LiveSources {
+    subscription: SubscriptionState,
+    in_flight: Arc<Semaphore>,
+    capacity: usize,
+}
+
+/// A snapshot of the counters of [`ServerStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
-    /// See [`ServerStats::received`].
+    /// Deliveries taken from the broker.
     pub received: u64,
-    /// See [`ServerStats::classified`].
+    /// Requests answered with predictions.
     pub classified: u64,
-    /// See [`ServerStats::rejected`].
+    /// Requests answered with an error reply.
     pub rejected: u64,
-    /// See [`ServerStats::unanswerable`].
+    /// Requests acked without any reply (no reply topic, or the reply topic is gone).
     pub unanswerable: u64,
-    /// See [`ServerStats::batches`].
+    /// Batches run through the model.
     pub batches: u64,
-    /// See [`ServerStats::publish_retries`].
+    /// Reply publishes that failed and were retried.
     pub publish_retries: u64,
-    /// See [`ServerStats::dead_lettered`].
+    /// Requests copied to the dead-letter topic.
     pub dead_lettered: u64,
+    /// Replies the broker confirmed (classified and error replies).
+    pub replies_published: u64,
+}
+
+/// Why the server is not ready to take requests, as `/readyz` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    /// No model loaded yet.
+    ModelNotLoaded,
+    /// Not subscribed to the request topic (starting, or the broker is away).
+    BrokerNotConnected,
+    /// Shutting down: intake has stopped.
+    Draining,
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotReady::ModelNotLoaded => "model not loaded",
+            NotReady::BrokerNotConnected => "not subscribed to the request topic",
+            NotReady::Draining => "draining: intake stopped",
+        })
+    }
+}
+
+/// Batch-size buckets: powers of two up to the largest sensible batch.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Latency buckets in seconds, 1 ms to 30 s.
+const SECONDS_BUCKETS: [f64; 14] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+];
+
+impl Default for ServerStats {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ServerStats {
-    /// Reads all counters.
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        StatsSnapshot {
-            received: get(&self.received),
-            classified: get(&self.classified),
-            rejected: get(&self.rejected),
-            unanswerable: get(&self.unanswerable),
-            batches: get(&self.batches),
-            publish_retries: get(&self.publish_retries),
-            dead_lettered: get(&self.dead_lettered),
+    /// Fresh metrics in their own registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("a valid metric definition");
+            register(&registry, metric)
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("a valid definition");
+            register(&registry, metric)
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            register(
+                &registry,
+                Histogram::with_opts(opts).expect("valid buckets"),
+            )
+        };
+        let gauge = |name: &str, help: &str| {
+            register(
+                &registry,
+                IntGauge::new(name, help).expect("a valid definition"),
+            )
+        };
+        ServerStats {
+            received: counter(
+                "classifier_requests_received_total",
+                "Requests taken from the broker.",
+            ),
+            classified: counter(
+                "classifier_requests_classified_total",
+                "Requests the model classified (reply built).",
+            ),
+            rejected: IntCounter::new("rejected_total", "all codes").expect("valid"),
+            rejected_by_code: counter_vec(
+                "classifier_requests_rejected_total",
+                "Requests answered with an error reply, by error code.",
+                &["code"],
+            ),
+            replies_published: counter_vec(
+                "classifier_replies_published_total",
+                "Replies the broker confirmed, by outcome (classified or error).",
+                &["outcome"],
+            ),
+            unanswerable: counter(
+                "classifier_requests_unanswerable_total",
+                "Requests acked without a reply (no reply topic, or it is gone).",
+            ),
+            publish_retries: counter(
+                "classifier_publish_retries_total",
+                "Reply publishes that failed and were retried.",
+            ),
+            dead_lettered: counter(
+                "classifier_dead_lettered_total",
+                "Requests copied to the dead-letter topic.",
+            ),
+            batch_size: histogram(
+                "classifier_batch_size",
+                "Requests per batch run through the model.",
+                &BATCH_BUCKETS,
+            ),
+            inference_seconds: histogram(
+                "classifier_inference_seconds",
+                "Seconds the model took per batch.",
+                &SECONDS_BUCKETS,
+            ),
+            request_seconds: histogram(
+                "classifier_request_duration_seconds",
+                "Seconds from taking a request off the broker to acking it.",
+                &SECONDS_BUCKETS,
+            ),
+            in_flight: gauge(
+                "classifier_requests_in_flight",
+                "Requests taken from the broker and not yet acked.",
+            ),
+            resubscriptions: counter(
+                "classifier_broker_resubscriptions_total",
+                "Times the request subscription was opened again after the broker failed.",
+            ),
+            model_info: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("classifier_model_info", "1 for the model being served."),
+                    &["model", "version"],
+                )
+                .expect("a valid definition"),
+            ),
+            ready: gauge(
+                "classifier_ready",
+                "1 when the server takes requests (as /readyz).",
+            ),
+            registry,
+            live: Mutex::new(None),
+            model_loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
-    /// Adds `n` to one of the counters (the stages' only way to count).
-    pub(super) fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    /// Reads all counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let published = |outcome: &str| self.replies_published.with_label_values(&[outcome]).get();
+        StatsSnapshot {
+            received: self.received.get(),
+            classified: self.classified.get(),
+            rejected: self.rejected.get(),
+            unanswerable: self.unanswerable.get(),
+            batches: self.batch_size.get_sample_count(),
+            publish_retries: self.publish_retries.get(),
+            dead_lettered: self.dead_lettered.get(),
+            replies_published: published("classified") + published("error"),
+        }
     }
+
+    /// Adds `n` to one of the plain counters.
+    pub(super) fn add(counter: &IntCounter, n: u64) {
+        counter.inc_by(n);
+    }
+
+    /// Counts a request answered with error `code` (its protobuf name).
+    pub(super) fn reject(&self, code: &str) {
+        self.rejected.inc();
+        self.rejected_by_code.with_label_values(&[code]).inc();
+    }
+
+    /// Counts a batch of `size` requests the model ran in `seconds`.
+    pub(super) fn batch(&self, size: usize, seconds: f64) {
+        self.batch_size.observe(size as f64);
+        self.inference_seconds.observe(seconds);
+    }
+
+    /// Counts `n` replies the broker confirmed, `errors` of them error replies.
+    pub(super) fn published(&self, n: usize, errors: usize) {
+        let vec = &self.replies_published;
+        vec.with_label_values(&["classified"])
+            .inc_by(n.saturating_sub(errors) as u64);
+        vec.with_label_values(&["error"]).inc_by(errors as u64);
+    }
+
+    /// Records how long a request took from intake to its ack.
+    pub(super) fn finished(&self, seconds: f64) {
+        self.request_seconds.observe(seconds);
+    }
+
+    /// Marks `models` (name, version) as the models being served.
+    pub fn models_loaded(&self, models: &[Arc<ServedModel>]) {
+        self.model_info.reset();
+        for model in models {
+            let labels = [model.name.as_str(), model.version()];
+            self.model_info.with_label_values(&labels).set(1);
+        }
+        self.model_loaded
+            .store(!models.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Lends the serving pipeline's subscription state and in-flight semaphore (of
+    /// `capacity` permits), read when the metrics are scraped.
+    pub(super) fn serving(
+        &self,
+        subscription: SubscriptionState,
+        in_flight: Arc<Semaphore>,
+        capacity: usize,
+    ) {
+        *lock(&self.live) = Some(LiveSources {
+            subscription,
+            in_flight,
+            capacity,
+        });
+        self.draining.store(false, Ordering::Relaxed);
+    }
+
+    /// Intake has stopped for good: the server is shutting down.
+    pub(super) fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// `Ok` if the server takes requests, else the first reason it does not.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if !self.model_loaded.load(Ordering::Relaxed) {
+            return Err(NotReady::ModelNotLoaded);
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(NotReady::Draining);
+        }
+        match &*lock(&self.live) {
+            Some(live) if live.subscription.is_subscribed() => Ok(()),
+            _ => Err(NotReady::BrokerNotConnected),
+        }
+    }
+
+    /// Every metric in Prometheus' text exposition format, read now.
+    pub fn render_prometheus(&self) -> String {
+        if let Some(live) = &*lock(&self.live) {
+            let taken = live
+                .capacity
+                .saturating_sub(live.in_flight.available_permits());
+            self.in_flight.set(taken as i64);
+            let seen = live.subscription.resubscriptions();
+            let counted = self.resubscriptions.get();
+            self.resubscriptions.inc_by(seen.saturating_sub(counted));
+        }
+        self.ready.set(i64::from(self.readiness().is_ok()));
+        let mut text = Vec::new();
+        // Encoding into a Vec fails only on metric families the registry itself built.
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
+            tracing::error!(%error, "encoding the metrics failed");
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+}
+
+/// Registers `metric` (names are fixed and distinct, so this cannot fail at run time;
+/// the unit tests build one).
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("fixed, distinct metric names");
+    metric
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::ModelSet;
+    use crate::pipeline::test_support::shipped_classifier;
 
     #[test]
     fn snapshot_reads_every_counter() {
         let stats = ServerStats::default();
-        let counters = [
-            &stats.received,
-            &stats.classified,
-            &stats.rejected,
-            &stats.unanswerable,
-            &stats.batches,
-            &stats.publish_retries,
-            &stats.dead_lettered,
-        ];
-        for (i, counter) in counters.into_iter().enumerate() {
-            ServerStats::add(counter, i as u64 + 1);
+        ServerStats::add(&stats.received, 1);
+        ServerStats::add(&stats.classified, 2);
+        stats.reject("CORRUPT_IMAGE");
+        stats.reject("CORRUPT_IMAGE");
+        stats.reject("UNSUPPORTED_FORMAT");
+        ServerStats::add(&stats.unanswerable, 4);
+        for size in [1, 2, 3, 4, 5] {
+            stats.batch(size, 0.01);
         }
+        ServerStats::add(&stats.publish_retries, 6);
+        ServerStats::add(&stats.dead_lettered, 7);
+        stats.published(8, 3);
         assert_eq!(
             stats.snapshot(),
             StatsSnapshot {
@@ -90,7 +378,56 @@ mod tests {
                 batches: 5,
                 publish_retries: 6,
                 dead_lettered: 7,
+                replies_published: 8,
             }
         );
+        let text = stats.render_prometheus();
+        for line in [
+            "classifier_requests_received_total 1",
+            "classifier_requests_rejected_total{code=\"CORRUPT_IMAGE\"} 2",
+            "classifier_requests_rejected_total{code=\"UNSUPPORTED_FORMAT\"} 1",
+            "classifier_replies_published_total{outcome=\"classified\"} 5",
+            "classifier_replies_published_total{outcome=\"error\"} 3",
+            "classifier_batch_size_count 5",
+            "classifier_batch_size_sum 15",
+            "classifier_ready 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn ready_only_with_a_model_a_subscription_and_no_drain() {
+        let stats = ServerStats::default();
+        assert_eq!(stats.readiness(), Err(NotReady::ModelNotLoaded));
+        let served = ModelSet::single(shipped_classifier()).served();
+        stats.models_loaded(&served);
+        assert_eq!(stats.readiness(), Err(NotReady::BrokerNotConnected));
+        let info = format!(
+            "classifier_model_info{{model=\"{}\",version=\"{}\"}} 1",
+            served[0].name,
+            served[0].version()
+        );
+        assert!(stats.render_prometheus().contains(&info));
+        // A state nobody subscribed with reads as not subscribed.
+        stats.serving(SubscriptionState::default(), Arc::new(Semaphore::new(4)), 4);
+        assert_eq!(stats.readiness(), Err(NotReady::BrokerNotConnected));
+        stats.draining();
+        assert_eq!(stats.readiness(), Err(NotReady::Draining));
+    }
+
+    #[test]
+    fn in_flight_is_read_from_the_intake_semaphore() {
+        let stats = ServerStats::default();
+        let semaphore = Arc::new(Semaphore::new(10));
+        stats.serving(SubscriptionState::default(), Arc::clone(&semaphore), 10);
+        let _taken = semaphore.try_acquire_many(3).expect("room");
+        assert!(stats
+            .render_prometheus()
+            .lines()
+            .any(|l| l == "classifier_requests_in_flight 3"));
     }
 }

@@ -163,6 +163,8 @@ pub struct ClientConfig {
     pub resize_to: Option<u32>,
     /// Predictions to ask for per image.
     pub top_k: usize,
+    /// Which of the servers' models should answer; empty: their default model.
+    pub model_name: String,
 }
 
 impl Default for ClientConfig {
@@ -174,6 +176,7 @@ impl Default for ClientConfig {
             max_request_bytes: None,
             resize_to: None,
             top_k: 3,
+            model_name: String::new(),
         }
     }
 }

@@ -14,6 +14,10 @@ pub struct InputFile {
     pub display_name: String,
     /// Name of the folder that holds the file, which may be a class name.
     pub folder: Option<String>,
+    /// The path below the folder argument it was found under (`coat/1.png` for the
+    /// argument `examples`); just the file name for a file argument. `--sort-into`
+    /// keeps it below the class folder.
+    pub relative: PathBuf,
 }
 
 /// Walks the given files and folders recursively, in a stable (sorted) order. Hidden
@@ -27,7 +31,8 @@ pub fn collect_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<InputFile>> {
         if metadata.is_dir() {
             walk(root, root, &mut files)?;
         } else {
-            files.push(input_file(root, root.parent().unwrap_or(Path::new(""))));
+            let base = root.parent().unwrap_or(Path::new(""));
+            files.push(input_file(root, base, base));
         }
     }
     Ok(files)
@@ -49,15 +54,26 @@ fn walk(dir: &Path, root: &Path, files: &mut Vec<InputFile>) -> anyhow::Result<(
         if path.is_dir() {
             walk(&path, root, files)?;
         } else {
-            files.push(input_file(&path, root.parent().unwrap_or(Path::new(""))));
+            files.push(input_file(
+                &path,
+                root.parent().unwrap_or(Path::new("")),
+                root,
+            ));
         }
     }
     Ok(())
 }
 
-fn input_file(path: &Path, base: &Path) -> InputFile {
+/// `path` shown relative to `base`, and kept relative to `root` (the folder argument,
+/// or the file argument's parent).
+fn input_file(path: &Path, base: &Path, root: &Path) -> InputFile {
     let shown = path.strip_prefix(base).unwrap_or(path);
+    let relative = match path.strip_prefix(root) {
+        Ok(below) if !below.as_os_str().is_empty() => below.to_path_buf(),
+        _ => path.file_name().map(PathBuf::from).unwrap_or_default(),
+    };
     InputFile {
+        relative,
         path: path.to_path_buf(),
         display_name: shown.to_string_lossy().into_owned(),
         folder: path
@@ -100,13 +116,17 @@ mod tests {
         std::fs::write(root.join("notes.txt"), b"x").expect("write");
         std::fs::write(root.join(".hidden"), b"x").expect("write");
         std::fs::write(root.join(".cache/c.png"), b"x").expect("write");
-        let files = collect_inputs(&[root]).expect("walks");
+        let files = collect_inputs(std::slice::from_ref(&root)).expect("walks");
         let names: Vec<_> = files.iter().map(|f| f.display_name.as_str()).collect();
         assert_eq!(
             names,
             ["photos/coat/a.png", "photos/coat/b.png", "photos/notes.txt"]
         );
         assert_eq!(files[0].folder.as_deref(), Some("coat"));
+        assert_eq!(files[0].relative, Path::new("coat/a.png"));
+        assert_eq!(files[2].relative, Path::new("notes.txt"));
+        let single = collect_inputs(&[root.join("coat/b.png")]).expect("a file");
+        assert_eq!(single[0].relative, Path::new("b.png"));
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct JobOptions {
     pub resize_to: Option<u32>,
     /// Predictions asked for per image.
     pub top_k: u32,
+    /// Which of the servers' models should answer (`--model-name`); empty: their
+    /// default model.
+    pub model_name: String,
 }
 
 impl JobOptions {
@@ -62,6 +65,7 @@ impl JobOptions {
             max_request_bytes: config.client.max_request_bytes,
             resize_to: config.client.resize_to,
             top_k: config.client.top_k as u32,
+            model_name: config.client.model_name.clone(),
         }
     }
 }
@@ -84,8 +88,10 @@ pub enum FileOutcome {
     Classified {
         /// Best first.
         top_k: Vec<ClassScore>,
-        /// "name version" of the model that answered.
+        /// Name of the model that answered (as the server serves it).
         model: String,
+        /// Its version.
+        model_version: String,
     },
     /// The server (or the client, for unreadable files) could not classify it.
     Failed {
@@ -355,7 +361,8 @@ fn file_result(input: &InputFile, response: ClassifyResponse, latency: Duration)
                     probability: p.probability,
                 })
                 .collect(),
-            model: format!("{} {}", predictions.model_name, predictions.model_version),
+            model: predictions.model_name,
+            model_version: predictions.model_version,
         },
         Some(Outcome::Error(error)) => FileOutcome::Failed {
             code: ErrorCode::try_from(error.code)
@@ -392,7 +399,6 @@ async fn send_all(
     sent: mpsc::UnboundedSender<Sent>,
     max_request_bytes: usize,
 ) {
-    let mut batch: Vec<(usize, String, Message)> = Vec::new();
     // Files are read whole only if they can be sent, or downscaled to be.
     let read_limit = match options.resize_to {
         Some(_) => options.max_file_bytes,
@@ -405,21 +411,21 @@ async fn send_all(
             reason,
         });
     };
+    let mut outbox = Outbox {
+        broker: &*broker,
+        options: &options,
+        pending: &pending,
+        window: &window,
+        local_failure: &local_failure,
+        batch: Vec::new(),
+    };
     let mut read_ahead: std::collections::VecDeque<FileRead> = std::collections::VecDeque::new();
     for (index, file) in files.iter().enumerate() {
         // Take a window slot; if none is free right now, first send what is batched.
         let permit = match Arc::clone(&window).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                flush(
-                    &*broker,
-                    &options,
-                    &mut batch,
-                    &pending,
-                    &window,
-                    &local_failure,
-                )
-                .await;
+                outbox.flush().await;
                 match Arc::clone(&window).acquire_owned().await {
                     Ok(permit) => permit,
                     Err(_) => return,
@@ -451,6 +457,7 @@ async fn send_all(
             sent_at_unix_micros: unix_micros_now(),
             attributes: HashMap::new(),
             top_k: options.top_k,
+            model_name: options.model_name.clone(),
         };
         let message = match fit_request(request, max_request_bytes, options.resize_to).await {
             Ok(message) => message,
@@ -461,28 +468,12 @@ async fn send_all(
         };
         // From here the slot is returned when the reply arrives.
         permit.forget();
-        batch.push((index, request_id, message));
-        if batch.len() >= SEND_BATCH {
-            flush(
-                &*broker,
-                &options,
-                &mut batch,
-                &pending,
-                &window,
-                &local_failure,
-            )
-            .await;
+        outbox.batch.push((index, request_id, message));
+        if outbox.batch.len() >= SEND_BATCH {
+            outbox.flush().await;
         }
     }
-    flush(
-        &*broker,
-        &options,
-        &mut batch,
-        &pending,
-        &window,
-        &local_failure,
-    )
-    .await;
+    outbox.flush().await;
     let _ = sent.send(Sent::Done);
 }
 
@@ -559,6 +550,32 @@ async fn fit_request(
     } else {
         let (code, reason) = too_large(message.size(), &format!("downscaled to {side} px"));
         Err((code, format!("{reason} (try a smaller --resize-to)")))
+    }
+}
+
+/// Requests read and built but not yet published, with what publishing them needs.
+struct Outbox<'a> {
+    broker: &'a dyn Broker,
+    options: &'a JobOptions,
+    pending: &'a Pending,
+    window: &'a Semaphore,
+    local_failure: &'a (dyn Fn(usize, Failure) + Sync),
+    /// (file index, request id, message) of each request waiting to be published.
+    batch: Vec<(usize, String, Message)>,
+}
+
+impl Outbox<'_> {
+    /// Publishes the batch (see [`flush`]) and empties it.
+    async fn flush(&mut self) {
+        flush(
+            self.broker,
+            self.options,
+            &mut self.batch,
+            self.pending,
+            self.window,
+            self.local_failure,
+        )
+        .await;
     }
 }
 

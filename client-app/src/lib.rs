@@ -3,6 +3,9 @@
 //! - [`inputs`]: which files (walks folders);
 //! - [`job`]: publishing requests with a bounded window and matching replies;
 //! - [`report`]: per-file lines, summary, accuracy, confusion matrix, result files;
+//! - [`html_report`]: the same as one self-contained HTML page (`--report`);
+//! - [`resume`]: which files an earlier results file already answered (`--resume`);
+//! - [`sort`]: copying or moving answered files into class folders (`--sort-into`);
 //! - [`dead_letters`]: reading back what the servers dead-lettered, re-publishing it.
 //!
 //! With a broker that lives inside this process (the embedded one) the servers cannot be
@@ -11,9 +14,12 @@
 
 pub mod dead_letters;
 pub mod downscale;
+pub mod html_report;
 pub mod inputs;
 pub mod job;
 pub mod report;
+pub mod resume;
+pub mod sort;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,6 +51,17 @@ pub async fn classify(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<ClassifyOutcome> {
     let files = inputs::collect_inputs(paths)?;
+    classify_files(config, files, progress_for, shutdown).await
+}
+
+/// [`classify`] for files already listed (e.g. by [`inputs::collect_inputs`], less
+/// those an earlier run answered).
+pub async fn classify_files(
+    config: &AppConfig,
+    files: Vec<inputs::InputFile>,
+    progress_for: impl FnOnce(usize) -> Box<dyn Progress>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<ClassifyOutcome> {
     let broker = connect_with_retry(&config.broker, shutdown).await?;
     // Some backends connect lazily: wait (with backoff, logged) until the broker answers.
     let request_topic = config.server.request_topic.as_str();

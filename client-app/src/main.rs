@@ -6,17 +6,21 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use classifier_server::{cancel_on_signals, init_tracing, AppConfig};
-use client_app::job::{FileResult, NoProgress, Progress};
-use client_app::report::{self, Counts};
+use client_app::job::{FileOutcome, FileResult, NoProgress, Progress};
+use client_app::report::{self, Counts, ResultsWriter};
+use client_app::resume::Answered;
+use client_app::sort::{SortOptions, Sorter, Transfer};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 /// Sends images to the classifier servers over a message broker and reports the results.
 ///
 /// Exit status: 0 every file classified; 2 some files answered with errors (bad or
-/// unsupported images); 3 some files unanswered before the timeout; 1 the run failed.
+/// unsupported images); 3 some files unanswered before the timeout; 4 some files could
+/// not be sorted (--sort-into; they stay where they were); 1 the run failed.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -72,9 +76,40 @@ struct ClassifyArgs {
     /// Files and folders to classify.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
-    /// Write results to FILE: CSV if it ends in .csv, JSON Lines otherwise.
+    /// Write results to FILE: CSV if it ends in .csv, JSON Lines otherwise. One row per
+    /// file, written as the results arrive (unanswered files last), so an interrupted
+    /// run keeps what it got (see --resume).
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// Skip the files that the --output file of an earlier run already answered, and
+    /// add the new rows to that file (its old rows are kept). Answered means classified,
+    /// or an error the same bytes would get again (UNSUPPORTED_FORMAT, CORRUPT_IMAGE,
+    /// EMPTY_IMAGE, IMAGE_TOO_LARGE, MESSAGE_TOO_LARGE); unanswered files and other
+    /// errors (INTERNAL, UNREADABLE_FILE, FILE_TOO_LARGE, ...) are sent again. Files are
+    /// matched by the path shown (the `file` column), so give the folders as before.
+    /// Skipped files are not sorted again.
+    #[arg(long)]
+    resume: bool,
+    /// Copy each answered file into OUT: a classified one to OUT/<class>/<path>, one
+    /// answered with an error to OUT/_errors/<CODE>/<path>, where <path> is the file's
+    /// path below the folder argument (just its name for a file argument) and <class>
+    /// the predicted class with `/` and other unsafe characters turned into `-`
+    /// (`T-shirt/top` → `T-shirt-top`). Unanswered files stay where they are. An existing
+    /// file is never overwritten: the new one becomes `name (1).png`, `name (2).png`, ...
+    /// Files are sorted as their results arrive; one that cannot be (e.g. permission
+    /// denied) is reported and stays where it was, and the others carry on. OUT must
+    /// not be inside a folder being classified.
+    #[arg(long, value_name = "OUT")]
+    sort_into: Option<PathBuf>,
+    /// With --sort-into: move the files instead of copying them. Each file's new copy
+    /// (or hard link) is made durable (fsync of file and folder) before the source is
+    /// removed, so a crash never loses a file.
+    #[arg(long = "move", requires = "sort_into")]
+    move_files: bool,
+    /// With --sort-into: classified files whose top probability is below P (0 to 1) go
+    /// to OUT/_uncertain/<class>/<path> instead.
+    #[arg(long, value_name = "P", requires = "sort_into", value_parser = parse_probability)]
+    min_confidence: Option<f32>,
     /// Requests in flight at most.
     #[arg(long)]
     window: Option<usize>,
@@ -90,6 +125,16 @@ struct ClassifyArgs {
     /// Model directory for the in-process server (embedded broker only).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Ask the servers for their model of this name (one served with `classifier-server
+    /// --model NAME=DIR`); default: their default model. A name they do not serve is
+    /// answered with UNKNOWN_MODEL and the names they do.
+    #[arg(long, value_name = "NAME")]
+    model_name: Option<String>,
+    /// Write a self-contained HTML page about the run to FILE: summary, confusion
+    /// matrix, per-class precision and recall, the least confident predictions as
+    /// thumbnails, and the errors.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// Send requests of at most this many bytes (default: the broker's limit, e.g.
     /// 10 MB on Pub/Sub); larger images are FILE_TOO_LARGE, or downscaled with
     /// --resize-to.
@@ -102,6 +147,19 @@ struct ClassifyArgs {
     /// Print only the summary, not one line per file.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// A probability for `--min-confidence`: a number from 0 to 1.
+fn parse_probability(text: &str) -> Result<f32, String> {
+    let value: f32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not a probability (0 to 1)"))
+    }
 }
 
 #[tokio::main]
@@ -144,6 +202,9 @@ fn config(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<AppConfig> {
     if let Some(model) = &args.model {
         config.server.model_dir = Some(model.clone());
     }
+    if let Some(name) = &args.model_name {
+        config.client.model_name = name.clone();
+    }
     if let Some(bytes) = args.max_bytes {
         config.client.max_request_bytes = Some(bytes);
     }
@@ -160,40 +221,245 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters(args) => return run_dead_letters(&cli, args).await,
     };
     let config = config(&cli, args)?;
+    let files = client_app::inputs::collect_inputs(&args.paths)?;
+    let (files, skipped) = match (&args.output, args.resume) {
+        (None, true) => anyhow::bail!(
+            "--resume needs --output FILE: the results file of the earlier run, which says \
+             what was answered (and gets the new results)"
+        ),
+        (Some(path), true) => {
+            let answered = Answered::read(path)?;
+            if !path.exists() {
+                eprintln!(
+                    "note: {} does not exist yet: nothing to resume, every file is sent",
+                    path.display()
+                );
+            }
+            if answered.unreadable_rows > 0 {
+                eprintln!(
+                    "warning: {} row(s) of {} could not be read; their files are sent again",
+                    answered.unreadable_rows,
+                    path.display()
+                );
+            }
+            answered.remaining(files)
+        }
+        (_, false) => (files, 0),
+    };
+    let sorter = match &args.sort_into {
+        Some(out) => Some(Sorter::new(sort_options(args, out)?)),
+        None => None,
+    };
+    let writer = match &args.output {
+        Some(path) => Some(ResultsWriter::create(path, args.resume)?),
+        None => None,
+    };
+    // Results are written and files sorted on a thread of their own as they arrive,
+    // so file system work never holds up the replies.
+    let (results_tx, results_rx) = std::sync::mpsc::channel::<FileResult>();
+    let mut after = AfterEach {
+        writer,
+        sorter,
+        write_error: None,
+    };
+    let worker = std::thread::spawn(move || {
+        for result in results_rx {
+            after.handle(&result);
+        }
+        after
+    });
+
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
     let interactive = std::io::stderr().is_terminal();
     let quiet = args.quiet;
-    let outcome = client_app::classify(
+    let outcome = client_app::classify_files(
         &config,
-        &args.paths,
+        files,
         |total| -> Box<dyn Progress> {
-            if interactive {
+            let display: Box<dyn Progress> = if interactive {
                 Box::new(Bar::new(total, quiet))
             } else if quiet {
                 Box::new(NoProgress)
             } else {
                 Box::new(Lines)
-            }
+            };
+            Box::new(Tee {
+                display,
+                results: results_tx,
+            })
         },
         &shutdown,
     )
-    .await?;
+    .await;
+    let mut after = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread writing results and sorting files panicked"))?;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            if let Some(path) = &args.output {
+                if after.finish().is_ok() {
+                    eprintln!(
+                        "the results so far are in {}; run again with --resume to go on",
+                        path.display()
+                    );
+                }
+            }
+            return Err(error);
+        }
+    };
     let report = &outcome.report;
+    // Unanswered files are known only now: their rows go last.
+    for result in &report.results {
+        if result.outcome == FileOutcome::Unanswered {
+            after.handle(result);
+        }
+    }
+    let mut notes = Vec::new();
+    if let (true, Some(path)) = (args.resume, &args.output) {
+        notes.push(format!(
+            "skipped (already answered): {skipped}   (in {})",
+            path.display()
+        ));
+    }
+    if let Some(sorter) = &after.sorter {
+        notes.extend(sort_notes(sorter));
+    }
     let accuracy = report::accuracy(report, &outcome.model_classes);
-    println!("{}", report::summary(report, accuracy.as_ref()));
+    println!(
+        "{}",
+        report::summary_with_notes(report, accuracy.as_ref(), &notes)
+    );
+    let sort_failed = after.sorter.as_ref().is_some_and(|s| s.counts().failed > 0);
+    if let Some(error) = after.write_error.take() {
+        return Err(error);
+    }
+    after.finish()?;
     if let Some(path) = &args.output {
-        report::write_results(report, path)?;
         println!("results written to {}", path.display());
+    }
+    if let Some(path) = &args.report {
+        client_app::html_report::write_html_report(report, accuracy.as_ref(), path)?;
+        println!("report written to {}", path.display());
     }
     let counts = Counts::of(report);
     Ok(if counts.unanswered > 0 {
         ExitCode::from(3)
+    } else if sort_failed {
+        ExitCode::from(4)
     } else if counts.failed > 0 {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The `--sort-into` options, with OUT created and checked not to be inside a folder
+/// being classified (its files would be classified and sorted again next time).
+fn sort_options(args: &ClassifyArgs, out: &std::path::Path) -> anyhow::Result<SortOptions> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the --sort-into folder {}", out.display()))?;
+    let out_real = out
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", out.display()))?;
+    for input in &args.paths {
+        if let Ok(input_real) = input.canonicalize() {
+            anyhow::ensure!(
+                input_real.is_file() || !out_real.starts_with(&input_real),
+                "--sort-into {} is inside {}, which is being classified: choose a folder \
+                 outside it",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(SortOptions {
+        out: out.to_path_buf(),
+        transfer: if args.move_files {
+            Transfer::Move
+        } else {
+            Transfer::Copy
+        },
+        min_confidence: args.min_confidence,
+    })
+}
+
+/// The summary lines saying where `--sort-into` put the files, and what it could not.
+fn sort_notes(sorter: &Sorter) -> Vec<String> {
+    let counts = sorter.counts();
+    let options = sorter.options();
+    let verb = match options.transfer {
+        Transfer::Copy => "copied",
+        Transfer::Move => "moved",
+    };
+    let mut notes = vec![format!(
+        "sorted ({verb}) into {}: by class {}, uncertain {}, errors {}, failed {}, left unanswered {}",
+        options.out.display(),
+        counts.by_class,
+        counts.uncertain,
+        counts.errors,
+        counts.failed,
+        counts.unanswered,
+    )];
+    if !sorter.failures().is_empty() {
+        notes.push("not sorted (left where they were):".to_string());
+        for failure in sorter.failures() {
+            notes.push(format!("  {}: {}", failure.file.display(), failure.reason));
+        }
+    }
+    notes
+}
+
+/// What happens to each result as it arrives, on the worker thread: its row is
+/// written to the results file, its file sorted.
+struct AfterEach {
+    writer: Option<ResultsWriter>,
+    sorter: Option<Sorter>,
+    /// The first failure writing results (later rows are not attempted).
+    write_error: Option<anyhow::Error>,
+}
+
+impl AfterEach {
+    fn handle(&mut self, result: &FileResult) {
+        if let (Some(writer), None) = (&mut self.writer, &self.write_error) {
+            if let Err(error) = writer.write(result) {
+                eprintln!("error: {error:#}");
+                self.write_error = Some(error);
+            }
+        }
+        if let Some(sorter) = &mut self.sorter {
+            if let Err(failure) = sorter.sort(result) {
+                eprintln!(
+                    "warning: {} not sorted: {} (it stays where it was)",
+                    failure.file.display(),
+                    failure.reason
+                );
+            }
+        }
+    }
+
+    /// Flushes and syncs the results file.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        match self.writer.take() {
+            Some(writer) => writer.finish(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Shows progress and hands every result to the worker thread.
+struct Tee {
+    display: Box<dyn Progress>,
+    results: std::sync::mpsc::Sender<FileResult>,
+}
+
+impl Progress for Tee {
+    fn file_done(&self, result: &FileResult) {
+        self.display.file_done(result);
+        // The worker ends only after the sender is dropped: it is there.
+        let _ = self.results.send(result.clone());
+    }
 }
 
 /// `client-app bench`: the config as for `classify`, then the benchmark.

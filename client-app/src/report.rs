@@ -158,6 +158,16 @@ pub fn accuracy(report: &JobReport, known_classes: &[String]) -> Option<Accuracy
 
 /// The summary block printed after the per-file lines.
 pub fn summary(report: &JobReport, accuracy: Option<&Accuracy>) -> String {
+    summary_with_notes(report, accuracy, &[])
+}
+
+/// [`summary`] with extra lines (`notes`, e.g. what `--resume` skipped and where
+/// `--sort-into` put the files) after the counts and times.
+pub fn summary_with_notes(
+    report: &JobReport,
+    accuracy: Option<&Accuracy>,
+    notes: &[String],
+) -> String {
     let counts = Counts::of(report);
     let mut out = String::new();
     let _ = writeln!(out, "Summary (job {})", report.job_id);
@@ -188,6 +198,9 @@ pub fn summary(report: &JobReport, accuracy: Option<&Accuracy>) -> String {
             ms(pick(0.99)),
             ms(pick(1.0))
         );
+    }
+    for note in notes {
+        let _ = writeln!(out, "  {note}");
     }
     if report.answered_by.len() > 1 {
         let mut servers: Vec<_> = report.answered_by.iter().collect();
@@ -266,9 +279,19 @@ struct Row<'a> {
     server_id: &'a str,
     latency_ms: Option<f64>,
     request_id: &'a str,
+    model: Option<&'a str>,
+    model_version: Option<&'a str>,
 }
 
 fn row(result: &FileResult) -> Row<'_> {
+    let (model, model_version) = match &result.outcome {
+        FileOutcome::Classified {
+            model,
+            model_version,
+            ..
+        } => (Some(model.as_str()), Some(model_version.as_str())),
+        _ => (None, None),
+    };
     let (status, predicted, probability, top_k, code, reason) = match &result.outcome {
         FileOutcome::Classified { top_k, .. } => (
             "classified",
@@ -306,31 +329,115 @@ fn row(result: &FileResult) -> Row<'_> {
         server_id: &result.server_id,
         latency_ms: result.latency.map(ms),
         request_id: &result.request_id,
+        model,
+        model_version,
     }
 }
 
 /// Writes the results as CSV (`.csv`) or JSON Lines (anything else, e.g. `.jsonl`).
 pub fn write_results(report: &JobReport, path: &Path) -> anyhow::Result<()> {
-    let is_csv = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    if is_csv {
-        let mut writer = csv::Writer::from_writer(file);
-        for result in &report.results {
-            writer.serialize(row(result))?;
-        }
-        writer.flush()?;
-    } else {
-        let mut writer = std::io::BufWriter::new(file);
-        for result in &report.results {
-            serde_json::to_writer(&mut writer, &row(result))?;
-            writer.write_all(b"\n")?;
-        }
-        writer.flush()?;
+    let mut writer = ResultsWriter::create(path, false)?;
+    for result in &report.results {
+        writer.write(result)?;
     }
-    Ok(())
+    writer.finish()
+}
+
+/// Whether `path` names a CSV results file (`.csv`); JSON Lines otherwise.
+pub fn is_csv(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
+/// A results file written one row at a time, as results arrive: each row reaches the
+/// file (is flushed) before the next, so a run that is interrupted or crashes leaves
+/// every result it had, and `--resume` can carry on from them.
+pub struct ResultsWriter {
+    path: std::path::PathBuf,
+    format: Format,
+}
+
+enum Format {
+    Csv(Box<csv::Writer<std::fs::File>>),
+    JsonLines(std::fs::File),
+}
+
+impl ResultsWriter {
+    /// Opens `path` for results: CSV if it ends in `.csv`, JSON Lines otherwise.
+    /// `append` keeps what the file holds and adds rows after it (a CSV header only if
+    /// the file was empty; a last line cut short by a crash is ended first); otherwise
+    /// the file is created or emptied.
+    pub fn create(path: &Path, append: bool) -> anyhow::Result<ResultsWriter> {
+        let open = || -> std::io::Result<(std::fs::File, bool)> {
+            if append {
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .read(true)
+                    .open(path)?;
+                let len = file.metadata()?.len();
+                if len > 0 && !ends_with_newline(&mut file, len)? {
+                    file.write_all(b"\n")?;
+                }
+                Ok((file, len > 0))
+            } else {
+                Ok((std::fs::File::create(path)?, false))
+            }
+        };
+        let (file, has_rows) = open().with_context(|| format!("cannot open {}", path.display()))?;
+        let format = if is_csv(path) {
+            Format::Csv(Box::new(
+                csv::WriterBuilder::new()
+                    .has_headers(!has_rows)
+                    .from_writer(file),
+            ))
+        } else {
+            Format::JsonLines(file)
+        };
+        Ok(ResultsWriter {
+            path: path.to_path_buf(),
+            format,
+        })
+    }
+
+    /// Writes the row of one result, and flushes it to the file.
+    pub fn write(&mut self, result: &FileResult) -> anyhow::Result<()> {
+        let written: anyhow::Result<()> = match &mut self.format {
+            Format::Csv(writer) => writer
+                .serialize(row(result))
+                .map_err(anyhow::Error::from)
+                .and_then(|()| writer.flush().map_err(anyhow::Error::from)),
+            Format::JsonLines(file) => serde_json::to_vec(&row(result))
+                .map_err(anyhow::Error::from)
+                .and_then(|mut line| {
+                    line.push(b'\n');
+                    file.write_all(&line).map_err(anyhow::Error::from)
+                }),
+        };
+        written.with_context(|| format!("cannot write to {}", self.path.display()))
+    }
+
+    /// Flushes and `fsync`s the file.
+    pub fn finish(self) -> anyhow::Result<()> {
+        let file = match self.format {
+            Format::Csv(writer) => writer
+                .into_inner()
+                .map_err(|error| anyhow::anyhow!("{}", error.error()))
+                .with_context(|| format!("cannot write to {}", self.path.display()))?,
+            Format::JsonLines(file) => file,
+        };
+        file.sync_all()
+            .with_context(|| format!("cannot write to {}", self.path.display()))
+    }
+}
+
+/// Whether the last of the `len` bytes of `file` is a newline.
+fn ends_with_newline(file: &mut std::fs::File, len: u64) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 #[cfg(test)]
@@ -346,6 +453,7 @@ mod tests {
             path: PathBuf::from(format!("{folder}/{name}")),
             display_name: format!("{folder}/{name}"),
             folder: Some(folder.to_string()),
+            relative: PathBuf::from(name),
         }
     }
 
@@ -359,7 +467,8 @@ mod tests {
                     class_index: index,
                     probability: 0.9,
                 }],
-                model: "m 1".into(),
+                model: "m".into(),
+                model_version: "1".into(),
             },
             server_id: "s".into(),
             latency: Some(Duration::from_millis(3)),
@@ -430,5 +539,31 @@ mod tests {
         let line = std::fs::read_to_string(&json_path).expect("read");
         let value: serde_json::Value = serde_json::from_str(line.trim()).expect("json");
         assert_eq!(value["predicted_class"], "Shirt");
+    }
+
+    #[test]
+    fn appending_keeps_old_rows_and_mends_a_cut_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = classified("shirt", "Shirt", 6);
+        let json_path = dir.path().join("out.jsonl");
+        std::fs::write(&json_path, b"{\"file\":\"old\"}\n{\"file\":\"cut").expect("write");
+        let mut writer = ResultsWriter::create(&json_path, true).expect("open");
+        writer.write(&one).expect("write");
+        writer.finish().expect("finish");
+        let text = std::fs::read_to_string(&json_path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[1], "{\"file\":\"cut");
+        assert!(lines[2].contains("\"predicted_class\":\"Shirt\""), "{text}");
+
+        let csv_path = dir.path().join("out.csv");
+        for _ in 0..2 {
+            let mut writer = ResultsWriter::create(&csv_path, true).expect("open");
+            writer.write(&one).expect("write");
+            writer.finish().expect("finish");
+        }
+        let text = std::fs::read_to_string(&csv_path).expect("read");
+        assert_eq!(text.lines().count(), 3, "one header, two rows: {text}");
+        assert_eq!(text.matches("file,status").count(), 1, "{text}");
     }
 }

@@ -64,11 +64,22 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts a server with the given environment (backend, topic, group...).
     pub fn start(id: &str, env: &[(String, String)], log: &Path) -> ServerProcess {
+        Self::start_with_args(id, &[], env, log)
+    }
+
+    /// [`ServerProcess::start`] with more command-line arguments.
+    pub fn start_with_args(
+        id: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> ServerProcess {
         let log_file = std::fs::File::create(log).expect("server log file");
         // Started away from the repository, with no per-user model: the server finds
         // the model built into it, as an installed one does.
         let child = Command::new(binary("classifier-server"))
             .args(["--server-id", id])
+            .args(args)
             .current_dir(std::env::temp_dir())
             .env(
                 "XDG_DATA_HOME",
@@ -145,17 +156,20 @@ pub struct Summary {
     pub accuracy_percent: Option<f64>,
 }
 
+/// The number after the first `label` in `stdout` (e.g. `"skipped (already answered): "`).
+pub fn summary_number(stdout: &str, label: &str) -> Option<usize> {
+    let start = stdout.find(label)? + label.len();
+    stdout[start..]
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .next()?
+        .trim_end_matches('%')
+        .parse()
+        .ok()
+}
+
 /// Parses the summary the client prints on stdout.
 pub fn parse_summary(stdout: &str) -> Summary {
-    let number_after = |label: &str| -> Option<usize> {
-        let start = stdout.find(label)? + label.len();
-        stdout[start..]
-            .split_whitespace()
-            .next()?
-            .trim_end_matches('%')
-            .parse()
-            .ok()
-    };
+    let number_after = |label: &str| summary_number(stdout, label);
     let accuracy_percent = stdout.find("accuracy: ").and_then(|i| {
         let rest = &stdout[i..];
         let eq = rest.find("= ")? + 2;
@@ -422,4 +436,36 @@ pub fn write_size_probes(dir: &Path, limit: usize) -> (PathBuf, PathBuf) {
         padded("under.png", limit - 4096),
         padded("over.png", limit + 1),
     )
+}
+
+/// The rows of a JSON Lines results file (`--output x.jsonl`).
+pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// Every file below `dir` (recursively), as paths relative to it, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir)
+            .expect("list folder")
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else {
+                out.push(path.strip_prefix(root).expect("below root").to_path_buf());
+            }
+        }
+    }
+    let mut files = Vec::new();
+    if dir.exists() {
+        walk(dir, dir, &mut files);
+    }
+    files.sort();
+    files
 }

@@ -395,6 +395,7 @@ async fn job_without_server_reports_unanswered_after_timeout() {
         max_request_bytes: None,
         resize_to: None,
         top_k: 1,
+        model_name: String::new(),
     };
     let report = run_job(broker, files, &options, &NoProgress)
         .await

@@ -8,3 +8,18 @@ fn env() -> Option<Vec<(String, String)>> {
 }
 
 integration_tests::cross_process_tests!(env(), "REDIS_URL");
+
+// The model cases need no particular broker: they run on this one.
+#[test]
+fn a_model_reload_mid_run_loses_nothing() {
+    if let Some(env) = env() {
+        integration_tests::cross_process::a_model_reload_mid_run_loses_nothing(&env);
+    }
+}
+
+#[test]
+fn requests_choose_among_several_models() {
+    if let Some(env) = env() {
+        integration_tests::cross_process::requests_choose_among_several_models(&env);
+    }
+}

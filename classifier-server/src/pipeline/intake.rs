@@ -20,17 +20,46 @@ pub(super) struct Work {
     pub delivery: Delivery,
     /// When intake took it, for the reply's queue time.
     pub received_at: Instant,
-    _permit: OwnedSemaphorePermit,
+    _slot: InFlightSlot,
 }
 
 impl Work {
-    /// A request taken under `permit`.
-    pub fn new(delivery: Delivery, received_at: Instant, permit: OwnedSemaphorePermit) -> Self {
+    /// A request taken under `permit`, counted in `stats`' in-flight gauge until it is
+    /// done with (acked, or given up).
+    pub fn new(
+        delivery: Delivery,
+        received_at: Instant,
+        permit: OwnedSemaphorePermit,
+        stats: &ServerStats,
+    ) -> Self {
         Work {
             delivery,
             received_at,
-            _permit: permit,
+            _slot: InFlightSlot::new(permit, stats.in_flight_gauge()),
         }
+    }
+}
+
+/// A request's place in flight: its permit, and its count in the in-flight gauge, both
+/// given back when it is dropped.
+struct InFlightSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl InFlightSlot {
+    fn new(permit: OwnedSemaphorePermit, gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlightSlot {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 
@@ -66,7 +95,7 @@ pub(super) async fn run(
         };
         match next {
             Some(Ok(delivery)) => {
-                let chunk = take_chunk(&mut subscriber, in_flight, delivery, permit).await;
+                let chunk = take_chunk(&mut subscriber, in_flight, delivery, permit, stats).await;
                 ServerStats::add(&stats.received, chunk.len() as u64);
                 decode_pool.submit(chunk, prepared.clone());
             }
@@ -91,9 +120,10 @@ async fn take_chunk<S: Subscriber + ?Sized>(
     in_flight: &Arc<Semaphore>,
     first: Delivery,
     permit: OwnedSemaphorePermit,
+    stats: &ServerStats,
 ) -> Vec<Work> {
     let received_at = Instant::now();
-    let mut chunk = vec![Work::new(first, received_at, permit)];
+    let mut chunk = vec![Work::new(first, received_at, permit, stats)];
     while chunk.len() < DECODE_CHUNK {
         let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
             break;
@@ -104,7 +134,7 @@ async fn take_chunk<S: Subscriber + ?Sized>(
             () = std::future::ready(()) => None,
         };
         match ready {
-            Some(Ok(delivery)) => chunk.push(Work::new(delivery, received_at, permit)),
+            Some(Ok(delivery)) => chunk.push(Work::new(delivery, received_at, permit, stats)),
             Some(Err(error)) => {
                 tracing::warn!(%error, "receiving from the broker failed; retrying");
                 break;
@@ -143,12 +173,39 @@ mod tests {
     /// The first chunk `take_chunk` takes from a subscriber holding `waiting` messages,
     /// with room for `room` in flight, and the in-flight semaphore.
     async fn first_chunk(waiting: usize, room: usize) -> (Vec<Work>, Arc<Semaphore>) {
+        first_chunk_counted(waiting, room, &ServerStats::default()).await
+    }
+
+    /// [`first_chunk`], counting in `stats`.
+    async fn first_chunk_counted(
+        waiting: usize,
+        room: usize,
+        stats: &ServerStats,
+    ) -> (Vec<Work>, Arc<Semaphore>) {
         let mut subscriber = subscriber_with(waiting).await;
         let in_flight = Arc::new(Semaphore::new(room));
         let first = subscriber.next().await.expect("open").expect("a delivery");
         let permit = Arc::clone(&in_flight).try_acquire_owned().expect("room");
-        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit).await;
+        let chunk = take_chunk(&mut *subscriber, &in_flight, first, permit, stats).await;
         (chunk, in_flight)
+    }
+
+    #[tokio::test]
+    async fn work_is_counted_in_flight_until_dropped() {
+        let stats = ServerStats::default();
+        let (chunk, _) = first_chunk_counted(3, 100, &stats).await;
+        let in_flight = || stats.in_flight_gauge().get();
+        assert_eq!(in_flight(), 3);
+        let mut chunk = chunk.into_iter();
+        {
+            // Acking takes the delivery out of the work; the slot goes with the rest.
+            let first = chunk.next().expect("one");
+            first.delivery.ack().expect("ack");
+            assert_eq!(in_flight(), 3);
+        }
+        assert_eq!(in_flight(), 2);
+        drop(chunk);
+        assert_eq!(in_flight(), 0);
     }
 
     #[tokio::test]

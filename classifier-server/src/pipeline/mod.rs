@@ -123,8 +123,7 @@ impl ModelServer {
         let config = &self.config;
         let capacity = config.max_in_flight.max(1);
         let in_flight = Arc::new(Semaphore::new(capacity));
-        self.stats
-            .serving(subscriber.state(), Arc::clone(&in_flight), capacity);
+        self.stats.serving(subscriber.state());
         let (prepared_tx, prepared_rx) = mpsc::channel(capacity);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
@@ -382,7 +381,11 @@ mod test_support {
         let permit = Arc::new(Semaphore::new(1))
             .try_acquire_owned()
             .expect("a fresh semaphore has room");
-        (Work::new(delivery, Instant::now(), permit), settlement)
+        let stats = super::ServerStats::default();
+        (
+            Work::new(delivery, Instant::now(), permit, &stats),
+            settlement,
+        )
     }
 
     /// The model shipped in `models/fashion-mnist`, loaded once per test binary.

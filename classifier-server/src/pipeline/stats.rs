@@ -11,7 +11,6 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio::sync::Semaphore;
 use unified_broker::SubscriptionState;
 
 use crate::models::ServedModel;
@@ -43,7 +42,7 @@ pub struct ServerStats {
     inference_seconds: Histogram,
     /// Seconds from taking a request off the broker to acking it.
     request_seconds: Histogram,
-    /// Requests taken and not yet acked (read from the intake's semaphore when scraped).
+    /// Requests taken and not yet acked or given up (see `intake::Work`).
     in_flight: IntGauge,
     /// Times the request subscription was opened again after a failure.
     resubscriptions: IntCounter,
@@ -60,8 +59,6 @@ pub struct ServerStats {
 #[derive(Debug)]
 struct LiveSources {
     subscription: SubscriptionState,
-    in_flight: Arc<Semaphore>,
-    capacity: usize,
 }
 
 /// A snapshot of the counters of [`ServerStats`].
@@ -276,20 +273,16 @@ impl ServerStats {
             .store(!models.is_empty(), Ordering::Relaxed);
     }
 
-    /// Lends the serving pipeline's subscription state and in-flight semaphore (of
-    /// `capacity` permits), read when the metrics are scraped.
-    pub(super) fn serving(
-        &self,
-        subscription: SubscriptionState,
-        in_flight: Arc<Semaphore>,
-        capacity: usize,
-    ) {
-        *lock(&self.live) = Some(LiveSources {
-            subscription,
-            in_flight,
-            capacity,
-        });
+    /// Lends the serving pipeline's subscription state, read when the metrics are
+    /// scraped and readiness is asked.
+    pub(super) fn serving(&self, subscription: SubscriptionState) {
+        *lock(&self.live) = Some(LiveSources { subscription });
         self.draining.store(false, Ordering::Relaxed);
+    }
+
+    /// The gauge of requests in flight, which each request's slot counts itself in.
+    pub(super) fn in_flight_gauge(&self) -> IntGauge {
+        self.in_flight.clone()
     }
 
     /// Intake has stopped for good: the server is shutting down.
@@ -314,10 +307,6 @@ impl ServerStats {
     /// Every metric in Prometheus' text exposition format, read now.
     pub fn render_prometheus(&self) -> String {
         if let Some(live) = &*lock(&self.live) {
-            let taken = live
-                .capacity
-                .saturating_sub(live.in_flight.available_permits());
-            self.in_flight.set(taken as i64);
             let seen = live.subscription.resubscriptions();
             let counted = self.resubscriptions.get();
             self.resubscriptions.inc_by(seen.saturating_sub(counted));
@@ -413,21 +402,9 @@ mod tests {
         );
         assert!(stats.render_prometheus().contains(&info));
         // A state nobody subscribed with reads as not subscribed.
-        stats.serving(SubscriptionState::default(), Arc::new(Semaphore::new(4)), 4);
+        stats.serving(SubscriptionState::default());
         assert_eq!(stats.readiness(), Err(NotReady::BrokerNotConnected));
         stats.draining();
         assert_eq!(stats.readiness(), Err(NotReady::Draining));
-    }
-
-    #[test]
-    fn in_flight_is_read_from_the_intake_semaphore() {
-        let stats = ServerStats::default();
-        let semaphore = Arc::new(Semaphore::new(10));
-        stats.serving(SubscriptionState::default(), Arc::clone(&semaphore), 10);
-        let _taken = semaphore.try_acquire_many(3).expect("room");
-        assert!(stats
-            .render_prometheus()
-            .lines()
-            .any(|l| l == "classifier_requests_in_flight 3"));
     }
 }

@@ -15,16 +15,7 @@ pub fn bad_inputs_are_answered(backend_env: &[(String, String)]) {
     let good = copy_examples(&folder, 1);
     let bad = write_bad_inputs(&folder);
     let server = run.start_server("server-bad");
-    let folder_arg = folder.to_string_lossy().into_owned();
-    let results_arg = run.path("results.jsonl").to_string_lossy().into_owned();
-    let (code, stdout, summary) = run.classify(&[
-        "classify",
-        &folder_arg,
-        "--timeout",
-        "90",
-        "--output",
-        &results_arg,
-    ]);
+    let (code, stdout, summary) = run.classify_into(&folder, &run.path("results.jsonl"));
     assert_eq!(code, 2, "{stdout}");
     assert_eq!(summary.classified, good, "{stdout}");
     assert_eq!(summary.errors, bad.len(), "{stdout}");

@@ -5,8 +5,11 @@
 //!
 //! The cases, by topic: [`happy_path`] (servers classify and share the work),
 //! [`bad_input`] (bad files and poison messages), [`crash`] (servers killed or
-//! stopped mid-run), [`flood`] (a backlog worked through with bounded memory) and
-//! [`outages`] (no server, no broker, a broker restarting). Each starts from a
+//! stopped mid-run), [`flood`] (a backlog worked through with bounded memory),
+//! [`outages`] (no server, no broker, a broker restarting), [`metrics`] (the
+//! server's metrics and probes against what the client saw) and [`models`] (a model
+//! reloaded mid-run, several models chosen per request; run on one backend, since
+//! nothing in them is broker-specific). Each starts from a
 //! [`CaseRun`]: its own topic, group and scratch folder.
 
 mod background_client;
@@ -14,6 +17,8 @@ mod bad_input;
 mod crash;
 mod flood;
 mod happy_path;
+mod metrics;
+mod models;
 mod outages;
 mod size_limits;
 
@@ -21,6 +26,8 @@ pub use bad_input::{bad_inputs_are_answered, poison_messages_are_dead_lettered};
 pub use crash::{graceful_shutdown_hands_over, server_crash_loses_nothing};
 pub use flood::flood_is_worked_through_with_bounded_memory;
 pub use happy_path::{one_server_classifies_examples, two_servers_share_the_work};
+pub use metrics::metrics_add_up_to_the_replies;
+pub use models::{a_model_reload_mid_run_loses_nothing, requests_choose_among_several_models};
 pub use outages::{
     broker_restart_mid_run, no_server_means_unanswered_after_timeout,
     server_waits_for_an_unreachable_broker,
@@ -34,6 +41,8 @@ use std::time::{Duration, Instant};
 use background_client::BackgroundClient;
 
 use crate::{parse_summary, run_client, ServerProcess, Summary};
+
+pub use models::write_model_version;
 
 /// Environment for one case: the backend's variables plus a request topic and group of
 /// its own, so cases never see each other's requests.
@@ -129,9 +138,21 @@ impl CaseRun {
         ServerProcess::start(id, &self.env, &self.server_log(id))
     }
 
+    /// [`CaseRun::start_server`] with more server arguments.
+    fn start_server_with(&self, id: &str, args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_args(id, args, &self.env, &self.server_log(id))
+    }
+
     /// Runs the client with `args` to its end: exit code, stdout, summary.
     fn classify(&self, args: &[&str]) -> (i32, String, Summary) {
         client_output(args, &self.env)
+    }
+
+    /// Classifies `folder` (90 s reply timeout), writing the results to `results`.
+    fn classify_into(&self, folder: &Path, results: &Path) -> (i32, String, Summary) {
+        let folder = folder.to_string_lossy();
+        let results = results.to_string_lossy();
+        self.classify(&["classify", &folder, "--timeout", "90", "--output", &results])
     }
 
     /// Fills `images/` with every example `copies` times: (image count, folder path).
@@ -250,6 +271,7 @@ macro_rules! cross_process_tests {
             flood_is_worked_through_with_bounded_memory,
             poison_messages_are_dead_lettered,
             size_limits_are_answered,
+            metrics_add_up_to_the_replies,
         );
         $crate::cross_process_tests!(@with_address $env, $address_var;
             server_waits_for_an_unreachable_broker,

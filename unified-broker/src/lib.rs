@@ -251,9 +251,10 @@ impl BrokerConfig {
     }
 
     /// Applies the standard environment variables of the selected backend, the ones
-    /// its users already know: `KAFKA_BOOTSTRAP_SERVERS` for Kafka,
-    /// `PUBSUB_EMULATOR_HOST` for Pub/Sub, `REDIS_URL` for Redis. `lookup` reads one
-    /// variable.
+    /// its users already know: `KAFKA_BOOTSTRAP_SERVERS` for Kafka (and
+    /// `KAFKA_SASL_USERNAME` / `KAFKA_SASL_PASSWORD`, so the password need not be in the
+    /// config file), `PUBSUB_EMULATOR_HOST` for Pub/Sub, `REDIS_URL` for Redis. `lookup`
+    /// reads one variable.
     pub fn apply_env(&mut self, lookup: &dyn Fn(&str) -> Option<String>) {
         match self {
             BrokerConfig::Embedded(_) => {}
@@ -261,6 +262,14 @@ impl BrokerConfig {
             BrokerConfig::Kafka(config) => {
                 if let Some(servers) = lookup("KAFKA_BOOTSTRAP_SERVERS") {
                     config.bootstrap_servers = servers;
+                }
+                for (variable, property) in [
+                    ("KAFKA_SASL_USERNAME", "sasl.username"),
+                    ("KAFKA_SASL_PASSWORD", "sasl.password"),
+                ] {
+                    if let Some(value) = lookup(variable) {
+                        config.properties.insert(property.into(), value);
+                    }
                 }
             }
             #[cfg(feature = "pubsub")]

@@ -319,6 +319,23 @@ mod tests {
     }
 
     #[test]
+    fn sasl_credentials_come_from_the_environment_and_stay_out_of_logs() {
+        let mut broker = crate::BrokerConfig::Kafka(KafkaConfig::default());
+        broker.apply_env(&|name| match name {
+            "KAFKA_SASL_USERNAME" => Some("alice".into()),
+            "KAFKA_SASL_PASSWORD" => Some("hunter2-from-env".into()),
+            _ => None,
+        });
+        let crate::BrokerConfig::Kafka(config) = &broker else {
+            panic!("still kafka");
+        };
+        let producer = config.producer();
+        assert_eq!(producer.get("sasl.username"), Some("alice"));
+        assert_eq!(producer.get("sasl.password"), Some("hunter2-from-env"));
+        assert!(!format!("{broker:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn guarantees_cannot_be_overridden() {
         let mut config = KafkaConfig::default();
         config

@@ -99,6 +99,14 @@ pub async fn connect_with_retry(
     }
 }
 
+/// Locks `mutex`, carrying on with its data if a thread panicked while holding it (the
+/// server's shared state stays usable: every update is a single assignment).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Cancels `token` on SIGINT or SIGTERM (Ctrl-C only, off Unix).
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {

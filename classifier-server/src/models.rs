@@ -13,6 +13,8 @@ use std::time::SystemTime;
 
 use classifier_inference::{Classifier, Preprocessor};
 
+use crate::lock;
+
 /// One model as served: its name (what requests ask for), the classifier and its
 /// preprocessing, swapped together.
 #[derive(Debug)]
@@ -223,12 +225,6 @@ impl Entry {
     fn served(&self) -> Arc<ServedModel> {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

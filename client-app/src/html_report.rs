@@ -327,7 +327,7 @@ mod tests {
 
     use super::*;
     use crate::inputs::InputFile;
-    use crate::job::ClassScore;
+    use crate::job::classified;
 
     fn result(name: &str, folder: &str, outcome: FileOutcome, path: PathBuf) -> FileResult {
         FileResult {
@@ -341,18 +341,6 @@ mod tests {
             outcome,
             server_id: "s".into(),
             latency: Some(Duration::from_millis(3)),
-        }
-    }
-
-    fn classified(class: &str, probability: f32) -> FileOutcome {
-        FileOutcome::Classified {
-            top_k: vec![ClassScore {
-                class_name: class.into(),
-                class_index: 0,
-                probability,
-            }],
-            model: "m".into(),
-            model_version: "1".into(),
         }
     }
 

@@ -81,6 +81,20 @@ pub struct ClassScore {
     pub probability: f32,
 }
 
+/// A classified outcome with one class, for tests.
+#[cfg(test)]
+pub(crate) fn classified(class: &str, probability: f32) -> FileOutcome {
+    FileOutcome::Classified {
+        top_k: vec![ClassScore {
+            class_name: class.into(),
+            class_index: 0,
+            probability,
+        }],
+        model: "m".into(),
+        model_version: "1".into(),
+    }
+}
+
 /// What happened to one file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FileOutcome {

@@ -446,7 +446,7 @@ fn remove_source(source: &Path, copy: &Path, remove: Remove) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::inputs::InputFile;
-    use crate::job::ClassScore;
+    use crate::job::classified;
 
     fn write(path: &Path, bytes: &[u8]) {
         if let Some(parent) = path.parent() {
@@ -556,18 +556,6 @@ mod tests {
             outcome,
             server_id: "s".into(),
             latency: None,
-        }
-    }
-
-    fn classified(class: &str, probability: f32) -> FileOutcome {
-        FileOutcome::Classified {
-            top_k: vec![ClassScore {
-                class_name: class.into(),
-                class_index: 0,
-                probability,
-            }],
-            model: "m".into(),
-            model_version: "1".into(),
         }
     }
 

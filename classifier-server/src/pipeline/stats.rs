@@ -13,6 +13,7 @@ use prometheus::{
 };
 use unified_broker::SubscriptionState;
 
+use crate::lock;
 use crate::models::ServedModel;
 
 /// Counters, histograms and readiness of one server process, shared by its stages and
@@ -328,12 +329,6 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
         .register(Box::new(metric.clone()))
         .expect("fixed, distinct metric names");
     metric
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

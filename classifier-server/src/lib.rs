@@ -107,6 +107,20 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Makes SIGHUP harmless from now on (its default action ends the process): the server
+/// takes it as "check the model directories", but only once it serves, and a
+/// `systemctl reload` during start-up must not kill it. No-op off Unix.
+pub fn catch_hangups() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Tokio keeps a handler, once installed, for the life of the process.
+        if let Err(error) = signal(SignalKind::hangup()) {
+            tracing::warn!(%error, "cannot handle SIGHUP; it will stop the server");
+        }
+    }
+}
+
 /// Cancels `token` on SIGINT or SIGTERM (Ctrl-C only, off Unix).
 pub fn cancel_on_signals(token: CancellationToken) {
     tokio::spawn(async move {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use classifier_server::{
-    cancel_on_signals, connect_with_retry, init_tracing, load_models, telemetry, AppConfig,
-    ModelServer, ServerStats,
+    cancel_on_signals, catch_hangups, connect_with_retry, init_tracing, load_models, telemetry,
+    AppConfig, ModelServer, ServerStats,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -130,6 +130,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.broker.backend()
         );
     }
+    catch_hangups();
     // The endpoint comes up first, so probes can tell "starting" from "dead".
     let stats = Arc::new(ServerStats::default());
     let stop_http = CancellationToken::new();

@@ -15,6 +15,9 @@ use classifier_inference::{Classifier, Preprocessor};
 
 use crate::lock;
 
+/// Characters of an unknown model name that an error reply repeats.
+const MAX_ECHOED_NAME: usize = 64;
+
 /// One model as served: its name (what requests ask for), the classifier and its
 /// preprocessing, swapped together.
 #[derive(Debug)]
@@ -167,8 +170,11 @@ impl ModelSet {
             .find(|served| served.name == name)
             .ok_or_else(|| {
                 let known: Vec<String> = self.served().iter().map(|m| m.name.clone()).collect();
+                // The name comes from the request: echo a bounded part of it.
+                let shown: String = name.chars().take(MAX_ECHOED_NAME).collect();
+                let cut = if shown.len() < name.len() { "…" } else { "" };
                 format!(
-                    "this server has no model named {name:?}; it serves {}",
+                    "this server has no model named {shown:?}{cut}; it serves {}",
                     known.join(", ")
                 )
             })
@@ -338,6 +344,11 @@ mod tests {
         assert_eq!(models.resolve("b").expect("known").name, "b");
         let error = models.resolve("c").expect_err("unknown");
         assert!(error.contains("\"c\"") && error.contains("a, b"), "{error}");
+        let long = models.resolve(&"x".repeat(10_000)).expect_err("unknown");
+        assert!(
+            long.len() < 200,
+            "a hostile name is not echoed whole: {long}"
+        );
         let twice = ModelSet::new(vec![
             (
                 "a".into(),

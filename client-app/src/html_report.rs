@@ -279,7 +279,8 @@ fn errors(page: &mut String, report: &JobReport) {
 /// The image at `path` scaled to fit [`THUMBNAIL_PX`], as base64 PNG; `None` if it is
 /// gone (moved by `--sort-into --move`), too large, or not decodable.
 fn thumbnail(path: &Path) -> Option<String> {
-    if std::fs::metadata(path).ok()?.len() > THUMBNAIL_MAX_FILE_BYTES {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > THUMBNAIL_MAX_FILE_BYTES {
         return None;
     }
     let mut reader = image::ImageReader::open(path)

@@ -263,7 +263,13 @@ impl ModelServer {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut hangups = Hangups::new();
-            let mut tick = poll.map(tokio::time::interval);
+            let mut tick = poll.map(|every| {
+                let mut tick = tokio::time::interval(every);
+                // A slow load must not be followed by a burst of checks: the settle rule
+                // needs one poll interval between two looks at the files.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            });
             loop {
                 let next_tick = async {
                     match tick.as_mut() {

@@ -56,7 +56,8 @@ pub fn metrics_add_up_to_the_replies(backend_env: &[(String, String)]) {
         let (status, text) = http_get(addr, "/metrics");
         assert_eq!(status, 200, "{text}");
         if metric(&text, "classifier_requests_in_flight") == Some(0.0) {
-            break text;
+            // One scrape reads the metrics one by one: read them all again, after.
+            break http_get(addr, "/metrics").1;
         }
         assert!(
             Instant::now() < deadline,

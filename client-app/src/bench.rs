@@ -1,8 +1,9 @@
 //! `client-app bench`: end-to-end speed through the configured broker.
 //!
 //! Sends the images of a folder (the shipped `examples/` by default), repeated up to the
-//! requested count, through [`client_app::job::run_job`] — the same code path as
-//! `classify` — and reports medians over several runs of:
+//! requested count if there are fewer, through [`client_app::job::run_job`] — the same
+//! code path as `classify` — optionally writing the results file as it goes
+//! (`--output`), and reports medians over several runs of:
 //!
 //! - a **throughput** run: many images with a large window (requests in flight);
 //! - a **latency** run at low load: one image at a time (window 1);
@@ -50,6 +51,12 @@ pub struct BenchArgs {
     /// Model directory for the in-process server.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Write each run's results to FILE as they arrive, as `classify --output` does
+    /// (rewritten per run), so the figures include that cost. With an `--input` folder
+    /// of at least `--images` distinct files (`scripts/make-bench-folder.py`), a
+    /// throughput run is then what `classify DIR --output FILE` does.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 /// Median of a list (NaN for none).
@@ -102,6 +109,42 @@ fn figures(report: &JobReport) -> RunFigures {
     }
 }
 
+/// Sends each result to the thread writing the results file.
+struct ToResultsFile(std::sync::mpsc::Sender<client_app::job::FileResult>);
+
+impl client_app::job::Progress for ToResultsFile {
+    fn file_done(&self, result: &client_app::job::FileResult) {
+        // The writer ends only after this sender is dropped: it is there.
+        let _ = self.0.send(result.clone());
+    }
+}
+
+/// One measured job: `files` through [`run_job`], the rows written to `output` on a
+/// thread of their own as they arrive if given.
+async fn measured_job(
+    broker: &Arc<dyn unified_broker::Broker>,
+    files: Vec<InputFile>,
+    options: &JobOptions,
+    output: Option<&std::path::Path>,
+) -> anyhow::Result<JobReport> {
+    let Some(path) = output else {
+        return run_job(Arc::clone(broker), files, options, &NoProgress).await;
+    };
+    let mut writer = client_app::report::ResultsWriter::create(path, false)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+        for result in rx {
+            writer.write(&result)?;
+        }
+        writer.finish()
+    });
+    let report = run_job(Arc::clone(broker), files, options, &ToResultsFile(tx)).await;
+    thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the results writer panicked"))??;
+    report
+}
+
 /// `files` repeated (in order) up to `n` entries.
 fn repeat(files: &[InputFile], n: usize) -> Vec<InputFile> {
     files.iter().cycle().take(n).cloned().collect()
@@ -142,6 +185,19 @@ pub async fn run(
         args.input.display(),
         args.runs.max(1),
     );
+    let inputs = if files.len() >= args.images {
+        "the throughput run sends distinct files".to_string()
+    } else {
+        format!(
+            "the throughput run repeats the {} files (scripts/make-bench-folder.py makes a folder of distinct ones)",
+            files.len()
+        )
+    };
+    let rows = match &args.output {
+        Some(path) => format!("results written to {} as they arrive", path.display()),
+        None => "no results file (--output writes one, as classify does)".to_string(),
+    };
+    println!("inputs: {inputs}; {rows}");
     println!(
         "model kernels: SIMD level {} (CPU supports up to {}; CLASSIFIER_SIMD=avx512|avx2|portable forces one)",
         classifier_inference::simd_level(),
@@ -181,8 +237,9 @@ pub async fn run(
         let batches_before = stats.as_ref().map(|s| s.snapshot());
         let job_options = options(window);
         for _ in 0..args.runs.max(1) {
+            let output = args.output.as_deref();
             let report = tokio::select! {
-                r = run_job(Arc::clone(&broker), repeat(&files, n), &job_options, &NoProgress) => r?,
+                r = measured_job(&broker, repeat(&files, n), &job_options, output) => r?,
                 _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
             };
             runs.push(figures(&report));

@@ -37,14 +37,22 @@ pub use pipeline::{ModelServer, NotReady, ServerStats, StatsSnapshot};
 /// Loads the model the config names, or else the per-user or built-in one (see
 /// [`model_source`]), and logs which.
 pub fn load_classifier(config: &ServerConfig) -> anyhow::Result<Arc<Classifier>> {
+    let (source, classifier) = load_default_model(config)?;
+    let meta = classifier.metadata();
+    tracing::info!(model = %meta.name, version = %meta.version, from = %source, "model loaded");
+    Ok(Arc::new(classifier))
+}
+
+/// The default model: the one the config names, or else the per-user or built-in one.
+fn load_default_model(
+    config: &ServerConfig,
+) -> anyhow::Result<(model_source::ModelSource, Classifier)> {
     let source = model_source::resolve(
         config.model_dir.as_deref(),
         model_source::user_model_dir().as_deref(),
     )?;
     let classifier = model_source::load(&source)?;
-    let meta = classifier.metadata();
-    tracing::info!(model = %meta.name, version = %meta.version, from = %source, "model loaded");
-    Ok(Arc::new(classifier))
+    Ok((source, classifier))
 }
 
 /// Loads every model the config names (see [`ServerConfig::models`]): the default one
@@ -53,11 +61,7 @@ pub fn load_classifier(config: &ServerConfig) -> anyhow::Result<Arc<Classifier>>
 pub fn load_models(config: &ServerConfig) -> anyhow::Result<ModelSet> {
     let mut models = Vec::new();
     if config.models.is_empty() || config.model_dir.is_some() {
-        let source = model_source::resolve(
-            config.model_dir.as_deref(),
-            model_source::user_model_dir().as_deref(),
-        )?;
-        let classifier = model_source::load(&source)?;
+        let (source, classifier) = load_default_model(config)?;
         let name = classifier.metadata().name.clone();
         models.push((
             name,
@@ -111,13 +115,39 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 /// takes it as "check the model directories", but only once it serves, and a
 /// `systemctl reload` during start-up must not kill it. No-op off Unix.
 pub fn catch_hangups() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Tokio keeps a handler, once installed, for the life of the process.
-        if let Err(error) = signal(SignalKind::hangup()) {
-            tracing::warn!(%error, "cannot handle SIGHUP; it will stop the server");
+    // Tokio keeps a handler, once installed, for the life of the process.
+    drop(Hangups::new());
+}
+
+/// SIGHUPs, as a stream that never ends where there are none (off Unix, or if the
+/// handler cannot be installed, which is logged).
+pub(crate) struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    pub(crate) fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal = signal(SignalKind::hangup())
+                .inspect_err(
+                    |error| tracing::warn!(%error, "cannot handle SIGHUP; it will stop the server"),
+                )
+                .ok();
+            Hangups(signal)
         }
+        #[cfg(not(unix))]
+        Hangups()
+    }
+
+    /// The next SIGHUP.
+    pub(crate) async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = self.0.as_mut() {
+            if signal.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
     }
 }
 

@@ -67,7 +67,7 @@ struct Entry {
 }
 
 /// What the watcher knows of a directory's files.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Watch {
     /// The files as they were when last loaded or refused.
     settled: Option<Fingerprint>,
@@ -128,15 +128,7 @@ impl ModelSet {
             if entries.iter().any(|e| e.served().name == name) {
                 anyhow::bail!("two models are named {name:?}");
             }
-            let settled = dir.as_deref().and_then(Fingerprint::of);
-            entries.push(Entry {
-                current: RwLock::new(Arc::new(ServedModel::new(&name, classifier))),
-                watch: Mutex::new(Watch {
-                    settled,
-                    last_seen: settled,
-                }),
-                dir,
-            });
+            entries.push(Entry::new(&name, dir, classifier));
         }
         Ok(ModelSet { entries })
     }
@@ -144,13 +136,8 @@ impl ModelSet {
     /// One model, named by its metadata, that never changes.
     pub fn single(classifier: Arc<Classifier>) -> Self {
         let name = classifier.metadata().name.clone();
-        let served = ServedModel::new(&name, classifier);
         ModelSet {
-            entries: vec![Entry {
-                dir: None,
-                current: RwLock::new(Arc::new(served)),
-                watch: Mutex::new(Watch::default()),
-            }],
+            entries: vec![Entry::new(&name, None, classifier)],
         }
     }
 
@@ -228,6 +215,19 @@ impl ModelSet {
 }
 
 impl Entry {
+    /// `classifier` served under `name`, watched in `dir` from its files as they are now.
+    fn new(name: &str, dir: Option<PathBuf>, classifier: Arc<Classifier>) -> Self {
+        let settled = dir.as_deref().and_then(Fingerprint::of);
+        Entry {
+            current: RwLock::new(Arc::new(ServedModel::new(name, classifier))),
+            watch: Mutex::new(Watch {
+                settled,
+                last_seen: settled,
+            }),
+            dir,
+        }
+    }
+
     fn served(&self) -> Arc<ServedModel> {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
     }

@@ -109,16 +109,6 @@ fn figures(report: &JobReport) -> RunFigures {
     }
 }
 
-/// Sends each result to the thread writing the results file.
-struct ToResultsFile(std::sync::mpsc::Sender<client_app::job::FileResult>);
-
-impl client_app::job::Progress for ToResultsFile {
-    fn file_done(&self, result: &client_app::job::FileResult) {
-        // The writer ends only after this sender is dropped: it is there.
-        let _ = self.0.send(result.clone());
-    }
-}
-
 /// One measured job: `files` through [`run_job`], the rows written to `output` on a
 /// thread of their own as they arrive if given.
 async fn measured_job(
@@ -138,7 +128,13 @@ async fn measured_job(
         }
         writer.finish()
     });
-    let report = run_job(Arc::clone(broker), files, options, &ToResultsFile(tx)).await;
+    // No display: what `classify --quiet --output` does.
+    let progress = crate::Tee {
+        display: Box::new(NoProgress),
+        results: tx,
+    };
+    let report = run_job(Arc::clone(broker), files, options, &progress).await;
+    drop(progress); // ends the writer's loop
     thread
         .join()
         .map_err(|_| anyhow::anyhow!("the results writer panicked"))??;

@@ -579,73 +579,61 @@ struct Outbox<'a> {
 }
 
 impl Outbox<'_> {
-    /// Publishes the batch (see [`flush`]) and empties it.
+    /// Publishes the batch and empties it, retrying with backoff until the broker
+    /// confirms it. (A batch that was partly published before an error is sent again;
+    /// the server may then answer twice, which the receiver counts as duplicates.)
+    ///
+    /// Should the broker refuse the batch for its size (a limit lower than it said), each
+    /// request is published alone, and those refused again are reported as
+    /// `FILE_TOO_LARGE` through `local_failure`, their window slots given back.
     async fn flush(&mut self) {
-        flush(
+        let (broker, options, pending, window, local_failure) = (
             self.broker,
             self.options,
-            &mut self.batch,
             self.pending,
             self.window,
             self.local_failure,
-        )
-        .await;
-    }
-}
-
-/// Publishes the batch, retrying with backoff until the broker confirms it. (A batch
-/// that was partly published before an error is sent again; the server may then answer
-/// twice, which the receiver counts as duplicates.)
-///
-/// Should the broker refuse the batch for its size (a limit lower than it said), each
-/// request is published alone, and those refused again are reported as
-/// `FILE_TOO_LARGE` through `local_failure`, their window slots given back.
-async fn flush(
-    broker: &dyn Broker,
-    options: &JobOptions,
-    batch: &mut Vec<(usize, String, Message)>,
-    pending: &Pending,
-    window: &Semaphore,
-    local_failure: &(dyn Fn(usize, Failure) + Sync),
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let messages: Vec<Message> = batch.iter().map(|(_, _, m)| m.clone()).collect();
-    let at = Instant::now();
-    // Register the requests before publishing so a fast reply always finds them.
-    {
-        let mut pending = lock(pending);
-        for (index, request_id, message) in batch.iter() {
-            pending.insert(
-                request_id.clone(),
-                Unanswered {
-                    index: *index,
-                    sent_at: at,
-                    message: message.clone(),
-                },
-            );
+        );
+        let batch = &mut self.batch;
+        if batch.is_empty() {
+            return;
         }
-    }
-    if let Err(BrokerError::MessageTooLarge { .. }) =
-        publish_until_confirmed(broker, options, messages).await
-    {
-        for (index, request_id, message) in batch.drain(..) {
-            let published = publish_until_confirmed(broker, options, vec![message]).await;
-            if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
-                lock(pending).remove(&request_id);
-                window.add_permits(1);
-                local_failure(
-                    index,
-                    (
-                        "FILE_TOO_LARGE",
-                        format!("the broker refused the request: {error}"),
-                    ),
+        let messages: Vec<Message> = batch.iter().map(|(_, _, m)| m.clone()).collect();
+        let at = Instant::now();
+        // Register the requests before publishing so a fast reply always finds them.
+        {
+            let mut pending = lock(pending);
+            for (index, request_id, message) in batch.iter() {
+                pending.insert(
+                    request_id.clone(),
+                    Unanswered {
+                        index: *index,
+                        sent_at: at,
+                        message: message.clone(),
+                    },
                 );
             }
         }
+        if let Err(BrokerError::MessageTooLarge { .. }) =
+            publish_until_confirmed(broker, options, messages).await
+        {
+            for (index, request_id, message) in batch.drain(..) {
+                let published = publish_until_confirmed(broker, options, vec![message]).await;
+                if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
+                    lock(pending).remove(&request_id);
+                    window.add_permits(1);
+                    local_failure(
+                        index,
+                        (
+                            "FILE_TOO_LARGE",
+                            format!("the broker refused the request: {error}"),
+                        ),
+                    );
+                }
+            }
+        }
+        batch.clear();
     }
-    batch.clear();
 }
 
 /// Delays between attempts to publish requests: 100 ms doubling to 5 s.

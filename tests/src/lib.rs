@@ -321,6 +321,22 @@ pub fn copy_examples(dir: &Path, per_class: usize) -> usize {
     copied
 }
 
+/// Copies the shipped model into `dir`, with `edit` applied to its metadata first (a
+/// new version, renamed classes), so a test can tell which model answered.
+pub fn copy_shipped_model(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let shipped = workspace_root().join("models/fashion-mnist");
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::copy(
+        shipped.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .expect("copy the weights");
+    let text = std::fs::read_to_string(shipped.join("metadata.json")).expect("metadata");
+    let mut meta: serde_json::Value = serde_json::from_str(&text).expect("json");
+    edit(&mut meta);
+    std::fs::write(dir.join("metadata.json"), meta.to_string()).expect("write the metadata");
+}
+
 /// Copies every example `copies` times under distinct names: a big labelled folder.
 pub fn many_images(dir: &Path, copies: usize) -> usize {
     let staging = dir.join(".staging");

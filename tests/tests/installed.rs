@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use integration_tests::{binary, copy_examples, parse_summary, workspace_root};
+use integration_tests::{binary, copy_examples, parse_summary};
 
 /// An installed client: the binary in its own `bin/`, an empty home and working
 /// directory, and 2 example images per class.
@@ -61,20 +61,12 @@ fn stderr(output: &Output) -> String {
 /// A copy of the shipped model whose class names all start with `prefix`, so the
 /// output shows which model answered.
 fn renamed_model(dir: &Path, prefix: &str) {
-    let shipped = workspace_root().join("models/fashion-mnist");
-    std::fs::create_dir_all(dir).expect("mkdir");
-    std::fs::copy(
-        shipped.join("model.safetensors"),
-        dir.join("model.safetensors"),
-    )
-    .expect("copy weights");
-    let text = std::fs::read_to_string(shipped.join("metadata.json")).expect("metadata");
-    let mut meta: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let names = meta["class_names"].as_array_mut().expect("class_names");
-    for name in names.iter_mut() {
-        *name = format!("{prefix}{}", name.as_str().expect("a name")).into();
-    }
-    std::fs::write(dir.join("metadata.json"), meta.to_string()).expect("write metadata");
+    integration_tests::copy_shipped_model(dir, |meta| {
+        let names = meta["class_names"].as_array_mut().expect("class_names");
+        for name in names.iter_mut() {
+            *name = format!("{prefix}{}", name.as_str().expect("a name")).into();
+        }
+    });
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use classifier_proto::{ClassifyError, ErrorCode};
+use classifier_proto::{ClassifyError, ErrorCode, Outcome};
 use tokio::sync::mpsc;
 
 use super::batch::Batch;
@@ -97,7 +97,6 @@ impl Model {
                     batch_size: n as u32,
                     ..context.clone()
                 };
-                let mut is_error = false;
                 let response = match result.as_ref().map(|rows| rows.get(i)) {
                     Ok(Some(probabilities)) => {
                         ServerStats::add(&stats.classified, 1);
@@ -116,7 +115,6 @@ impl Model {
                             Ok(_) => "the model returned too few rows".to_string(),
                         };
                         tracing::error!(%reason, "inference failed");
-                        is_error = true;
                         error_response(
                             &Rejected {
                                 route: prepared.route.clone(),
@@ -132,7 +130,7 @@ impl Model {
                 Outgoing {
                     reply_topic: prepared.route.reply_topic.clone(),
                     message: response_message(&response),
-                    is_error,
+                    is_error: matches!(response.outcome, Some(Outcome::Error(_))),
                     dead_letter: None,
                     work,
                 }

@@ -262,7 +262,7 @@ impl ModelServer {
         let poll = self.config.model_poll();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut hangups = Hangups::new();
+            let mut hangups = crate::Hangups::new();
             let mut tick = poll.map(|every| {
                 let mut tick = tokio::time::interval(every);
                 // A slow load must not be followed by a burst of checks: the settle rule
@@ -310,32 +310,6 @@ impl ModelServer {
             server_id: self.server_id.clone(),
             ..ReplyContext::default()
         }
-    }
-}
-
-/// SIGHUPs, as a stream that never ends where there are none (off Unix, or if the
-/// handler cannot be installed).
-struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
-
-impl Hangups {
-    fn new() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Hangups(signal(SignalKind::hangup()).ok())
-        }
-        #[cfg(not(unix))]
-        Hangups()
-    }
-
-    async fn next(&mut self) {
-        #[cfg(unix)]
-        if let Some(signal) = self.0.as_mut() {
-            if signal.recv().await.is_some() {
-                return;
-            }
-        }
-        std::future::pending::<()>().await
     }
 }
 

@@ -25,9 +25,7 @@ pub struct ServerStats {
     pub(crate) received: IntCounter,
     /// Requests answered with predictions (reply built).
     pub(crate) classified: IntCounter,
-    /// Requests answered with an error reply (reply built), all codes.
-    rejected: IntCounter,
-    /// The same, by error code.
+    /// Requests answered with an error reply (reply built), by error code.
     rejected_by_code: IntCounterVec,
     /// Replies the broker confirmed, by outcome (`classified` or `error`).
     replies_published: IntCounterVec,
@@ -153,7 +151,6 @@ impl ServerStats {
                 "classifier_requests_classified_total",
                 "Requests the model classified (reply built).",
             ),
-            rejected: IntCounter::new("rejected_total", "all codes").expect("valid"),
             rejected_by_code: counter_vec(
                 "classifier_requests_rejected_total",
                 "Requests answered with an error reply, by error code.",
@@ -224,7 +221,7 @@ impl ServerStats {
         StatsSnapshot {
             received: self.received.get(),
             classified: self.classified.get(),
-            rejected: self.rejected.get(),
+            rejected: self.rejected_total(),
             unanswerable: self.unanswerable.get(),
             batches: self.batch_size.get_sample_count(),
             publish_retries: self.publish_retries.get(),
@@ -240,8 +237,15 @@ impl ServerStats {
 
     /// Counts a request answered with error `code` (its protobuf name).
     pub(super) fn reject(&self, code: &str) {
-        self.rejected.inc();
         self.rejected_by_code.with_label_values(&[code]).inc();
+    }
+
+    /// Error replies built, over every code.
+    fn rejected_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        let families = self.rejected_by_code.collect();
+        let series = families.iter().flat_map(|family| family.get_metric());
+        series.map(|m| m.get_counter().get_value() as u64).sum()
     }
 
     /// Counts a batch of `size` requests the model ran in `seconds`.

@@ -11,17 +11,7 @@ use crate::parse_summary;
 
 /// A copy of the shipped model in `dir`, its metadata saying `version`.
 pub fn write_model_version(dir: &Path, version: &str) {
-    let shipped = crate::workspace_root().join("models/fashion-mnist");
-    std::fs::create_dir_all(dir).expect("mkdir");
-    std::fs::copy(
-        shipped.join("model.safetensors"),
-        dir.join("model.safetensors"),
-    )
-    .expect("copy the weights");
-    let text = std::fs::read_to_string(shipped.join("metadata.json")).expect("metadata");
-    let mut meta: serde_json::Value = serde_json::from_str(&text).expect("json");
-    meta["version"] = version.into();
-    std::fs::write(dir.join("metadata.json"), meta.to_string()).expect("write the metadata");
+    crate::copy_shipped_model(dir, |meta| meta["version"] = version.into());
 }
 
 /// (model, model version) → results rows, from a client's results file.

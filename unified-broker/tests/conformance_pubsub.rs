@@ -33,7 +33,8 @@ fn emulator_known_failure_ordered(case: &str) -> Option<&'static str> {
     // stream; with ordering it redelivers a key's messages to the stream that holds the
     // key, so what that dead stream takes before the new subscriber connects never
     // reaches the live one. Loss across a crashing server is still tested end to end on
-    // Pub/Sub with ordering off (tests/tests/pubsub.rs), and this case runs unordered.
+    // Pub/Sub with ordering off (tests/tests/pubsub.rs). Since 2026-12-03 the unordered
+    // variant is a known failure too (see `emulator_known_failure`).
     if case == "unacked_redelivered_to_new_subscriber" {
         return Some(
             "with ordering on, the Pub/Sub emulator can hand a dropped subscriber's nacked \
@@ -79,11 +80,23 @@ fn emulator_known_failure(case: &str) -> Option<&'static str> {
     // unordered 2 of 2 passed (it failed in some of the 6 runs of 2026-11-24).
     // Loss across a closing or crashing server is still tested end to end
     // (tests/tests/pubsub.rs: crash and graceful hand-over).
-    (case == "continue_after_subscriber_close").then_some(
-        "the Pub/Sub emulator keeps serving messages to StreamingPulls their client \
-         reset (it never ends them), so messages nacked at a close go to dead streams \
-         and, with ordering, never come back while an older one is held",
-    )
+    match case {
+        "continue_after_subscriber_close" => Some(
+            "the Pub/Sub emulator keeps serving messages to StreamingPulls their client \
+             reset (it never ends them), so messages nacked at a close go to dead streams \
+             and, with ordering, never come back while an older one is held",
+        ),
+        // The same defect met by a dropped (crashed) subscriber, now also unordered:
+        // clean-clone full runs of 2026-12-03 passed it twice, then lost 10 of 10 for
+        // the case's whole deadline in the third (no Pub/Sub backend change that day).
+        // The ordered variant was already skipped for it (above).
+        "unacked_redelivered_to_new_subscriber" => Some(
+            "the Pub/Sub emulator can hand a dropped subscriber's nacked messages to its \
+             reset StreamingPull, which it never ends (lost 10 of 10 in 1 of 3 CI runs \
+             of 2026-12-03)",
+        ),
+        _ => None,
+    }
 }
 
 /// The emulator's config, or `None` (after saying so) when the tests must be skipped.

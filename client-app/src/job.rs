@@ -694,29 +694,37 @@ async fn ensure_request_topic(
 /// them would only end in the timeout. After a mere outage of a broker that kept its
 /// state, this costs duplicate work: replies to both copies are de-duplicated by
 /// request id (counted as duplicates).
+///
+/// Which requests count as unanswered is read only once the request topic and the
+/// servers' subscription exist again. A request is registered before it is published,
+/// so one registered later is published to a subscription that exists; one registered
+/// earlier may have reached the topic in the moment between its re-creation and the
+/// subscription's (a broker that drops messages no subscription holds, as Pub/Sub does
+/// and a Redis group created at the stream's end does), and is sent again here.
 fn resend_unanswered(
     broker: &Arc<dyn Broker>,
     options: &JobOptions,
     pending: &Pending,
     resends: &mut tokio::task::JoinSet<()>,
 ) {
-    let messages: Vec<Message> = lock(pending)
-        .values()
-        .map(|unanswered| unanswered.message.clone())
-        .collect();
-    if messages.is_empty() {
+    if lock(pending).is_empty() {
         return;
     }
-    tracing::warn!(
-        count = messages.len(),
-        "the reply subscription had to be re-created (the broker may have lost its state); sending the unanswered requests again"
-    );
     let broker = Arc::clone(broker);
     let options = options.clone();
+    let pending = Arc::clone(pending);
     resends.spawn(async move {
         if let Err(error) = ensure_request_topic(&*broker, &options).await {
             tracing::warn!(%error, "re-creating the request topic failed");
         }
+        let messages: Vec<Message> = lock(&pending)
+            .values()
+            .map(|unanswered| unanswered.message.clone())
+            .collect();
+        tracing::warn!(
+            count = messages.len(),
+            "the reply subscription had to be re-created (the broker may have lost its state); sending the unanswered requests again"
+        );
         for chunk in messages.chunks(SEND_BATCH) {
             // A final failure was logged; those requests end unanswered.
             let _ = publish_until_confirmed(&*broker, &options, chunk.to_vec()).await;

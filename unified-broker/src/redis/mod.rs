@@ -225,6 +225,13 @@ impl Broker for RedisBroker {
         self.create_group(topic, group, true).await
     }
 
+    /// One atomic `XGROUP CREATE … MKSTREAM`: with a separate stream creation first, an
+    /// entry published between the two would sit before the group's start and never be
+    /// delivered to it.
+    async fn ensure_topic_and_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        self.create_group(topic, group, true).await
+    }
+
     async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()> {
         self.remove_group(topic, group).await
     }

@@ -34,6 +34,7 @@
 //! `reference` and every path the CPU can run with the candle forward pass.
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -60,14 +61,24 @@ const AVX512_NV: (usize, usize) = (2, 4);
 /// `NV` of layers 1 and 2 with AVX2 (16 and 16 channels per block).
 #[cfg(target_arch = "x86_64")]
 const AVX2_NV: (usize, usize) = (2, 2);
+/// Output positions per layer-2 tile at each level: 0 runs [`direct::conv2_pool_relu`]
+/// (the four positions of a pooling window, pooled in registers), more runs
+/// [`direct::conv2_tiles`] (that many positions, pooled afterwards). AVX-512's 32
+/// registers fit 4 × 4 accumulators; AVX2's 16 fit 6 × 2 but not 4 × 3 with loads.
+#[cfg(target_arch = "x86_64")]
+const AVX512_R2: usize = 0;
+/// See [`AVX512_R2`].
+#[cfg(target_arch = "x86_64")]
+const AVX2_R2: usize = 6;
 /// The linear layers' tiles, `(R, NVC, KU)` of [`direct::linear`]: AVX-512 8 rows × 2
-/// registers (16 accumulators), AVX2 3 rows × 4 registers (12); single rows with 4 and 2
-/// accumulator sets (8 chains each).
+/// registers (16 accumulators), AVX2 6 rows × 2 registers (12, the classic 6 × 16 AVX2
+/// gemm tile: with the 2 weight registers and a broadcast it fills the 16 registers
+/// without spilling); single rows with 4 accumulator sets (8 chains).
 #[cfg(target_arch = "x86_64")]
 const AVX512_FC: (usize, usize, usize) = (8, 2, 4);
 /// See [`AVX512_FC`].
 #[cfg(target_arch = "x86_64")]
-const AVX2_FC: (usize, usize, usize) = (3, 4, 2);
+const AVX2_FC: (usize, usize, usize) = (6, 2, 4);
 
 /// The network's weights as plain vectors, with the shapes they imply.
 #[derive(Clone, Debug)]
@@ -85,8 +96,8 @@ pub(crate) struct FastNet {
     /// `(9 * c1, c2)`, rows `(ky, kx, ci)`.
     conv2_w: Vec<f32>,
     conv2_b: Vec<f32>,
-    /// `conv2_w` with rows padded to a multiple of the SIMD level's layer-2 block
-    /// width, and that row stride (see [`direct::pad_columns`]).
+    /// `conv2_w` cut into the column blocks of the SIMD level's layer-2 kernel, and
+    /// their width (see [`direct::pack_blocks`]).
     conv2_padded: Arc<(Vec<f32>, usize)>,
     /// `(hidden, flat)`.
     fc1_w: Vec<f32>,
@@ -189,7 +200,8 @@ impl FastNet {
             SimdLevel::Avx2 => AVX2_NV.1 * Avx2::N,
             _ => 1,
         };
-        self.conv2_padded = Arc::new(direct::pad_columns(&self.conv2_w, self.c2, block));
+        let packed = direct::pack_blocks(&self.conv2_w, self.c2, block);
+        self.conv2_padded = Arc::new((packed, block));
         self.level
     }
 
@@ -211,7 +223,42 @@ impl FastNet {
         let mut features = vec![0f32; n * flat];
         let threads = rayon::current_num_threads().max(1);
         let chunk = CHUNK.min(n.div_ceil(threads)).max(1);
-        if n <= chunk {
+        if self.splits_rows(n, threads) && self.tiles_layer2() {
+            // One image at a time, layer 2's positions shared out evenly over the threads
+            // (each computes layer 1 whole: it is a twentieth of the work), then pooled.
+            let (w1, c2) = (self.w / 2, self.c2);
+            let positions = self.h / 4 * 2 * w1;
+            let per = positions.div_ceil(threads);
+            let mut conv = vec![0f32; positions * c2];
+            for (img, f) in inputs
+                .chunks_exact(len)
+                .zip(features.chunks_exact_mut(flat))
+            {
+                conv.par_chunks_mut(per * c2)
+                    .enumerate()
+                    .for_each(|(i, part)| {
+                        self.conv_span(img, i * per..i * per + part.len() / c2, part);
+                    });
+                max_pool2_relu(&conv, (positions / w1, w1, c2), Some(&self.conv2_b), f);
+            }
+        } else if self.splits_rows(n, threads) {
+            // The same with the pooled rows shared out, for kernels that pool in
+            // registers (as evenly as whole rows allow).
+            let h2 = self.h / 4;
+            let per = h2.div_ceil(threads);
+            let row_len = flat / h2;
+            for (img, f) in inputs
+                .chunks_exact(len)
+                .zip(features.chunks_exact_mut(flat))
+            {
+                f.par_chunks_mut(per * row_len)
+                    .enumerate()
+                    .for_each(|(i, part)| {
+                        let rows = i * per..(i * per + part.len() / row_len);
+                        self.conv_rows(img, rows, part);
+                    });
+            }
+        } else if n <= chunk {
             self.conv_chunk(inputs, &mut features);
         } else {
             features
@@ -221,7 +268,9 @@ impl FastNet {
         }
         // Hidden layer: (n × flat) · fc1ᵀ, then bias and ReLU.
         let mut hidden = vec![0f32; n * self.hidden];
-        let rows_per_task = 64;
+        // Tasks of at most 64 rows, and at least one per thread (a small batch would
+        // otherwise leave a core idle through the layer that reads the most weights).
+        let rows_per_task = n.div_ceil(threads).clamp(1, 64);
         if n > rows_per_task && threads > 1 {
             hidden
                 .par_chunks_mut(rows_per_task * self.hidden)
@@ -257,36 +306,150 @@ impl FastNet {
 
     /// `out = x · wᵀ` for a linear layer (`packed` and `w` are its weights, repacked and
     /// as stored): the SIMD level's [`direct::linear`], or `gemm` on the portable path.
+    ///
+    /// A single row on several threads has its output panels shared out among them (at
+    /// batch 1 the layer reads all its weights for one row: the cores' caches and memory
+    /// paths add up).
     fn linear(&self, x: &[f32], packed: &direct::Packed, w: &[f32], out: &mut [f32]) {
+        let threads = rayon::current_num_threads();
+        let panels = packed.panels();
+        if x.len() == packed.k && threads > 1 && panels > 1 && self.level != SimdLevel::Portable {
+            let per = panels.div_ceil(threads.min(panels));
+            out[..packed.n]
+                .par_chunks_mut(per * direct::PANEL)
+                .enumerate()
+                .for_each(|(i, part)| {
+                    let end = (i * per + per).min(panels);
+                    self.linear_panels(x, packed, i * per..end, part)
+                });
+            return;
+        }
         match self.level {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `level` is only ever set to a level the CPU supports.
-            SimdLevel::Avx512 => unsafe { linear_avx512(x, packed, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            SimdLevel::Avx2 => unsafe { linear_avx2(x, packed, out) },
-            _ => {
+            SimdLevel::Portable => {
                 let (n, k) = (packed.n, packed.k);
                 sgemm(x.len() / k, n, k, out, false, x, k, 1, w, 1, k);
             }
+            _ => self.linear_panels(x, packed, 0..panels, out),
+        }
+    }
+
+    /// The SIMD level's [`direct::linear`] over `panels` (the portable path uses `gemm`
+    /// instead, and reaches this only on plain lanes if ever asked).
+    fn linear_panels(
+        &self,
+        x: &[f32],
+        packed: &direct::Packed,
+        panels: Range<usize>,
+        out: &mut [f32],
+    ) {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `level` is only ever set to a level the CPU supports.
+            SimdLevel::Avx512 => unsafe { linear_avx512(x, packed, panels, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            SimdLevel::Avx2 => unsafe { linear_avx2(x, packed, panels, out) },
+            // SAFETY: plain Rust lanes.
+            _ => unsafe {
+                direct::linear::<crate::simd::Portable, 1, 8, 2>(x, packed, panels, out)
+            },
         }
     }
 
     /// Both convolution layers for a chunk of images, writing their flattened features.
     fn conv_chunk(&self, inputs: &[f32], features: &mut [f32]) {
+        self.conv_rows(inputs, 0..self.h / 4, features);
+    }
+
+    /// Both convolution layers for a chunk of images, writing only the pooled layer-2
+    /// rows `rows` (of `h / 4`) of each image's features. The portable path computes
+    /// every row (it is only asked for all of them: see [`FastNet::splits_rows`]).
+    fn conv_rows(&self, inputs: &[f32], rows: Range<usize>, features: &mut [f32]) {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             self.layout(&mut s);
             match self.level {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `level` is only ever set to a level the CPU supports.
-                SimdLevel::Avx512 => unsafe { self.conv_chunk_avx512(inputs, features, &mut s) },
+                SimdLevel::Avx512 => unsafe {
+                    self.conv_chunk_avx512(inputs, rows, features, &mut s)
+                },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                SimdLevel::Avx2 => unsafe { self.conv_chunk_avx2(inputs, features, &mut s) },
+                SimdLevel::Avx2 => unsafe { self.conv_chunk_avx2(inputs, rows, features, &mut s) },
                 _ => self.conv_chunk_portable(inputs, features, &mut s),
             }
         })
+    }
+
+    /// Whether this level's layer 2 runs in tiles of positions ([`direct::conv2_tiles`]),
+    /// so that [`FastNet::conv_span`] can compute any span of its positions.
+    fn tiles_layer2(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.level == SimdLevel::Avx2 {
+            return AVX2_R2 > 0;
+        }
+        false
+    }
+
+    /// Layer 1 and layer 2's convolution, before bias and pooling, at the layer-2
+    /// positions `span` of one image, into `conv` (`(span.len(), c2)`). Only for levels
+    /// that [tile layer 2](FastNet::tiles_layer2); does nothing otherwise.
+    fn conv_span(&self, img: &[f32], span: Range<usize>, conv: &mut [f32]) {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            self.layout(&mut s);
+            #[cfg(target_arch = "x86_64")]
+            if self.tiles_layer2() {
+                // SAFETY: `tiles_layer2` holds only at AVX2, which `level` is set to only
+                // on CPUs that support it.
+                unsafe { self.conv_span_avx2(img, span, conv, &mut s) }
+            }
+        })
+    }
+
+    /// [`FastNet::conv_span`] with the AVX2 kernels of the table.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn conv_span_avx2(
+        &self,
+        img: &[f32],
+        span: Range<usize>,
+        conv: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let (h, w, c_in, c1) = (self.h, self.w, self.c_in, self.c1);
+        let (h1, w1) = (h / 2, w / 2);
+        let pad1 = &mut s.pad1[..(h1 + 2) * (w1 + 2) * c1];
+        self.pad_input(img, &mut s.pad0);
+        direct::conv1_pool_relu::<Avx2, { AVX2_NV.0 }>(
+            &s.pad0,
+            (h, w, c_in),
+            &self.conv1_w,
+            &self.conv1_b,
+            pad1,
+        );
+        let weights = (&self.conv2_padded.0[..], self.conv2_padded.1);
+        direct::conv2_tiles::<
+            Avx2,
+            {
+                if AVX2_R2 > 0 {
+                    AVX2_R2
+                } else {
+                    1
+                }
+            },
+            { AVX2_NV.1 },
+        >(pad1, (h1, w1, c1), weights, self.c2, span, conv);
+    }
+
+    /// Whether a batch too small to give every thread an image has each image's rows
+    /// split over the threads instead (the SIMD paths, for images of enough rows).
+    fn splits_rows(&self, n: usize, threads: usize) -> bool {
+        n < threads && self.level != SimdLevel::Portable && self.h / 4 >= threads
     }
 
     /// Sizes the scratch buffers for this network (zeroing them, which sets the padding
@@ -310,8 +473,16 @@ impl FastNet {
     /// The CPU must support AVX-512F, AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn conv_chunk_avx512(&self, inputs: &[f32], features: &mut [f32], s: &mut Scratch) {
-        self.conv_simd::<Avx512, { AVX512_NV.0 }, { AVX512_NV.1 }>(inputs, features, s)
+    unsafe fn conv_chunk_avx512(
+        &self,
+        inputs: &[f32],
+        rows: Range<usize>,
+        features: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        self.conv_simd::<Avx512, { AVX512_NV.0 }, AVX512_R2, { AVX512_NV.1 }>(
+            inputs, rows, features, s,
+        )
     }
 
     /// [`FastNet::conv_simd`] with the AVX2 kernels.
@@ -320,8 +491,14 @@ impl FastNet {
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn conv_chunk_avx2(&self, inputs: &[f32], features: &mut [f32], s: &mut Scratch) {
-        self.conv_simd::<Avx2, { AVX2_NV.0 }, { AVX2_NV.1 }>(inputs, features, s)
+    unsafe fn conv_chunk_avx2(
+        &self,
+        inputs: &[f32],
+        rows: Range<usize>,
+        features: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        self.conv_simd::<Avx2, { AVX2_NV.0 }, AVX2_R2, { AVX2_NV.1 }>(inputs, rows, features, s)
     }
 
     /// CHW → zero-padded HWC (the border stays zero from `layout`).
@@ -340,27 +517,28 @@ impl FastNet {
     }
 
     /// The body of [`FastNet::conv_chunk`] at a SIMD level: both layers as the direct
-    /// kernels of [`direct`], `NV1` and `NV2` registers of output channels per block.
+    /// kernels of [`direct`], `NV1` and `NV2` registers of output channels per block,
+    /// layer 2 in tiles of `R2` positions (0: pooled in registers; see [`AVX512_R2`]).
     ///
     /// # Safety
     /// `S`'s CPU features must be available: only called from the `#[target_feature]`
     /// wrappers above, which the dispatch reaches only on CPUs that have them.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn conv_simd<S: Lanes, const NV1: usize, const NV2: usize>(
+    unsafe fn conv_simd<S: Lanes, const NV1: usize, const R2: usize, const NV2: usize>(
         &self,
         inputs: &[f32],
+        rows: Range<usize>,
         features: &mut [f32],
         s: &mut Scratch,
     ) {
         let (h, w, c_in, c1, c2) = (self.h, self.w, self.c_in, self.c1, self.c2);
         let (h1, w1) = (h / 2, w / 2);
-        let flat = self.flat();
         let len = self.input_len();
         let pad1 = &mut s.pad1[..(h1 + 2) * (w1 + 2) * c1];
         for (img, out) in inputs
             .chunks_exact(len)
-            .zip(features.chunks_exact_mut(flat))
+            .zip(features.chunks_exact_mut(rows.len() * (w1 / 2) * c2))
         {
             self.pad_input(img, &mut s.pad0);
             direct::conv1_pool_relu::<S, NV1>(
@@ -370,15 +548,18 @@ impl FastNet {
                 &self.conv1_b,
                 pad1,
             );
-            direct::conv2_pool_relu::<S, NV2>(
-                pad1,
-                (h1, w1, c1),
-                (&self.conv2_padded.0, self.conv2_padded.1),
-                &self.conv2_b,
-                out,
-            );
+            let weights = (&self.conv2_padded.0[..], self.conv2_padded.1);
+            let (rows, bias) = (rows.clone(), &self.conv2_b[..]);
+            if R2 == 0 {
+                direct::conv2_pool_relu::<S, NV2>(pad1, (h1, w1, c1), weights, bias, rows, out);
+            } else {
+                let conv_rows = 2 * rows.len();
+                let conv = &mut s.conv2[..conv_rows * w1 * c2];
+                let span = 2 * rows.start * w1..2 * rows.end * w1;
+                direct::conv2_tiles::<S, R2, NV2>(pad1, (h1, w1, c1), weights, c2, span, conv);
+                max_pool2_relu(conv, (conv_rows, w1, c2), Some(bias), out);
+            }
         }
-        debug_assert_eq!(c2 * (h1 / 2) * (w1 / 2), flat);
     }
 
     /// The body of [`FastNet::conv_chunk`] without hand-written SIMD: the plain layer 1,
@@ -432,8 +613,8 @@ impl FastNet {
 /// The CPU must support AVX-512F, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, out: &mut [f32]) {
-    direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, out)
+unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, panels: Range<usize>, out: &mut [f32]) {
+    direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, panels, out)
 }
 
 /// [`direct::linear`] with the AVX2 tiles of the table.
@@ -442,8 +623,8 @@ unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, out: &mut [f32]) {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn linear_avx2(x: &[f32], w: &direct::Packed, out: &mut [f32]) {
-    direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, out)
+unsafe fn linear_avx2(x: &[f32], w: &direct::Packed, panels: Range<usize>, out: &mut [f32]) {
+    direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, panels, out)
 }
 
 /// Layer 1 fused: 3×3 convolution (stride 1, the padding already in `pad`), 2×2
@@ -497,6 +678,8 @@ fn conv1_pool_relu(
 // Elsewhere than on x86-64 only the tests run these kernels (with portable lanes).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod direct {
+    use std::ops::Range;
+
     use crate::simd::Lanes;
 
     /// The slice lengths the raw reads and writes of a kernel rely on: `pad` holds one
@@ -526,6 +709,18 @@ mod direct {
             *mv = S::mask(c.saturating_sub(cb + v * S::N).min(S::N));
         }
         m
+    }
+
+    /// Stores register `v` at `p`, whole when `full`, else only the lanes of mask `m`:
+    /// masked moves are far slower on some CPUs (microcoded on AMD Zen), so a full
+    /// block of a partly masked loop stores plainly.
+    #[inline(always)]
+    unsafe fn store_lanes<S: Lanes>(p: *mut f32, m: S::M, full: bool, v: S::V) {
+        if full {
+            S::store(p, v)
+        } else {
+            S::store_masked(p, m, v)
+        }
     }
 
     /// Loads `NV` registers from `p`: whole when `FULL`, else only the masked lanes.
@@ -574,9 +769,10 @@ mod direct {
     /// registers and broadcasts 4 inputs into `4 · NV` fused multiply-adds. The
     /// accumulators are pooled in registers, so the conv output never reaches memory.
     ///
-    /// `wt` is `(9 * c1, stride)` with `stride` a multiple of the block width `NV · N`
-    /// (see [`pad_columns`]), so the weight loads of the hot loop are never masked; the
-    /// bias and the stores of channels beyond `c2` in the last block are.
+    /// `wt` holds the weights in blocks of `NV · N` columns, and `stride` is that width
+    /// (see [`pack_blocks`]), so the weight loads of the hot loop are contiguous and never masked; the
+    /// bias and the stores of channels beyond `c2` in the last block are. Only the pooled
+    /// rows `rows` (of `h1 / 2`) are computed; `out` holds those rows.
     ///
     /// # Safety
     /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
@@ -587,52 +783,79 @@ mod direct {
         (h1, w1, c1): (usize, usize, usize),
         (wt, stride): (&[f32], usize),
         bias: &[f32],
+        rows: Range<usize>,
         out: &mut [f32],
     ) {
         let c2 = bias.len();
         let bw = NV * S::N;
-        assert!(stride % bw == 0 && stride >= c2, "weight stride not padded");
-        assert_lengths(pad, (h1, w1, c1), wt, stride, out, (h1 / 2) * (w1 / 2) * c2);
+        assert_eq!(stride, bw, "weights packed for another block width");
+        // The width of the padded matrix, which the blocks hold in all.
+        let stride = c2.div_ceil(bw) * bw;
+        assert!(rows.end <= h1 / 2, "pooled rows out of range");
+        assert_lengths(
+            pad,
+            (h1, w1, c1),
+            wt,
+            stride,
+            out,
+            rows.len() * (w1 / 2) * c2,
+        );
         let mut cb = 0;
         while cb < c2 {
+            let rows = rows.clone();
             if cb + bw <= c2 {
-                conv2_block::<S, NV, true>(pad, (h1, w1, c1), (wt, stride), bias, out, cb);
+                conv2_block::<S, NV, true>(pad, (w1, c1), wt, bias, rows, out, cb);
             } else {
-                conv2_block::<S, NV, false>(pad, (h1, w1, c1), (wt, stride), bias, out, cb);
+                conv2_block::<S, NV, false>(pad, (w1, c1), wt, bias, rows, out, cb);
             }
             cb += bw;
         }
     }
 
-    /// `(rows, c)` row-major values with each row padded by zeros to `stride` columns
-    /// (the smallest multiple of `multiple` not below `c`); returns them and `stride`.
-    pub(super) fn pad_columns(w: &[f32], c: usize, multiple: usize) -> (Vec<f32>, usize) {
-        let stride = c.div_ceil(multiple) * multiple;
-        let mut out = vec![0f32; w.len() / c.max(1) * stride];
-        for (dst, src) in out.chunks_exact_mut(stride).zip(w.chunks_exact(c)) {
-            dst[..c].copy_from_slice(src);
+    /// `(rows, c)` row-major values cut into blocks of `bw` columns, each block stored
+    /// whole, `(rows, bw)` row-major, one after the other, the last padded with zeros.
+    /// A kernel working on one block then walks its weights contiguously: with the row
+    /// stride of the whole matrix, a narrow block's rows would fall into a few cache sets
+    /// and evict each other.
+    pub(super) fn pack_blocks(w: &[f32], c: usize, bw: usize) -> Vec<f32> {
+        let rows = w.len() / c.max(1);
+        let blocks = c.div_ceil(bw);
+        let mut out = vec![0f32; blocks * rows * bw];
+        for (r, src) in w.chunks_exact(c).enumerate() {
+            for (b, cols) in src.chunks(bw).enumerate() {
+                out[(b * rows + r) * bw..][..cols.len()].copy_from_slice(cols);
+            }
         }
-        (out, stride)
+        out
+    }
+
+    /// The first weight of block `cb / bw` of [`pack_blocks`]'s `(rows, c)` output.
+    #[inline(always)]
+    unsafe fn block_start(wt: &[f32], rows: usize, bw: usize, cb: usize) -> *const f32 {
+        wt.as_ptr().add(cb / bw * rows * bw)
     }
 
     /// One block of output channels `cb..cb + NV · N` of [`conv2_pool_relu`] (stored
     /// whole when `FULL`, else cut at `c2` by masks). The caller checked the slice lengths.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn conv2_block<S: Lanes, const NV: usize, const FULL: bool>(
         pad: &[f32],
-        (h1, w1, c1): (usize, usize, usize),
-        (wt, stride): (&[f32], usize),
+        (w1, c1): (usize, usize),
+        wt: &[f32],
         bias: &[f32],
+        rows: Range<usize>,
         out: &mut [f32],
         cb: usize,
     ) {
         let c2 = bias.len();
-        let (h2, w2) = (h1 / 2, w1 / 2);
+        let w2 = w1 / 2;
+        let first = rows.start;
         let pw = w1 + 2;
         let run = 3 * c1;
         let m = block_masks::<S, NV>(c2, cb);
         let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
-        for py in 0..h2 {
+        for py in rows {
             for px in 0..w2 {
                 let mut acc = [[S::zero(); NV]; 4];
                 // Top-left input of the window's first conv output.
@@ -641,12 +864,14 @@ mod direct {
                     // SAFETY (all raw reads): the furthest input read is
                     // base + (ky + 1) * pw * c1 + c1 + run - 1 < (h1 + 2) * pw * c1, as
                     // 2 * py + 1 + 2 <= h1 + 1 and 2 * px + 1 + 3 <= w1 + 2; weight rows
-                    // k < 9 * c1 and lanes cb + lane < stride.
+                    // k < 9 * c1 of block cb / bw; the store is within the
+                    // rows of `out` (checked by the caller).
                     let p = pad.as_ptr().add(base + ky * pw * c1);
                     let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
-                    let wrow = wt.as_ptr().add(ky * run * stride + cb);
+                    let bw = NV * S::N;
+                    let wrow = block_start(wt, 9 * c1, bw, cb).add(ky * run * bw);
                     for j in 0..run {
-                        let wv = load_block::<S, NV, true>(wrow.add(j * stride), &m);
+                        let wv = load_block::<S, NV, true>(wrow.add(j * bw), &m);
                         for (a, qp) in acc.iter_mut().zip(q) {
                             let x = S::splat(*qp.add(j));
                             for (av, w) in a.iter_mut().zip(wv) {
@@ -655,8 +880,137 @@ mod direct {
                         }
                     }
                 }
-                let o = out.as_mut_ptr().add((py * w2 + px) * c2 + cb);
+                let o = out.as_mut_ptr().add(((py - first) * w2 + px) * c2 + cb);
                 pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
+            }
+        }
+    }
+
+    /// Layer 2 as register tiles of `R` output positions × `NV` registers of output
+    /// channels, the shape of a gemm micro-kernel but without im2col (the inputs of one
+    /// position's kernel row are `3 · c1` contiguous floats of `pad`, `(h1+2, w1+2, c1)`):
+    /// each reduction step loads `NV` weight registers and broadcasts `R` inputs into
+    /// `R · NV` fused multiply-adds. Writes the convolution before bias and pooling at
+    /// the output positions `span` (`y · w1 + x`, of `h1 · w1`) to `conv`,
+    /// `(span.len(), c2)`; the caller pools them.
+    ///
+    /// [`conv2_pool_relu`] pools in registers but holds only `4 · NV` accumulators; where
+    /// registers are few (AVX2 has 16), 6 positions × 2 registers give 12 accumulators,
+    /// enough independent chains to cover the FMA latency on both pipes. The last tile
+    /// of a block overlaps the one before it (recomputing the same values) instead of
+    /// running a slower remainder.
+    ///
+    /// `wt` holds the weights in blocks of `NV · N` columns, and `stride` is that width
+    /// (see [`pack_blocks`]); stores beyond `c2` are masked off.
+    ///
+    /// # Safety
+    /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
+    /// (panics, not UB).
+    #[inline(always)]
+    pub(super) unsafe fn conv2_tiles<S: Lanes, const R: usize, const NV: usize>(
+        pad: &[f32],
+        (h1, w1, c1): (usize, usize, usize),
+        (wt, stride): (&[f32], usize),
+        c2: usize,
+        span: Range<usize>,
+        conv: &mut [f32],
+    ) {
+        let bw = NV * S::N;
+        assert_eq!(stride, bw, "weights packed for another block width");
+        assert!(
+            span.start <= span.end && span.end <= h1 * w1,
+            "positions out of range"
+        );
+        let positions = span.len();
+        let padded = c2.div_ceil(bw) * bw;
+        assert_lengths(pad, (h1, w1, c1), wt, padded, conv, positions * c2);
+        let geometry = Conv2Tile {
+            pad: pad.as_ptr(),
+            origin: span.start,
+            w1,
+            c1,
+            wt,
+            conv: conv.as_mut_ptr(),
+            c2,
+        };
+        let mut cb = 0;
+        while cb < c2 {
+            let masks = (&block_masks::<S, NV>(c2, cb), cb + bw <= c2);
+            if positions < R {
+                for first in 0..positions {
+                    conv2_tile::<S, 1, NV>(&geometry, cb, masks, first);
+                }
+            } else {
+                let mut first = 0;
+                loop {
+                    let start = first.min(positions - R);
+                    conv2_tile::<S, R, NV>(&geometry, cb, masks, start);
+                    if start + R >= positions {
+                        break;
+                    }
+                    first += R;
+                }
+            }
+            cb += bw;
+        }
+    }
+
+    /// The buffers and geometry [`conv2_tile`] works on (checked by [`conv2_tiles`]).
+    struct Conv2Tile<'a> {
+        /// The zero-padded layer-1 output, `(h1+2, w1+2, c1)`.
+        pad: *const f32,
+        /// The first conv position computed, written at the start of `conv`.
+        origin: usize,
+        w1: usize,
+        c1: usize,
+        /// The weights in blocks (see [`pack_blocks`]).
+        wt: &'a [f32],
+        /// The output, `(positions, c2)`.
+        conv: *mut f32,
+        c2: usize,
+    }
+
+    /// Output positions `first..first + R`, channels `cb..cb + NV · N` (stores masked by
+    /// `masks`) of [`conv2_tiles`].
+    #[inline(always)]
+    unsafe fn conv2_tile<S: Lanes, const R: usize, const NV: usize>(
+        g: &Conv2Tile<'_>,
+        cb: usize,
+        (masks, full): (&[S::M; NV], bool),
+        first: usize,
+    ) {
+        let (pw, c1, run) = (g.w1 + 2, g.c1, 3 * g.c1);
+        // SAFETY (all raw accesses): position p = (y, x) reads pad rows y..y + 3 and
+        // columns x..x + 3 of the (h1 + 2, w1 + 2) padded grid, weight rows < 9 * c1 and
+        // of block cb / bw; it writes conv[p * c2 + cb + lane] only for lanes
+        // below c2 (masks), p < h1 * w1.
+        let mut q = [g.pad; R];
+        for (r, qr) in q.iter_mut().enumerate() {
+            let p = g.origin + first + r;
+            *qr = g.pad.add(((p / g.w1) * pw + p % g.w1) * c1);
+        }
+        let mut acc = [[S::zero(); NV]; R];
+        for ky in 0..3 {
+            let bw = NV * S::N;
+            let wrow = block_start(g.wt, 9 * c1, bw, cb).add(ky * run * bw);
+            let row = ky * pw * c1;
+            for j in 0..run {
+                let mut wv = [S::zero(); NV];
+                for (v, w) in wv.iter_mut().enumerate() {
+                    *w = S::load(wrow.add(j * bw + v * S::N));
+                }
+                for (a, qr) in acc.iter_mut().zip(q) {
+                    let x = S::splat(*qr.add(row + j));
+                    for (av, w) in a.iter_mut().zip(wv) {
+                        *av = S::fmadd(x, w, *av);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let o = g.conv.add((first + r) * g.c2 + cb);
+            for (v, av) in a.iter().enumerate() {
+                store_lanes::<S>(o.add(v * S::N), masks[v], full, *av);
             }
         }
     }
@@ -694,15 +1048,25 @@ mod direct {
             }
             Packed { n, k, data }
         }
+
+        /// Panels of [`PANEL`] outputs.
+        pub(super) fn panels(&self) -> usize {
+            self.n.div_ceil(PANEL)
+        }
     }
 
     /// `out (m × n) = x (m × k) · wᵀ` for a [`Packed`] `w`, row-major `x` and `out`.
     ///
-    /// Blocked for the cache: for each slice of [`KC`] reduction steps and each panel,
-    /// tiles of `R` rows keep `R · NVC` accumulators in registers (`NVC · N` must be
-    /// [`PANEL`]); each step loads `NVC` weight registers and broadcasts `R` inputs into
+    /// Blocked for the cache: for each panel, each part of it `NVC · N` columns wide
+    /// (which must divide [`PANEL`]) and each slice of [`KC`] reduction steps, tiles of
+    /// `R` rows keep `R · NVC` accumulators in registers; each step loads `NVC` weight
+    /// registers and broadcasts `R` inputs into
     /// `R · NVC` fused multiply-adds. Leftover rows run one at a time, their reduction
     /// split over `KU` independent accumulator sets so the FMA latency is covered.
+    ///
+    /// Only the output columns of panels `panels` are computed: `out` starts at column
+    /// `panels.start · PANEL` of row 0 (row stride `n`), so a single row's columns can be
+    /// split over threads as disjoint slices.
     ///
     /// # Safety
     /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
@@ -711,51 +1075,73 @@ mod direct {
     pub(super) unsafe fn linear<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
         x: &[f32],
         w: &Packed,
+        panels: Range<usize>,
         out: &mut [f32],
     ) {
-        assert_eq!(NVC * S::N, PANEL, "a tile must cover one panel");
+        let sub = NVC * S::N;
+        assert_eq!(PANEL % sub, 0, "a tile must cover a part of a panel");
         let (n, k) = (w.n, w.k);
         let m = x.len() / k.max(1);
+        let col0 = panels.start * PANEL;
+        let cols = (panels.end * PANEL).min(n).saturating_sub(col0);
         assert!(
-            x.len() == m * k && out.len() >= m * n,
+            x.len() == m * k
+                && panels.end <= w.panels()
+                && (m == 0 || out.len() >= (m - 1) * n + cols),
             "linear: bad lengths"
         );
-        for p in 0..n.div_ceil(PANEL) {
-            let c0 = p * PANEL;
-            let masks = block_masks::<S, NVC>(n, c0);
+        // SAFETY: `out` is shifted back by col0 so that column c of row r is
+        // out_base + r * n + c; only columns col0..col0 + cols are written.
+        let out_base = out.as_mut_ptr().wrapping_sub(col0);
+        for (p, c0) in panels.flat_map(|p| {
+            (p * PANEL..(p + 1) * PANEL)
+                .step_by(sub)
+                .map(move |c| (p, c))
+        }) {
+            if c0 >= n {
+                continue;
+            }
+            let masks = (&block_masks::<S, NVC>(n, c0), c0 + sub <= n);
             let mut k0 = 0;
             while k0 < k {
                 let kc = KC.min(k - k0);
                 // SAFETY: panel p's rows k0..k0 + kc lie within `data`; rows r < m of `x`
                 // hold k floats from r * k; outputs r * n + c0 + lane < m * n unless
                 // masked off.
-                let wp = w.data.as_ptr().add(p * k * PANEL + k0 * PANEL);
+                let wp = w.data.as_ptr().add(p * k * PANEL + k0 * PANEL + c0 % PANEL);
                 let mut r = 0;
-                while r + R <= m {
-                    tile::<S, R, NVC, 1>(
-                        x.as_ptr().add(r * k + k0),
-                        k,
-                        wp,
-                        kc,
-                        out.as_mut_ptr().add(r * n + c0),
-                        n,
-                        &masks,
-                        k0 == 0,
-                    );
-                    r += R;
-                }
                 while r < m {
-                    tile::<S, 1, NVC, KU>(
+                    let rows = (m - r).min(R);
+                    let t = (
                         x.as_ptr().add(r * k + k0),
                         k,
                         wp,
                         kc,
-                        out.as_mut_ptr().add(r * n + c0),
+                        out_base.wrapping_add(r * n + c0),
                         n,
-                        &masks,
+                        masks,
                         k0 == 0,
                     );
-                    r += 1;
+                    // The leftover rows of a task in one smaller tile rather than one
+                    // at a time (each single row streams the whole panel again), with
+                    // enough accumulator sets for about 8 independent chains.
+                    match rows {
+                        _ if rows == R => tile::<S, R, NVC, 1>(t),
+                        1 => tile::<S, 1, NVC, KU>(t),
+                        2 => tile::<S, 2, NVC, 2>(t),
+                        3 => tile::<S, 3, NVC, 2>(t),
+                        4 => tile::<S, 4, NVC, 1>(t),
+                        5 => tile::<S, 5, NVC, 1>(t),
+                        6 => tile::<S, 6, NVC, 1>(t),
+                        7 => tile::<S, 7, NVC, 1>(t),
+                        _ => {
+                            // Not in the kernel table (R is at most 8): rows one by one.
+                            tile::<S, 1, NVC, KU>(t);
+                            r += 1;
+                            continue;
+                        }
+                    }
+                    r += rows;
                 }
                 k0 += kc;
             }
@@ -766,22 +1152,29 @@ mod direct {
     /// (`wp`), added to the tile of `out` (stride `out_rs`, lanes of `masks`) unless
     /// `first`, when it is overwritten. The reduction is split over `KU` accumulator sets.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::type_complexity)]
     unsafe fn tile<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
-        x: *const f32,
-        x_rs: usize,
-        wp: *const f32,
-        kc: usize,
-        out: *mut f32,
-        out_rs: usize,
-        masks: &[S::M; NVC],
-        first: bool,
+        (x, x_rs, wp, kc, out, out_rs, (masks, full), first): (
+            *const f32,
+            usize,
+            *const f32,
+            usize,
+            *mut f32,
+            usize,
+            (&[S::M; NVC], bool),
+            bool,
+        ),
     ) {
         let mut acc = [[[S::zero(); NVC]; R]; KU];
         if !first {
             for (r, a) in acc[0].iter_mut().enumerate() {
                 for (v, av) in a.iter_mut().enumerate() {
-                    *av = S::load_masked(masks[v], out.add(r * out_rs + v * S::N));
+                    let p = out.add(r * out_rs + v * S::N);
+                    *av = if full {
+                        S::load(p)
+                    } else {
+                        S::load_masked(masks[v], p)
+                    };
                 }
             }
         }
@@ -822,7 +1215,7 @@ mod direct {
         }
         for (r, a) in acc[0].iter().enumerate() {
             for (v, av) in a.iter().enumerate() {
-                S::store_masked(out.add(r * out_rs + v * S::N), masks[v], *av);
+                store_lanes::<S>(out.add(r * out_rs + v * S::N), masks[v], full, *av);
             }
         }
     }
@@ -924,30 +1317,54 @@ struct DirectRun<'a> {
     out: &'a mut [f32],
 }
 
-/// Runs one direct kernel for tests at `level` (a level the CPU supports), or with
-/// [`Portable`](crate::simd::Portable) lanes for `None`.
+/// Which kernels a direct-kernel test runs: those of a SIMD level the CPU supports, or
+/// the generic ones on [`Portable`](crate::simd::Portable) lanes, with layer 2 pooled in
+/// registers or in tiles (both shapes run everywhere that way).
 #[cfg(test)]
-fn run_direct(level: Option<SimdLevel>, run: DirectRun) {
+#[derive(Clone, Copy, Debug)]
+enum TestKernels {
+    Level(SimdLevel),
+    PortablePooled,
+    PortableTiled,
+}
+
+/// Runs one direct kernel for tests.
+#[cfg(test)]
+fn run_direct(kernels: TestKernels, run: DirectRun) {
     use crate::simd::Portable;
-    assert!(level.is_none_or(SimdLevel::is_supported));
-    // SAFETY: only supported levels reach the wrappers (asserted above); portable lanes
-    // are plain Rust.
+    // SAFETY: only supported levels reach the wrappers (asserted); portable lanes are
+    // plain Rust.
     unsafe {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Some(SimdLevel::Avx512) => direct_avx512(run),
-            #[cfg(target_arch = "x86_64")]
-            Some(SimdLevel::Avx2) => direct_avx2(run),
-            _ => direct_with::<Portable, 2, 4>(run),
+        match kernels {
+            TestKernels::Level(level) => {
+                assert!(level.is_supported());
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    SimdLevel::Avx512 => direct_avx512(run),
+                    #[cfg(target_arch = "x86_64")]
+                    SimdLevel::Avx2 => direct_avx2(run),
+                    _ => direct_with::<Portable, 2, 0, 4>(run),
+                }
+            }
+            TestKernels::PortablePooled => direct_with::<Portable, 2, 0, 4>(run),
+            TestKernels::PortableTiled => direct_with::<Portable, 2, 6, 2>(run),
         }
     }
 }
 
 /// One direct-kernel run on lanes `S`, with `NV1` and `NV2` vectors per tile in layers 1
-/// and 2; inlined into each level's `#[target_feature]` wrapper below.
+/// and 2 and layer-2 tiles of `R2` positions (0: pooled in registers); inlined into each
+/// level's `#[target_feature]` wrapper below. Layer 2 writes the pooled `(h/2, w/2, c)`.
 #[cfg(test)]
 #[inline(always)]
-unsafe fn direct_with<S: crate::simd::Lanes, const NV1: usize, const NV2: usize>(run: DirectRun) {
+unsafe fn direct_with<
+    S: crate::simd::Lanes,
+    const NV1: usize,
+    const R2: usize,
+    const NV2: usize,
+>(
+    run: DirectRun,
+) {
     let DirectRun {
         layer2,
         pad,
@@ -956,9 +1373,36 @@ unsafe fn direct_with<S: crate::simd::Lanes, const NV1: usize, const NV2: usize>
         bias,
         out,
     } = run;
+    let (h, w, _) = geometry;
     if layer2 {
-        let (wp, stride) = direct::pad_columns(wt, bias.len(), NV2 * S::N);
-        direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, out)
+        let (wp, stride) = (direct::pack_blocks(wt, bias.len(), NV2 * S::N), NV2 * S::N);
+        if R2 == 0 {
+            direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, 0..h / 2, out)
+        } else {
+            let c = bias.len();
+            // In two spans of positions, split off the tile grid, as the batch-1 path does.
+            let positions = h / 2 * 2 * w;
+            let cut = positions / 3 + 1;
+            let mut conv = vec![0f32; positions * c];
+            let (a, b) = conv.split_at_mut(cut.min(positions) * c);
+            direct::conv2_tiles::<S, R2, NV2>(
+                pad,
+                geometry,
+                (&wp, stride),
+                c,
+                0..cut.min(positions),
+                a,
+            );
+            direct::conv2_tiles::<S, R2, NV2>(
+                pad,
+                geometry,
+                (&wp, stride),
+                c,
+                cut.min(positions)..positions,
+                b,
+            );
+            max_pool2_relu(&conv, (h / 2 * 2, w, c), Some(bias), out);
+        }
     } else {
         direct::conv1_pool_relu::<S, NV1>(pad, geometry, wt, bias, out)
     }
@@ -968,14 +1412,14 @@ unsafe fn direct_with<S: crate::simd::Lanes, const NV1: usize, const NV2: usize>
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn direct_avx512(run: DirectRun) {
-    direct_with::<Avx512, { AVX512_NV.0 }, { AVX512_NV.1 }>(run)
+    direct_with::<Avx512, { AVX512_NV.0 }, AVX512_R2, { AVX512_NV.1 }>(run)
 }
 
 /// [`run_direct`] with the AVX2 kernels of the table.
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn direct_avx2(run: DirectRun) {
-    direct_with::<Avx2, { AVX2_NV.0 }, { AVX2_NV.1 }>(run)
+    direct_with::<Avx2, { AVX2_NV.0 }, AVX2_R2, { AVX2_NV.1 }>(run)
 }
 
 #[cfg(test)]
@@ -1049,6 +1493,7 @@ mod tests {
             (14, 14, 32, 64),
             (7, 9, 3, 5),
             (10, 6, 5, 70),
+            (2, 2, 4, 9),
         ] {
             let x = Tensor::randn(0f32, 1.0, (1, h, w, c_in), &dev)?;
             let wt = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)?;
@@ -1079,10 +1524,18 @@ mod tests {
             check(&interior(&out), "plain layer 1");
             // The generic kernels with portable lanes run everywhere; then every SIMD level
             // this CPU has.
-            let mut levels = vec![None];
-            levels.extend(SimdLevel::supported().into_iter().skip(1).map(Some));
-            for level in levels {
-                let name = level.map_or("portable-lanes".into(), |l| l.to_string());
+            let mut kernels = vec![
+                super::TestKernels::PortablePooled,
+                super::TestKernels::PortableTiled,
+            ];
+            kernels.extend(
+                SimdLevel::supported()
+                    .into_iter()
+                    .skip(1)
+                    .map(super::TestKernels::Level),
+            );
+            for level in kernels {
+                let name = format!("{level:?}");
                 for layer2 in [false, true] {
                     let size = if layer2 { h1 * w1 } else { (h1 + 2) * (w1 + 2) };
                     let mut out = vec![0f32; size * c_out];

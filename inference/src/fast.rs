@@ -223,61 +223,62 @@ impl FastNet {
         let mut features = vec![0f32; n * flat];
         let threads = rayon::current_num_threads().max(1);
         let chunk = CHUNK.min(n.div_ceil(threads)).max(1);
-        if self.splits_rows(n, threads) && self.tiles_layer2() {
-            // One image at a time, layer 2's positions shared out evenly over the threads
-            // (each computes layer 1 whole: it is a twentieth of the work), then pooled.
-            let (w1, c2) = (self.w / 2, self.c2);
-            let positions = self.h / 4 * 2 * w1;
-            let per = positions.div_ceil(threads);
-            let mut conv = vec![0f32; positions * c2];
-            for (img, f) in inputs
-                .chunks_exact(len)
-                .zip(features.chunks_exact_mut(flat))
-            {
-                conv.par_chunks_mut(per * c2)
-                    .enumerate()
-                    .for_each(|(i, part)| {
-                        self.conv_span(img, i * per..i * per + part.len() / c2, part);
-                    });
-                max_pool2_relu(&conv, (positions / w1, w1, c2), Some(&self.conv2_b), f);
-            }
-        } else if self.splits_rows(n, threads) {
-            // The same with the pooled rows shared out, for kernels that pool in
-            // registers (as evenly as whole rows allow).
+        let mut hidden = vec![0f32; n * self.hidden];
+        if self.splits_rows(n, threads) {
+            // One image at a time, in one fork-join: each thread computes layer 1 whole
+            // (a twentieth of the work), a share of layer 2's pooled rows (as evenly as
+            // whole rows allow), and the hidden layer's sums over just those features,
+            // reading only their share of its weights; the sums are added up here.
             let h2 = self.h / 4;
             let per = h2.div_ceil(threads);
             let row_len = flat / h2;
-            for (img, f) in inputs
+            for ((img, f), hd) in inputs
                 .chunks_exact(len)
                 .zip(features.chunks_exact_mut(flat))
+                .zip(hidden.chunks_exact_mut(self.hidden))
             {
-                f.par_chunks_mut(per * row_len)
+                let partial_sums: Vec<Vec<f32>> = f
+                    .par_chunks_mut(per * row_len)
                     .enumerate()
-                    .for_each(|(i, part)| {
+                    .map(|(i, part)| {
                         let rows = i * per..(i * per + part.len() / row_len);
                         self.conv_rows(img, rows, part);
-                    });
+                        let mut sums = vec![0f32; self.hidden];
+                        let ks = i * per * row_len..i * per * row_len + part.len();
+                        self.linear_simd(part, &self.fc1_p, ks, &mut sums);
+                        sums
+                    })
+                    .collect();
+                for sums in &partial_sums {
+                    for (v, s) in hd.iter_mut().zip(sums) {
+                        *v += s;
+                    }
+                }
+                for (v, b) in hd.iter_mut().zip(&self.fc1_b) {
+                    *v = (*v + b).max(0.0);
+                }
             }
-        } else if n <= chunk {
-            self.conv_chunk(inputs, &mut features);
         } else {
-            features
-                .par_chunks_mut(chunk * flat)
-                .zip(inputs.par_chunks(chunk * len))
-                .for_each(|(f, x)| self.conv_chunk(x, f));
-        }
-        // Hidden layer: (n × flat) · fc1ᵀ, then bias and ReLU.
-        let mut hidden = vec![0f32; n * self.hidden];
-        // Tasks of at most 64 rows, and at least one per thread (a small batch would
-        // otherwise leave a core idle through the layer that reads the most weights).
-        let rows_per_task = n.div_ceil(threads).clamp(1, 64);
-        if n > rows_per_task && threads > 1 {
-            hidden
-                .par_chunks_mut(rows_per_task * self.hidden)
-                .zip(features.par_chunks(rows_per_task * flat))
-                .for_each(|(hd, f)| self.fc1(f, hd));
-        } else {
-            self.fc1(&features, &mut hidden);
+            if n <= chunk {
+                self.conv_chunk(inputs, &mut features);
+            } else {
+                features
+                    .par_chunks_mut(chunk * flat)
+                    .zip(inputs.par_chunks(chunk * len))
+                    .for_each(|(f, x)| self.conv_chunk(x, f));
+            }
+            // Hidden layer: (n × flat) · fc1ᵀ, then bias and ReLU, in tasks of at most 64
+            // rows and at least one per thread (a small batch would otherwise leave a core
+            // idle through the layer that reads the most weights).
+            let rows_per_task = n.div_ceil(threads).clamp(1, 64);
+            if n > rows_per_task && threads > 1 {
+                hidden
+                    .par_chunks_mut(rows_per_task * self.hidden)
+                    .zip(features.par_chunks(rows_per_task * flat))
+                    .for_each(|(hd, f)| self.fc1(f, hd));
+            } else {
+                self.fc1(&features, &mut hidden);
+            }
         }
         let mut logits = vec![0f32; n * self.classes];
         if n > 0 {
@@ -306,53 +307,29 @@ impl FastNet {
 
     /// `out = x · wᵀ` for a linear layer (`packed` and `w` are its weights, repacked and
     /// as stored): the SIMD level's [`direct::linear`], or `gemm` on the portable path.
-    ///
-    /// A single row on several threads has its output panels shared out among them (at
-    /// batch 1 the layer reads all its weights for one row: the cores' caches and memory
-    /// paths add up).
     fn linear(&self, x: &[f32], packed: &direct::Packed, w: &[f32], out: &mut [f32]) {
-        let threads = rayon::current_num_threads();
-        let panels = packed.panels();
-        if x.len() == packed.k && threads > 1 && panels > 1 && self.level != SimdLevel::Portable {
-            let per = panels.div_ceil(threads.min(panels));
-            out[..packed.n]
-                .par_chunks_mut(per * direct::PANEL)
-                .enumerate()
-                .for_each(|(i, part)| {
-                    let end = (i * per + per).min(panels);
-                    self.linear_panels(x, packed, i * per..end, part)
-                });
-            return;
-        }
         match self.level {
             SimdLevel::Portable => {
                 let (n, k) = (packed.n, packed.k);
                 sgemm(x.len() / k, n, k, out, false, x, k, 1, w, 1, k);
             }
-            _ => self.linear_panels(x, packed, 0..panels, out),
+            _ => self.linear_simd(x, packed, 0..packed.k, out),
         }
     }
 
-    /// The SIMD level's [`direct::linear`] over `panels` (the portable path uses `gemm`
-    /// instead, and reaches this only on plain lanes if ever asked).
-    fn linear_panels(
-        &self,
-        x: &[f32],
-        packed: &direct::Packed,
-        panels: Range<usize>,
-        out: &mut [f32],
-    ) {
+    /// The SIMD level's [`direct::linear`] over the inputs `ks` of the layer (`x` holds
+    /// just those columns). The portable path uses `gemm` instead, and reaches this only
+    /// on plain lanes if ever asked.
+    fn linear_simd(&self, x: &[f32], packed: &direct::Packed, ks: Range<usize>, out: &mut [f32]) {
         match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `level` is only ever set to a level the CPU supports.
-            SimdLevel::Avx512 => unsafe { linear_avx512(x, packed, panels, out) },
+            SimdLevel::Avx512 => unsafe { linear_avx512(x, packed, ks, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            SimdLevel::Avx2 => unsafe { linear_avx2(x, packed, panels, out) },
+            SimdLevel::Avx2 => unsafe { linear_avx2(x, packed, ks, out) },
             // SAFETY: plain Rust lanes.
-            _ => unsafe {
-                direct::linear::<crate::simd::Portable, 1, 8, 2>(x, packed, panels, out)
-            },
+            _ => unsafe { direct::linear::<crate::simd::Portable, 1, 8, 2>(x, packed, ks, out) },
         }
     }
 
@@ -380,70 +357,6 @@ impl FastNet {
                 _ => self.conv_chunk_portable(inputs, features, &mut s),
             }
         })
-    }
-
-    /// Whether this level's layer 2 runs in tiles of positions ([`direct::conv2_tiles`]),
-    /// so that [`FastNet::conv_span`] can compute any span of its positions.
-    fn tiles_layer2(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self.level == SimdLevel::Avx2 {
-            return AVX2_R2 > 0;
-        }
-        false
-    }
-
-    /// Layer 1 and layer 2's convolution, before bias and pooling, at the layer-2
-    /// positions `span` of one image, into `conv` (`(span.len(), c2)`). Only for levels
-    /// that [tile layer 2](FastNet::tiles_layer2); does nothing otherwise.
-    fn conv_span(&self, img: &[f32], span: Range<usize>, conv: &mut [f32]) {
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            self.layout(&mut s);
-            #[cfg(target_arch = "x86_64")]
-            if self.tiles_layer2() {
-                // SAFETY: `tiles_layer2` holds only at AVX2, which `level` is set to only
-                // on CPUs that support it.
-                unsafe { self.conv_span_avx2(img, span, conv, &mut s) }
-            }
-        })
-    }
-
-    /// [`FastNet::conv_span`] with the AVX2 kernels of the table.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn conv_span_avx2(
-        &self,
-        img: &[f32],
-        span: Range<usize>,
-        conv: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        let (h, w, c_in, c1) = (self.h, self.w, self.c_in, self.c1);
-        let (h1, w1) = (h / 2, w / 2);
-        let pad1 = &mut s.pad1[..(h1 + 2) * (w1 + 2) * c1];
-        self.pad_input(img, &mut s.pad0);
-        direct::conv1_pool_relu::<Avx2, { AVX2_NV.0 }>(
-            &s.pad0,
-            (h, w, c_in),
-            &self.conv1_w,
-            &self.conv1_b,
-            pad1,
-        );
-        let weights = (&self.conv2_padded.0[..], self.conv2_padded.1);
-        direct::conv2_tiles::<
-            Avx2,
-            {
-                if AVX2_R2 > 0 {
-                    AVX2_R2
-                } else {
-                    1
-                }
-            },
-            { AVX2_NV.1 },
-        >(pad1, (h1, w1, c1), weights, self.c2, span, conv);
     }
 
     /// Whether a batch too small to give every thread an image has each image's rows
@@ -613,8 +526,8 @@ impl FastNet {
 /// The CPU must support AVX-512F, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, panels: Range<usize>, out: &mut [f32]) {
-    direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, panels, out)
+unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, ks: Range<usize>, out: &mut [f32]) {
+    direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, ks, out)
 }
 
 /// [`direct::linear`] with the AVX2 tiles of the table.
@@ -623,8 +536,8 @@ unsafe fn linear_avx512(x: &[f32], w: &direct::Packed, panels: Range<usize>, out
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn linear_avx2(x: &[f32], w: &direct::Packed, panels: Range<usize>, out: &mut [f32]) {
-    direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, panels, out)
+unsafe fn linear_avx2(x: &[f32], w: &direct::Packed, ks: Range<usize>, out: &mut [f32]) {
+    direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, ks, out)
 }
 
 /// Layer 1 fused: 3×3 convolution (stride 1, the padding already in `pad`), 2×2
@@ -1064,9 +977,9 @@ mod direct {
     /// `R · NVC` fused multiply-adds. Leftover rows run one at a time, their reduction
     /// split over `KU` independent accumulator sets so the FMA latency is covered.
     ///
-    /// Only the output columns of panels `panels` are computed: `out` starts at column
-    /// `panels.start · PANEL` of row 0 (row stride `n`), so a single row's columns can be
-    /// split over threads as disjoint slices.
+    /// The reduction runs over the layer's inputs `ks` only (`x` holds those columns of
+    /// each row): a thread that computed some of one image's features can sum over
+    /// just those, reading just their share of the weights (see [`FastNet::logits`]).
     ///
     /// # Safety
     /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
@@ -1075,25 +988,20 @@ mod direct {
     pub(super) unsafe fn linear<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
         x: &[f32],
         w: &Packed,
-        panels: Range<usize>,
+        ks: Range<usize>,
         out: &mut [f32],
     ) {
         let sub = NVC * S::N;
         assert_eq!(PANEL % sub, 0, "a tile must cover a part of a panel");
         let (n, k) = (w.n, w.k);
-        let m = x.len() / k.max(1);
-        let col0 = panels.start * PANEL;
-        let cols = (panels.end * PANEL).min(n).saturating_sub(col0);
+        let kr = ks.len();
+        let m = x.len() / kr.max(1);
         assert!(
-            x.len() == m * k
-                && panels.end <= w.panels()
-                && (m == 0 || out.len() >= (m - 1) * n + cols),
+            ks.start <= ks.end && ks.end <= k && x.len() == m * kr && out.len() >= m * n,
             "linear: bad lengths"
         );
-        // SAFETY: `out` is shifted back by col0 so that column c of row r is
-        // out_base + r * n + c; only columns col0..col0 + cols are written.
-        let out_base = out.as_mut_ptr().wrapping_sub(col0);
-        for (p, c0) in panels.flat_map(|p| {
+        let out_base = out.as_mut_ptr();
+        for (p, c0) in (0..w.panels()).flat_map(|p| {
             (p * PANEL..(p + 1) * PANEL)
                 .step_by(sub)
                 .map(move |c| (p, c))
@@ -1102,25 +1010,25 @@ mod direct {
                 continue;
             }
             let masks = (&block_masks::<S, NVC>(n, c0), c0 + sub <= n);
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
+            let mut k0 = ks.start;
+            while k0 < ks.end {
+                let kc = KC.min(ks.end - k0);
                 // SAFETY: panel p's rows k0..k0 + kc lie within `data`; rows r < m of `x`
-                // hold k floats from r * k; outputs r * n + c0 + lane < m * n unless
-                // masked off.
+                // hold kr floats from r * kr, column k0 - ks.start onwards; outputs
+                // r * n + c0 + lane < m * n unless masked off.
                 let wp = w.data.as_ptr().add(p * k * PANEL + k0 * PANEL + c0 % PANEL);
                 let mut r = 0;
                 while r < m {
                     let rows = (m - r).min(R);
                     let t = (
-                        x.as_ptr().add(r * k + k0),
-                        k,
+                        x.as_ptr().add(r * kr + k0 - ks.start),
+                        kr,
                         wp,
                         kc,
-                        out_base.wrapping_add(r * n + c0),
+                        out_base.add(r * n + c0),
                         n,
                         masks,
-                        k0 == 0,
+                        k0 == ks.start,
                     );
                     // The leftover rows of a task in one smaller tile rather than one
                     // at a time (each single row streams the whole panel again), with
@@ -1377,7 +1285,11 @@ unsafe fn direct_with<
     if layer2 {
         let (wp, stride) = (direct::pack_blocks(wt, bias.len(), NV2 * S::N), NV2 * S::N);
         if R2 == 0 {
-            direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, 0..h / 2, out)
+            // In two ranges of pooled rows, as the batch-1 path does.
+            let (rows, cut) = (h / 2, h / 2 / 2);
+            let (a, b) = out.split_at_mut(cut * (w / 2) * bias.len());
+            direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, 0..cut, a);
+            direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, cut..rows, b);
         } else {
             let c = bias.len();
             // In two spans of positions, split off the tile grid, as the batch-1 path does.

@@ -15,10 +15,17 @@
 //!   output pixel's kernel row are `3 · c1` contiguous floats of the padded buffer, so no
 //!   im2col copy and no `gemm` packing; the four outputs of each pooling window stay in
 //!   registers, are pooled there, and only the pooled, biased, rectified features are
-//!   written, straight into the flattened `(h, w, c)` order of the linear layer;
-//! - the linear layers run over the whole batch (in tasks of 64 rows) through
-//!   [`direct::linear`], a cache-blocked product with the weights repacked once into
-//!   panels of 32 outputs (`gemm` on the portable path).
+//!   written, straight into the flattened `(h, w, c)` order of the linear layer. Where
+//!   registers are few (AVX2: 16), [`direct::conv2_tiles`] holds 6 positions × 2
+//!   registers of accumulators instead and pools afterwards (the kernel table picks);
+//!   the weights are packed per block of output channels so each block walks its
+//!   weights contiguously;
+//! - the linear layers run over the whole batch (in tasks of at most 64 rows, at least
+//!   one per thread) through [`direct::linear`], a cache-blocked product with the
+//!   weights repacked once into panels of 32 outputs (`gemm` on the portable path);
+//! - a batch smaller than the thread count runs one image at a time in one fork-join:
+//!   each thread computes a share of layer 2's pooled rows and the hidden layer's sums
+//!   over just those features, which are added up afterwards.
 //!
 //! Bias is added after pooling: `max(a + b) = max(a) + b` holds exactly in floating point,
 //! as rounding `x + b` is monotonic in `x`. The sums run in other orders than the candle

@@ -57,6 +57,13 @@ pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &st
     // the restart was never answered (4,999 of 5,000). Run alone it passed, and Kafka
     // and Redis pass this case every time. Not root-caused; skipped on Pub/Sub so that
     // CI stays meaningful, and PUBSUB_RUN_KNOWN_FAILURES=1 runs it anyway.
+    // 2026-12-04: the second failure's shape matches a race found on Redis (a request
+    // published between the re-creation of the request topic and of the servers'
+    // subscription was dropped, and the client's re-send list had been read before);
+    // the client now reads that list only after both exist again. With that fix this
+    // case passed 3 of 3 runs alone on the emulator (5,000 of 5,000, 0–1 duplicates).
+    // The first failure (a lost reply subscription not noticed) is not explained, so
+    // the skip stays until full-suite runs show it gone.
     if backend == "pubsub" && std::env::var_os("PUBSUB_RUN_KNOWN_FAILURES").is_none() {
         use std::io::Write;
         let _ = writeln!(

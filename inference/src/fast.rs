@@ -105,7 +105,7 @@ pub(crate) struct FastNet {
     conv2_b: Vec<f32>,
     /// `conv2_w` cut into the column blocks of the SIMD level's layer-2 kernel, and
     /// their width (see [`direct::pack_blocks`]).
-    conv2_padded: Arc<(Vec<f32>, usize)>,
+    conv2_blocks: Arc<(Vec<f32>, usize)>,
     /// `(hidden, flat)`.
     fc1_w: Vec<f32>,
     fc1_b: Vec<f32>,
@@ -170,7 +170,7 @@ impl FastNet {
             classes,
             conv1_w: conv1.0,
             conv1_b: conv1.1,
-            conv2_padded: Arc::new((Vec::new(), c2)),
+            conv2_blocks: Arc::new((Vec::new(), c2)),
             conv2_w: conv2.0,
             conv2_b: conv2.1,
             fc1_p: Arc::new(direct::Packed::new(&fc1.0, hidden, flat)),
@@ -208,7 +208,7 @@ impl FastNet {
             _ => 1,
         };
         let packed = direct::pack_blocks(&self.conv2_w, self.c2, block);
-        self.conv2_padded = Arc::new((packed, block));
+        self.conv2_blocks = Arc::new((packed, block));
         self.level
     }
 
@@ -261,9 +261,7 @@ impl FastNet {
                         *v += s;
                     }
                 }
-                for (v, b) in hd.iter_mut().zip(&self.fc1_b) {
-                    *v = (*v + b).max(0.0);
-                }
+                self.fc1_bias_relu(hd);
             }
         } else {
             if n <= chunk {
@@ -305,6 +303,11 @@ impl FastNet {
             return;
         }
         self.linear(features, &self.fc1_p, &self.fc1_w, hidden);
+        self.fc1_bias_relu(hidden);
+    }
+
+    /// Adds the hidden layer's bias to rows of its sums and applies ReLU.
+    fn fc1_bias_relu(&self, hidden: &mut [f32]) {
         for row in hidden.chunks_exact_mut(self.hidden) {
             for (v, b) in row.iter_mut().zip(&self.fc1_b) {
                 *v = (*v + b).max(0.0);
@@ -468,7 +471,7 @@ impl FastNet {
                 &self.conv1_b,
                 pad1,
             );
-            let weights = (&self.conv2_padded.0[..], self.conv2_padded.1);
+            let weights = (&self.conv2_blocks.0[..], self.conv2_blocks.1);
             let (rows, bias) = (rows.clone(), &self.conv2_b[..]);
             if R2 == 0 {
                 direct::conv2_pool_relu::<S, NV2>(pad1, (h1, w1, c1), weights, bias, rows, out);
@@ -773,6 +776,7 @@ mod direct {
         let first = rows.start;
         let pw = w1 + 2;
         let run = 3 * c1;
+        let bw = NV * S::N;
         let m = block_masks::<S, NV>(c2, cb);
         let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
         for py in rows {
@@ -788,7 +792,6 @@ mod direct {
                     // rows of `out` (checked by the caller).
                     let p = pad.as_ptr().add(base + ky * pw * c1);
                     let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
-                    let bw = NV * S::N;
                     let wrow = block_start(wt, 9 * c1, bw, cb).add(ky * run * bw);
                     for j in 0..run {
                         let wv = load_block::<S, NV, true>(wrow.add(j * bw), &m);
@@ -909,9 +912,9 @@ mod direct {
             let p = g.origin + first + r;
             *qr = g.pad.add(((p / g.w1) * pw + p % g.w1) * c1);
         }
+        let bw = NV * S::N;
         let mut acc = [[S::zero(); NV]; R];
         for ky in 0..3 {
-            let bw = NV * S::N;
             let wrow = block_start(g.wt, 9 * c1, bw, cb).add(ky * run * bw);
             let row = ky * pw * c1;
             for j in 0..run {
@@ -981,8 +984,9 @@ mod direct {
     /// (which must divide [`PANEL`]) and each slice of [`KC`] reduction steps, tiles of
     /// `R` rows keep `R · NVC` accumulators in registers; each step loads `NVC` weight
     /// registers and broadcasts `R` inputs into
-    /// `R · NVC` fused multiply-adds. Leftover rows run one at a time, their reduction
-    /// split over `KU` independent accumulator sets so the FMA latency is covered.
+    /// `R · NVC` fused multiply-adds. The rows left over (fewer than `R`) run as one
+    /// smaller tile; a single row splits its reduction over `KU` independent accumulator
+    /// sets so the FMA latency is covered.
     ///
     /// The reduction runs over the layer's inputs `ks` only (`x` holds those columns of
     /// each row): a thread that computed some of one image's features can sum over
@@ -1301,25 +1305,11 @@ unsafe fn direct_with<
             let c = bias.len();
             // In two spans of positions, split off the tile grid, as the batch-1 path does.
             let positions = h / 2 * 2 * w;
-            let cut = positions / 3 + 1;
+            let cut = (positions / 3 + 1).min(positions);
             let mut conv = vec![0f32; positions * c];
-            let (a, b) = conv.split_at_mut(cut.min(positions) * c);
-            direct::conv2_tiles::<S, R2, NV2>(
-                pad,
-                geometry,
-                (&wp, stride),
-                c,
-                0..cut.min(positions),
-                a,
-            );
-            direct::conv2_tiles::<S, R2, NV2>(
-                pad,
-                geometry,
-                (&wp, stride),
-                c,
-                cut.min(positions)..positions,
-                b,
-            );
+            let (a, b) = conv.split_at_mut(cut * c);
+            direct::conv2_tiles::<S, R2, NV2>(pad, geometry, (&wp, stride), c, 0..cut, a);
+            direct::conv2_tiles::<S, R2, NV2>(pad, geometry, (&wp, stride), c, cut..positions, b);
             max_pool2_relu(&conv, (h / 2 * 2, w, c), Some(bias), out);
         }
     } else {

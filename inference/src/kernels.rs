@@ -72,6 +72,15 @@ pub(crate) fn pad_image(img: &[f32], (h, w, c): (usize, usize, usize), pad: &mut
     }
 }
 
+/// Copies the interior of the zero-padded `(h + 2, w + 2, c)` buffer `pad` into the HWC
+/// image `img` (the inverse of [`pad_image`]).
+pub(crate) fn unpad_image(pad: &[f32], (h, w, c): (usize, usize, usize), img: &mut [f32]) {
+    let row = w * c;
+    for y in 0..h {
+        img[y * row..][..row].copy_from_slice(&pad[((y + 1) * (w + 2) + 1) * c..][..row]);
+    }
+}
+
 /// Unfolds a zero-padded image `pad` (`(h + 2, w + 2, c)`) into the `(h * w, 9 * c)` patches
 /// of a 3×3 "same" convolution: row `y * w + x`, column `(ky * 3 + kx) * c + ci` holds input
 /// `(y + ky - 1, x + kx - 1, ci)`, zero outside the image.
@@ -84,35 +93,6 @@ pub(crate) fn im2col(pad: &[f32], (h, w, c): (usize, usize, usize), patches: &mu
             for ky in 0..3 {
                 let src = &pad[((y + ky) * (w + 2) + x) * c..][..run];
                 row[ky * run..][..run].copy_from_slice(src);
-            }
-        }
-    }
-}
-
-/// Adds `(h*w, 9*c)` patch gradients back onto one HWC image gradient (the adjoint of [`im2col`], into an unpadded
-/// image).
-pub(crate) fn col2im(patches: &[f32], (h, w, c): (usize, usize, usize), img: &mut [f32]) {
-    let row_len = 9 * c;
-    img.fill(0.0);
-    for y in 0..h {
-        for x in 0..w {
-            let row = &patches[(y * w + x) * row_len..][..row_len];
-            for ky in 0..3 {
-                let iy = y as isize + ky as isize - 1;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..3 {
-                    let ix = x as isize + kx as isize - 1;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
-                    }
-                    let dst = &mut img[(iy as usize * w + ix as usize) * c..][..c];
-                    let src = &row[(ky * 3 + kx) * c..][..c];
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d += s;
-                    }
-                }
             }
         }
     }
@@ -155,46 +135,53 @@ pub(crate) fn max_pool2_relu(
     }
 }
 
-/// The backward pass of [`max_pool2_relu`] (without bias): routes the pooled+ReLU gradient `go` back to the conv output positions (`gconv`, fully
-/// overwritten): each window's gradient goes to its first maximum, if that maximum is > 0.
-/// Written branch-free over exact-length slices so the channel loop vectorises.
-pub(crate) fn max_pool2_relu_grad(
+/// Which conv output of its 2×2 window a pooled value came from (`dy · 2 + dx`), as
+/// [`max_pool2_bias_relu_routes`] records it for the backward pass, or [`NO_ROUTE`] when
+/// the ReLU cut the value off (it passes no gradient).
+pub(crate) type Route = u8;
+
+/// The [`Route`] of a pooled value the ReLU set to zero.
+pub(crate) const NO_ROUTE: Route = 4;
+
+/// [`max_pool2_relu`] with the bias, recording per pooled value the [`Route`] its
+/// gradient takes back (the window's first maximum, if the biased maximum is > 0), so
+/// the backward pass needs neither the conv output nor a second convolution. `routes`
+/// is `(h/2, w/2, c)` like `out`. Written branch-free so the channel loop vectorises.
+pub(crate) fn max_pool2_bias_relu_routes(
     conv: &[f32],
-    go: &[f32],
     (h, w, c): (usize, usize, usize),
-    gconv: &mut [f32],
+    bias: &[f32],
+    out: &mut [f32],
+    routes: &mut [Route],
 ) {
     let (ho, wo) = (h / 2, w / 2);
-    if h % 2 == 1 || w % 2 == 1 {
-        gconv.fill(0.0); // positions outside every window get no gradient
-    }
     let row = w * c;
+    let bias = &bias[..c];
     for oy in 0..ho {
-        let (g_top, g_bot) = gconv[2 * oy * row..(2 * oy + 2) * row].split_at_mut(row);
-        let x_top = &conv[2 * oy * row..(2 * oy + 1) * row];
-        let x_bot = &conv[(2 * oy + 1) * row..(2 * oy + 2) * row];
+        let top = &conv[2 * oy * row..][..row];
+        let bottom = &conv[(2 * oy + 1) * row..][..row];
         for ox in 0..wo {
-            let span = 2 * ox * c..(2 * ox + 2) * c;
-            let (x00, x01) = x_top[span.clone()].split_at(c);
-            let (x10, x11) = x_bot[span.clone()].split_at(c);
-            let (g00, g01) = g_top[span.clone()].split_at_mut(c);
-            let (g10, g11) = g_bot[span].split_at_mut(c);
-            let g = &go[(oy * wo + ox) * c..][..c];
+            let o = (oy * wo + ox) * c;
+            let (dst, route) = (&mut out[o..][..c], &mut routes[o..][..c]);
+            let (p00, p01) = top[2 * ox * c..][..2 * c].split_at(c);
+            let (p10, p11) = bottom[2 * ox * c..][..2 * c].split_at(c);
             for ch in 0..c {
-                let (a, b, cc, d) = (x00[ch], x01[ch], x10[ch], x11[ch]);
-                let m01 = if a > b { a } else { b };
-                let m23 = if cc > d { cc } else { d };
-                let m = if m01 > m23 { m01 } else { m23 };
-                let gv = if m > 0.0 { g[ch] } else { 0.0 };
-                // one-hot of the first maximum, as integer masks (no branches)
-                let t0 = (a == m) as u32;
-                let t1 = (b == m) as u32 & (t0 ^ 1);
-                let t2 = (cc == m) as u32 & ((t0 | t1) ^ 1);
-                let t3 = (t0 | t1 | t2) ^ 1;
-                g00[ch] = gv * t0 as f32;
-                g01[ch] = gv * t1 as f32;
-                g10[ch] = gv * t2 as f32;
-                g11[ch] = gv * t3 as f32;
+                let (a, b, cc, d) = (p00[ch], p01[ch], p10[ch], p11[ch]);
+                let m = fmax(fmax(a, b), fmax(cc, d));
+                let v = m + bias[ch];
+                // The first maximum: 0 unless a < m, and so on (integer selects).
+                let first = if a == m {
+                    0
+                } else if b == m {
+                    1
+                } else if cc == m {
+                    2
+                } else {
+                    3
+                };
+                let positive = v > 0.0;
+                dst[ch] = if positive { v } else { 0.0 };
+                route[ch] = if positive { first } else { NO_ROUTE };
             }
         }
     }

@@ -1,8 +1,8 @@
-//! Which SIMD instruction set the inference kernels use, chosen once per process at run
-//! time, and the lane operations the kernels are written against.
+//! Which SIMD instruction set the CNN kernels use (inference and training alike), chosen
+//! once per process at run time, and the lane operations the kernels are written against.
 //!
 //! The crate is built for baseline x86-64 (or any other target); the hand-written kernels
-//! of [`crate::fast`] are generic over [`Lanes`], a handful of vector operations
+//! of [`crate::fast`] (and the training op of `crate::ops`, which reuses them) are generic over [`Lanes`], a handful of vector operations
 //! implemented for AVX-512 (`__m512`, 16 lanes), AVX2 + FMA (`__m256`, 8 lanes) and plain
 //! arrays ([`Portable`]), and monomorphised inside `#[target_feature]` wrappers, so each
 //! kernel shape has one source for every instruction set.
@@ -150,7 +150,7 @@ pub fn simd_level() -> SimdLevel {
         tracing::info!(
             simd = level.name(),
             cpu_best = detected.name(),
-            "inference kernels: {level} (CPU supports up to {detected}{})",
+            "CNN kernels (inference and training): {level} (CPU supports up to {detected}{})",
             if requested.is_some() {
                 format!("; {SIMD_ENV} set")
             } else {

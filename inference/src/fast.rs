@@ -953,9 +953,9 @@ pub(crate) mod direct {
     /// conv-output gradient (see [`RoutedGrads`]), added to `gwt`, the gradient
     /// *transposed*: `(c_out, 9 · c_in)`, row `co` holding `(ky, kx, ci)`. For each
     /// channel and kernel row, `CH` registers accumulate `g · (the 3 · c_in contiguous
-    /// inputs of that row of the window)` over the channel's entries; the pooling and
-    /// the ReLU leave at most one entry in eight nonzero, so this does about a tenth
-    /// of the dense product's work.
+    /// inputs of that row of the window)` over the channel's entries; the pooling leaves
+    /// at most one conv output in four with a gradient (fewer after the ReLU), so this
+    /// does a quarter of the dense product's work or less.
     ///
     /// # Safety
     /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths and cells are

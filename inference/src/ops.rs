@@ -9,10 +9,11 @@
 //! tiles of the inference kernels ([`direct::conv2_tiles`]), then pooling, bias and ReLU,
 //! which also record each pooled value's [`Route`] (which position of its window it came
 //! from, if any: one byte per pooled value). The backward pass needs nothing else: after
-//! pooling and ReLU at most one conv output in eight gets a gradient, so it gathers
-//! those ([`direct::RoutedGrads`]) and runs the two gradient products over just them
-//! ([`direct::routed_weight_grad`], [`direct::routed_input_grad`]), about a tenth of
-//! the dense products' work, with no second forward pass and no im2col. One image at a
+//! pooling at most one conv output in four gets a gradient (none where the ReLU cut the
+//! pooled value off), so it gathers those ([`direct::RoutedGrads`]) and runs the two
+//! gradient products over just them ([`direct::routed_weight_grad`],
+//! [`direct::routed_input_grad`]): a quarter of the dense products' work or less, with
+//! no second forward pass and no im2col. One image at a
 //! time per rayon thread, at the SIMD level chosen at run time ([`crate::simd_level`];
 //! the register counts per level are the table below).
 //!
@@ -421,6 +422,10 @@ impl CustomOp3 for ConvPoolRelu {
     }
 }
 
+/// One image's share of the backward pass's inputs: its input, its pooled output's
+/// gradient and the forward pass's routes.
+type ImageGrad<'a> = ((&'a [f32], &'a [f32]), &'a [Route]);
+
 /// Backward of [`ConvPoolRelu`]. Arguments: x, w and the gradient of the pooled output.
 /// Result, flat: weight grad `(9*c_in*c_out)`, bias grad `(c_out)`, then the input grad
 /// `(n*h*w*c_in)` when requested.
@@ -468,23 +473,22 @@ impl CustomOp3 for ConvPoolReluGrad {
                 vec![0f32; (k + 1) * c_out],
             )
         };
-        let step =
-            |(mut s, mut acc): (Scratch, Vec<f32>),
-             (gxi, ((img, gi), ri)): (&mut [f32], ((&[f32], &[f32]), &[Route]))| {
-                pad_image(img, (h, w, c_in), &mut s.pad);
-                // `acc` holds the weight gradient transposed, `(c_out, k)`, then the bias's.
-                let (gwt, gb) = acc.split_at_mut(k * c_out);
-                s.grads.gather(gi, ri, (h, w, c_out), gb);
-                if input_grad {
-                    s.gxpad.fill(0.0);
-                    let input = Some((&wt_t[..], &mut s.gxpad[..]));
-                    tiles.grads(&s.pad, (h, w, c_in), &s.grads, gwt, input);
-                    unpad_image(&s.gxpad, (h, w, c_in), gxi);
-                } else {
-                    tiles.grads(&s.pad, (h, w, c_in), &s.grads, gwt, None);
-                }
-                (s, acc)
-            };
+        let step = |(mut s, mut acc): (Scratch, Vec<f32>),
+                    (gxi, ((img, gi), ri)): (&mut [f32], ImageGrad<'_>)| {
+            pad_image(img, (h, w, c_in), &mut s.pad);
+            // `acc` holds the weight gradient transposed, `(c_out, k)`, then the bias's.
+            let (gwt, gb) = acc.split_at_mut(k * c_out);
+            s.grads.gather(gi, ri, (h, w, c_out), gb);
+            if input_grad {
+                s.gxpad.fill(0.0);
+                let input = Some((&wt_t[..], &mut s.gxpad[..]));
+                tiles.grads(&s.pad, (h, w, c_in), &s.grads, gwt, input);
+                unpad_image(&s.gxpad, (h, w, c_in), gxi);
+            } else {
+                tiles.grads(&s.pad, (h, w, c_in), &s.grads, gwt, None);
+            }
+            (s, acc)
+        };
         let imgs = x
             .par_chunks(hw * c_in)
             .zip(g.par_chunks(pooled))

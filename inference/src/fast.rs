@@ -29,8 +29,9 @@
 //!
 //! Bias is added after pooling: `max(a + b) = max(a) + b` holds exactly in floating point,
 //! as rounding `x + b` is monotonic in `x`. The sums run in other orders than the candle
-//! path's `gemm`, so probabilities agree to float rounding (the tests bound the
-//! difference), not bit for bit.
+//! path's (its convolutions run [`direct::conv2_tiles`] too, but its linear layers go
+//! through candle's `matmul`), so probabilities agree to float rounding (the tests bound
+//! the difference), not bit for bit.
 //!
 //! The kernels are written once, generic over the lane operations of [`crate::simd`], and
 //! monomorphised for AVX-512 and for AVX2 + FMA inside `#[target_feature]` wrappers (the
@@ -596,9 +597,10 @@ fn conv1_pool_relu(
 }
 
 /// The hand-written SIMD kernels, each written once over [`Lanes`] and a block of `NV`
-/// registers of output channels; [`FastNet::conv_chunk`] runs them monomorphised for
-/// AVX-512 or AVX2 inside `#[target_feature]` wrappers (see [`KERNELS`]).
-// Elsewhere than on x86-64 only the tests run these kernels (with portable lanes).
+/// registers of output channels; [`FastNet::conv_chunk`] and the training op of
+/// `crate::ops` run them monomorphised for AVX-512 or AVX2 inside `#[target_feature]`
+/// wrappers (see each caller's kernel table), the training op also on portable lanes.
+// Elsewhere than on x86-64 some run only in tests (with portable lanes).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) mod direct {
     use std::ops::Range;
@@ -810,8 +812,9 @@ pub(crate) mod direct {
         }
     }
 
-    /// Layer 2 as register tiles of `R` output positions × `NV` registers of output
-    /// channels, the shape of a gemm micro-kernel but without im2col (the inputs of one
+    /// A 3×3 convolution (layer 2 of inference; both layers, and the input gradient's
+    /// own kernel rows, of training) as register tiles of `R` output positions × `NV`
+    /// registers of output channels, the shape of a gemm micro-kernel but without im2col (the inputs of one
     /// position's kernel row are `3 · c1` contiguous floats of `pad`, `(h1+2, w1+2, c1)`):
     /// each reduction step loads `NV` weight registers and broadcasts `R` inputs into
     /// `R · NV` fused multiply-adds. Writes the convolution before bias and pooling at
@@ -820,7 +823,8 @@ pub(crate) mod direct {
     ///
     /// [`conv2_pool_relu`] pools in registers but holds only `4 · NV` accumulators; where
     /// registers are few (AVX2 has 16), 6 positions × 2 registers give 12 accumulators,
-    /// enough independent chains to cover the FMA latency on both pipes. The last tile
+    /// enough independent chains to cover the FMA latency on both pipes (training on
+    /// AVX-512 runs 12 × 2). The last tile
     /// of a block overlaps the one before it (recomputing the same values) instead of
     /// running a slower remainder.
     ///
@@ -971,7 +975,7 @@ pub(crate) mod direct {
         let c_out = grads.channels();
         assert!(pad.len() >= (h + 2) * pw * c_in, "padded input too short");
         assert!(gwt.len() >= c_out * k, "weight gradient too short");
-        grads.check_cells(h * pw);
+        grads.check_cells((h, w));
         let step = CH * S::N;
         for co in 0..c_out {
             let (values, cells) = grads.entries(co);
@@ -979,8 +983,8 @@ pub(crate) mod direct {
                 let mut j0 = 0;
                 while j0 < run {
                     let lanes = (run - j0).min(step);
-                    // SAFETY (all raw accesses): a cell c < h · pw is a conv position's
-                    // window; its row ky reads pad[(c + ky · pw) · c_in + j] for j < run,
+                    // SAFETY (all raw accesses): a cell (y, x) with y < h, x < w
+                    // (checked) is a conv position's window; its row ky reads pad[(c + ky · pw) · c_in + j] for j < run,
                     // below (h + 2) · pw · c_in; lanes beyond `run` are masked off.
                     let origin = pad.as_ptr().add(ky * pw * c_in + j0);
                     let out = gwt.as_mut_ptr().add(co * k + ky * run + j0);
@@ -1058,7 +1062,7 @@ pub(crate) mod direct {
             "padded gradient too short"
         );
         assert!(wt_t.len() >= c_out * k, "weights too short");
-        grads.check_cells(h * pw);
+        grads.check_cells((h, w));
         let step = CH * S::N;
         for co in 0..c_out {
             let (values, cells) = grads.entries(co);
@@ -1071,8 +1075,9 @@ pub(crate) mod direct {
                 while c0 < c_in {
                     let lanes = (c_in - c0).min(step);
                     // SAFETY (all raw accesses): weights of row co, tap, channels below
-                    // c_in (masks); a cell c < h · pw plus a tap's shift stays below
-                    // (h + 2) · pw, so the input position is inside `gxpad`.
+                    // c_in (masks); a cell (y, x) with y < h, x < w (checked) plus a
+                    // tap's shift (at most 2 · pw + 2) stays below (h + 2) · pw, so the
+                    // input position is inside `gxpad`.
                     let wp = wt_t.as_ptr().add(co * k + tap * c_in + c0);
                     let origin = gxpad.as_mut_ptr().add(shift * c_in + c0);
                     // A short remainder runs one register at a time, the last masked.
@@ -1158,12 +1163,16 @@ pub(crate) mod direct {
             )
         }
 
-        /// Panics unless every cell is below `limit` (what the kernels' raw accesses
-        /// rely on).
-        fn check_cells(&self, limit: usize) {
+        /// Panics unless every cell is a conv position `(y, x)` of an `(h, w)` output,
+        /// `y < h` and `x < w` (what the kernels' raw accesses rely on).
+        fn check_cells(&self, (h, w): (usize, usize)) {
+            let pw = w + 2;
             for co in 0..self.channels() {
                 assert!(
-                    self.entries(co).1.iter().all(|&c| (c as usize) < limit),
+                    self.entries(co).1.iter().all(|&c| {
+                        let c = c as usize;
+                        c / pw < h && c % pw < w
+                    }),
                     "cell out of range"
                 );
             }

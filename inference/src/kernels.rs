@@ -102,7 +102,8 @@ pub(crate) fn im2col(pad: &[f32], (h, w, c): (usize, usize, usize), patches: &mu
 /// `bias` if given and applies ReLU, writing the `(h/2, w/2, c)` result to `out`.
 ///
 /// The fast path adds the bias here, after pooling (`max(a + b) = max(a) + b` holds exactly,
-/// as rounding `x + b` is monotonic in `x`); the candle op adds it in the convolution.
+/// as rounding `x + b` is monotonic in `x`); so does the candle op, in
+/// [`max_pool2_bias_relu_routes`].
 #[inline(always)]
 pub(crate) fn max_pool2_relu(
     conv: &[f32],

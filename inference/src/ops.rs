@@ -72,7 +72,7 @@ const PORTABLE: Table = Table {
 };
 
 /// The training convolutions at one SIMD level: each method runs the generic kernel
-/// monomorphised for the level's lanes and its entry of the table (see [`AVX2`]).
+/// monomorphised for the level's lanes and its entry of the table ([`Table`]).
 #[derive(Clone, Copy, Debug)]
 struct Tiles(SimdLevel);
 
@@ -279,8 +279,9 @@ struct Scratch {
 impl Scratch {
     /// Buffers for `(h, w, c_in)` images and `c_out` output channels, for the forward
     /// pass or the backward pass.
-    fn new((h, w, c_in): (usize, usize, usize), c_out: usize, backward: bool) -> Self {
+    fn new((h, w, c_in): (usize, usize, usize), c_out: usize, pass: Pass) -> Self {
         let padded = (h + 2) * (w + 2) * c_in;
+        let backward = pass != Pass::Forward;
         Scratch {
             pad: vec![0f32; padded],
             conv: if backward {
@@ -289,7 +290,7 @@ impl Scratch {
                 vec![0f32; h * w * c_out]
             },
             grads: RoutedGrads::default(),
-            gxpad: if backward {
+            gxpad: if pass == Pass::BackwardWithInput {
                 vec![0f32; padded]
             } else {
                 Vec::new()
@@ -298,9 +299,21 @@ impl Scratch {
     }
 }
 
+/// Which pass a [`Scratch`] serves (what it needs buffers for).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+    /// The backward pass with an input gradient.
+    BackwardWithInput,
+}
+
 /// The `(rows, cols)` row-major matrix `m` transposed.
 fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; m.len()];
+    if cols == 0 {
+        return out;
+    }
     for (r, row) in m.chunks_exact(cols).enumerate().take(rows) {
         for (c, v) in row.iter().enumerate() {
             out[c * rows + r] = *v;
@@ -360,14 +373,14 @@ impl CustomOp3 for ConvPoolRelu {
         let (hw, pooled) = (h * w, ho * wo * c_out);
         let mut out = vec![0f32; n * pooled];
         let mut routes = vec![0 as Route; n * pooled];
-        if pooled > 0 {
+        if pooled > 0 && c_in > 0 {
             let tiles = self.tiles;
             let blocks = direct::pack_blocks(wt, c_out, tiles.block());
             out.par_chunks_mut(pooled)
                 .zip(routes.par_chunks_mut(pooled))
                 .zip(x.par_chunks(hw * c_in))
                 .for_each_init(
-                    || Scratch::new((h, w, c_in), c_out, false),
+                    || Scratch::new((h, w, c_in), c_out, Pass::Forward),
                     |s, ((o, r), img)| {
                         pad_image(img, (h, w, c_in), &mut s.pad);
                         tiles.conv(&s.pad, (h, w, c_in), &blocks, c_out, &mut s.conv);
@@ -467,9 +480,14 @@ impl CustomOp3 for ConvPoolReluGrad {
         let (gwb, gx) = packed.split_at_mut((k + 1) * c_out);
         let (tiles, input_grad) = (self.tiles, self.input_grad);
         let wt_t = transposed(wt, k, c_out);
+        let pass = if input_grad {
+            Pass::BackwardWithInput
+        } else {
+            Pass::Backward
+        };
         let init = || {
             (
-                Scratch::new((h, w, c_in), c_out, true),
+                Scratch::new((h, w, c_in), c_out, pass),
                 vec![0f32; (k + 1) * c_out],
             )
         };
@@ -489,19 +507,26 @@ impl CustomOp3 for ConvPoolReluGrad {
             }
             (s, acc)
         };
+        // (Chunks of zero elements are refused: an empty pooled output or input has no
+        // gradient to compute.)
+        let (chunk_x, chunk_g) = (hw * c_in, pooled);
+        if n == 0 || chunk_x == 0 || chunk_g == 0 {
+            return Ok((
+                CpuStorage::F32(packed),
+                Shape::from((k + 1) * c_out + gx_len),
+            ));
+        }
         let imgs = x
-            .par_chunks(hw * c_in)
-            .zip(g.par_chunks(pooled))
-            .zip(self.routes.par_chunks(pooled));
+            .par_chunks(chunk_x)
+            .zip(g.par_chunks(chunk_g))
+            .zip(self.routes.par_chunks(chunk_g));
         let sum = |mut a: Vec<f32>, b: Vec<f32>| {
             for (x, y) in a.iter_mut().zip(&b) {
                 *x += y;
             }
             a
         };
-        let total = if n == 0 || pooled == 0 {
-            vec![0f32; (k + 1) * c_out]
-        } else if input_grad {
+        let total = if input_grad {
             gx.par_chunks_mut(hw * c_in)
                 .zip(imgs)
                 .fold(init, step)
@@ -528,7 +553,7 @@ impl CustomOp3 for ConvPoolReluGrad {
 /// dropped), ReLU. Same result as three separate ops but much less memory traffic, which
 /// is what limits separate ops on CPU. `w` is `(9 * c_in, c_out)` (see the module docs),
 /// `b` is `(c_out)`. Set `input_grad` to false when `x` never needs a gradient (the
-/// network's input) to skip that work, a third of the backward cost.
+/// network's input) to skip that work.
 pub(crate) fn conv3x3_pool2_relu(
     x: &Tensor,
     w: &Tensor,
@@ -632,6 +657,29 @@ mod tests {
             (2, 5, 3, 7, 37),
         ] {
             check_fused(dims, true)?;
+        }
+        Ok(())
+    }
+
+    /// An input too small to pool (fewer than 2 rows or columns) has an empty output,
+    /// and the backward pass gives zero gradients instead of failing.
+    #[test]
+    fn inputs_too_small_to_pool_get_zero_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for level in SimdLevel::supported() {
+            for (h, w) in [(1, 5), (4, 1)] {
+                let x = Var::randn(0f32, 1.0, (2, h, w, 3), &dev)?;
+                let wt = Var::randn(0f32, 0.3, (27, 4), &dev)?;
+                let b = Var::randn(0f32, 0.5, 4, &dev)?;
+                let y = conv3x3_pool2_relu_at(level, &x, &wt, &b, true)?;
+                assert_eq!(y.dims(), &[2, h / 2, w / 2, 4], "{level} {h}x{w}");
+                let grads = y.sum_all()?.backward()?;
+                for (name, v) in [("x", &x), ("w", &wt), ("b", &b)] {
+                    let g = grads.get(v).expect("a gradient");
+                    let max = g.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert_eq!(max, 0.0, "{level} {h}x{w}: grad {name}");
+                }
+            }
         }
         Ok(())
     }

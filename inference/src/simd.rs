@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 /// The environment variable that forces a SIMD level (see the module documentation).
 pub const SIMD_ENV: &str = "CLASSIFIER_SIMD";
 
-/// An instruction set the inference kernels can run on, from the most portable up.
+/// An instruction set the CNN kernels (inference and training) can run on, from the
+/// most portable up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SimdLevel {
-    /// No hand-written SIMD: direct layer 1 in plain Rust, layer 2 and the linear layers
-    /// through the `gemm` crate (which does its own CPU dispatch). Builds on every target.
+    /// No hand-written SIMD: inference runs a direct layer 1 in plain Rust, layer 2 and
+    /// the linear layers through the `gemm` crate (which does its own CPU dispatch);
+    /// training runs the generic kernels on plain 4-float lanes. Builds on every target.
     Portable,
     /// x86-64 AVX2 + FMA, 8 floats per register.
     Avx2,

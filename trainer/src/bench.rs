@@ -546,7 +546,8 @@ fn training(ds: &data::FashionMnist, runs: usize, batches: usize) -> anyhow::Res
     let ips = median(&rates);
     println!();
     println!(
-        "## Training ({} steps of {} images per run: augmentation, forward, backward, AdamW)",
+        "## Training at {} ({} steps of {} images per run: augmentation, forward, backward, AdamW)",
+        classifier_inference::simd_level(),
         images.div_ceil(cfg.batch_size),
         cfg.batch_size
     );

@@ -943,16 +943,6 @@ pub(crate) mod direct {
         }
     }
 
-    /// The lane masks of a chunk of `CH` registers holding `lanes` floats.
-    #[inline(always)]
-    unsafe fn chunk_masks<S: Lanes, const CH: usize>(lanes: usize) -> [S::M; CH] {
-        let mut m = [S::mask(0); CH];
-        for (j, mj) in m.iter_mut().enumerate() {
-            *mj = S::mask(lanes.saturating_sub(j * S::N).min(S::N));
-        }
-        m
-    }
-
     /// The weight gradient of a 3×3 convolution for one image from its routed
     /// conv-output gradient (see [`RoutedGrads`]), added to `gwt`, the gradient
     /// *transposed*: `(c_out, 9 · c_in)`, row `co` holding `(ky, kx, ci)`. For each
@@ -962,8 +952,8 @@ pub(crate) mod direct {
     /// does a quarter of the dense product's work or less.
     ///
     /// # Safety
-    /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths and cells are
-    /// checked (panics, not UB).
+    /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths and the
+    /// gradients' geometry are checked (panics, not UB).
     #[inline(always)]
     pub(crate) unsafe fn routed_weight_grad<S: Lanes, const CH: usize>(
         pad: &[f32],
@@ -975,7 +965,7 @@ pub(crate) mod direct {
         let c_out = grads.channels();
         assert!(pad.len() >= (h + 2) * pw * c_in, "padded input too short");
         assert!(gwt.len() >= c_out * k, "weight gradient too short");
-        grads.check_cells((h, w));
+        grads.check_geometry((h, w));
         let step = CH * S::N;
         for co in 0..c_out {
             let (values, cells) = grads.entries(co);
@@ -983,8 +973,9 @@ pub(crate) mod direct {
                 let mut j0 = 0;
                 while j0 < run {
                     let lanes = (run - j0).min(step);
-                    // SAFETY (all raw accesses): a cell (y, x) with y < h, x < w
-                    // (checked) is a conv position's window; its row ky reads pad[(c + ky · pw) · c_in + j] for j < run,
+                    // SAFETY (all raw accesses): a cell (y, x) with y < h, x < w (as
+                    // `gather` builds them; the geometry is checked) is a conv position's
+                    // window; its row ky reads pad[(c + ky · pw) · c_in + j] for j < run,
                     // below (h + 2) · pw · c_in; lanes beyond `run` are masked off.
                     let origin = pad.as_ptr().add(ky * pw * c_in + j0);
                     let out = gwt.as_mut_ptr().add(co * k + ky * run + j0);
@@ -1015,7 +1006,7 @@ pub(crate) mod direct {
         out: *mut f32,
         lanes: usize,
     ) {
-        let m = chunk_masks::<S, CH>(lanes);
+        let m = block_masks::<S, CH>(lanes, 0);
         let mut acc = [S::zero(); CH];
         for (v, &cell) in values.iter().zip(cells) {
             let g = S::splat(*v);
@@ -1062,7 +1053,7 @@ pub(crate) mod direct {
             "padded gradient too short"
         );
         assert!(wt_t.len() >= c_out * k, "weights too short");
-        grads.check_cells((h, w));
+        grads.check_geometry((h, w));
         let step = CH * S::N;
         for co in 0..c_out {
             let (values, cells) = grads.entries(co);
@@ -1075,9 +1066,10 @@ pub(crate) mod direct {
                 while c0 < c_in {
                     let lanes = (c_in - c0).min(step);
                     // SAFETY (all raw accesses): weights of row co, tap, channels below
-                    // c_in (masks); a cell (y, x) with y < h, x < w (checked) plus a
-                    // tap's shift (at most 2 · pw + 2) stays below (h + 2) · pw, so the
-                    // input position is inside `gxpad`.
+                    // c_in (masks); a cell (y, x) with y < h, x < w (as `gather`
+                    // builds them; the geometry is checked) plus a tap's shift (at most
+                    // 2 · pw + 2) stays below (h + 2) · pw, so the input position is
+                    // inside `gxpad`.
                     let wp = wt_t.as_ptr().add(co * k + tap * c_in + c0);
                     let origin = gxpad.as_mut_ptr().add(shift * c_in + c0);
                     // A short remainder runs one register at a time, the last masked.
@@ -1107,7 +1099,7 @@ pub(crate) mod direct {
         (origin, c_in): (*mut f32, usize),
         lanes: usize,
     ) {
-        let m = chunk_masks::<S, CH>(lanes);
+        let m = block_masks::<S, CH>(lanes, 0);
         let mut wv = [S::zero(); CH];
         for (j, x) in wv.iter_mut().enumerate() {
             *x = if FULL {
@@ -1142,6 +1134,9 @@ pub(crate) mod direct {
         counts: Vec<usize>,
         /// Room per channel: the pooled positions.
         slots: usize,
+        /// The `(h, w)` conv output the cells were gathered for: by construction every
+        /// cell is a position `(y, x)` of it, `y < h`, `x < w`.
+        geometry: (usize, usize),
         /// `(c_out, slots)`: channel `co`'s entries first.
         values: Vec<f32>,
         cells: Vec<u32>,
@@ -1163,19 +1158,15 @@ pub(crate) mod direct {
             )
         }
 
-        /// Panics unless every cell is a conv position `(y, x)` of an `(h, w)` output,
-        /// `y < h` and `x < w` (what the kernels' raw accesses rely on).
-        fn check_cells(&self, (h, w): (usize, usize)) {
-            let pw = w + 2;
-            for co in 0..self.channels() {
-                assert!(
-                    self.entries(co).1.iter().all(|&c| {
-                        let c = c as usize;
-                        c / pw < h && c % pw < w
-                    }),
-                    "cell out of range"
-                );
-            }
+        /// Panics unless the cells were gathered for an `(h, w)` conv output, so every
+        /// cell is a position `(y, x)` with `y < h` and `x < w` (what the kernels' raw
+        /// accesses rely on).
+        fn check_geometry(&self, (h, w): (usize, usize)) {
+            assert_eq!(
+                self.geometry,
+                (h, w),
+                "gradients gathered for another shape"
+            );
         }
 
         /// Gathers the pooled gradient `go` (`(h/2, w/2, c)`) along `routes` (as
@@ -1192,6 +1183,7 @@ pub(crate) mod direct {
             let (ho, wo, pw) = (h / 2, w / 2, w + 2);
             let slots = ho * wo;
             self.slots = slots;
+            self.geometry = (h, w);
             self.counts.clear();
             self.counts.resize(c, 0);
             self.values.resize(c * slots, 0.0);
@@ -1219,6 +1211,12 @@ pub(crate) mod direct {
                 self.counts[co] = n;
                 gb[co] += bias;
             }
+            // A window's top-left (2 · qy, 2 · qx) plus a step of at most one row and
+            // one column stays inside the (h, w) output.
+            debug_assert!((0..c).all(|co| self.entries(co).1.iter().all(|&cell| {
+                let cell = cell as usize;
+                cell / pw < h && cell % pw < w
+            })));
         }
     }
 

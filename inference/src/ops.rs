@@ -479,7 +479,12 @@ impl CustomOp3 for ConvPoolReluGrad {
         let mut packed = vec![0f32; (k + 1) * c_out + gx_len];
         let (gwb, gx) = packed.split_at_mut((k + 1) * c_out);
         let (tiles, input_grad) = (self.tiles, self.input_grad);
-        let wt_t = transposed(wt, k, c_out);
+        // The input gradient's weights, `(c_out, k)`, only when it is wanted.
+        let wt_t = if input_grad {
+            transposed(wt, k, c_out)
+        } else {
+            Vec::new()
+        };
         let pass = if input_grad {
             Pass::BackwardWithInput
         } else {

@@ -2,6 +2,7 @@
 //! most `max_batch_wait` after the first one; rejected requests skip the model and go
 //! straight to the publisher as error replies.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,8 +28,11 @@ pub(super) struct BatchLimits {
 }
 
 /// Runs until `prepared` closes (sending what it holds) or a later stage is gone.
+///
+/// The decode pool sends its results a chunk at a time (one wake-up of this task per
+/// chunk, not per request); what a chunk holds beyond a full batch waits for the next.
 pub(super) async fn run(
-    mut prepared: mpsc::Receiver<Prepared>,
+    mut prepared: mpsc::Receiver<Vec<Prepared>>,
     batches: mpsc::Sender<Batch>,
     outgoing: mpsc::Sender<Vec<Outgoing>>,
     limits: BatchLimits,
@@ -38,35 +42,42 @@ pub(super) async fn run(
         max_batch,
         max_wait,
     } = limits;
+    let mut waiting = VecDeque::new();
     let mut open = true;
-    while open {
+    while open || !waiting.is_empty() {
         let mut batch = Vec::with_capacity(max_batch);
         let mut deadline = None;
-        while batch.len() < max_batch {
-            let item = match deadline {
+        loop {
+            let room = max_batch - batch.len();
+            batch.extend(waiting.drain(..room.min(waiting.len())));
+            if batch.len() >= max_batch || !open {
+                break;
+            }
+            if !batch.is_empty() && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + max_wait);
+            }
+            let chunk = match deadline {
                 None => prepared.recv().await,
                 Some(deadline) => tokio::select! {
-                    item = prepared.recv() => item,
+                    chunk = prepared.recv() => chunk,
                     _ = tokio::time::sleep_until(deadline) => break,
                 },
             };
-            match item {
-                Some(Prepared::Ready(work, input, model)) => {
-                    if deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + max_wait);
+            let Some(chunk) = chunk else {
+                open = false;
+                continue;
+            };
+            let mut rejections = Vec::new();
+            for item in chunk {
+                match item {
+                    Prepared::Ready(work, input, model) => waiting.push_back((work, input, model)),
+                    Prepared::Rejected(work, rejected) => {
+                        rejections.push(error_replies.reply(work, rejected))
                     }
-                    batch.push((work, input, model));
                 }
-                Some(Prepared::Rejected(work, rejected)) => {
-                    let reply = error_replies.reply(work, rejected);
-                    if outgoing.send(vec![reply]).await.is_err() {
-                        return;
-                    }
-                }
-                None => {
-                    open = false;
-                    break;
-                }
+            }
+            if !rejections.is_empty() && outgoing.send(rejections).await.is_err() {
+                return;
             }
         }
         if !batch.is_empty() && batches.send(batch).await.is_err() {
@@ -90,7 +101,7 @@ mod tests {
     use crate::request::{Rejected, ReplyRoute};
 
     struct Stage {
-        prepared: mpsc::Sender<Prepared>,
+        prepared: mpsc::Sender<Vec<Prepared>>,
         batches: mpsc::Receiver<Batch>,
         outgoing: mpsc::Receiver<Vec<Outgoing>>,
         stats: Arc<ServerStats>,
@@ -149,7 +160,7 @@ mod tests {
     async fn a_full_batch_goes_at_once() {
         let mut stage = start(3, Duration::from_secs(3600));
         for id in ["a", "b", "c", "d"] {
-            stage.prepared.send(ready(id)).await.expect("open");
+            stage.prepared.send(vec![ready(id)]).await.expect("open");
         }
         let first = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
             .await
@@ -167,8 +178,8 @@ mod tests {
     async fn a_partial_batch_goes_after_the_wait() {
         let mut stage = start(64, Duration::from_millis(30));
         let started = std::time::Instant::now();
-        stage.prepared.send(ready("a")).await.expect("open");
-        stage.prepared.send(ready("b")).await.expect("open");
+        stage.prepared.send(vec![ready("a")]).await.expect("open");
+        stage.prepared.send(vec![ready("b")]).await.expect("open");
         let batch = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
             .await
             .expect("sent after the wait, while the input stays open")
@@ -180,7 +191,7 @@ mod tests {
     #[tokio::test]
     async fn rejections_skip_the_batch() {
         let mut stage = start(64, Duration::from_secs(3600));
-        stage.prepared.send(ready("a")).await.expect("open");
+        stage.prepared.send(vec![ready("a")]).await.expect("open");
         let rejected = Rejected {
             route: ReplyRoute {
                 request_id: "bad".into(),
@@ -194,7 +205,10 @@ mod tests {
         };
         stage
             .prepared
-            .send(Prepared::Rejected(work(Message::new("bad")).0, rejected))
+            .send(vec![Prepared::Rejected(
+                work(Message::new("bad")).0,
+                rejected,
+            )])
             .await
             .expect("open");
         let replies = tokio::time::timeout(Duration::from_secs(5), stage.outgoing.recv())

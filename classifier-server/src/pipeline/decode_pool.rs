@@ -47,23 +47,24 @@ impl DecodePool {
         })
     }
 
-    /// Decodes `chunk` on one decode thread, in order, sending each result on `out`.
-    pub fn submit(&self, chunk: Vec<Work>, out: mpsc::Sender<Prepared>) {
+    /// Decodes `chunk` on one decode thread, in order, and sends the results on `out`
+    /// together: one hand-over (and one wake-up of the batcher) per chunk.
+    pub fn submit(&self, chunk: Vec<Work>, out: mpsc::Sender<Vec<Prepared>>) {
         let models = Arc::clone(&self.models);
         let limits = Arc::clone(&self.limits);
         self.pool.spawn(move || {
-            for work in chunk {
-                let message = work.delivery.message();
-                let prepared = match prepare_for(message, &limits, |name| models.resolve(name)) {
-                    Ok((input, model)) => Prepared::Ready(work, input, model),
-                    Err(rejected) => Prepared::Rejected(work, *rejected),
-                };
-                // Fails only while shutting down; the rest of the chunk is then dropped
-                // (nacked).
-                if out.blocking_send(prepared).is_err() {
-                    break;
-                }
-            }
+            let prepared = chunk
+                .into_iter()
+                .map(|work| {
+                    let message = work.delivery.message();
+                    match prepare_for(message, &limits, |name| models.resolve(name)) {
+                        Ok((input, model)) => Prepared::Ready(work, input, model),
+                        Err(rejected) => Prepared::Rejected(work, *rejected),
+                    }
+                })
+                .collect();
+            // Fails only while shutting down; the chunk is then dropped (nacked).
+            let _ = out.blocking_send(prepared);
         });
     }
 
@@ -113,10 +114,11 @@ mod tests {
         let (out, mut results) = mpsc::channel(8);
         pool.submit(chunk, out);
         let mut seen = Vec::new();
-        while let Some(prepared) = tokio::time::timeout(Duration::from_secs(10), results.recv())
+        let chunk = tokio::time::timeout(Duration::from_secs(10), results.recv())
             .await
             .expect("decoded in time")
-        {
+            .expect("one chunk of results");
+        for prepared in chunk {
             seen.push(match prepared {
                 Prepared::Ready(_, input, _) => {
                     assert_eq!(input.input.len(), classifier.input_len());

@@ -77,7 +77,7 @@ pub(super) async fn run(
     mut subscriber: Resubscribing,
     in_flight: &Arc<Semaphore>,
     decode_pool: &DecodePool,
-    prepared: mpsc::Sender<Prepared>,
+    prepared: mpsc::Sender<Vec<Prepared>>,
     stats: &ServerStats,
     shutdown: &CancellationToken,
 ) -> Resubscribing {

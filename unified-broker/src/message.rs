@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -87,16 +88,21 @@ pub trait AckHandle: Send + 'static {
 /// Dropping a delivery without settling it counts as a nack: the message comes back.
 /// That is what makes a crash or a bug lose nothing (at-least-once).
 pub struct Delivery {
-    message: Message,
+    message: Arc<Message>,
     attempt: Option<u32>,
     handle: Option<Box<dyn AckHandle>>,
 }
 
 impl Delivery {
-    /// Built by backends.
-    pub fn new(message: Message, attempt: Option<u32>, handle: Box<dyn AckHandle>) -> Self {
+    /// Built by backends. A backend that keeps the message for redelivery (the
+    /// embedded broker) shares it with the delivery as an `Arc` instead of copying it.
+    pub fn new(
+        message: impl Into<Arc<Message>>,
+        attempt: Option<u32>,
+        handle: Box<dyn AckHandle>,
+    ) -> Self {
         Delivery {
-            message,
+            message: message.into(),
             attempt,
             handle: Some(handle),
         }

@@ -87,7 +87,8 @@ struct GroupQueue {
 }
 
 struct Entry {
-    message: Message,
+    /// Shared by the group's queue and the delivery under way (kept for a redelivery).
+    message: Arc<Message>,
     attempt: u32,
 }
 
@@ -195,6 +196,8 @@ impl Broker for EmbeddedBroker {
         let topic_state = self.topic(topic)?;
         let groups: Vec<Arc<Group>> = lock(&topic_state.groups).values().cloned().collect();
         for message in messages {
+            // One copy for every group, shared with each delivery of it.
+            let message = Arc::new(message);
             for group in &groups {
                 match group.room.acquire().await {
                     // The slot is given back by ack, not when this guard drops.
@@ -203,7 +206,7 @@ impl Broker for EmbeddedBroker {
                     Err(_closed) => continue,
                 }
                 group.push_back(Entry {
-                    message: message.clone(),
+                    message: Arc::clone(&message),
                     attempt: 1,
                 });
             }
@@ -280,7 +283,7 @@ impl Subscriber for EmbeddedSubscriber {
                     return None;
                 }
                 if let Some(entry) = queue.ready.pop_front() {
-                    let message = entry.message.clone();
+                    let message = Arc::clone(&entry.message);
                     let attempt = entry.attempt;
                     drop(queue);
                     let handle = EmbeddedAck {

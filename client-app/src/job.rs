@@ -17,7 +17,7 @@ use classifier_proto::{
     attributes, unix_micros_now, ClassifyRequest, ClassifyResponse, ErrorCode, Outcome,
     ProstMessage, CONTENT_TYPE_REQUEST, SCHEMA_VERSION,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use unified_broker::retry::retry;
 use unified_broker::{
     Backoff, Broker, BrokerError, Message, Resubscribing, SubscribeOptions, Subscriber,
@@ -434,17 +434,14 @@ async fn send_all(
         batch: Vec::new(),
     };
     let mut read_ahead: std::collections::VecDeque<FileRead> = std::collections::VecDeque::new();
+    // Window slots taken but not yet used by a file.
+    let mut slots = None;
     for (index, file) in files.iter().enumerate() {
-        // Take a window slot; if none is free right now, first send what is batched.
-        let permit = match Arc::clone(&window).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                outbox.flush().await;
-                match Arc::clone(&window).acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                }
-            }
+        let refill = (options.window / 4)
+            .clamp(1, SEND_BATCH)
+            .min(files.len() - index);
+        let Some(permit) = outbox.window_slot(&window, &mut slots, refill).await else {
+            return;
         };
         if read_ahead.is_empty() {
             read_ahead.extend(read_chunk(&files[index..], read_limit).await);
@@ -579,6 +576,30 @@ struct Outbox<'a> {
 }
 
 impl Outbox<'_> {
+    /// One window slot: one taken earlier (`slots`), else one free right now, else,
+    /// after sending what is batched, one of `refill` taken once that many are free
+    /// (the rest kept in `slots`). Waiting for a few rather than one: a full window
+    /// refilled one reply at a time would send requests one at a time, each waking the
+    /// servers. `None` once the window is closed.
+    async fn window_slot(
+        &mut self,
+        window: &Arc<Semaphore>,
+        slots: &mut Option<OwnedSemaphorePermit>,
+        refill: usize,
+    ) -> Option<OwnedSemaphorePermit> {
+        loop {
+            if let Some(permit) = slots.as_mut().and_then(|slots| slots.split(1)) {
+                return Some(permit);
+            }
+            if let Ok(permit) = Arc::clone(window).try_acquire_owned() {
+                return Some(permit);
+            }
+            self.flush().await;
+            let refill = u32::try_from(refill.max(1)).unwrap_or(u32::MAX);
+            *slots = Some(Arc::clone(window).acquire_many_owned(refill).await.ok()?);
+        }
+    }
+
     /// Publishes the batch and empties it, retrying with backoff until the broker
     /// confirms it. (A batch that was partly published before an error is sent again;
     /// the server may then answer twice, which the receiver counts as duplicates.)
@@ -598,26 +619,36 @@ impl Outbox<'_> {
         if batch.is_empty() {
             return;
         }
-        let messages: Vec<Message> = batch.iter().map(|(_, _, m)| m.clone()).collect();
         let at = Instant::now();
-        // Register the requests before publishing so a fast reply always finds them.
+        // Register the requests before publishing so a fast reply always finds them;
+        // the registry keeps each message (to send it again), the broker gets a copy.
+        let mut messages = Vec::with_capacity(batch.len());
+        let mut sent = Vec::with_capacity(batch.len());
         {
             let mut pending = lock(pending);
-            for (index, request_id, message) in batch.iter() {
+            for (index, request_id, message) in batch.drain(..) {
+                messages.push(message.clone());
                 pending.insert(
                     request_id.clone(),
                     Unanswered {
-                        index: *index,
+                        index,
                         sent_at: at,
-                        message: message.clone(),
+                        message,
                     },
                 );
+                sent.push((index, request_id));
             }
         }
         if let Err(BrokerError::MessageTooLarge { .. }) =
             publish_until_confirmed(broker, options, messages).await
         {
-            for (index, request_id, message) in batch.drain(..) {
+            for (index, request_id) in sent {
+                let Some(message) = lock(pending)
+                    .get(&request_id)
+                    .map(|unanswered| unanswered.message.clone())
+                else {
+                    continue; // answered meanwhile
+                };
                 let published = publish_until_confirmed(broker, options, vec![message]).await;
                 if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
                     lock(pending).remove(&request_id);
@@ -632,7 +663,6 @@ impl Outbox<'_> {
                 }
             }
         }
-        batch.clear();
     }
 }
 
@@ -770,18 +800,23 @@ async fn read_chunk(files: &[InputFile], max_bytes: usize) -> Vec<FileRead> {
 }
 
 /// Reads one file (blocking), refusing files larger than `max_bytes` before reading.
+/// One open and one `fstat` (not a lookup of the path for its size, then another to
+/// read it): for small images the syscalls are most of the cost.
 fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
+    use std::io::Read;
     let unreadable = |e: std::io::Error| ("UNREADABLE_FILE", format!("cannot read the file: {e}"));
-    let metadata = std::fs::metadata(path).map_err(unreadable)?;
-    if metadata.len() > max_bytes as u64 {
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let len = file.metadata().map_err(unreadable)?.len();
+    if len > max_bytes as u64 {
         return Err((
             "FILE_TOO_LARGE",
             format!(
-                "the file is {} bytes; the client sends at most {max_bytes} \
-                 (--resize-to downscales large images)",
-                metadata.len()
+                "the file is {len} bytes; the client sends at most {max_bytes} \
+                 (--resize-to downscales large images)"
             ),
         ));
     }
-    std::fs::read(path).map_err(unreadable)
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(unreadable)?;
+    Ok(bytes)
 }

@@ -131,7 +131,7 @@ async fn measured_job(
     // No display: what `classify --quiet --output` does.
     let progress = crate::Tee {
         display: Box::new(NoProgress),
-        results: tx,
+        results: Some(tx),
     };
     let report = run_job(Arc::clone(broker), files, options, &progress).await;
     drop(progress); // ends the writer's loop

@@ -39,10 +39,20 @@ pub fn collect_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<InputFile>> {
 }
 
 fn walk(dir: &Path, root: &Path, files: &mut Vec<InputFile>) -> anyhow::Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+    // The entry's type comes with the listing on most file systems: no `stat` per
+    // file. A symbolic link (or a type the listing does not give) is looked up.
+    let mut entries: Vec<(PathBuf, bool)> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| {
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let path = entry.path();
+            let is_dir = match entry.file_type() {
+                Ok(kind) if !kind.is_symlink() => kind.is_dir(),
+                _ => path.is_dir(),
+            };
+            Some((path, is_dir))
+        })
+        .filter(|(path, _)| {
             !path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -50,8 +60,8 @@ fn walk(dir: &Path, root: &Path, files: &mut Vec<InputFile>) -> anyhow::Result<(
         })
         .collect();
     entries.sort();
-    for path in entries {
-        if path.is_dir() {
+    for (path, is_dir) in entries {
+        if is_dir {
             walk(&path, root, files)?;
         } else {
             files.push(input_file(

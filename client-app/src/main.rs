@@ -255,8 +255,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None => None,
     };
     // Results are written and files sorted on a thread of their own as they arrive,
-    // so file system work never holds up the replies.
+    // so file system work never holds up the replies. Without either, results are not
+    // handed over at all (a clone and a wake-up per file for nothing).
     let (results_tx, results_rx) = std::sync::mpsc::channel::<FileResult>();
+    let results_tx = (writer.is_some() || sorter.is_some()).then_some(results_tx);
     let mut after = AfterEach {
         writer,
         sorter,
@@ -451,14 +453,17 @@ impl AfterEach {
 /// Shows progress and hands every result to the worker thread.
 struct Tee {
     display: Box<dyn Progress>,
-    results: std::sync::mpsc::Sender<FileResult>,
+    /// The worker thread's queue; `None` when it has nothing to do with results.
+    results: Option<std::sync::mpsc::Sender<FileResult>>,
 }
 
 impl Progress for Tee {
     fn file_done(&self, result: &FileResult) {
         self.display.file_done(result);
-        // The worker ends only after the sender is dropped: it is there.
-        let _ = self.results.send(result.clone());
+        if let Some(results) = &self.results {
+            // The worker ends only after the sender is dropped: it is there.
+            let _ = results.send(result.clone());
+        }
     }
 }
 

@@ -192,11 +192,16 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         f64::NAN
     };
     println!("Architecture: {}", meta.architecture);
-    println!(
-        "Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {:.3} MFLOP → at the {level} FMA peak of {peak:.1} GFLOP/s: {:.0} images/s",
-        flops as f64 / 1e6,
-        peak * 1e9 / flops as f64,
-    );
+    let mflop = flops as f64 / 1e6;
+    if peak.is_nan() {
+        // The peak was not measured (`--only` left it out): no bound to quote.
+        println!("Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {mflop:.3} MFLOP");
+    } else {
+        println!(
+            "Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {mflop:.3} MFLOP → at the {level} FMA peak of {peak:.1} GFLOP/s: {:.0} images/s",
+            peak * 1e9 / flops as f64,
+        );
+    }
 
     // ---- inference ----
     if wants("inference") {
@@ -303,20 +308,29 @@ fn inference(
             (format!("{c:.0}"), format!("{:.2}×", ips / c))
         };
         println!(
-            "| {batch} | {ips:.0} | {:.3} | {gflops:.1} | {:.1}% | {:.0} | {candle} | {ratio} |",
+            "| {batch} | {ips:.0} | {:.3} | {gflops:.1} | {} | {:.0} | {candle} | {ratio} |",
             batch as f64 * 1e3 / ips,
-            100.0 * gflops / peak,
+            share_of_peak(gflops, peak),
             median(&cpu_per_image)
         );
     }
     println!();
     println!(
-        "Best: {:.0} images/s at batch {} ({:.1}% of the FMA peak)",
+        "Best: {:.0} images/s at batch {} ({} of the FMA peak)",
         best.1,
         best.0,
-        100.0 * best.1 * flops as f64 / 1e9 / peak
+        share_of_peak(best.1 * flops as f64 / 1e9, peak)
     );
     Ok(())
+}
+
+/// `gflops` as a percentage of `peak`, or "–" where the peak was not measured.
+fn share_of_peak(gflops: f64, peak: f64) -> String {
+    if peak.is_nan() {
+        "–".to_string()
+    } else {
+        format!("{:.1}%", 100.0 * gflops / peak)
+    }
 }
 
 /// Prints the FMA peak table (the kernels' level on all threads and on one, then the

@@ -123,8 +123,11 @@ async fn measured_job(
     let mut writer = client_app::report::ResultsWriter::create(path, false)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || -> anyhow::Result<()> {
-        for result in rx {
-            writer.write(&result)?;
+        for burst in client_app::report::bursts(&rx) {
+            for result in &burst {
+                writer.write(result)?;
+            }
+            writer.flush()?;
         }
         writer.finish()
     });

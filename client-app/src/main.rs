@@ -265,8 +265,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         write_error: None,
     };
     let worker = std::thread::spawn(move || {
-        for result in results_rx {
-            after.handle(&result);
+        for burst in report::bursts(&results_rx) {
+            for result in &burst {
+                after.handle(result);
+            }
+            after.flush();
         }
         after
     });
@@ -437,6 +440,16 @@ impl AfterEach {
                     failure.file.display(),
                     failure.reason
                 );
+            }
+        }
+    }
+
+    /// Hands the rows written so far to the results file.
+    fn flush(&mut self) {
+        if let (Some(writer), None) = (&mut self.writer, &self.write_error) {
+            if let Err(error) = writer.flush() {
+                eprintln!("error: {error:#}");
+                self.write_error = Some(error);
             }
         }
     }

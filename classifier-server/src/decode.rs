@@ -106,15 +106,19 @@ fn decode_checked(
     limits: &DecodeLimits,
 ) -> Result<DynamicImage, DecodeError> {
     // Some decoders need more than the header to report dimensions (a PNG decoder reads
-    // up to the first data chunk), so first read them from the header bytes alone.
-    if let Ok(size) = imagesize::blob_size(bytes) {
-        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        check_dimensions(clamp(size.width), clamp(size.height), limits)?;
-    }
+    // up to the first data chunk), so first read them from the header bytes alone. Only
+    // where that fails is a decoder asked, which costs a second decoder per image (for a
+    // small PNG, as much as decoding it). The decoder's own limits below hold either way.
     let reader = || ImageReader::with_format(Cursor::new(bytes), format);
-    let (width, height) = reader()
-        .into_dimensions()
-        .map_err(|error| classify_error(format, error))?;
+    let (width, height) = match imagesize::blob_size(bytes) {
+        Ok(size) => {
+            let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            (clamp(size.width), clamp(size.height))
+        }
+        Err(_) => reader()
+            .into_dimensions()
+            .map_err(|error| classify_error(format, error))?,
+    };
     check_dimensions(width, height, limits)?;
     let mut reader = reader();
     let mut decoder_limits = image::Limits::default();

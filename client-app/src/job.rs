@@ -294,7 +294,11 @@ pub async fn run_job(
                     let registered = lock(&pending).remove(&request_id);
                     if let Some(Unanswered { index, sent_at: at, .. }) = registered {
                         window.add_permits(1);
-                        *answered_by.entry(response.server_id.clone()).or_default() += 1;
+                        // A server's id is copied once, not once per reply.
+                        match answered_by.get_mut(&response.server_id) {
+                            Some(count) => *count += 1,
+                            None => drop(answered_by.insert(response.server_id.clone(), 1)),
+                        }
                         let result = file_result(&files[index], response, at.elapsed());
                         progress.file_done(&result);
                         results[index] = Some(result);

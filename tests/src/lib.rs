@@ -44,14 +44,45 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// Runs `client-app` with `args` from the workspace root and waits for it.
 pub fn run_client(args: &[&str], env: &[(String, String)]) -> Output {
-    Command::new(binary("client-app"))
+    client_command(args, env).output().expect("client-app runs")
+}
+
+/// [`run_client`], but `None` (the client killed) if it has not exited within `limit`:
+/// for tests where a hang is the failure.
+pub fn run_client_within(
+    args: &[&str],
+    env: &[(String, String)],
+    limit: std::time::Duration,
+) -> Option<Output> {
+    let child = client_command(args, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("client-app starts");
+    let pid = child.id();
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output().expect("client-app output"));
+    });
+    let finished = output.recv_timeout(limit).ok();
+    if finished.is_none() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    finished
+}
+
+/// The `client-app` command with `args` and `env`, run from the workspace root.
+fn client_command(args: &[&str], env: &[(String, String)]) -> Command {
+    let mut command = Command::new(binary("client-app"));
+    command
         .args(args)
         .current_dir(workspace_root())
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("client-app runs")
+        .stdin(Stdio::null());
+    command
 }
 
 /// A `classifier-server` process, killed (SIGKILL) when dropped if still running.

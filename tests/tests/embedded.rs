@@ -12,7 +12,7 @@ use classifier_server::{load_classifier, ModelServer, ServerConfig};
 use client_app::job::{run_job, FileOutcome, JobOptions, NoProgress};
 use integration_tests::{
     assert_errors_reported, copy_examples, next_delivery, next_reply, parse_summary, run_client,
-    top_class, workspace_root, write_bad_inputs, write_size_probes,
+    run_client_within, top_class, workspace_root, write_bad_inputs, write_size_probes,
 };
 use tokio_util::sync::CancellationToken;
 use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
@@ -62,6 +62,20 @@ fn main_command_classifies_every_example() {
     assert!(stdout.contains("confusion matrix"), "{stdout}");
     let csv = std::fs::read_to_string(&results).expect("results file");
     assert_eq!(csv.lines().count(), 201, "header + one row per image");
+}
+
+/// On a machine of one core the async runtime has one worker thread: the client (and the
+/// server inside it) must still answer every file and exit, not wait on itself.
+#[test]
+fn a_runtime_of_one_worker_thread_finishes_the_job() {
+    let env = [("TOKIO_WORKER_THREADS".to_string(), "1".to_string())];
+    let output = run_client_within(
+        &["classify", "examples", "--quiet"],
+        &env,
+        Duration::from_secs(120),
+    )
+    .expect("client-app exits within 120 s with one runtime worker thread");
+    assert_every_file_classified(&output, 200);
 }
 
 /// The embedded broker's configured size limit, end to end: a file just under it is

@@ -177,9 +177,16 @@ impl ModelServer {
         reloader.abort();
         self.drain(&in_flight).await;
         decode_pool.shutdown();
+        // The async stages are cancelled and awaited until they are gone, so their ends of
+        // the model thread's channels are dropped and the thread sees its input closed;
+        // it is then joined off the runtime's threads. (Joining it right here once hung
+        // a runtime of one worker: the cancelled batcher, never dropped, kept the model
+        // thread waiting for batches, and the only worker waited for the model thread.)
         batcher.abort();
         publisher.abort();
-        let _ = model_thread.join();
+        let _ = batcher.await;
+        let _ = publisher.await;
+        let _ = tokio::task::spawn_blocking(move || model_thread.join()).await;
         if let Err(error) = Box::new(subscriber).close().await {
             tracing::warn!(%error, "closing the subscription failed");
         }

@@ -126,9 +126,13 @@ fn decode_checked(
     decoder_limits.max_image_height = Some(limits.max_height);
     decoder_limits.max_alloc = Some(limits.max_decoded_bytes);
     reader.limits(decoder_limits);
-    reader
+    let image = reader
         .decode()
-        .map_err(|error| classify_error(format, error))
+        .map_err(|error| classify_error(format, error))?;
+    // The decoder's limits bound width, height and memory but not the pixel count: the
+    // image it made is checked too, should it disagree with the header read above.
+    check_dimensions(image.width(), image.height(), limits)?;
+    Ok(image)
 }
 
 /// The JPEG decoder fills a cut-off scan with grey rather than failing, so a truncated

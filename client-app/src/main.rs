@@ -266,10 +266,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let worker = std::thread::spawn(move || {
         for burst in report::bursts(&results_rx) {
+            // Rows reach the file before their files are moved: a client killed in
+            // between leaves rows for files still in place, never moved files without
+            // rows (which `--resume` could not find again).
             for result in &burst {
-                after.handle(result);
+                after.write_row(result);
             }
             after.flush();
+            for result in &burst {
+                after.sort(result);
+            }
         }
         after
     });
@@ -318,7 +324,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Unanswered files are known only now: their rows go last.
     for result in &report.results {
         if result.outcome == FileOutcome::Unanswered {
-            after.handle(result);
+            after.write_row(result);
+            after.sort(result);
         }
     }
     let mut notes = Vec::new();
@@ -417,7 +424,7 @@ fn sort_notes(sorter: &Sorter) -> Vec<String> {
 }
 
 /// What happens to each result as it arrives, on the worker thread: its row is
-/// written to the results file, its file sorted.
+/// written to the results file, then its file sorted.
 struct AfterEach {
     writer: Option<ResultsWriter>,
     sorter: Option<Sorter>,
@@ -426,13 +433,18 @@ struct AfterEach {
 }
 
 impl AfterEach {
-    fn handle(&mut self, result: &FileResult) {
+    /// Writes the result's row (buffered until [`AfterEach::flush`]).
+    fn write_row(&mut self, result: &FileResult) {
         if let (Some(writer), None) = (&mut self.writer, &self.write_error) {
             if let Err(error) = writer.write(result) {
                 eprintln!("error: {error:#}");
                 self.write_error = Some(error);
             }
         }
+    }
+
+    /// Sorts the result's file (`--sort-into`).
+    fn sort(&mut self, result: &FileResult) {
         if let Some(sorter) = &mut self.sorter {
             if let Err(failure) = sorter.sort(result) {
                 eprintln!(

@@ -358,9 +358,10 @@ pub fn is_csv(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
 }
 
-/// A results file written one row at a time, as results arrive: each row reaches the
-/// file (is flushed) before the next, so a run that is interrupted or crashes leaves
-/// every result it had, and `--resume` can carry on from them.
+/// A results file written as results arrive: rows are buffered and handed to the file
+/// by [`ResultsWriter::flush`] once per burst of results (see [`bursts`]), so a run that
+/// is interrupted or crashes leaves the results it had flushed, and `--resume` can carry
+/// on from them.
 pub struct ResultsWriter {
     path: std::path::PathBuf,
     format: Format,

@@ -405,6 +405,10 @@ fn file_result(input: &InputFile, response: ClassifyResponse, latency: Duration)
 /// Most requests published in one `publish_batch`.
 const SEND_BATCH: usize = 32;
 
+/// Longest wait for a few window slots at once before taking a single one (see
+/// [`Outbox::window_slot`]): a few replies' time on a slow broker.
+const REFILL_WAIT: Duration = Duration::from_millis(20);
+
 #[allow(clippy::too_many_arguments)]
 async fn send_all(
     pending: Pending,
@@ -582,9 +586,9 @@ struct Outbox<'a> {
 impl Outbox<'_> {
     /// One window slot: one taken earlier (`slots`), else one free right now, else,
     /// after sending what is batched, one of `refill` taken once that many are free
-    /// (the rest kept in `slots`). Waiting for a few rather than one: a full window
-    /// refilled one reply at a time would send requests one at a time, each waking the
-    /// servers. `None` once the window is closed.
+    /// (the rest kept in `slots`; after [`REFILL_WAIT`], one alone). Waiting for a few
+    /// rather than one: a full window refilled one reply at a time would send requests
+    /// one at a time, each waking the servers. `None` once the window is closed.
     async fn window_slot(
         &mut self,
         window: &Arc<Semaphore>,
@@ -600,7 +604,13 @@ impl Outbox<'_> {
             }
             self.flush().await;
             let refill = u32::try_from(refill.max(1)).unwrap_or(u32::MAX);
-            *slots = Some(Arc::clone(window).acquire_many_owned(refill).await.ok()?);
+            let many = Arc::clone(window).acquire_many_owned(refill);
+            *slots = Some(match tokio::time::timeout(REFILL_WAIT, many).await {
+                Ok(many) => many.ok()?,
+                // Slots can be lost for good (a request that will never be answered):
+                // waiting for `refill` of them must not stop the sending while one is free.
+                Err(_) => Arc::clone(window).acquire_owned().await.ok()?,
+            });
         }
     }
 
@@ -655,7 +665,10 @@ impl Outbox<'_> {
                 };
                 let published = publish_until_confirmed(broker, options, vec![message]).await;
                 if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
-                    lock(pending).remove(&request_id);
+                    // A reply that came meanwhile already freed the slot and counted.
+                    if lock(pending).remove(&request_id).is_none() {
+                        continue;
+                    }
                     window.add_permits(1);
                     local_failure(
                         index,
@@ -809,7 +822,7 @@ async fn read_chunk(files: &[InputFile], max_bytes: usize) -> Vec<FileRead> {
 fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
     use std::io::Read;
     let unreadable = |e: std::io::Error| ("UNREADABLE_FILE", format!("cannot read the file: {e}"));
-    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let file = std::fs::File::open(path).map_err(unreadable)?;
     let len = file.metadata().map_err(unreadable)?.len();
     if len > max_bytes as u64 {
         return Err((
@@ -821,6 +834,46 @@ fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
         ));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(unreadable)?;
+    // At most one byte more than allowed: a file that grew since, or a device with no
+    // size, is not read without end.
+    let cap = u64::try_from(max_bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    file.take(cap).read_to_end(&mut bytes).map_err(unreadable)?;
+    if bytes.len() > max_bytes {
+        return Err((
+            "FILE_TOO_LARGE",
+            format!(
+                "the file is more than {max_bytes} bytes; the client sends at most \
+                 {max_bytes} (--resize-to downscales large images)"
+            ),
+        ));
+    }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_file;
+
+    #[test]
+    fn a_file_is_read_whole_up_to_the_limit_and_refused_beyond_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image.png");
+        std::fs::write(&path, [7u8; 100]).expect("write");
+        assert_eq!(read_file(&path, 100).expect("read"), vec![7u8; 100]);
+        let (code, _) = read_file(&path, 99).expect_err("one byte too many");
+        assert_eq!(code, "FILE_TOO_LARGE");
+    }
+
+    /// A file whose size says nothing (a device, a file still growing) is read no
+    /// further than one byte past the limit.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_file_without_a_size_is_not_read_without_end() {
+        let (code, reason) =
+            read_file(std::path::Path::new("/dev/zero"), 1000).expect_err("refused");
+        assert_eq!(code, "FILE_TOO_LARGE");
+        assert!(reason.contains("more than 1000 bytes"), "{reason}");
+    }
 }

@@ -822,16 +822,19 @@ async fn read_chunk(files: &[InputFile], max_bytes: usize) -> Vec<FileRead> {
 fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
     use std::io::Read;
     let unreadable = |e: std::io::Error| ("UNREADABLE_FILE", format!("cannot read the file: {e}"));
+    let too_large = |size: String| {
+        (
+            "FILE_TOO_LARGE",
+            format!(
+                "the file is {size} bytes; the client sends at most {max_bytes} \
+                 (--resize-to downscales large images)"
+            ),
+        )
+    };
     let file = std::fs::File::open(path).map_err(unreadable)?;
     let len = file.metadata().map_err(unreadable)?.len();
     if len > max_bytes as u64 {
-        return Err((
-            "FILE_TOO_LARGE",
-            format!(
-                "the file is {len} bytes; the client sends at most {max_bytes} \
-                 (--resize-to downscales large images)"
-            ),
-        ));
+        return Err(too_large(len.to_string()));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     // At most one byte more than allowed: a file that grew since, or a device with no
@@ -841,13 +844,7 @@ fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
         .saturating_add(1);
     file.take(cap).read_to_end(&mut bytes).map_err(unreadable)?;
     if bytes.len() > max_bytes {
-        return Err((
-            "FILE_TOO_LARGE",
-            format!(
-                "the file is more than {max_bytes} bytes; the client sends at most \
-                 {max_bytes} (--resize-to downscales large images)"
-            ),
-        ));
+        return Err(too_large(format!("more than {max_bytes}")));
     }
     Ok(bytes)
 }

@@ -435,8 +435,14 @@ struct AfterEach {
 impl AfterEach {
     /// Writes the result's row (buffered until [`AfterEach::flush`]).
     fn write_row(&mut self, result: &FileResult) {
+        self.with_writer(|writer| writer.write(result));
+    }
+
+    /// Runs `step` on the results file unless there is none or it already failed; the
+    /// first failure is reported and kept (later steps are not attempted).
+    fn with_writer(&mut self, step: impl FnOnce(&mut ResultsWriter) -> anyhow::Result<()>) {
         if let (Some(writer), None) = (&mut self.writer, &self.write_error) {
-            if let Err(error) = writer.write(result) {
+            if let Err(error) = step(writer) {
                 eprintln!("error: {error:#}");
                 self.write_error = Some(error);
             }
@@ -458,12 +464,7 @@ impl AfterEach {
 
     /// Hands the rows written so far to the results file.
     fn flush(&mut self) {
-        if let (Some(writer), None) = (&mut self.writer, &self.write_error) {
-            if let Err(error) = writer.flush() {
-                eprintln!("error: {error:#}");
-                self.write_error = Some(error);
-            }
-        }
+        self.with_writer(ResultsWriter::flush);
     }
 
     /// Flushes and syncs the results file.

@@ -192,16 +192,19 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         f64::NAN
     };
     println!("Architecture: {}", meta.architecture);
-    let mflop = flops as f64 / 1e6;
-    if peak.is_nan() {
-        // The peak was not measured (`--only` left it out): no bound to quote.
-        println!("Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {mflop:.3} MFLOP");
+    // No bound to quote where the peak was not measured (`--only` left it out).
+    let bound = if peak.is_nan() {
+        String::new()
     } else {
-        println!(
-            "Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {mflop:.3} MFLOP → at the {level} FMA peak of {peak:.1} GFLOP/s: {:.0} images/s",
-            peak * 1e9 / flops as f64,
-        );
-    }
+        format!(
+            " → at the {level} FMA peak of {peak:.1} GFLOP/s: {:.0} images/s",
+            peak * 1e9 / flops as f64
+        )
+    };
+    println!(
+        "Model FLOPs per image (multiply-adds ×2 of the convolutions and linear layers, from the architecture): {:.3} MFLOP{bound}",
+        flops as f64 / 1e6
+    );
 
     // ---- inference ----
     if wants("inference") {

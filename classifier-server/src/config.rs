@@ -22,6 +22,9 @@ pub const DEFAULT_REQUEST_TOPIC: &str = "classify-requests";
 /// Default consumer group shared by all server replicas.
 pub const DEFAULT_SERVER_GROUP: &str = "classifier-server";
 
+/// Default prefix of reply topics: the client names its own `classify-replies-<job id>`.
+pub const DEFAULT_REPLY_TOPIC_PREFIX: &str = "classify-replies-";
+
 /// The whole config file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -78,6 +81,16 @@ pub struct ServerConfig {
     /// Where to serve Prometheus metrics (`/metrics`) and health probes (`/healthz`,
     /// `/readyz`) over HTTP, e.g. `127.0.0.1:9464`; unset serves none.
     pub metrics_addr: Option<SocketAddr>,
+    /// The server publishes replies only to topics that start with this (the client
+    /// names its reply topics `classify-replies-<job id>`); requests naming any other
+    /// reply topic are dead-lettered as `UNROUTABLE`, so a peer that can write requests
+    /// cannot make the server publish into other topics. Empty allows any topic the
+    /// broker accepts.
+    pub reply_topic_prefix: String,
+    /// `/readyz` reports a server as stalled when requests are in flight and none has
+    /// finished for this many seconds (e.g. every reply publish keeps failing), so an
+    /// orchestrator can restart it or stop routing to it.
+    pub stall_after_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +111,8 @@ impl Default for ServerConfig {
             models: Vec::new(),
             model_poll_ms: 2_000,
             metrics_addr: None,
+            reply_topic_prefix: DEFAULT_REPLY_TOPIC_PREFIX.to_string(),
+            stall_after_secs: 60,
         }
     }
 }
@@ -111,6 +126,11 @@ impl ServerConfig {
     /// `drain_timeout_secs` as a duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// `stall_after_secs` as a duration.
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_secs(self.stall_after_secs)
     }
 
     /// `model_poll_ms` as a duration, `None` for 0 (no polling).

@@ -12,10 +12,12 @@
 //! - [`request`]: broker message → model input, predictions → reply message;
 //! - [`pipeline`]: the server itself, one module per stage (intake, decode pool,
 //!   batcher, model thread, reply, dead letters), and the stats they count into;
+//! - [`log_safe`]: peers' strings escaped and cut before they are logged;
 //! - [`telemetry`]: those stats as Prometheus metrics, and health probes, over HTTP.
 
 pub mod config;
 pub mod decode;
+pub mod log_safe;
 pub mod model_source;
 pub mod models;
 pub mod pipeline;

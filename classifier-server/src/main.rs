@@ -51,6 +51,9 @@ struct Args {
     /// Seconds to finish in-flight requests after SIGTERM.
     #[arg(long)]
     drain_timeout_secs: Option<u64>,
+    /// Requests taken from the broker and not yet acked, at most.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
     /// Serve Prometheus metrics (/metrics) and health probes (/healthz, /readyz) over
     /// HTTP on this address, e.g. 127.0.0.1:9464 (default: not served).
     #[arg(long)]
@@ -100,6 +103,9 @@ impl Args {
         }
         if let Some(secs) = self.drain_timeout_secs {
             server.drain_timeout_secs = secs;
+        }
+        if let Some(limit) = self.max_in_flight {
+            server.max_in_flight = limit;
         }
         if let Some(addr) = self.metrics_addr {
             server.metrics_addr = Some(addr);

@@ -52,13 +52,74 @@ pub struct Rejected {
     pub error: ClassifyError,
 }
 
+/// The longest request id (and job id) a server answers: ids are echoed in every reply
+/// and logged, so an absurd one (a peer's 1 MB id) is refused as
+/// [`ErrorCode::Unroutable`] before any work. Ids this system makes are 32 characters.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// The longest file name echoed in a reply; longer ones are cut (on a character
+/// boundary), since the name is only a label for the client.
+pub const MAX_FILE_NAME_BYTES: usize = 4096;
+
+/// A broker's topic naming rules: `Err(reason)` for a name it could never publish to.
+pub type TopicNameCheck = std::sync::Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The reply topics a server publishes to: the requests' routes come from anyone who
+/// can write to the request topic, so they are checked before any work is done for
+/// them (see `proto/README.md`, "Trust").
+#[derive(Clone)]
+pub struct RoutePolicy {
+    /// Reply topics must start with this (`classify-replies-` by default, the
+    /// client's own shape); empty allows any name the broker accepts.
+    pub reply_topic_prefix: String,
+    /// The broker's naming rules (`Broker::check_topic_name`): `Err(reason)` for a
+    /// name the broker could never publish to.
+    pub check_name: TopicNameCheck,
+}
+
+impl RoutePolicy {
+    /// Any non-empty reply topic: for tools and tests that answer no one.
+    pub fn any() -> Self {
+        RoutePolicy {
+            reply_topic_prefix: String::new(),
+            check_name: std::sync::Arc::new(|_| Ok(())),
+        }
+    }
+
+    /// `Err(reason)` unless `route` can be answered: a reply topic of the allowed
+    /// prefix that the broker accepts, and ids of a sane length.
+    pub fn check(&self, route: &ReplyRoute) -> Result<(), String> {
+        if route.reply_topic.is_empty() {
+            return Err("the request has no reply topic".into());
+        }
+        if !route.reply_topic.starts_with(&self.reply_topic_prefix) {
+            return Err(format!(
+                "reply topic {:?} is not one this server answers on (they start with {:?})",
+                crate::log_safe::Untrusted(&route.reply_topic),
+                self.reply_topic_prefix
+            ));
+        }
+        (self.check_name)(&route.reply_topic)?;
+        for (what, id) in [("request id", &route.request_id), ("job id", &route.job_id)] {
+            if id.len() > MAX_ID_BYTES {
+                return Err(format!(
+                    "the {what} is {} bytes; at most {MAX_ID_BYTES} are answered",
+                    id.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Decodes a broker message into a model input, or explains why it cannot be.
 pub fn prepare(
     message: &Message,
     limits: &DecodeLimits,
     preprocessor: &Preprocessor,
 ) -> Result<PreparedInput, Box<Rejected>> {
-    prepare_for(message, limits, |_| Ok(preprocessor)).map(|(input, _)| input)
+    // Routes are not checked: this answers no one (fuzzing, tools).
+    prepare_unchecked(message, limits, None, |_| Ok(preprocessor)).map(|(input, _)| input)
 }
 
 /// What [`prepare_for`] needs of the model a request names: its preprocessing.
@@ -76,9 +137,35 @@ impl HasPreprocessor for &Preprocessor {
 /// [`prepare`] for a server of several models: `choose` maps the model name the request
 /// gives (empty: none) to the model, or to the reason it is not served (an
 /// `UNKNOWN_MODEL` rejection); the input is preprocessed for that model, returned with it.
+/// A request whose route `policy` refuses is rejected as [`ErrorCode::Unroutable`] with
+/// an empty reply topic (nobody is answered; it is dead-lettered), before its image is
+/// decoded.
 pub fn prepare_for<M: HasPreprocessor>(
     message: &Message,
     limits: &DecodeLimits,
+    policy: &RoutePolicy,
+    choose: impl FnOnce(&str) -> Result<M, String>,
+) -> Result<(PreparedInput, M), Box<Rejected>> {
+    prepare_unchecked(message, limits, Some(policy), choose).map_err(|rejected| {
+        match policy.check(&rejected.route) {
+            Ok(()) => rejected,
+            Err(reason) => unroutable(rejected.route, reason),
+        }
+    })
+}
+
+/// [`ErrorCode::Unroutable`]: a rejection nobody is answered for.
+fn unroutable(mut route: ReplyRoute, reason: String) -> Box<Rejected> {
+    route.reply_topic.clear();
+    reject(route, ErrorCode::Unroutable, reason)
+}
+
+/// [`prepare_for`] without the route check of rejections; a request whose route
+/// `policy` (if any) refuses is rejected before its image is decoded.
+fn prepare_unchecked<M: HasPreprocessor>(
+    message: &Message,
+    limits: &DecodeLimits,
+    policy: Option<&RoutePolicy>,
     choose: impl FnOnce(&str) -> Result<M, String>,
 ) -> Result<(PreparedInput, M), Box<Rejected>> {
     let fallback_route = route_from_attributes(message);
@@ -107,11 +194,14 @@ pub fn prepare_for<M: HasPreprocessor>(
         request_id: non_empty_or(request.request_id, fallback_route.request_id),
         job_id: non_empty_or(request.job_id, fallback_route.job_id),
         reply_topic: non_empty_or(request.reply_topic, fallback_route.reply_topic),
-        file_name: request.file_name,
+        file_name: cut_to(request.file_name, MAX_FILE_NAME_BYTES),
         sent_at_unix_micros: request.sent_at_unix_micros,
         attributes: request.attributes,
         top_k: request.top_k,
     };
+    if let Some(Err(reason)) = policy.map(|policy| policy.check(&route)) {
+        return Err(unroutable(route, reason));
+    }
     if route.request_id.is_empty() {
         return Err(reject(
             route,
@@ -130,6 +220,18 @@ pub fn prepare_for<M: HasPreprocessor>(
         }
         Err(error) => Err(reject(route, error.code, error.reason)),
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let end = (0..=max)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(end);
+    }
+    text
 }
 
 fn non_empty_or(value: String, fallback: String) -> String {
@@ -247,4 +349,106 @@ pub fn response_message(response: &ClassifyResponse) -> Message {
         .with_attribute(attributes::REQUEST_ID, response.request_id.clone())
         .with_attribute(attributes::JOB_ID, response.job_id.clone())
         .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_RESPONSE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// The shipped model's preprocessing: the tests need some model to choose.
+    fn preprocessor() -> Preprocessor {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/fashion-mnist");
+        let meta = ModelMetadata::load(std::path::Path::new(dir)).expect("shipped metadata");
+        Preprocessor::new(&meta)
+    }
+
+    fn message(route: &str, request_id: &str) -> Message {
+        let request = ClassifyRequest {
+            request_id: request_id.into(),
+            reply_topic: route.into(),
+            image: b"not an image".to_vec(),
+            ..ClassifyRequest::default()
+        };
+        Message::new(request.encode_to_vec())
+    }
+
+    /// The default prefix and Kafka-like naming rules (at most 249 characters, no NUL).
+    fn policy() -> RoutePolicy {
+        RoutePolicy {
+            reply_topic_prefix: "classify-replies-".into(),
+            check_name: Arc::new(|topic: &str| {
+                if topic.len() > 249 || topic.contains('\0') {
+                    Err("not a legal topic name".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        }
+    }
+
+    fn outcome(message: &Message) -> (ErrorCode, String) {
+        let preprocessor = preprocessor();
+        let rejected = prepare_for(message, &DecodeLimits::default(), &policy(), |_| {
+            Ok(&preprocessor)
+        })
+        .map(|_| ())
+        .expect_err("never classified: the image is text");
+        let code = ErrorCode::try_from(rejected.error.code).expect("a known code");
+        (code, rejected.route.reply_topic)
+    }
+
+    #[test]
+    fn a_route_of_the_allowed_shape_is_answered_with_the_real_error() {
+        let (code, topic) = outcome(&message("classify-replies-0d5e", "r-1"));
+        assert_eq!(code, ErrorCode::UnsupportedFormat);
+        assert_eq!(topic, "classify-replies-0d5e");
+    }
+
+    #[test]
+    fn routes_the_server_must_not_publish_to_are_unroutable_and_answer_nobody() {
+        let long_id = "i".repeat(MAX_ID_BYTES + 1);
+        let huge_topic = format!("classify-replies-{}", "x".repeat(1_000_000));
+        for (route, id) in [
+            ("", "r-1"),
+            ("someone-elses-topic", "r-1"),
+            ("classify-replies-a\0b", "r-1"),
+            (huge_topic.as_str(), "r-1"),
+            ("classify-replies-0d5e", long_id.as_str()),
+        ] {
+            let (code, topic) = outcome(&message(route, id));
+            assert_eq!(
+                code,
+                ErrorCode::Unroutable,
+                "route of {} bytes",
+                route.len()
+            );
+            assert_eq!(topic, "", "nobody is answered");
+        }
+    }
+
+    #[test]
+    fn an_undecodable_payload_is_checked_by_its_attributes_route() {
+        let garbage = Message::new(vec![0xff, 0xff, 0xff])
+            .with_attribute(attributes::REQUEST_ID, "junk")
+            .with_attribute(attributes::REPLY_TOPIC, "elsewhere");
+        assert_eq!(outcome(&garbage), (ErrorCode::Unroutable, String::new()));
+        let answerable = Message::new(vec![0xff, 0xff, 0xff])
+            .with_attribute(attributes::REQUEST_ID, "junk")
+            .with_attribute(attributes::REPLY_TOPIC, "classify-replies-1");
+        assert_eq!(
+            outcome(&answerable),
+            (ErrorCode::MalformedRequest, "classify-replies-1".into())
+        );
+    }
+
+    #[test]
+    fn a_long_file_name_is_cut_on_a_character_boundary() {
+        let name = "é".repeat(MAX_FILE_NAME_BYTES);
+        let cut = cut_to(name, MAX_FILE_NAME_BYTES);
+        assert!(cut.len() <= MAX_FILE_NAME_BYTES);
+        assert!(cut.chars().all(|c| c == 'é'));
+        assert_eq!(cut_to("short".into(), 10), "short");
+    }
 }

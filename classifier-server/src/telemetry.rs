@@ -7,10 +7,16 @@
 //! - `GET /readyz`: `200 ready` when a model is loaded, the request subscription is open
 //!   and the server is not draining; else `503` and the reason (readiness).
 //!
-//! It serves nothing else and reads nothing from requests.
+//! It serves nothing else and reads nothing from requests. Its port faces whoever can
+//! reach it, so connections are bounded the way Envoy and nginx bound theirs
+//! ([`ConnectionLimits`]): a request's headers must arrive within a few seconds, a
+//! connection lives at most a minute, and at most a few hundred are open at once
+//! (beyond that, new ones are closed at once), so neither slow headers nor idle
+//! connections can use up the process's file descriptors.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -18,14 +24,45 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::log_safe::LogLimiter;
 use crate::pipeline::ServerStats;
+use crate::warn_limited;
 
 /// Content type of Prometheus' text exposition format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How the endpoint bounds its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// A request's headers must be in within this long (slow-header clients are cut).
+    pub header_read_timeout: Duration,
+    /// A connection is closed after this long, idle or not (scrapes take milliseconds).
+    pub max_lifetime: Duration,
+    /// Connections open at once, at most; new ones beyond are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_lifetime: Duration::from_secs(60),
+            max_connections: 256,
+        }
+    }
+}
+
+/// Pause after a failed accept (e.g. out of file descriptors) before the next one.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+static ACCEPT_LOG: LogLimiter = LogLimiter::new(1, Duration::from_secs(10));
 
 /// The endpoint's routes over `stats`.
 pub fn router(stats: Arc<ServerStats>) -> Router {
@@ -37,11 +74,22 @@ pub fn router(stats: Arc<ServerStats>) -> Router {
 }
 
 /// Binds `addr` (so that a taken port fails the start, clearly) and serves [`router`]
-/// until `stop` is cancelled. Warns when the address is reachable from other machines.
+/// with the default [`ConnectionLimits`] until `stop` is cancelled. Warns when the
+/// address is reachable from other machines.
 pub async fn serve(
     addr: SocketAddr,
     stats: Arc<ServerStats>,
     stop: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    serve_with(addr, stats, stop, ConnectionLimits::default()).await
+}
+
+/// [`serve`] with the given connection limits.
+pub async fn serve_with(
+    addr: SocketAddr,
+    stats: Arc<ServerStats>,
+    stop: CancellationToken,
+    limits: ConnectionLimits,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr)
         .await
@@ -53,15 +101,61 @@ pub async fn serve(
         tracing::warn!(%bound, "metrics and health are served beyond this machine");
     }
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router(stats))
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "the metrics endpoint failed");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, router(stats), stop, limits));
     Ok((bound, task))
+}
+
+/// Accepts connections until `stop`, each served on a task of its own under `limits`;
+/// the open ones are closed when it ends.
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    limits: ConnectionLimits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(error) => {
+                warn_limited!(ACCEPT_LOG, %error, "accepting a metrics connection failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        // Over the cap: the connection is dropped (closed) at once.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            warn_limited!(
+                ACCEPT_LOG,
+                max = limits.max_connections,
+                "too many metrics connections; closing new ones"
+            );
+            continue;
+        };
+        connections.spawn(serve_connection(stream, router.clone(), limits, slot));
+    }
+    connections.shutdown().await;
+}
+
+/// One HTTP/1.1 connection, cut after `limits.max_lifetime` or when its headers are slow.
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    limits: ConnectionLimits,
+    _slot: OwnedSemaphorePermit,
+) {
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    // Errors here are the peer's (a reset, a slow or malformed request): nothing to log.
+    let _ = tokio::time::timeout(limits.max_lifetime, connection).await;
 }
 
 async fn metrics(State(stats): State<Arc<ServerStats>>) -> impl IntoResponse {
@@ -87,19 +181,20 @@ mod tests {
 
     /// One HTTP/1.1 GET over a plain socket: status code and body.
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        try_get(addr, path).await.expect("an HTTP answer")
+    }
+
+    /// [`get`], `None` when the connection fails or the answer is not HTTP.
+    async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("write");
+        stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        let status = response
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .expect("a status line");
+        stream.read_to_string(&mut response).await.ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
         let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (status, body)
+        Some((status, body))
     }
 
     #[tokio::test]
@@ -142,5 +237,94 @@ mod tests {
             .await
             .expect_err("the port is taken");
         assert!(format!("{error:#}").contains(&format!("cannot listen for metrics on {addr}")));
+    }
+
+    /// Whether the server closed `stream` within `within` (a read sees the end).
+    async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+                Err(_elapsed) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+
+    async fn serve_limited(limits: ConnectionLimits) -> (SocketAddr, CancellationToken) {
+        let stop = CancellationToken::new();
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let stats = Arc::new(ServerStats::default());
+        let (addr, _task) = serve_with(any_port, stats, stop.clone(), limits)
+            .await
+            .expect("bind");
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn slow_headers_and_idle_connections_are_cut_and_probes_still_answer() {
+        use tokio::io::AsyncWriteExt;
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            max_lifetime: Duration::from_secs(1),
+            max_connections: 1_000,
+        };
+        let (addr, stop) = serve_limited(limits).await;
+        // 500 clients that never finish their headers, and one that says nothing.
+        let mut slow = Vec::new();
+        for _ in 0..500 {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("write");
+            slow.push(stream);
+        }
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
+        for stream in &mut slow {
+            assert!(
+                closed_within(stream, Duration::from_secs(5)).await,
+                "a slow-header connection was not cut"
+            );
+        }
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(5)).await,
+            "an idle connection was not cut"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_at_once() {
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            ..ConnectionLimits::default()
+        };
+        let (addr, stop) = serve_limited(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let mut extra = TcpStream::connect(addr).await.expect("the kernel accepts");
+        assert!(
+            closed_within(&mut extra, Duration::from_secs(2)).await,
+            "the fifth connection stayed open"
+        );
+        drop(held);
+        // Slots come back once the held connections are gone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let answered =
+                tokio::time::timeout(Duration::from_secs(1), get(addr, "/healthz")).await;
+            if let Ok((200, _)) = answered {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no slot came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
     }
 }

@@ -24,27 +24,33 @@ impl DeadLetters {
         rejected: &Rejected,
         server_id: &str,
     ) -> Option<Message> {
-        if !self.enabled {
-            return None;
-        }
         let code = ErrorCode::try_from(rejected.error.code)
             .map(|c| c.as_str_name().to_string())
             .unwrap_or_else(|_| rejected.error.code.to_string());
+        self.copy_for(original, &code, &rejected.error.reason, server_id)
+    }
+
+    /// [`DeadLetters::copy`] for a failure known only by its code name and reason (a
+    /// reply the broker refused for good, after the request was classified).
+    pub fn copy_for(
+        &self,
+        original: &Message,
+        code: &str,
+        reason: &str,
+        server_id: &str,
+    ) -> Option<Message> {
+        if !self.enabled {
+            return None;
+        }
         let mut copy = original.clone();
-        copy.attributes
-            .insert(dead_letter_attributes::CODE.into(), code);
-        copy.attributes.insert(
-            dead_letter_attributes::REASON.into(),
-            rejected.error.reason.clone(),
-        );
-        copy.attributes.insert(
-            dead_letter_attributes::SOURCE_TOPIC.into(),
-            self.source_topic.clone(),
-        );
-        copy.attributes.insert(
-            dead_letter_attributes::SERVER_ID.into(),
-            server_id.to_string(),
-        );
+        for (name, value) in [
+            (dead_letter_attributes::CODE, code),
+            (dead_letter_attributes::REASON, reason),
+            (dead_letter_attributes::SOURCE_TOPIC, &self.source_topic),
+            (dead_letter_attributes::SERVER_ID, server_id),
+        ] {
+            copy.attributes.insert(name.into(), value.to_string());
+        }
         Some(copy)
     }
 }

@@ -13,7 +13,7 @@ use super::intake::Work;
 use crate::config::ServerConfig;
 use crate::decode::DecodeLimits;
 use crate::models::{ModelSet, ServedModel};
-use crate::request::{prepare_for, PreparedInput, Rejected};
+use crate::request::{prepare_for, PreparedInput, Rejected, RoutePolicy};
 
 /// Output of the decode stage: an input for the model, or why there is none.
 pub(super) enum Prepared {
@@ -28,12 +28,18 @@ pub(super) struct DecodePool {
     pool: Arc<rayon::ThreadPool>,
     models: Arc<ModelSet>,
     limits: Arc<DecodeLimits>,
+    routes: Arc<RoutePolicy>,
 }
 
 impl DecodePool {
     /// One decode thread per core, preprocessing for the model each request names, as
-    /// `models` serves it when the request is decoded.
-    pub fn new(models: &Arc<ModelSet>, config: &ServerConfig) -> anyhow::Result<Self> {
+    /// `models` serves it when the request is decoded; requests whose reply route
+    /// `routes` refuses are rejected before their image is decoded.
+    pub fn new(
+        models: &Arc<ModelSet>,
+        config: &ServerConfig,
+        routes: RoutePolicy,
+    ) -> anyhow::Result<Self> {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -44,6 +50,7 @@ impl DecodePool {
             pool: Arc::new(pool),
             models: Arc::clone(models),
             limits: Arc::new(config.limits.clone()),
+            routes: Arc::new(routes),
         })
     }
 
@@ -52,12 +59,13 @@ impl DecodePool {
     pub fn submit(&self, chunk: Vec<Work>, out: mpsc::Sender<Vec<Prepared>>) {
         let models = Arc::clone(&self.models);
         let limits = Arc::clone(&self.limits);
+        let routes = Arc::clone(&self.routes);
         self.pool.spawn(move || {
             let prepared = chunk
                 .into_iter()
                 .map(|work| {
                     let message = work.delivery.message();
-                    match prepare_for(message, &limits, |name| models.resolve(name)) {
+                    match prepare_for(message, &limits, &routes, |name| models.resolve(name)) {
                         Ok((input, model)) => Prepared::Ready(work, input, model),
                         Err(rejected) => Prepared::Rejected(work, *rejected),
                     }
@@ -98,7 +106,8 @@ mod tests {
     async fn a_chunk_is_decoded_in_order_into_inputs_and_rejections() {
         let classifier = shipped_classifier();
         let models = Arc::new(ModelSet::single(Arc::clone(&classifier)));
-        let pool = DecodePool::new(&models, &ServerConfig::default()).expect("threads");
+        let pool = DecodePool::new(&models, &ServerConfig::default(), RoutePolicy::any())
+            .expect("threads");
         let png = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../examples/bag/00018.png"
@@ -133,7 +142,8 @@ mod tests {
             seen,
             [
                 ("good".to_string(), None),
-                ("junk".to_string(), Some(ErrorCode::MalformedRequest as i32)),
+                // No reply topic at all: nobody can be answered.
+                ("junk".to_string(), Some(ErrorCode::Unroutable as i32)),
                 (
                     "not-an-image".to_string(),
                     Some(ErrorCode::UnsupportedFormat as i32)

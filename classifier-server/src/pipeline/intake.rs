@@ -35,7 +35,7 @@ impl Work {
         Work {
             delivery,
             received_at,
-            _slot: InFlightSlot::new(permit, stats.in_flight_gauge()),
+            _slot: InFlightSlot::new(permit, stats),
         }
     }
 }
@@ -48,11 +48,11 @@ struct InFlightSlot {
 }
 
 impl InFlightSlot {
-    fn new(permit: OwnedSemaphorePermit, gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
+    fn new(permit: OwnedSemaphorePermit, stats: &ServerStats) -> Self {
+        stats.slot_taken();
         InFlightSlot {
             _permit: permit,
-            gauge,
+            gauge: stats.in_flight_gauge(),
         }
     }
 }

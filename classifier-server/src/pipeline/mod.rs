@@ -91,6 +91,28 @@ impl ModelServer {
         self
     }
 
+    /// The reply routes this server answers: the configured prefix and the broker's
+    /// naming rules.
+    fn route_policy(&self) -> crate::request::RoutePolicy {
+        let broker = Arc::clone(&self.broker);
+        crate::request::RoutePolicy {
+            reply_topic_prefix: self.config.reply_topic_prefix.clone(),
+            check_name: Arc::new(move |topic| {
+                broker
+                    .check_topic_name(topic)
+                    .map_err(|error| error.to_string())
+            }),
+        }
+    }
+
+    /// How copies of requests that can never succeed are made.
+    fn dead_letters(&self) -> dead_letter::DeadLetters {
+        dead_letter::DeadLetters {
+            enabled: !self.config.dead_letter_topic.is_empty(),
+            source_topic: self.config.request_topic.clone(),
+        }
+    }
+
     /// This replica's id, as written in its replies.
     pub fn server_id(&self) -> &str {
         &self.server_id
@@ -123,13 +145,13 @@ impl ModelServer {
         let config = &self.config;
         let capacity = config.max_in_flight.max(1);
         let in_flight = Arc::new(Semaphore::new(capacity));
-        self.stats.serving(subscriber.state());
+        self.stats.serving(subscriber.state(), config.stall_after());
         let (prepared_tx, prepared_rx) = mpsc::channel(capacity);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         let (outgoing_tx, outgoing_rx) = mpsc::channel(capacity);
 
         // broker → intake → decode pool → batcher → model thread → reply → broker
-        let decode_pool = decode_pool::DecodePool::new(&self.models, config)?;
+        let decode_pool = decode_pool::DecodePool::new(&self.models, config, self.route_policy())?;
         let reloader = self.watch_models(&shutdown);
         let batcher = tokio::spawn(batch::run(
             prepared_rx,
@@ -141,10 +163,7 @@ impl ModelServer {
             },
             reply::ErrorReplies {
                 context: self.reply_context(),
-                dead_letters: dead_letter::DeadLetters {
-                    enabled: !config.dead_letter_topic.is_empty(),
-                    source_topic: config.request_topic.clone(),
-                },
+                dead_letters: self.dead_letters(),
                 stats: Arc::clone(&self.stats),
             },
         ));
@@ -158,10 +177,14 @@ impl ModelServer {
             outgoing_tx,
         )?;
         let publisher = tokio::spawn(reply::run(
-            Arc::clone(&self.broker),
+            Arc::new(reply::Publisher {
+                broker: Arc::clone(&self.broker),
+                dead_letter_topic: config.dead_letter_topic.clone(),
+                dead_letters: self.dead_letters(),
+                server_id: self.server_id.clone(),
+                stats: Arc::clone(&self.stats),
+            }),
             outgoing_rx,
-            config.dead_letter_topic.clone(),
-            Arc::clone(&self.stats),
         ));
         let subscriber = intake::run(
             subscriber,

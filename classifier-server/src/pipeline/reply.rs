@@ -1,9 +1,14 @@
 //! Replying: publishes replies (grouped by reply topic) and dead-letter copies, and
 //! acks each request only after its reply was confirmed: at-least-once.
 //!
-//! A failed publish is retried with backoff ([`REPLY_PUBLISH_BACKOFF`]) for as long as
-//! it takes, and the request is not acked meanwhile; if the server stops first, the
-//! unacked request goes back to the broker.
+//! A publish that fails transiently ([`BrokerError::is_retryable`]: the broker is away,
+//! a timeout) is retried with backoff ([`REPLY_PUBLISH_BACKOFF`]) for as long as it
+//! takes, and the request is not acked meanwhile; if the server stops first, the
+//! unacked request goes back to the broker. Every other failure is final: a reply topic
+//! that is gone is logged and its requests acked; one the broker can never publish to
+//! (an invalid name, a Redis key that is not a stream) is counted, its requests are
+//! dead-lettered as `UNROUTABLE` and acked, so a poisoned reply route can never hold
+//! the in-flight window.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,11 +23,20 @@ use unified_broker::{Backoff, Broker, BrokerError, Message};
 use super::dead_letter::{self, DeadLetters};
 use super::intake::Work;
 use super::stats::ServerStats;
+use crate::log_safe::{LogLimiter, Untrusted};
 use crate::request::{error_response, response_message, Rejected, ReplyContext};
+use crate::warn_limited;
 
 /// Delays between attempts to publish a reply: 50 ms doubling to 5 s.
 pub(super) const REPLY_PUBLISH_BACKOFF: Backoff =
     Backoff::new(Duration::from_millis(50), 2, Duration::from_secs(5));
+
+/// Peers choose reply topics and request ids: the warnings they can cause at will are
+/// limited to a few lines a second each (what is held back is counted in the next).
+static REJECTED_LOG: LogLimiter = LogLimiter::new(10, Duration::from_secs(1));
+static RETRY_LOG: LogLimiter = LogLimiter::new(5, Duration::from_secs(1));
+static GONE_LOG: LogLimiter = LogLimiter::new(5, Duration::from_secs(1));
+static REFUSED_LOG: LogLimiter = LogLimiter::new(5, Duration::from_secs(1));
 
 /// A reply to publish, and the request to ack once it is out.
 pub(super) struct Outgoing {
@@ -54,12 +68,15 @@ impl ErrorReplies {
     pub fn reply(&self, work: Work, rejected: Rejected) -> Outgoing {
         let code = ErrorCode::try_from(rejected.error.code).unwrap_or(ErrorCode::Internal);
         self.stats.reject(code.as_str_name());
-        tracing::info!(
-            request_id = %rejected.route.request_id,
-            code = ?code,
-            reason = %rejected.error.reason,
-            "request rejected"
-        );
+        if let Some(suppressed) = REJECTED_LOG.allow() {
+            tracing::info!(
+                suppressed,
+                request_id = %Untrusted(&rejected.route.request_id),
+                code = ?code,
+                reason = %Untrusted(&rejected.error.reason),
+                "request rejected"
+            );
+        }
         let context = ReplyContext {
             queue_time_micros: work.received_at.elapsed().as_micros() as u64,
             ..self.context.clone()
@@ -78,14 +95,23 @@ impl ErrorReplies {
     }
 }
 
+/// What the reply stage publishes with, shared by its tasks.
+pub(super) struct Publisher {
+    /// Where replies and copies go.
+    pub broker: Arc<dyn Broker>,
+    /// The dead-letter topic; empty: none.
+    pub dead_letter_topic: String,
+    /// How copies of requests whose replies the broker refused are made.
+    pub dead_letters: DeadLetters,
+    /// This replica's id, in those copies.
+    pub server_id: String,
+    /// What is counted.
+    pub stats: Arc<ServerStats>,
+}
+
 /// The publisher stage: for each group of replies, one task per reply topic that
 /// publishes and then acks. Ends when `outgoing` closes and every task is done.
-pub(super) async fn run(
-    broker: Arc<dyn Broker>,
-    mut outgoing: mpsc::Receiver<Vec<Outgoing>>,
-    dead_letter_topic: String,
-    stats: Arc<ServerStats>,
-) {
+pub(super) async fn run(publisher: Arc<Publisher>, mut outgoing: mpsc::Receiver<Vec<Outgoing>>) {
     let mut tasks = JoinSet::new();
     while let Some(replies) = outgoing.recv().await {
         let mut by_topic: BTreeMap<String, Vec<Outgoing>> = BTreeMap::new();
@@ -96,13 +122,7 @@ pub(super) async fn run(
                 .push(reply);
         }
         for (topic, replies) in by_topic {
-            tasks.spawn(publish_then_ack(
-                Arc::clone(&broker),
-                topic,
-                replies,
-                dead_letter_topic.clone(),
-                Arc::clone(&stats),
-            ));
+            tasks.spawn(publish_then_ack(Arc::clone(&publisher), topic, replies));
         }
         // Reap finished tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
@@ -117,11 +137,16 @@ enum Published {
     TopicGone,
     /// The broker refuses the batch for its size: final, as is.
     TooLarge,
+    /// The broker can never publish there (see [`BrokerError::is_retryable`]): final.
+    Refused(BrokerError),
+    /// The broker client was closed (the server is stopping): the requests are left
+    /// unacked and go back to the broker.
+    Closed,
 }
 
-/// Publishes, retrying every failure but a missing topic or a message too large with
+/// Publishes, retrying transient failures ([`BrokerError::is_retryable`]) with
 /// [`REPLY_PUBLISH_BACKOFF`] for as long as it takes; the caller's requests stay unacked
-/// meanwhile.
+/// meanwhile. Any other failure is final at once.
 async fn publish_with_retry(
     broker: &dyn Broker,
     topic: &str,
@@ -132,11 +157,11 @@ async fn publish_with_retry(
         REPLY_PUBLISH_BACKOFF,
         || broker.publish_batch(topic, messages.clone()),
         |error, delay| {
-            if let BrokerError::TopicNotFound(_) | BrokerError::MessageTooLarge { .. } = error {
+            if !error.is_retryable() {
                 return false;
             }
             ServerStats::add(&stats.publish_retries, 1);
-            tracing::warn!(%topic, %error, retry_in_ms = delay.as_millis() as u64, "publishing failed; retrying (requests stay unacked)");
+            warn_limited!(RETRY_LOG, topic = %Untrusted(topic), %error, retry_in_ms = delay.as_millis() as u64, "publishing failed; retrying (requests stay unacked)");
             true
         },
     )
@@ -144,8 +169,9 @@ async fn publish_with_retry(
     match published {
         Ok(()) => Published::Confirmed,
         Err(BrokerError::MessageTooLarge { .. }) => Published::TooLarge,
-        // The only other error not retried.
-        Err(_) => Published::TopicGone,
+        Err(BrokerError::TopicNotFound(_)) => Published::TopicGone,
+        Err(BrokerError::Closed) => Published::Closed,
+        Err(final_error) => Published::Refused(final_error),
     }
 }
 
@@ -163,11 +189,11 @@ async fn publish_dead_letters(
             ServerStats::add(&stats.dead_lettered, copies.len() as u64);
             return;
         }
-        Published::TopicGone => {
-            tracing::error!(%topic, "the dead-letter topic does not exist; copies dropped");
+        Published::TooLarge => {}
+        other => {
+            tracing::error!(%topic, reason = other.describe(), "dead-letter copies dropped");
             return;
         }
-        Published::TooLarge => {}
     }
     for copy in copies {
         let published = match publish_with_retry(broker, topic, vec![copy.clone()], stats).await {
@@ -180,59 +206,99 @@ async fn publish_dead_letters(
         };
         match published {
             Published::Confirmed => ServerStats::add(&stats.dead_lettered, 1),
-            Published::TopicGone | Published::TooLarge => {
-                tracing::error!(%topic, "a dead-letter copy could not be published; dropped")
+            other => {
+                tracing::error!(%topic, reason = other.describe(), "a dead-letter copy could not be published; dropped")
             }
         }
     }
 }
 
+impl Published {
+    /// Why a publish did not go through, for logs.
+    fn describe(&self) -> String {
+        match self {
+            Published::Confirmed => "published".into(),
+            Published::TopicGone => "the topic does not exist".into(),
+            Published::TooLarge => "larger than the broker accepts".into(),
+            Published::Refused(error) => error.to_string(),
+            Published::Closed => "the broker client was closed".into(),
+        }
+    }
+}
+
 /// Publishes the replies to `topic` and the dead-letter copies among them, then acks
-/// their requests.
-async fn publish_then_ack(
-    broker: Arc<dyn Broker>,
-    topic: String,
-    replies: Vec<Outgoing>,
-    dead_letter_topic: String,
-    stats: Arc<ServerStats>,
-) {
+/// their requests (unless the broker client was closed: then they go back unacked).
+async fn publish_then_ack(publisher: Arc<Publisher>, topic: String, mut replies: Vec<Outgoing>) {
+    let stats = &*publisher.stats;
     if topic.is_empty() {
-        // Nobody to answer: a message without any routing information.
+        // Nobody to answer: no reply route, or one this server does not answer on
+        // (the copies say which; they were made when the request was rejected).
         ServerStats::add(&stats.unanswerable, replies.len() as u64);
-        tracing::warn!(
+        warn_limited!(
+            REFUSED_LOG,
             count = replies.len(),
-            "requests without a reply topic; dead-lettering and acking them"
+            "requests without a reply route this server answers; dead-lettering and acking them"
         );
     } else {
         let messages: Vec<Message> = replies.iter().map(|r| r.message.clone()).collect();
-        match publish_with_retry(&*broker, &topic, messages, &stats).await {
+        match publish_with_retry(&*publisher.broker, &topic, messages, stats).await {
             Published::Confirmed => {
                 let errors = replies.iter().filter(|r| r.is_error).count();
                 stats.published(replies.len(), errors);
             }
             Published::TopicGone => {
                 ServerStats::add(&stats.unanswerable, replies.len() as u64);
-                tracing::warn!(%topic, count = replies.len(), "reply topic no longer exists; the client is gone");
+                warn_limited!(GONE_LOG, topic = %Untrusted(&topic), count = replies.len(), "reply topic no longer exists; the client is gone");
             }
             Published::TooLarge => {
                 // Replies are small; only absurd request fields (a huge file name) get
                 // here. Retrying cannot help, so the requests are acked unanswered.
                 ServerStats::add(&stats.unanswerable, replies.len() as u64);
-                tracing::error!(%topic, count = replies.len(), "replies larger than the broker accepts; not answered");
+                warn_limited!(REFUSED_LOG, topic = %Untrusted(&topic), count = replies.len(), "replies larger than the broker accepts; not answered");
             }
+            Published::Refused(error) => {
+                publisher.refused(&mut replies, &error);
+                warn_limited!(REFUSED_LOG, topic = %Untrusted(&topic), count = replies.len(), %error, "the broker refuses this reply topic for good; dead-lettering and acking the requests");
+            }
+            Published::Closed => return,
         }
     }
     let dead: Vec<Message> = replies
         .iter()
         .filter_map(|r| r.dead_letter.clone())
         .collect();
-    if !dead.is_empty() && !dead_letter_topic.is_empty() {
-        publish_dead_letters(&*broker, &dead_letter_topic, dead, &stats).await;
+    if !dead.is_empty() && !publisher.dead_letter_topic.is_empty() {
+        publish_dead_letters(
+            &*publisher.broker,
+            &publisher.dead_letter_topic,
+            dead,
+            stats,
+        )
+        .await;
     }
     for reply in replies {
         stats.finished(reply.work.received_at.elapsed().as_secs_f64());
         if let Err(error) = reply.work.delivery.ack() {
             tracing::warn!(%error, "ack failed; the request may be redelivered and answered twice");
+        }
+    }
+}
+
+impl Publisher {
+    /// Replies the broker refused for good: counted, and every request gets a
+    /// dead-letter copy (`UNROUTABLE`, the broker's reason) unless it has one already.
+    fn refused(&self, replies: &mut [Outgoing], error: &BrokerError) {
+        ServerStats::add(&self.stats.unanswerable, replies.len() as u64);
+        ServerStats::add(&self.stats.replies_refused, replies.len() as u64);
+        let code = ErrorCode::Unroutable.as_str_name();
+        let reason = format!("the broker refuses the reply topic for good: {error}");
+        for reply in replies.iter_mut().filter(|r| r.dead_letter.is_none()) {
+            reply.dead_letter = self.dead_letters.copy_for(
+                reply.work.delivery.message(),
+                code,
+                &reason,
+                &self.server_id,
+            );
         }
     }
 }
@@ -261,6 +327,23 @@ mod tests {
         (outgoing, settlement)
     }
 
+    fn publisher(
+        broker: &Arc<dyn Broker>,
+        dead_letters: &str,
+        stats: &Arc<ServerStats>,
+    ) -> Arc<Publisher> {
+        Arc::new(Publisher {
+            broker: Arc::clone(broker),
+            dead_letter_topic: dead_letters.into(),
+            dead_letters: DeadLetters {
+                enabled: !dead_letters.is_empty(),
+                source_topic: "requests".into(),
+            },
+            server_id: "server-1".into(),
+            stats: Arc::clone(stats),
+        })
+    }
+
     async fn next(subscriber: &mut Box<dyn Subscriber>) -> Delivery {
         tokio::time::timeout(Duration::from_secs(5), subscriber.next())
             .await
@@ -287,11 +370,9 @@ mod tests {
         let (reply, settlement) = outgoing("replies", "the reply", None);
         let stats = Arc::new(ServerStats::default());
         let task = tokio::spawn(publish_then_ack(
-            Arc::clone(&broker),
+            publisher(&broker, "", &stats),
             "replies".into(),
             vec![reply],
-            String::new(),
-            Arc::clone(&stats),
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
@@ -340,11 +421,9 @@ mod tests {
         tokio::time::timeout(
             Duration::from_secs(5),
             publish_then_ack(
-                Arc::clone(&broker),
+                publisher(&broker, "dead", &stats),
                 "replies".into(),
                 vec![too_large, small],
-                "dead".into(),
-                Arc::clone(&stats),
             ),
         )
         .await
@@ -384,11 +463,9 @@ mod tests {
         let (reply, settlement) = outgoing("", "unsendable", Some("the copy"));
         let stats = Arc::new(ServerStats::default());
         publish_then_ack(
-            Arc::clone(&broker),
+            publisher(&broker, "dead", &stats),
             String::new(),
             vec![reply],
-            "dead".into(),
-            Arc::clone(&stats),
         )
         .await;
         assert_eq!(settlement.get(), Some("ack"));
@@ -412,11 +489,9 @@ mod tests {
         let done = tokio::time::timeout(
             Duration::from_secs(5),
             publish_then_ack(
-                broker,
+                publisher(&broker, "", &stats),
                 "replies-of-a-gone-client".into(),
                 vec![reply],
-                String::new(),
-                Arc::clone(&stats),
             ),
         )
         .await;
@@ -436,12 +511,7 @@ mod tests {
                 .expect("create");
         }
         let (to_publisher, from_stages) = mpsc::channel(4);
-        let publisher = tokio::spawn(run(
-            Arc::clone(&broker),
-            from_stages,
-            String::new(),
-            Arc::default(),
-        ));
+        let publisher = tokio::spawn(run(publisher(&broker, "", &Arc::default()), from_stages));
         let (a1, a1_settled) = outgoing("replies-a", "a1", None);
         let (b1, b1_settled) = outgoing("replies-b", "b1", None);
         let (a2, a2_settled) = outgoing("replies-a", "a2", None);

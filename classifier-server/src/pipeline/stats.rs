@@ -4,8 +4,9 @@
 //!
 //! Every number lives once, in a Prometheus metric: the snapshot reads those.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -35,6 +36,9 @@ pub struct ServerStats {
     pub(crate) publish_retries: IntCounter,
     /// Requests copied to the dead-letter topic.
     pub(crate) dead_lettered: IntCounter,
+    /// Replies the broker refused for good (a reply topic it can never publish to);
+    /// their requests were dead-lettered and acked.
+    pub(crate) replies_refused: IntCounter,
     /// Requests per batch run through the model (its count is the number of batches).
     batch_size: Histogram,
     /// Seconds the model took per batch.
@@ -52,12 +56,19 @@ pub struct ServerStats {
     live: Mutex<Option<LiveSources>>,
     model_loaded: AtomicBool,
     draining: AtomicBool,
+    /// When the stats were made: the origin of `last_progress_ms`.
+    started: Instant,
+    /// Milliseconds after `started` of the last sign of progress: a request finished,
+    /// or one was taken while none was in flight.
+    last_progress_ms: AtomicU64,
 }
 
 /// What a serving pipeline lends the stats so they can be read at scrape time.
 #[derive(Debug)]
 struct LiveSources {
     subscription: SubscriptionState,
+    /// No progress for this long with requests in flight is a stall.
+    stall_after: Duration,
 }
 
 /// A snapshot of the counters of [`ServerStats`].
@@ -90,6 +101,9 @@ pub enum NotReady {
     BrokerNotConnected,
     /// Shutting down: intake has stopped.
     Draining,
+    /// Requests are in flight but none has finished for longer than
+    /// `stall_after_secs` (e.g. their replies cannot be published).
+    Stalled,
 }
 
 impl std::fmt::Display for NotReady {
@@ -98,6 +112,7 @@ impl std::fmt::Display for NotReady {
             NotReady::ModelNotLoaded => "model not loaded",
             NotReady::BrokerNotConnected => "not subscribed to the request topic",
             NotReady::Draining => "draining: intake stopped",
+            NotReady::Stalled => "stalled: requests in flight and none finished lately",
         })
     }
 }
@@ -169,6 +184,10 @@ impl ServerStats {
                 "classifier_publish_retries_total",
                 "Reply publishes that failed and were retried.",
             ),
+            replies_refused: counter(
+                "classifier_replies_refused_total",
+                "Replies the broker refused for good (a reply topic it can never publish to); their requests were dead-lettered and acked.",
+            ),
             dead_lettered: counter(
                 "classifier_dead_lettered_total",
                 "Requests copied to the dead-letter topic.",
@@ -212,6 +231,8 @@ impl ServerStats {
             live: Mutex::new(None),
             model_loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            started: Instant::now(),
+            last_progress_ms: AtomicU64::new(0),
         }
     }
 
@@ -265,6 +286,29 @@ impl ServerStats {
     /// Records how long a request took from intake to its ack.
     pub(super) fn finished(&self, seconds: f64) {
         self.request_seconds.observe(seconds);
+        self.progressed();
+    }
+
+    /// Counts a request taken into flight (its slot gives it back with
+    /// `in_flight_gauge().dec()`); taking one while none was in flight is progress too,
+    /// so an idle server is not taken for a stalled one.
+    pub(super) fn slot_taken(&self) {
+        if self.in_flight.get() == 0 {
+            self.progressed();
+        }
+        self.in_flight.inc();
+    }
+
+    fn progressed(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether requests are in flight and none finished for `stall_after`.
+    fn stalled(&self, stall_after: Duration) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let quiet = now.saturating_sub(self.last_progress_ms.load(Ordering::Relaxed));
+        self.in_flight.get() > 0 && quiet > stall_after.as_millis() as u64
     }
 
     /// Marks `models` (name, version) as the models being served.
@@ -280,8 +324,11 @@ impl ServerStats {
 
     /// Lends the serving pipeline's subscription state, read when the metrics are
     /// scraped and readiness is asked.
-    pub(super) fn serving(&self, subscription: SubscriptionState) {
-        *lock(&self.live) = Some(LiveSources { subscription });
+    pub(super) fn serving(&self, subscription: SubscriptionState, stall_after: Duration) {
+        *lock(&self.live) = Some(LiveSources {
+            subscription,
+            stall_after,
+        });
         self.draining.store(false, Ordering::Relaxed);
     }
 
@@ -304,8 +351,10 @@ impl ServerStats {
             return Err(NotReady::Draining);
         }
         match &*lock(&self.live) {
-            Some(live) if live.subscription.is_subscribed() => Ok(()),
-            _ => Err(NotReady::BrokerNotConnected),
+            Some(live) if !live.subscription.is_subscribed() => Err(NotReady::BrokerNotConnected),
+            Some(live) if self.stalled(live.stall_after) => Err(NotReady::Stalled),
+            Some(_) => Ok(()),
+            None => Err(NotReady::BrokerNotConnected),
         }
     }
 
@@ -401,9 +450,29 @@ mod tests {
         );
         assert!(stats.render_prometheus().contains(&info));
         // A state nobody subscribed with reads as not subscribed.
-        stats.serving(SubscriptionState::default());
+        stats.serving(SubscriptionState::default(), Duration::from_secs(60));
         assert_eq!(stats.readiness(), Err(NotReady::BrokerNotConnected));
         stats.draining();
         assert_eq!(stats.readiness(), Err(NotReady::Draining));
+    }
+
+    #[test]
+    fn requests_in_flight_without_progress_are_a_stall() {
+        let stats = ServerStats::default();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            !stats.stalled(Duration::ZERO),
+            "nothing in flight is no stall"
+        );
+        stats.slot_taken();
+        assert!(
+            !stats.stalled(Duration::from_millis(2)),
+            "taking work after a quiet spell is progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(stats.stalled(Duration::from_millis(2)));
+        assert!(!stats.stalled(Duration::from_secs(60)));
+        stats.finished(0.005);
+        assert!(!stats.stalled(Duration::from_millis(2)));
     }
 }

@@ -105,6 +105,13 @@ fn summary(page: &mut String, report: &JobReport, accuracy: Option<&Accuracy>) {
         report.duplicate_replies.to_string(),
         "duplicate replies",
     );
+    if report.rejected_replies > 0 {
+        card(
+            "bad",
+            report.rejected_replies.to_string(),
+            "rejected replies (not from this job)",
+        );
+    }
     if let Some(accuracy) = accuracy {
         card(
             "ok",
@@ -373,6 +380,7 @@ mod tests {
                 ),
             ],
             duplicate_replies: 0,
+            rejected_replies: 0,
             elapsed: Duration::from_secs(1),
             answered_by: Default::default(),
         };

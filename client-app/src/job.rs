@@ -4,11 +4,13 @@
 //! `window` requests unanswered at a time, and reads replies from a reply topic of its
 //! own (created for the job, deleted afterwards). Replies are matched to requests by
 //! id; a second reply to the same request (the server is at-least-once) is counted as a
-//! duplicate and otherwise ignored. The job ends when every request is answered, or when
-//! no reply arrived for `reply_timeout`; what is still open is then reported as
-//! unanswered.
+//! duplicate and otherwise ignored. Request ids are random, and a reply counts only if
+//! it carries the job's id and an id the job sent: anything else on the reply topic (a
+//! peer's forgery, another job's reply) is counted as rejected and never becomes a
+//! result. The job ends when every request is answered, or when no reply arrived for
+//! `reply_timeout`; what is still open is then reported as unanswered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,6 +144,9 @@ pub struct JobReport {
     pub results: Vec<FileResult>,
     /// Replies received for requests that were already answered.
     pub duplicate_replies: u64,
+    /// Replies received that were not this job's: an unknown request id (a peer's
+    /// guess, a forgery), another job's id, or not a reply at all. Never results.
+    pub rejected_replies: u64,
     /// Wall time of the whole job.
     pub elapsed: Duration,
     /// Replies per answering server.
@@ -238,13 +243,9 @@ pub async fn run_job(
         max_request_bytes,
     ));
 
-    let mut results: Vec<Option<FileResult>> = vec![None; files.len()];
-    let mut answered: HashMap<String, usize> = HashMap::new();
-    let mut answered_by: HashMap<String, u64> = HashMap::new();
-    let mut duplicates = 0u64;
+    let mut tally = Tally::new(job_id, files.len());
     let mut sending_done = false;
     let mut last_progress = Instant::now();
-    let mut finished = 0usize;
     let mut resubscriptions_seen = 0;
     // Re-sends under way; aborted with the sender when the job ends.
     let mut resends = tokio::task::JoinSet::new();
@@ -252,7 +253,7 @@ pub async fn run_job(
     // no reply arrives (after a broker restart, none will for the lost requests).
     let mut check_resubscribed = tokio::time::interval(Duration::from_millis(500));
 
-    while finished < files.len() {
+    while tally.finished < files.len() {
         if replies.resubscriptions() > resubscriptions_seen {
             resubscriptions_seen = replies.resubscriptions();
             resend_unanswered(&broker, options, &pending, &mut resends);
@@ -263,52 +264,16 @@ pub async fn run_job(
         tokio::select! {
             sent = sent_rx.recv(), if !sending_done => match sent {
                 Some(Sent::LocalFailure { index, code, reason }) => {
-                    let result = FileResult {
-                        input: files[index].clone(),
-                        request_id: String::new(),
-                        outcome: FileOutcome::Failed { code: code.to_string(), reason },
-                        server_id: String::new(),
-                        latency: None,
-                    };
-                    progress.file_done(&result);
-                    results[index] = Some(result);
-                    finished += 1;
+                    tally.local_failure(&files[index], index, code, reason, progress);
                     last_progress = Instant::now();
                 }
                 Some(Sent::Done) | None => sending_done = true,
             },
             delivery = replies.next() => match delivery {
                 Some(Ok(delivery)) => {
-                    let response = ClassifyResponse::decode(delivery.message().payload.as_ref());
-                    if let Err(error) = delivery.ack() {
-                        tracing::warn!(%error, "acking a reply failed");
-                    }
-                    let response = match response {
-                        Ok(response) => response,
-                        Err(error) => {
-                            tracing::warn!(%error, "ignoring a reply that is not a ClassifyResponse");
-                            continue;
-                        }
-                    };
-                    let request_id = response.request_id.clone();
-                    let registered = lock(&pending).remove(&request_id);
-                    if let Some(Unanswered { index, sent_at: at, .. }) = registered {
+                    if tally.receive(delivery, &pending, &files, progress) {
                         window.add_permits(1);
-                        // A server's id is copied once, not once per reply.
-                        match answered_by.get_mut(&response.server_id) {
-                            Some(count) => *count += 1,
-                            None => drop(answered_by.insert(response.server_id.clone(), 1)),
-                        }
-                        let result = file_result(&files[index], response, at.elapsed());
-                        progress.file_done(&result);
-                        results[index] = Some(result);
-                        answered.insert(request_id, index);
-                        finished += 1;
                         last_progress = Instant::now();
-                    } else if answered.contains_key(&request_id) {
-                        duplicates += 1;
-                    } else {
-                        tracing::debug!(%request_id, "reply to an unknown request ignored");
                     }
                 }
                 Some(Err(error)) => tracing::warn!(%error, "receiving replies failed; retrying"),
@@ -321,7 +286,7 @@ pub async fn run_job(
             _ = tokio::time::sleep_until(idle_deadline.into()) => {
                 tracing::warn!(
                     timeout_secs = options.reply_timeout.as_secs(),
-                    unanswered = files.len() - finished,
+                    unanswered = files.len() - tally.finished,
                     "no reply within the timeout; giving up on the rest"
                 );
                 break;
@@ -340,31 +305,205 @@ pub async fn run_job(
     if let Err(error) = broker.delete_topic(&reply_topic).await {
         tracing::debug!(%error, "deleting the reply topic failed");
     }
+    Ok(tally.into_report(&files, &pending, started.elapsed()))
+}
 
-    let results = results
-        .into_iter()
-        .enumerate()
-        .map(|(index, result)| {
-            result.unwrap_or_else(|| FileResult {
-                input: files[index].clone(),
-                request_id: lock(&pending)
-                    .iter()
-                    .find(|(_, unanswered)| unanswered.index == index)
-                    .map(|(id, _)| id.clone())
-                    .unwrap_or_default(),
-                outcome: FileOutcome::Unanswered,
-                server_id: String::new(),
-                latency: None,
+/// Rejected replies logged at most: a peer's flood of forged replies is counted, not
+/// written line by line to the log.
+const REJECTED_LOGGED: u64 = 5;
+
+/// Longest part of a peer's request id that is logged.
+const LOGGED_ID_CHARS: usize = 64;
+
+/// Whose a reply is.
+enum Verdict {
+    /// The first reply to a request of this job.
+    Answer(Unanswered),
+    /// Another reply to a request of this job that was already answered.
+    Duplicate,
+    /// Not a reply to a request of this job, and why not.
+    Rejected(&'static str),
+}
+
+/// Decides whose `response` is. A reply is this job's only if it carries the job's id
+/// and a request id the job sent (ids are random: a peer cannot guess one). Anyone who
+/// can write to the reply topic can send replies; this keeps theirs out of the results.
+fn judge(
+    job_id: &str,
+    pending: &Pending,
+    answered: &HashSet<String>,
+    response: &ClassifyResponse,
+) -> Verdict {
+    if response.job_id != job_id {
+        return Verdict::Rejected("it carries another job's id");
+    }
+    if let Some(unanswered) = lock(pending).remove(&response.request_id) {
+        return Verdict::Answer(unanswered);
+    }
+    if answered.contains(&response.request_id) {
+        Verdict::Duplicate
+    } else {
+        Verdict::Rejected("this job sent no request with its id")
+    }
+}
+
+/// What the job learned from its replies so far.
+struct Tally {
+    /// The job's id: its replies carry it.
+    job_id: String,
+    /// One entry per file, once its result is known.
+    results: Vec<Option<FileResult>>,
+    /// Files whose result is known.
+    finished: usize,
+    /// Request ids answered.
+    answered: HashSet<String>,
+    /// Replies per answering server.
+    answered_by: HashMap<String, u64>,
+    /// Replies to requests already answered.
+    duplicates: u64,
+    /// Replies that were not this job's.
+    rejected: u64,
+}
+
+impl Tally {
+    fn new(job_id: String, files: usize) -> Self {
+        Tally {
+            job_id,
+            results: vec![None; files],
+            finished: 0,
+            answered: HashSet::new(),
+            answered_by: HashMap::new(),
+            duplicates: 0,
+            rejected: 0,
+        }
+    }
+
+    /// Takes one reply: acks it, and records it if it answers a request of this job.
+    /// Returns whether it did (a window slot is then free again).
+    fn receive(
+        &mut self,
+        delivery: unified_broker::Delivery,
+        pending: &Pending,
+        files: &[InputFile],
+        progress: &dyn Progress,
+    ) -> bool {
+        let response = ClassifyResponse::decode(delivery.message().payload.as_ref());
+        if let Err(error) = delivery.ack() {
+            tracing::warn!(%error, "acking a reply failed");
+        }
+        let Ok(response) = response else {
+            self.reject("it is not a ClassifyResponse", "");
+            return false;
+        };
+        match judge(&self.job_id, pending, &self.answered, &response) {
+            Verdict::Answer(Unanswered { index, sent_at, .. }) => {
+                self.answer(&files[index], index, response, sent_at.elapsed(), progress);
+                true
+            }
+            Verdict::Duplicate => {
+                self.duplicates += 1;
+                false
+            }
+            Verdict::Rejected(why) => {
+                self.reject(why, &response.request_id);
+                false
+            }
+        }
+    }
+
+    /// Records the answer to file `index`.
+    fn answer(
+        &mut self,
+        input: &InputFile,
+        index: usize,
+        response: ClassifyResponse,
+        latency: Duration,
+        progress: &dyn Progress,
+    ) {
+        // A server's id is copied once, not once per reply.
+        match self.answered_by.get_mut(&response.server_id) {
+            Some(count) => *count += 1,
+            None => drop(self.answered_by.insert(response.server_id.clone(), 1)),
+        }
+        self.answered.insert(response.request_id.clone());
+        self.record(index, file_result(input, response, latency), progress);
+    }
+
+    /// Records the client's own error for file `index` (never sent).
+    fn local_failure(
+        &mut self,
+        input: &InputFile,
+        index: usize,
+        code: &str,
+        reason: String,
+        progress: &dyn Progress,
+    ) {
+        let result = FileResult {
+            input: input.clone(),
+            request_id: String::new(),
+            outcome: FileOutcome::Failed {
+                code: code.to_string(),
+                reason,
+            },
+            server_id: String::new(),
+            latency: None,
+        };
+        self.record(index, result, progress);
+    }
+
+    fn record(&mut self, index: usize, result: FileResult, progress: &dyn Progress) {
+        progress.file_done(&result);
+        self.results[index] = Some(result);
+        self.finished += 1;
+    }
+
+    /// Counts a reply that is not this job's; the first few are logged (escaped and
+    /// cut: the id is a peer's).
+    fn reject(&mut self, why: &str, request_id: &str) {
+        self.rejected += 1;
+        if self.rejected > REJECTED_LOGGED {
+            return;
+        }
+        let shown: String = request_id.chars().take(LOGGED_ID_CHARS).collect();
+        tracing::warn!(
+            request_id = %crate::report::printable(&shown),
+            "rejected a reply that is not this job's: {why}"
+        );
+        if self.rejected == REJECTED_LOGGED {
+            tracing::warn!("further rejected replies are counted in the summary, not logged");
+        }
+    }
+
+    /// The report: files without a result are unanswered (with the id they were sent
+    /// with, if any).
+    fn into_report(self, files: &[InputFile], pending: &Pending, elapsed: Duration) -> JobReport {
+        let sent_as: HashMap<usize, String> = lock(pending)
+            .iter()
+            .map(|(id, unanswered)| (unanswered.index, id.clone()))
+            .collect();
+        let results = self
+            .results
+            .into_iter()
+            .enumerate()
+            .map(|(index, result)| {
+                result.unwrap_or_else(|| FileResult {
+                    input: files[index].clone(),
+                    request_id: sent_as.get(&index).cloned().unwrap_or_default(),
+                    outcome: FileOutcome::Unanswered,
+                    server_id: String::new(),
+                    latency: None,
+                })
             })
-        })
-        .collect();
-    Ok(JobReport {
-        job_id,
-        results,
-        duplicate_replies: duplicates,
-        elapsed: started.elapsed(),
-        answered_by,
-    })
+            .collect();
+        JobReport {
+            job_id: self.job_id,
+            results,
+            duplicate_replies: self.duplicates,
+            rejected_replies: self.rejected,
+            elapsed,
+            answered_by: self.answered_by,
+        }
+    }
 }
 
 fn file_result(input: &InputFile, response: ClassifyResponse, latency: Duration) -> FileResult {
@@ -464,7 +603,7 @@ async fn send_all(
                 continue; // the permit is dropped: the slot is free again
             }
         };
-        let request_id = format!("{}-{index}", &job_id[..12]);
+        let request_id = new_request_id();
         let request = ClassifyRequest {
             schema_version: SCHEMA_VERSION,
             request_id: request_id.clone(),
@@ -494,6 +633,14 @@ async fn send_all(
     }
     outbox.flush().await;
     let _ = sent.send(Sent::Done);
+}
+
+/// A new request id: 122 random bits (a version 4 UUID, from the operating system's
+/// random source), as 32 hex digits. A reply is accepted only for an id the job sent,
+/// so ids must not be guessable: a peer that sees the job's reply topic could otherwise
+/// answer for the servers (issue 28).
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// The error code and reason reported for a file that was not sent.
@@ -816,9 +963,10 @@ async fn read_chunk(files: &[InputFile], max_bytes: usize) -> Vec<FileRead> {
     }
 }
 
-/// Reads one file (blocking), refusing files larger than `max_bytes` before reading.
-/// One open and one `fstat` (not a lookup of the path for its size, then another to
-/// read it): for small images the syscalls are most of the cost.
+/// Reads one file (blocking), refusing files larger than `max_bytes` before reading,
+/// and anything but a regular file. One open and one `fstat` (not a lookup of the path
+/// for its size, then another to read it): for small images the syscalls are most of
+/// the cost.
 fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
     use std::io::Read;
     let unreadable = |e: std::io::Error| ("UNREADABLE_FILE", format!("cannot read the file: {e}"));
@@ -831,14 +979,21 @@ fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
             ),
         )
     };
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    let len = file.metadata().map_err(unreadable)?.len();
+    let file = open_without_blocking(path).map_err(unreadable)?;
+    let metadata = file.metadata().map_err(unreadable)?;
+    if !metadata.is_file() {
+        // The walk sends regular files only; this one was replaced since.
+        let kind = crate::inputs::kind_name(&metadata.file_type());
+        let reason = format!("not a regular file ({kind}); not read");
+        return Err(("UNREADABLE_FILE", reason));
+    }
+    let len = metadata.len();
     if len > max_bytes as u64 {
         return Err(too_large(len.to_string()));
     }
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    // At most one byte more than allowed: a file that grew since, or a device with no
-    // size, is not read without end.
+    // At most one byte more than allowed: a file that grew since, or one whose size
+    // says nothing (`/proc`), is not read without end.
     let cap = u64::try_from(max_bytes)
         .unwrap_or(u64::MAX)
         .saturating_add(1);
@@ -847,6 +1002,49 @@ fn read_file(path: &std::path::Path, max_bytes: usize) -> FileRead {
         return Err(too_large(format!("more than {max_bytes}")));
     }
     Ok(bytes)
+}
+
+/// `O_NONBLOCK` where its value is known without the `libc` crate (Linux on the common
+/// architectures); elsewhere files are opened plainly and only the walk keeps FIFOs out.
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "s390x",
+        target_arch = "powerpc64"
+    )
+))]
+const O_NONBLOCK: Option<i32> = Some(0o4000);
+#[cfg(not(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64",
+        target_arch = "s390x",
+        target_arch = "powerpc64"
+    )
+)))]
+const O_NONBLOCK: Option<i32> = None;
+
+/// Opens `path` for reading without waiting: a FIFO put where a file was (after the
+/// walk) would block the open until a writer came, holding a blocking-pool thread and
+/// the process's exit. Reads of regular files do not care about the flag.
+fn open_without_blocking(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    if let Some(flag) = O_NONBLOCK {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(flag);
+    }
+    options.open(path)
 }
 
 #[cfg(test)]
@@ -863,14 +1061,83 @@ mod tests {
         assert_eq!(code, "FILE_TOO_LARGE");
     }
 
-    /// A file whose size says nothing (a device, a file still growing) is read no
+    /// A file whose size says nothing (`/proc`: size 0, contents longer) is read no
     /// further than one byte past the limit.
     #[cfg(target_os = "linux")]
     #[test]
     fn a_file_without_a_size_is_not_read_without_end() {
         let (code, reason) =
-            read_file(std::path::Path::new("/dev/zero"), 1000).expect_err("refused");
+            read_file(std::path::Path::new("/proc/self/maps"), 10).expect_err("refused");
         assert_eq!(code, "FILE_TOO_LARGE");
-        assert!(reason.contains("more than 1000 bytes"), "{reason}");
+        assert!(reason.contains("more than 10 bytes"), "{reason}");
+    }
+
+    /// A device or a FIFO (one that replaced a file after the walk) is refused without
+    /// being read, and opening the FIFO does not wait for a writer.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_regular_files_are_read() {
+        let (code, reason) =
+            read_file(std::path::Path::new("/dev/zero"), 1000).expect_err("refused");
+        assert_eq!(code, "UNREADABLE_FILE");
+        assert!(reason.contains("a character device"), "{reason}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("pipe.png");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let (code, reason) = read_file(&fifo, 1000).expect_err("refused");
+        assert_eq!(code, "UNREADABLE_FILE");
+        assert!(reason.contains("a FIFO"), "{reason}");
+    }
+
+    /// Request ids are 32 hex digits, different every time.
+    #[test]
+    fn request_ids_are_random() {
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| super::new_request_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids
+            .iter()
+            .all(|id| id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit())));
+    }
+
+    /// A reply is the job's only with its job id and a request id it sent; one with the
+    /// job's id for a request already answered is a duplicate.
+    #[test]
+    fn replies_are_judged_by_job_id_and_request_id() {
+        use super::{judge, Pending, Unanswered, Verdict};
+        use classifier_proto::ClassifyResponse;
+        let pending: Pending = Default::default();
+        let unanswered = |index| Unanswered {
+            index,
+            sent_at: std::time::Instant::now(),
+            message: unified_broker::Message::new(Vec::new()),
+        };
+        super::lock(&pending).insert("r1".into(), unanswered(0));
+        let answered: std::collections::HashSet<String> = ["r0".to_string()].into();
+        let reply = |request_id: &str, job_id: &str| ClassifyResponse {
+            request_id: request_id.into(),
+            job_id: job_id.into(),
+            ..Default::default()
+        };
+        let verdict = |response| judge("job", &pending, &answered, &response);
+        assert!(matches!(
+            verdict(reply("r1", "other")),
+            Verdict::Rejected(_)
+        ));
+        assert!(matches!(verdict(reply("r1", "")), Verdict::Rejected(_)));
+        assert!(matches!(
+            verdict(reply("guess", "job")),
+            Verdict::Rejected(_)
+        ));
+        assert!(matches!(verdict(reply("r0", "job")), Verdict::Duplicate));
+        assert!(matches!(
+            verdict(reply("r1", "job")),
+            Verdict::Answer(Unanswered { index: 0, .. })
+        ));
+        assert!(
+            super::lock(&pending).is_empty(),
+            "answered: no longer pending"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! accuracy and a confusion matrix when the folders name the classes, and result files
 //! (JSON Lines or CSV) to open elsewhere.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::Write;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::inputs::Skipped;
 use crate::job::{FileOutcome, FileResult, JobReport};
 
 /// Counts that decide the exit status.
@@ -43,37 +45,91 @@ impl Counts {
     }
 }
 
-/// One line for one file.
+/// `text` safe to print: control characters (newlines, escape sequences, ...) and the
+/// invisible marks that reorder text (bidirectional overrides, zero-width characters)
+/// are escaped as `\n`, `\u{1b}`, ... File names, and what servers and peers send
+/// back, must not forge lines of the output or drive the terminal. Everything else,
+/// including non-ASCII letters, is kept as it is.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\t' | '\n' | '\r' => out.extend(c.escape_debug()),
+            c if needs_escape(c) => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Characters [`printable`] escapes.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}'
+        )
+}
+
+/// One line for one file, safe to print (see [`printable`]).
 pub fn result_line(result: &FileResult) -> String {
+    let name = printable(&result.input.display_name);
     match &result.outcome {
         FileOutcome::Classified { top_k, .. } => {
             let best = top_k
                 .first()
-                .map(|c| format!("{} ({:.1}%)", c.class_name, c.probability * 100.0))
+                .map(|c| {
+                    format!(
+                        "{} ({:.1}%)",
+                        printable(&c.class_name),
+                        c.probability * 100.0
+                    )
+                })
                 .unwrap_or_else(|| "no prediction".into());
             let others: Vec<String> = top_k
                 .iter()
                 .skip(1)
-                .map(|c| format!("{} {:.1}%", c.class_name, c.probability * 100.0))
+                .map(|c| format!("{} {:.1}%", printable(&c.class_name), c.probability * 100.0))
                 .collect();
             if others.is_empty() {
-                format!("{}  →  {best}", result.input.display_name)
+                format!("{name}  →  {best}")
             } else {
-                format!(
-                    "{}  →  {best}   [{}]",
-                    result.input.display_name,
-                    others.join(", ")
-                )
+                format!("{name}  →  {best}   [{}]", others.join(", "))
             }
         }
         FileOutcome::Failed { code, reason } => {
-            format!("{}  ✗  {code}: {reason}", result.input.display_name)
+            format!("{name}  ✗  {}: {}", printable(code), printable(reason))
         }
         FileOutcome::Unanswered => format!(
-            "{}  ?  UNANSWERED: no reply before the timeout (request {})",
-            result.input.display_name, result.request_id
+            "{name}  ?  UNANSWERED: no reply before the timeout (request {})",
+            result.request_id
         ),
     }
+}
+
+/// The summary lines about what the walk found and did not send (`skipped`): a count,
+/// then one line per entry with its reason, names escaped (see [`printable`]).
+pub fn skipped_notes(skipped: &[Skipped]) -> Vec<String> {
+    if skipped.is_empty() {
+        return Vec::new();
+    }
+    let errors = skipped.iter().filter(|s| s.reason.is_error()).count();
+    let mut notes = vec![format!(
+        "not sent: {}   (not regular files, unreadable folders: {errors}; folders reached twice: {})",
+        skipped.len(),
+        skipped.len() - errors
+    )];
+    for entry in skipped {
+        notes.push(format!(
+            "  {}: {}",
+            printable(&entry.display_name),
+            printable(&entry.reason.to_string())
+        ));
+    }
+    notes
 }
 
 /// Folder and class names compare equal when they agree after lower-casing and turning
@@ -185,6 +241,13 @@ pub fn summary_with_notes(
         "  files: {}   classified: {}   errors: {}   unanswered: {}   duplicate replies: {}",
         counts.files, counts.classified, counts.failed, counts.unanswered, report.duplicate_replies
     );
+    if report.rejected_replies > 0 {
+        let _ = writeln!(
+            out,
+            "  rejected replies: {} (not from this job)",
+            report.rejected_replies
+        );
+    }
     let seconds = report.elapsed.as_secs_f64();
     let answered = counts.classified + counts.failed;
     let _ = writeln!(
@@ -214,7 +277,10 @@ pub fn summary_with_notes(
     if report.answered_by.len() > 1 {
         let mut servers: Vec<_> = report.answered_by.iter().collect();
         servers.sort();
-        let list: Vec<String> = servers.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        let list: Vec<String> = servers
+            .iter()
+            .map(|(s, n)| format!("{}: {n}", printable(s)))
+            .collect();
         let _ = writeln!(out, "  answered by: {}", list.join(", "));
     }
     let failures: Vec<&FileResult> = report
@@ -510,6 +576,7 @@ mod tests {
             job_id: "job".into(),
             results,
             duplicate_replies: 2,
+            rejected_replies: 0,
             elapsed: Duration::from_secs(1),
             answered_by: HashMap::new(),
         }
@@ -595,5 +662,90 @@ mod tests {
         let text = std::fs::read_to_string(&csv_path).expect("read");
         assert_eq!(text.lines().count(), 3, "one header, two rows: {text}");
         assert_eq!(text.matches("file,status").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn printed_names_are_escaped() {
+        assert_eq!(printable("coat/1.png"), "coat/1.png");
+        assert!(matches!(printable("ünïcødé ✓.png"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\nb\tc\rd"), "a\\nb\\tc\\rd");
+        assert_eq!(printable("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(printable("x\u{202e}gnp.exe"), "x\\u{202e}gnp.exe");
+        assert_eq!(printable("bell\u{7}\u{9b}"), "bell\\u{7}\\u{9b}");
+    }
+
+    #[test]
+    fn result_lines_and_the_summary_escape_what_they_print() {
+        let mut evil = classified("shirt", "Shirt\u{1b}]0;owned\u{7}", 6);
+        evil.input.display_name = "shirt/a\nFORGED LINE\u{1b}[2J.png".into();
+        let line = result_line(&evil);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("a\\nFORGED LINE\\u{1b}[2J.png"), "{line}");
+        let failed = FileResult {
+            outcome: FileOutcome::Failed {
+                code: "CODE\n".into(),
+                reason: "why\u{1b}[1A".into(),
+            },
+            ..evil.clone()
+        };
+        let mut report = report(vec![evil, failed]);
+        report.rejected_replies = 7;
+        report.answered_by = [("s\n1".to_string(), 1), ("s2".to_string(), 1)].into();
+        let text = summary(&report, None);
+        assert!(
+            text.lines().all(|l| !l.chars().any(char::is_control)),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("rejected replies: 7 (not from this job)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn skipped_entries_are_listed_escaped_with_their_reasons() {
+        use crate::inputs::SkipReason;
+        let skipped = |name: &str, reason| Skipped {
+            path: PathBuf::from(name),
+            display_name: name.into(),
+            reason,
+        };
+        let notes = skipped_notes(&[
+            skipped("p/pipe\n.png", SkipReason::NotARegularFile("a FIFO")),
+            skipped("p/loop", SkipReason::AlreadyWalked),
+        ]);
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(notes[0].starts_with("not sent: 2"), "{}", notes[0]);
+        assert_eq!(
+            notes[1],
+            "  p/pipe\\n.png: not a regular file (a FIFO); not opened"
+        );
+        assert!(skipped_notes(&[]).is_empty());
+    }
+
+    /// The results files keep names as they are (a newline, an escape), quoted as their
+    /// format wants: read back, they are the same names.
+    #[test]
+    fn results_files_keep_real_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = "shirt/a\n\u{1b}[31m,\"b\".png";
+        let mut one = classified("shirt", "Shirt", 6);
+        one.input.display_name = name.into();
+        let report = report(vec![one]);
+        let csv_path = dir.path().join("out.csv");
+        write_results(&report, &csv_path).expect("csv");
+        let mut reader = csv::Reader::from_path(&csv_path).expect("csv reader");
+        let record = reader
+            .records()
+            .next()
+            .expect("a row")
+            .expect("a valid row");
+        assert_eq!(&record[0], name);
+        let json_path = dir.path().join("out.jsonl");
+        write_results(&report, &json_path).expect("jsonl");
+        let text = std::fs::read_to_string(&json_path).expect("read");
+        assert_eq!(text.lines().count(), 1, "one line per row: {text:?}");
+        let value: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+        assert_eq!(value["file"], name);
     }
 }

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 /// Sends images to the classifier servers over a message broker and reports the results.
 ///
 /// Exit status: 0 every file classified; 2 some files answered with errors (bad or
-/// unsupported images); 3 some files unanswered before the timeout; 4 some files could
-/// not be sorted (--sort-into; they stay where they were); 1 the run failed.
+/// unsupported images), or not sent (not regular files, unreadable folders); 3 some
+/// files unanswered before the timeout; 4 some files could not be sorted (--sort-into;
+/// they stay where they were); 1 the run failed.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -162,17 +163,34 @@ fn parse_probability(text: &str) -> Result<f32, String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long the end of the program waits for work still on the blocking thread pool.
+const BLOCKING_WAIT_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> ExitCode {
     init_tracing("warn");
     let cli = Cli::parse();
-    match run(cli).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", report::printable(&format!("{error:#}")));
             ExitCode::from(1)
         }
-    }
+    };
+    // The summary is out: a read still blocked on the blocking pool (a file that turned
+    // into a FIFO, a hung network file system) must not keep the process alive, as
+    // dropping the runtime would (it waits for every blocking task).
+    runtime.shutdown_timeout(BLOCKING_WAIT_AT_EXIT);
+    code
 }
 
 /// The config file (or defaults) with the environment and `--broker` applied.
@@ -221,7 +239,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters(args) => return run_dead_letters(&cli, args).await,
     };
     let config = config(&cli, args)?;
-    let files = client_app::inputs::collect_inputs(&args.paths)?;
+    let walk = client_app::inputs::walk_inputs(&args.paths)?;
+    let (files, not_sent) = (walk.files, walk.skipped);
     let (files, skipped) = match (&args.output, args.resume) {
         (None, true) => anyhow::bail!(
             "--resume needs --output FILE: the results file of the earlier run, which says \
@@ -232,14 +251,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !path.exists() {
                 eprintln!(
                     "note: {} does not exist yet: nothing to resume, every file is sent",
-                    path.display()
+                    shown(path)
                 );
             }
             if answered.unreadable_rows > 0 {
                 eprintln!(
                     "warning: {} row(s) of {} could not be read; their files are sent again",
                     answered.unreadable_rows,
-                    path.display()
+                    shown(path)
                 );
             }
             answered.remaining(files)
@@ -313,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if after.finish().is_ok() {
                     eprintln!(
                         "the results so far are in {}; run again with --resume to go on",
-                        path.display()
+                        shown(path)
                     );
                 }
             }
@@ -332,9 +351,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let (true, Some(path)) = (args.resume, &args.output) {
         notes.push(format!(
             "skipped (already answered): {skipped}   (in {})",
-            path.display()
+            shown(path)
         ));
     }
+    notes.extend(report::skipped_notes(&not_sent));
     if let Some(sorter) = &after.sorter {
         notes.extend(sort_notes(sorter));
     }
@@ -349,18 +369,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     after.finish()?;
     if let Some(path) = &args.output {
-        println!("results written to {}", path.display());
+        println!("results written to {}", shown(path));
     }
     if let Some(path) = &args.report {
         client_app::html_report::write_html_report(report, accuracy.as_ref(), path)?;
-        println!("report written to {}", path.display());
+        println!("report written to {}", shown(path));
     }
     let counts = Counts::of(report);
+    let lost_in_walk = not_sent.iter().any(|entry| entry.reason.is_error());
     Ok(if counts.unanswered > 0 {
         ExitCode::from(3)
     } else if sort_failed {
         ExitCode::from(4)
-    } else if counts.failed > 0 {
+    } else if counts.failed > 0 || lost_in_walk {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -407,7 +428,7 @@ fn sort_notes(sorter: &Sorter) -> Vec<String> {
     };
     let mut notes = vec![format!(
         "sorted ({verb}) into {}: by class {}, uncertain {}, errors {}, failed {}, left unanswered {}",
-        options.out.display(),
+        shown(&options.out),
         counts.by_class,
         counts.uncertain,
         counts.errors,
@@ -417,7 +438,11 @@ fn sort_notes(sorter: &Sorter) -> Vec<String> {
     if !sorter.failures().is_empty() {
         notes.push("not sorted (left where they were):".to_string());
         for failure in sorter.failures() {
-            notes.push(format!("  {}: {}", failure.file.display(), failure.reason));
+            notes.push(format!(
+                "  {}: {}",
+                shown(&failure.file),
+                report::printable(&failure.reason)
+            ));
         }
     }
     notes
@@ -443,7 +468,7 @@ impl AfterEach {
     fn with_writer(&mut self, step: impl FnOnce(&mut ResultsWriter) -> anyhow::Result<()>) {
         if let (Some(writer), None) = (&mut self.writer, &self.write_error) {
             if let Err(error) = step(writer) {
-                eprintln!("error: {error:#}");
+                eprintln!("error: {}", report::printable(&format!("{error:#}")));
                 self.write_error = Some(error);
             }
         }
@@ -455,8 +480,8 @@ impl AfterEach {
             if let Err(failure) = sorter.sort(result) {
                 eprintln!(
                     "warning: {} not sorted: {} (it stays where it was)",
-                    failure.file.display(),
-                    failure.reason
+                    shown(&failure.file),
+                    report::printable(&failure.reason)
                 );
             }
         }
@@ -534,7 +559,8 @@ async fn run_dead_letters(cli: &Cli, args: &DeadLettersArgs) -> anyhow::Result<E
         if args.json {
             println!("{}", dead_letters::letter_json(letter));
         } else {
-            println!("{}", dead_letters::letter_line(letter));
+            // Ids, reasons and topics are a peer's: escaped.
+            println!("{}", report::printable(&dead_letters::letter_line(letter)));
         }
     }
     if !args.json {
@@ -551,7 +577,10 @@ async fn run_dead_letters(cli: &Cli, args: &DeadLettersArgs) -> anyhow::Result<E
     }
     for id in &args.republish {
         if !listed.iter().any(|letter| &letter.request_id == id) {
-            eprintln!("no dead letter with request id {id} was read; nothing re-published for it");
+            eprintln!(
+                "no dead letter with request id {} was read; nothing re-published for it",
+                report::printable(id)
+            );
         }
     }
     let outcome = if args.republish_all || !args.republish.is_empty() {
@@ -617,4 +646,9 @@ impl Drop for Bar {
     fn drop(&mut self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// A path as printed: control characters escaped (see [`report::printable`]).
+fn shown(path: &std::path::Path) -> String {
+    report::printable(&path.to_string_lossy()).into_owned()
 }

@@ -421,7 +421,7 @@ def keras_mobilenet(b, x, width=1.0, classes=1000):
     cin = c
     for i, (ch, stride) in enumerate(KERAS_MOBILENET, start=1):
         out = int(ch * width)
-        if stride == 2 and i % 2:
+        if stride == 2 and i % 4 == 0:  # blocks 4 and 8: auto_pad, blocks 2 and 6: pads
             h = b.cba(y, cin, cin, 3, f"conv_dw_{i}", stride=2, groups=cin, act="relu6",
                       auto_pad="SAME_UPPER")
         else:

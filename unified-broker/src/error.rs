@@ -10,6 +10,18 @@ pub enum BrokerError {
     /// The topic does not exist (create it with `ensure_topic`).
     #[error("topic not found: {0}")]
     TopicNotFound(String),
+    /// The broker can never publish to a topic of this name: it breaks the backend's
+    /// naming rules ([`crate::Broker::check_topic_name`]: too long, illegal characters,
+    /// a NUL byte) or the name is taken by something that is not a topic (a Redis key of
+    /// another type). Final, never retryable: the same publish fails the same way.
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The name, cut to [`MAX_TOPIC_IN_ERROR`] characters and escaped (it may come
+        /// from an untrusted peer).
+        topic: String,
+        /// Which rule it breaks.
+        reason: String,
+    },
     /// The broker could not be reached or the connection broke (retryable).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
@@ -56,6 +68,45 @@ impl BrokerError {
                 | BrokerError::Subscribe(_)
         )
     }
+}
+
+/// How many characters of a topic name an [`BrokerError::InvalidTopic`] keeps: names
+/// come from untrusted peers, and a 1 MB name must not become a 1 MB error or log line.
+pub const MAX_TOPIC_IN_ERROR: usize = 80;
+
+impl BrokerError {
+    /// An [`BrokerError::InvalidTopic`] for `topic`, its name cut and escaped for logs.
+    pub fn invalid_topic(topic: &str, reason: impl Into<String>) -> BrokerError {
+        let mut shown: String = topic
+            .chars()
+            .take(MAX_TOPIC_IN_ERROR)
+            .flat_map(char::escape_debug)
+            .collect();
+        if topic.chars().count() > MAX_TOPIC_IN_ERROR {
+            shown.push_str(&format!("… ({} bytes)", topic.len()));
+        }
+        BrokerError::InvalidTopic {
+            topic: shown,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `Err(`[`BrokerError::InvalidTopic`]`)` for an empty `topic` or one longer than
+/// `max_bytes`: the naming rule of the backends whose brokers take any string as a name
+/// (Redis keys, the embedded broker), where only the length needs a bound (names come
+/// from untrusted peers, and every name is kept in memory, sent and logged).
+pub(crate) fn check_topic_length(topic: &str, max_bytes: usize) -> Result<()> {
+    if topic.is_empty() {
+        return Err(BrokerError::invalid_topic(topic, "empty name"));
+    }
+    if topic.len() > max_bytes {
+        return Err(BrokerError::invalid_topic(
+            topic,
+            format!("longer than {max_bytes} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// `Err(BrokerError::MessageTooLarge)` for the first of `messages` larger than `limit`:
@@ -106,4 +157,43 @@ pub(crate) fn check_at_least<T: PartialOrd + std::fmt::Display>(
     Err(BrokerError::Config(format!(
         "{backend}: {name} must be at least {min}, got {value}"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_topic_names_are_cut_and_escaped() {
+        let BrokerError::InvalidTopic { topic, .. } = BrokerError::invalid_topic(
+            &format!("a\nb\0\u{1b}[31m{}", "x".repeat(1_000_000)),
+            "why",
+        ) else {
+            panic!("an InvalidTopic");
+        };
+        assert!(
+            topic.len() < 4 * MAX_TOPIC_IN_ERROR,
+            "{} bytes",
+            topic.len()
+        );
+        assert!(!topic.chars().any(char::is_control), "{topic:?}");
+        assert!(topic.starts_with("a\\nb\\0\\u{1b}[31m"), "{topic:?}");
+        assert!(topic.ends_with("(1000009 bytes)"), "{topic:?}");
+        assert!(!BrokerError::invalid_topic("t", "why").is_retryable());
+    }
+
+    #[test]
+    fn topic_length_is_bounded_on_both_sides() {
+        assert!(check_topic_length("t", 4).is_ok());
+        assert!(check_topic_length("four", 4).is_ok());
+        for bad in ["", "fives"] {
+            assert!(
+                matches!(
+                    check_topic_length(bad, 4),
+                    Err(BrokerError::InvalidTopic { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 }

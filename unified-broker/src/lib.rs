@@ -38,7 +38,7 @@ pub mod redis;
 pub mod resubscribe;
 pub mod retry;
 
-pub use error::{BrokerError, Result};
+pub use error::{BrokerError, Result, MAX_TOPIC_IN_ERROR};
 pub use message::{AckHandle, Delivery, Message};
 pub use resubscribe::{Resubscribing, SubscriptionState};
 pub use retry::{retry_while_unavailable, Backoff};
@@ -109,6 +109,17 @@ pub trait Broker: Send + Sync + 'static {
     async fn max_message_bytes(&self, topic: &str) -> Result<usize> {
         let _ = topic;
         Ok(self.features().max_message_bytes)
+    }
+
+    /// `Err(`[`BrokerError::InvalidTopic`]`)` when this backend could never publish to a
+    /// topic called `topic` (its naming rules: length, characters), checked locally
+    /// without asking the broker. Servers check reply routes from untrusted peers with
+    /// it before doing any work for them. The default accepts any non-empty name.
+    fn check_topic_name(&self, topic: &str) -> Result<()> {
+        if topic.is_empty() {
+            return Err(BrokerError::invalid_topic(topic, "empty name"));
+        }
+        Ok(())
     }
 
     /// Publishes one message; returns once the broker has confirmed it.

@@ -249,3 +249,33 @@ async fn delete_topic_deletes_its_subscriptions() {
     assert_eq!(all, expected, "only messages published after the group");
     case.close_and_delete(subscriber).await;
 }
+
+/// Names that are not Pub/Sub topic ids (too short or long, not starting with a letter,
+/// starting with "goog", characters outside `-_.~+%`) are a final `InvalidTopic` before
+/// any request, and the client works on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_pubsub_cannot_have_are_refused_before_any_request() {
+    let Some(factory) = factory(false) else {
+        return;
+    };
+    let broker = factory.client().await;
+    let too_long = "t".repeat(256);
+    for topic in [
+        "ab",
+        "1abc",
+        "goog-reply",
+        "with space",
+        "slash/ed",
+        "nul\0byte",
+        "new\nline",
+        too_long.as_str(),
+    ] {
+        conformance::assert_name_refused(&*broker, topic).await;
+    }
+    let case = Case::on(&factory, broker, "after-names", &["readers"]).await;
+    case.publish_marked("after").await;
+    let expected: HashSet<String> = ["after".to_string()].into();
+    case.read_all("readers", &expected, "after refused names")
+        .await;
+    case.delete().await;
+}

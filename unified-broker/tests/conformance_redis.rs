@@ -10,8 +10,8 @@ use unified_broker::conformance::{
     self, id_of, next_within, numbered_messages, receive_all, unique_name, BrokerFactory, Case,
     ConnectFactory,
 };
-use unified_broker::redis::{RedisBroker, RedisConfig, URL_ENV};
-use unified_broker::{BrokerConfig, BrokerError, Message};
+use unified_broker::redis::{RedisBroker, RedisConfig, MAX_STREAM_KEY_BYTES, URL_ENV};
+use unified_broker::{BrokerConfig, BrokerError, Message, SubscribeOptions};
 
 /// The server's config, or `None` (after saying so) when no server is configured.
 fn config() -> Option<RedisConfig> {
@@ -274,4 +274,79 @@ async fn deleted_stream_ends_the_subscription() {
     .await;
     assert!(end.is_ok(), "the subscription did not end");
     subscriber.close().await.expect("close");
+}
+
+/// A topic whose key holds a string (or any other non-stream value) can never take a
+/// publish: `XADD` answers `WRONGTYPE`, which used to be retried forever. It is a final
+/// `InvalidTopic` for publishing, creating and subscribing, and the client works on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_is_not_a_stream_is_final() {
+    let Some(factory) = factory() else { return };
+    let broker = factory.client().await;
+    let key = unique_name("string-key");
+    let mut raw = raw().await;
+    redis::cmd("SET")
+        .arg(&key)
+        .arg("not a stream")
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("SET");
+    let published = broker.publish(&key, Message::new("x")).await;
+    conformance::assert_invalid_topic(published, "publish");
+    conformance::assert_invalid_topic(broker.ensure_topic(&key).await, "ensure_topic");
+    conformance::assert_invalid_topic(
+        broker.ensure_topic_and_subscription(&key, "readers").await,
+        "ensure_topic_and_subscription",
+    );
+    let subscribed = broker
+        .subscribe(&key, "readers", SubscribeOptions::default())
+        .await;
+    conformance::assert_invalid_topic(subscribed.map(|_| ()), "subscribe");
+    let value: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .expect("GET");
+    assert_eq!(value, "not a stream", "the key was left alone");
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("DEL");
+    let case = Case::on(&factory, broker, "after-wrongtype", &["readers"]).await;
+    case.publish_marked("after").await;
+    let expected: HashSet<String> = ["after".to_string()].into();
+    case.read_all("readers", &expected, "after a non-stream key")
+        .await;
+    case.delete().await;
+}
+
+/// Stream keys are capped at `MAX_STREAM_KEY_BYTES`: one byte more is refused without
+/// a command sent (no key is created), the cap itself works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_keys_are_capped() {
+    let Some(factory) = factory() else { return };
+    let broker = factory.client().await;
+    let prefix = format!("{}-", unique_name("long-key"));
+    let longest = format!(
+        "{prefix}{}",
+        "k".repeat(MAX_STREAM_KEY_BYTES - prefix.len())
+    );
+    let too_long = format!("{longest}k");
+    conformance::assert_name_refused(&*broker, &too_long).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&too_long)
+        .query_async(&mut raw().await)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0);
+    broker
+        .ensure_topic(&longest)
+        .await
+        .expect("the longest key");
+    broker
+        .publish(&longest, Message::new("x"))
+        .await
+        .expect("publish to it");
+    broker.delete_topic(&longest).await.expect("delete it");
 }

@@ -16,12 +16,13 @@
 //!
 //! The cases, by topic: [`basics`] (publish/subscribe, topic isolation, admin),
 //! [`load`] (concurrent publishers and readers, many topics, closing under load),
-//! [`redelivery`] (nacks, errors, subscribers that close or vanish), [`ordering`] and
-//! [`groups`].
+//! [`redelivery`] (nacks, errors, subscribers that close or vanish), [`ordering`],
+//! [`groups`] and [`names`] (names no broker takes, topics that do not exist).
 
 mod basics;
 mod groups;
 mod load;
+mod names;
 mod ordering;
 mod redelivery;
 
@@ -34,6 +35,10 @@ pub use groups::{
 };
 pub use load::{
     concurrent_close, concurrent_publish_subscribe, many_topics, publisher_close_loses_nothing,
+};
+pub use names::{
+    assert_invalid_topic, assert_name_refused, hostile_topic_names_are_refused,
+    missing_topics_fail_fast,
 };
 pub use ordering::order_per_key;
 pub use redelivery::{
@@ -535,6 +540,8 @@ macro_rules! conformance_tests {
             group_members_share_the_stream,
             admin_is_idempotent,
             size_limit_is_exact,
+            hostile_topic_names_are_refused,
+            missing_topics_fail_fast,
             $($($extra,)+)?
         );
     };

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
-use crate::error::check_message_sizes;
+use crate::error::{check_message_sizes, check_topic_length};
 use crate::{
     AckHandle, Broker, BrokerError, ClosedFlag, Delivery, Features, Message, Result,
     SubscribeOptions, Subscriber,
@@ -43,6 +43,12 @@ pub struct EmbeddedConfig {
 /// The embedded broker's default [`EmbeddedConfig::max_message_bytes`]: 32 MiB, room for
 /// the client's largest file (16 MiB by default) and its envelope.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The longest topic name the embedded broker takes, in bytes. It would take any string,
+/// but every name is kept (a map key) and shows up in logs: a bound keeps a peer's
+/// megabyte-long name out of both. Well above what the other backends allow (249 to
+/// 1024), so nothing that works on them fails here.
+pub const MAX_TOPIC_NAME_BYTES: usize = 1024;
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
@@ -190,7 +196,12 @@ impl Broker for EmbeddedBroker {
         }
     }
 
+    fn check_topic_name(&self, topic: &str) -> Result<()> {
+        check_topic_length(topic, MAX_TOPIC_NAME_BYTES)
+    }
+
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.check_topic_name(topic)?;
         self.closed.ensure_open()?;
         check_message_sizes(&messages, self.shared.config.max_message_bytes)?;
         let topic_state = self.topic(topic)?;
@@ -225,6 +236,7 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.check_topic_name(topic)?;
         lock(&self.shared.topics)
             .entry(topic.to_string())
             .or_default();

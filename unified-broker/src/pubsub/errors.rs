@@ -36,6 +36,16 @@ fn is_size_rejection(error: &GaxError) -> bool {
     ) && (text.contains("size") || text.contains("too large"))
 }
 
+/// The service refused a publish for its topic's name ("Invalid [topics] name", "Invalid
+/// resource name"): final, the same name is refused again. Names are checked before
+/// publishing ([`super::names`]), so this is the service's word on a rule we do not
+/// know of.
+fn is_name_rejection(error: &GaxError) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    code(error) == Some(Code::InvalidArgument)
+        && (text.contains("topic") || text.contains("resource name"))
+}
+
 /// An admin call (create/delete of topics and subscriptions) failed.
 pub(crate) fn admin(what: &str, error: &GaxError) -> BrokerError {
     if is_unreachable(error) {
@@ -53,6 +63,9 @@ pub(crate) fn publish(topic: &str, error: &PublishError) -> BrokerError {
         }
         PublishError::Rpc(source) if is_size_rejection(source) => {
             BrokerError::MessageTooLarge { size: 0, limit: 0 }
+        }
+        PublishError::Rpc(source) if is_name_rejection(source) => {
+            BrokerError::invalid_topic(topic, format!("refused by Pub/Sub: {source}"))
         }
         PublishError::Rpc(source) if is_unreachable(source) => {
             BrokerError::Unavailable(format!("publish to {topic}: {source}"))
@@ -80,5 +93,48 @@ pub(crate) fn builder(what: &str, error: &google_cloud_gax::client_builder::Erro
         BrokerError::Unavailable(format!("pubsub {what} client: {error}"))
     } else {
         BrokerError::Config(format!("pubsub {what} client: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use google_cloud_gax::error::rpc::Status;
+
+    use super::*;
+
+    fn refused(code: Code, message: &str) -> PublishError {
+        let status = Status::default().set_code(code).set_message(message);
+        PublishError::Rpc(Arc::new(GaxError::service(status)))
+    }
+
+    #[test]
+    fn what_can_never_succeed_is_final() {
+        let name = refused(
+            Code::InvalidArgument,
+            "Invalid [topics] name: (name=projects/p/topics/goog)",
+        );
+        let error = publish("goog", &name);
+        assert!(
+            matches!(error, BrokerError::InvalidTopic { .. }),
+            "{error:?}"
+        );
+        assert!(!error.is_retryable());
+        let size = refused(
+            Code::InvalidArgument,
+            "Request payload size exceeds the limit: 10485760 bytes.",
+        );
+        assert!(matches!(
+            publish("t", &size),
+            BrokerError::MessageTooLarge { .. }
+        ));
+        let missing = refused(Code::NotFound, "Resource not found");
+        assert!(matches!(
+            publish("t", &missing),
+            BrokerError::TopicNotFound(_)
+        ));
+        let away = refused(Code::Unavailable, "try again");
+        assert!(publish("t", &away).is_retryable());
     }
 }

@@ -165,9 +165,15 @@ impl Broker for PubSubBroker {
         }
     }
 
+    /// A Pub/Sub topic id: 3 to 255 characters of letters, digits and `-_.~+%`,
+    /// starting with a letter, not with "goog".
+    fn check_topic_name(&self, topic: &str) -> Result<()> {
+        names::topic_id(topic).map(|_| ())
+    }
+
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
-        check_message_sizes(&messages, MAX_MESSAGE_BYTES)?;
         let topic_path = self.admin.topic_path(topic)?;
+        check_message_sizes(&messages, MAX_MESSAGE_BYTES)?;
         if messages.is_empty() {
             return Ok(());
         }

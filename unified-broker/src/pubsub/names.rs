@@ -14,22 +14,35 @@ fn allowed(c: char) -> bool {
 }
 
 fn is_valid_id(id: &str) -> bool {
-    (3..=MAX_ID_LEN).contains(&id.len())
-        && id.starts_with(|c: char| c.is_ascii_alphabetic())
-        && id.chars().all(allowed)
-        && !id.to_ascii_lowercase().starts_with("goog")
+    broken_rule(id).is_none()
 }
 
 /// Checks a topic name: topics are used as Pub/Sub topic ids unchanged, so they stay
-/// recognisable to other tools (gcloud, the console).
+/// recognisable to other tools (gcloud, the console). A name that is not a valid id is
+/// [`BrokerError::InvalidTopic`] (final), saying which rule it breaks.
 pub(crate) fn topic_id(topic: &str) -> Result<&str> {
-    if is_valid_id(topic) {
-        Ok(topic)
+    match broken_rule(topic) {
+        None => Ok(topic),
+        Some(rule) => Err(BrokerError::invalid_topic(
+            topic,
+            format!("not a Pub/Sub topic id: {rule}"),
+        )),
+    }
+}
+
+/// The first rule of Pub/Sub ids that `id` breaks, if any (the length first, so a
+/// megabyte-long name is refused without a look at its characters).
+fn broken_rule(id: &str) -> Option<&'static str> {
+    if !(3..=MAX_ID_LEN).contains(&id.len()) {
+        Some("it must have 3 to 255 characters")
+    } else if !id.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        Some("it must start with a letter")
+    } else if !id.chars().all(allowed) {
+        Some("only letters, digits and -_.~+% are allowed")
+    } else if id.to_ascii_lowercase().starts_with("goog") {
+        Some("it must not start with \"goog\"")
     } else {
-        Err(BrokerError::Config(format!(
-            "pubsub: invalid topic name {topic:?}: a Pub/Sub id starts with a letter, has \
-             3-255 characters of letters, digits and -_.~+% and does not start with \"goog\""
-        )))
+        None
     }
 }
 
@@ -141,12 +154,32 @@ mod tests {
     #[test]
     fn topic_ids_are_checked_not_rewritten() {
         assert_eq!(topic_id("images-in").ok(), Some("images-in"));
-        for bad in ["ab", "1abc", "goog-topic", "with space", "slash/ed", ""] {
-            assert!(
-                matches!(topic_id(bad), Err(BrokerError::Config(_))),
-                "{bad:?}"
-            );
+        let long = "t".repeat(256);
+        let huge = "t".repeat(1_000_000);
+        for bad in [
+            "ab",
+            "1abc",
+            "goog-topic",
+            "GOOG-topic",
+            "with space",
+            "slash/ed",
+            "",
+            "nul\0byte",
+            "new\nline",
+            "ünïcödé",
+            &long,
+            &huge,
+        ] {
+            match topic_id(bad) {
+                Err(error @ BrokerError::InvalidTopic { .. }) => {
+                    assert!(!error.is_retryable());
+                    assert!(error.to_string().len() < 400, "{error}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
         }
+        assert!(topic_id(&"t".repeat(255)).is_ok());
+        assert!(topic_id("a~+%.-_9").is_ok());
     }
 
     #[test]

@@ -1,4 +1,8 @@
 //! Publishing: one batching publisher per topic, cached, over one shared gRPC client.
+//!
+//! The cache is bounded ([`MAX_PUBLISHERS`]) and forgets a topic whose publish found it
+//! missing or refused its name: topics can be named by untrusted peers (reply routes),
+//! and each cached publisher keeps a background task.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -12,6 +16,11 @@ use google_cloud_pubsub::retry_policy::RetryableErrors;
 use super::config::{Connection, PubSubConfig};
 use super::{errors, KEY_ATTRIBUTE};
 use crate::{BrokerError, Message, Result};
+
+/// How many topics' publishers one client keeps. Creating one is local and cheap (no
+/// request), so a topic pushed out is only a little slower on its next publish; what the
+/// bound prevents is a task and a map entry kept forever per name ever published to.
+pub(crate) const MAX_PUBLISHERS: usize = 1024;
 
 /// The publishers of one broker client.
 #[derive(Debug)]
@@ -66,6 +75,9 @@ impl Publishers {
         let mut state = self.state();
         if state.closed {
             return Err(BrokerError::Closed);
+        }
+        if !state.by_topic.contains_key(topic_path) {
+            make_room(&mut state.by_topic);
         }
         let publisher = state
             .by_topic
@@ -128,7 +140,14 @@ impl Publishers {
             }
             Some(error) => {
                 tracing::warn!(topic = %topic_path, count, failed, %error, "publish failed");
-                Err(errors::publish(topic, &error))
+                let error = errors::publish(topic, &error);
+                if matches!(
+                    error,
+                    BrokerError::TopicNotFound(_) | BrokerError::InvalidTopic { .. }
+                ) {
+                    self.forget(topic_path);
+                }
+                Err(error)
             }
         }
     }
@@ -165,5 +184,18 @@ impl Publishers {
             tracing::debug!(topic = %topic, "publisher flushed");
         }
         // Dropping the last handle lets each publisher's background task finish.
+    }
+}
+
+/// Drops one cached publisher if `by_topic` is full, to make room for another. Which one
+/// does not matter much (re-creating it is cheap); a publish under way keeps its own
+/// handle, so its messages are still sent and confirmed.
+fn make_room(by_topic: &mut HashMap<String, Publisher>) {
+    if by_topic.len() < MAX_PUBLISHERS {
+        return;
+    }
+    if let Some(victim) = by_topic.keys().next().cloned() {
+        tracing::debug!(topic = %victim, "publisher cache full; dropping one");
+        by_topic.remove(&victim);
     }
 }

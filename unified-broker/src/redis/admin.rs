@@ -2,13 +2,14 @@
 //!
 //! - `ensure_topic` creates an empty stream if the key does not exist, atomically (a
 //!   script: `XADD … MAXLEN 0` adds a placeholder entry and trims it at once). A key
-//!   that holds something other than a stream is an error, not silently reused.
+//!   that holds something other than a stream is an error, not silently reused: final
+//!   ([`BrokerError::InvalidTopic`]), as is publishing or subscribing to such a key.
 //! - Groups are created at the end of the stream (`XGROUP CREATE … $`), "already
 //!   exists" (`BUSYGROUP`) counting as success. `ensure_subscription` creates the stream
 //!   too if needed (`MKSTREAM`); `subscribe` requires it.
 //! - Deleting a missing stream or group succeeds (idempotent).
 
-use super::{map_error, ErrorContext, RedisBroker};
+use super::{map_error, not_a_stream, ErrorContext, RedisBroker};
 use crate::{BrokerError, Result};
 
 /// Creates an empty stream at `KEYS[1]` unless the key exists; fails if it exists and is
@@ -126,9 +127,7 @@ impl RedisBroker {
         match kind.as_str() {
             "stream" => Ok(()),
             "none" => Err(BrokerError::TopicNotFound(topic.to_string())),
-            other => Err(BrokerError::Subscribe(format!(
-                "key {topic} holds a {other}, not a stream"
-            ))),
+            other => Err(not_a_stream(topic, other)),
         }
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! How the common API maps onto Redis:
 //!
-//! - a **topic** is a stream of the same key. `ensure_topic` creates it empty; publishing
-//!   to a stream that does not exist is [`BrokerError::TopicNotFound`] (`XADD
-//!   NOMKSTREAM`), never a silently created one.
+//! - a **topic** is a stream of the same key (1 to [`MAX_STREAM_KEY_BYTES`] bytes).
+//!   `ensure_topic` creates it empty; publishing to a stream that does not exist is
+//!   [`BrokerError::TopicNotFound`] (`XADD NOMKSTREAM`), never a silently created one,
+//!   and to a key that holds something else is a final [`BrokerError::InvalidTopic`].
 //! - **publish**: one `XADD key NOMKSTREAM MAXLEN ~ max_len * …` per message, a batch
 //!   pipelined in one round trip on the client's shared, self-reconnecting connection.
 //!   The entry's fields are [`PAYLOAD_FIELD`], [`KEY_FIELD`] (if any) and one
@@ -38,7 +39,7 @@ use redis::{ErrorKind, RedisError};
 use self::config::redacted_url;
 pub use self::config::{RedisConfig, URL_ENV};
 use self::consumer::RedisSubscriber;
-use crate::error::check_message_sizes;
+use crate::error::{check_message_sizes, check_topic_length};
 use crate::{
     Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
 };
@@ -49,6 +50,14 @@ pub const PAYLOAD_FIELD: &str = "payload";
 pub const KEY_FIELD: &str = "key";
 /// Prefix of the stream fields holding a message's attributes (`attr:<name>`).
 pub const ATTRIBUTE_PREFIX: &str = "attr:";
+
+/// The longest stream key (topic name) this backend takes, in bytes. Redis itself takes
+/// keys of up to 512 MB, so this bound is ours: a name is sent with every `XADD`, kept by
+/// the server and shown in logs and errors, and reply routes come from untrusted peers,
+/// whose megabyte-long names must not reach the shared connection. 1 KiB is far above
+/// any name the system makes (a reply topic is about 50 bytes) and above the other
+/// backends' limits (Kafka 249, Pub/Sub 255), so a name valid there is valid here.
+pub const MAX_STREAM_KEY_BYTES: usize = 1024;
 
 /// A client of one Redis server: a shared connection manager (multiplexed, reconnects by
 /// itself) for publishing, admin, claims and acks; each subscriber adds a connection of
@@ -96,6 +105,23 @@ pub(crate) fn is_lost_group(error: &RedisError) -> bool {
     error.code() == Some("NOGROUP")
 }
 
+/// Whether the server refused a command because the key holds another type than the
+/// command works on (`WRONGTYPE`): for a stream command, the topic's key is taken by a
+/// string, list, …, and no retry changes that. A pipeline's error (a batch of `XADD`s)
+/// carries each failed command's error inside.
+fn is_wrong_type(error: &RedisError) -> bool {
+    error.code() == Some("WRONGTYPE")
+        || error
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "WRONGTYPE"))
+}
+
+/// What a topic whose key holds something other than a stream is: final.
+pub(crate) fn not_a_stream(topic: &str, kind: &str) -> BrokerError {
+    BrokerError::invalid_topic(topic, format!("the key holds a {kind}, not a stream"))
+}
+
 /// Maps a `redis` error onto the backend-independent error type.
 pub(crate) fn map_error(error: &RedisError, context: ErrorContext<'_>) -> BrokerError {
     match error.kind() {
@@ -114,6 +140,13 @@ pub(crate) fn map_error(error: &RedisError, context: ErrorContext<'_>) -> Broker
         return BrokerError::Unavailable(format!("redis: {error}"));
     }
     match context {
+        ErrorContext::Publish(topic)
+        | ErrorContext::Subscribe(topic)
+        | ErrorContext::Admin(topic)
+            if is_wrong_type(error) =>
+        {
+            not_a_stream(topic, "value of another type")
+        }
         ErrorContext::Connect => BrokerError::Unavailable(format!("redis: {error}")),
         ErrorContext::Publish(topic) => BrokerError::Publish {
             topic: topic.to_string(),
@@ -187,7 +220,13 @@ impl Broker for RedisBroker {
         }
     }
 
+    /// A stream key of 1 to [`MAX_STREAM_KEY_BYTES`] bytes; Redis has no other rule.
+    fn check_topic_name(&self, topic: &str) -> Result<()> {
+        check_topic_length(topic, MAX_STREAM_KEY_BYTES)
+    }
+
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        self.check_topic_name(topic)?;
         self.closed.ensure_open()?;
         check_message_sizes(&messages, self.config.max_message_bytes)?;
         self.append(topic, &messages).await
@@ -199,6 +238,7 @@ impl Broker for RedisBroker {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
+        self.check_topic_name(topic)?;
         self.require_topic(topic).await?;
         self.create_group(topic, group, false).await?;
         let subscriber = RedisSubscriber::start(
@@ -214,6 +254,7 @@ impl Broker for RedisBroker {
     }
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.check_topic_name(topic)?;
         self.create_stream(topic).await
     }
 
@@ -222,6 +263,7 @@ impl Broker for RedisBroker {
     }
 
     async fn ensure_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        self.check_topic_name(topic)?;
         self.create_group(topic, group, true).await
     }
 
@@ -229,6 +271,7 @@ impl Broker for RedisBroker {
     /// entry published between the two would sit before the group's start and never be
     /// delivered to it.
     async fn ensure_topic_and_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        self.check_topic_name(topic)?;
         self.create_group(topic, group, true).await
     }
 

@@ -66,14 +66,19 @@ impl KafkaBroker {
 
     /// The topic's `max.message.bytes` as the broker describes it (its own setting or the
     /// broker's default), or `None` if the broker does not describe it. A topic that does
-    /// not exist is [`BrokerError::TopicNotFound`].
-    pub(super) async fn topic_max_message_bytes(&self, topic: &str) -> Result<Option<usize>> {
+    /// not exist is [`BrokerError::TopicNotFound`]; other errors are mapped as in
+    /// `context`.
+    pub(super) async fn topic_max_message_bytes(
+        &self,
+        topic: &str,
+        context: ErrorContext<'_>,
+    ) -> Result<Option<usize>> {
         let resource = ResourceSpecifier::Topic(topic);
         let described = self
             .admin
             .describe_configs([&resource], &self.admin_options())
             .await
-            .map_err(|error| map_error(&error, ErrorContext::Admin(topic)))?;
+            .map_err(|error| map_error(&error, context))?;
         let limit = match described.into_iter().next() {
             Some(Ok(config)) => config
                 .get("max.message.bytes")
@@ -160,23 +165,18 @@ impl KafkaBroker {
         Ok(())
     }
 
-    /// Fails with `TopicNotFound` unless the cluster knows `topic`.
-    pub(super) async fn require_topic(&self, topic: &str) -> Result<()> {
-        let admin = std::sync::Arc::clone(&self.admin);
-        let timeout = self.config.request_timeout();
-        let name = topic.to_string();
-        let exists = tokio::task::spawn_blocking(move || {
-            let metadata = admin.inner().fetch_metadata(Some(&name), timeout)?;
-            Ok::<bool, KafkaError>(metadata.topics().iter().any(|found| {
-                found.name() == name && found.error().is_none() && !found.partitions().is_empty()
-            }))
-        })
-        .await
-        .map_err(|error| BrokerError::Unavailable(format!("metadata task failed: {error}")))?
-        .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
+    /// Fails with `TopicNotFound` unless the cluster knows `topic` (a listing of its
+    /// topics, see `topics.rs`); errors of the look-up are mapped as in `context`.
+    pub(super) async fn require_topic(&self, topic: &str, context: ErrorContext<'_>) -> Result<()> {
+        let exists = self
+            .listing
+            .contains(topic)
+            .await
+            .map_err(|error| map_error(&error, context))?;
         if exists {
             Ok(())
         } else {
+            tracing::debug!(topic, "kafka topic does not exist");
             Err(BrokerError::TopicNotFound(topic.to_string()))
         }
     }

@@ -7,6 +7,11 @@
 //!   for good, e.g. fenced by a restarted broker); `publish_batch` enqueues
 //!   every message in order, then waits for every delivery report. The message key is the
 //!   Kafka key (same key → same partition → publish order kept); attributes are headers.
+//!   Before that, the topic's name is checked against Kafka's rule and the topic must be
+//!   known to exist (a bounded cache, else a listing of the cluster's topics), so a bad
+//!   or missing topic fails at once and never reaches librdkafka (details in
+//!   `topics.rs`); after 1,024 new topics the producer is retired for a fresh one
+//!   (librdkafka keeps an object per topic a client ever saw; see `producer.rs`).
 //! - **subscribe(topic, group)**: one consumer per subscriber in the Kafka consumer group
 //!   `"{topic}.{group}"` (see [`KafkaConfig::group_per_topic`] for why the topic is
 //!   part of it). Offsets are committed by us, only below every unacked delivery; nacks go
@@ -22,6 +27,7 @@ mod config;
 mod consumer;
 mod offsets;
 mod producer;
+mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +43,8 @@ use rdkafka::ClientContext;
 pub use self::config::KafkaConfig;
 use self::consumer::KafkaSubscriber;
 use self::producer::{ProducerContext, Producers};
+pub use self::topics::MAX_TOPIC_NAME_LEN;
+use self::topics::{check_name, KnownTopics, TopicListing, KNOWN_TOPICS_CAPACITY};
 use crate::error::check_message_sizes;
 use crate::{
     Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
@@ -50,10 +58,14 @@ pub struct KafkaBroker {
     producers: Producers,
     admin: Arc<AdminClient<LogContext>>,
     closed: ClosedFlag,
-    /// Each topic's size limit for this client ([`Broker::max_message_bytes`]), looked up
-    /// once per topic: checked before every publish, because not every Kafka-protocol
-    /// broker enforces `max.message.bytes` itself (Tansu does not).
-    topic_limits: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// The topics known to exist, each with its size limit for this client
+    /// ([`Broker::max_message_bytes`]), bounded: looked up once per topic and checked
+    /// before every publish, so a missing topic is never handed to librdkafka, and
+    /// because not every Kafka-protocol broker enforces `max.message.bytes` itself
+    /// (Tansu does not). See `topics.rs`.
+    known: KnownTopics,
+    /// Which topics exist, for topics not in `known`.
+    listing: TopicListing,
 }
 
 /// librdkafka context of the admin client: forwards its logs to `tracing`.
@@ -131,6 +143,15 @@ fn is_too_large(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// The broker (or librdkafka) refused the topic's name: final, the same name is refused
+/// again. librdkafka's own invalid-argument error counts only for a publish, where the
+/// topic is the only argument we pass that it checks (no partition is ever set).
+fn is_invalid_topic(code: RDKafkaErrorCode, context: ErrorContext<'_>) -> bool {
+    code == RDKafkaErrorCode::InvalidTopic
+        || (code == RDKafkaErrorCode::InvalidArgument
+            && matches!(context, ErrorContext::Publish(_)))
+}
+
 fn is_unknown_topic(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
@@ -149,6 +170,10 @@ pub(crate) fn map_error(error: &KafkaError, context: ErrorContext<'_>) -> Broker
     if let KafkaError::ClientCreation(reason) = error {
         return BrokerError::Config(format!("cannot create a kafka client: {reason}"));
     }
+    if let KafkaError::Nul(_) = error {
+        // The only strings librdkafka needs without NUL bytes that we pass on are names.
+        return nul_in_name(context);
+    }
     let code = match error {
         KafkaError::AdminOp(code) => Some(*code),
         other => other.rdkafka_error_code(),
@@ -166,6 +191,9 @@ pub(crate) fn map_error(error: &KafkaError, context: ErrorContext<'_>) -> Broker
         Some(code) if is_unknown_topic(code) && !topic.is_empty() => {
             BrokerError::TopicNotFound(topic.to_string())
         }
+        Some(code) if is_invalid_topic(code, context) && !topic.is_empty() => {
+            BrokerError::invalid_topic(topic, format!("refused by Kafka: {error}"))
+        }
         _ => match context {
             ErrorContext::Connect => BrokerError::Unavailable(error.to_string()),
             ErrorContext::Publish(topic) => BrokerError::Publish {
@@ -175,6 +203,21 @@ pub(crate) fn map_error(error: &KafkaError, context: ErrorContext<'_>) -> Broker
             ErrorContext::Subscribe(_) => BrokerError::Subscribe(error.to_string()),
             ErrorContext::Admin(_) => BrokerError::Admin(error.to_string()),
         },
+    }
+}
+
+/// What a NUL byte in a name librdkafka was given is: the topic's name is invalid (if
+/// it has one) or else a group's (final either way).
+fn nul_in_name(context: ErrorContext<'_>) -> BrokerError {
+    match context {
+        ErrorContext::Publish(topic)
+        | ErrorContext::Subscribe(topic)
+        | ErrorContext::Admin(topic)
+            if topic.contains('\0') =>
+        {
+            BrokerError::invalid_topic(topic, "contains a NUL byte")
+        }
+        _ => BrokerError::Config("a name given to librdkafka contains a NUL byte".into()),
     }
 }
 
@@ -215,21 +258,33 @@ impl KafkaBroker {
             ))
         })?;
         tracing::info!(bootstrap_servers = %config.bootstrap_servers, brokers, "connected to kafka");
+        let admin = Arc::new(admin);
         Ok(KafkaBroker {
             config: config.clone(),
             producers,
-            admin: Arc::new(admin),
+            listing: TopicListing::new(Arc::clone(&admin), timeout),
+            admin,
             closed: ClosedFlag::default(),
-            topic_limits: Default::default(),
+            known: KnownTopics::new(KNOWN_TOPICS_CAPACITY),
         })
     }
 
-    fn lock_topic_limits(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
-        self.topic_limits
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The size limit of `topic`, which must exist: from the cache of known topics (no
+    /// request), or else looked up (does it exist, then its `max.message.bytes`) and
+    /// cached. Errors of the look-up are mapped as in `context`.
+    async fn known_limit(&self, topic: &str, context: ErrorContext<'_>) -> Result<usize> {
+        if let Some(limit) = self.known.get(topic) {
+            return Ok(limit);
+        }
+        self.require_topic(topic, context).await?;
+        let ours = self.config.max_record_bytes();
+        let limit = match self.topic_max_message_bytes(topic, context).await? {
+            Some(topic_limit) => ours.min(topic_limit.saturating_sub(RECORD_FRAMING_BYTES)),
+            None => ours,
+        };
+        self.known.insert(topic, limit);
+        self.producers.note_new_topic();
+        Ok(limit)
     }
 
     /// The Kafka consumer group that backs `group` on `topic`.
@@ -334,26 +389,36 @@ impl Broker for KafkaBroker {
     }
 
     async fn max_message_bytes(&self, topic: &str) -> Result<usize> {
-        let cached = self.lock_topic_limits().get(topic).copied();
-        if let Some(limit) = cached {
-            return Ok(limit);
-        }
-        let ours = self.config.max_record_bytes();
-        let limit = match self.topic_max_message_bytes(topic).await? {
-            Some(topic_limit) => ours.min(topic_limit.saturating_sub(RECORD_FRAMING_BYTES)),
-            None => ours,
-        };
-        self.lock_topic_limits().insert(topic.to_string(), limit);
-        Ok(limit)
+        check_name(topic)?;
+        self.known_limit(topic, ErrorContext::Admin(topic)).await
     }
 
+    /// Kafka's own rule: 1 to [`MAX_TOPIC_NAME_LEN`] characters of ASCII letters,
+    /// digits, `.`, `_` and `-`, and neither `.` nor `..`.
+    fn check_topic_name(&self, topic: &str) -> Result<()> {
+        check_name(topic)
+    }
+
+    /// A topic not known to exist is looked up first (see `topics.rs`): a missing one
+    /// fails with [`BrokerError::TopicNotFound`] at once, without a record handed to
+    /// librdkafka (which would hold it for `message_timeout_ms`).
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<()> {
+        check_name(topic)?;
         self.closed.ensure_open()?;
         // The topic's limit is already capped by this client's own.
-        check_message_sizes(&messages, self.max_message_bytes(topic).await?)?;
+        let limit = self
+            .known_limit(topic, ErrorContext::Publish(topic))
+            .await?;
+        check_message_sizes(&messages, limit)?;
         let (generation, producer) = self.producers.current();
         let result = self.publish_with(&producer, topic, &messages).await;
         result.map_err(|error| {
+            if matches!(
+                error,
+                BrokerError::TopicNotFound(_) | BrokerError::InvalidTopic { .. }
+            ) {
+                self.known.forget(topic);
+            }
             self.producers
                 .replace_if_fatal(generation, &producer, error)
         })
@@ -365,7 +430,9 @@ impl Broker for KafkaBroker {
         group: &str,
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscriber>> {
-        self.require_topic(topic).await?;
+        check_name(topic)?;
+        self.require_topic(topic, ErrorContext::Subscribe(topic))
+            .await?;
         let group_id = self.group_id(topic, group);
         let subscriber = KafkaSubscriber::start(
             self.config.consumer(&group_id),
@@ -378,11 +445,13 @@ impl Broker for KafkaBroker {
     }
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        check_name(topic)?;
         self.create_topic(topic).await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
-        self.lock_topic_limits().remove(topic);
+        check_name(topic)?;
+        self.known.forget(topic);
         self.remove_topic(topic).await
     }
 
@@ -394,6 +463,7 @@ impl Broker for KafkaBroker {
     }
 
     async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()> {
+        check_name(topic)?;
         self.remove_group(topic, &self.group_id(topic, group)).await
     }
 

@@ -86,22 +86,32 @@ async fn embedded_dead_letters_are_listed_and_republished_after_a_fix() {
     let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
     let topic = "requests-dead-letters";
     broker
-        .ensure_topic_and_subscription("replies", "me")
+        .ensure_topic_and_subscription("classify-replies-dl-test", "me")
         .await
-        .expect("replies");
+        .expect("classify-replies-dl-test");
     let mut replies = broker
-        .subscribe("replies", "me", SubscribeOptions::default())
+        .subscribe(
+            "classify-replies-dl-test",
+            "me",
+            SubscribeOptions::default(),
+        )
         .await
         .expect("subscribe");
 
     // A server whose limit (8×8 pixels) no 28×28 example meets.
     let (stop, task) = start_server(&broker, server_config(topic, 8)).await;
     broker
-        .publish(topic, request("r-1", "trouser/00002.png", "replies"))
+        .publish(
+            topic,
+            request("r-1", "trouser/00002.png", "classify-replies-dl-test"),
+        )
         .await
         .expect("publish");
     broker
-        .publish(topic, request("r-2", "bag/00018.png", "replies"))
+        .publish(
+            topic,
+            request("r-2", "bag/00018.png", "classify-replies-dl-test"),
+        )
         .await
         .expect("publish");
     for _ in 0..2 {

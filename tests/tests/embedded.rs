@@ -188,7 +188,7 @@ impl Broker for FlakyReplies {
         topic: &str,
         messages: Vec<Message>,
     ) -> unified_broker::Result<()> {
-        if topic.starts_with("replies") {
+        if topic.starts_with("classify-replies-flaky") {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             let left = self.failures_left.load(Ordering::SeqCst);
             if left > 0 {
@@ -258,7 +258,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     let running = tokio::spawn(server.run(stop.clone()));
 
     let client = embedded.new_client();
-    let mut replies = reply_reader(&client, "replies-flaky").await;
+    let mut replies = reply_reader(&client, "classify-replies-flaky").await;
     let image = std::fs::read(
         workspace_root()
             .join("examples/trouser")
@@ -272,7 +272,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     .expect("png");
     let request = classifier_proto::ClassifyRequest {
         request_id: "req-1".into(),
-        reply_topic: "replies-flaky".into(),
+        reply_topic: "classify-replies-flaky".into(),
         image,
         ..Default::default()
     };
@@ -284,7 +284,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     // complete once the first request was acked, i.e. after its reply got out.
     let second = classifier_proto::ClassifyRequest {
         request_id: "req-2".into(),
-        reply_topic: "replies-flaky".into(),
+        reply_topic: "classify-replies-flaky".into(),
         image: request.image.clone(),
         ..Default::default()
     };
@@ -328,7 +328,7 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
     server.prepare_topics().await.expect("topics");
     let stop = CancellationToken::new();
     let running = tokio::spawn(server.run(stop.clone()));
-    let mut replies = reply_reader(&*broker, "replies-malformed").await;
+    let mut replies = reply_reader(&*broker, "classify-replies-malformed").await;
 
     let garbage = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
     broker
@@ -337,7 +337,7 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
         .expect("publish");
     let routed = Message::new(garbage)
         .with_attribute(attributes::REQUEST_ID, "bad-1")
-        .with_attribute(attributes::REPLY_TOPIC, "replies-malformed");
+        .with_attribute(attributes::REPLY_TOPIC, "classify-replies-malformed");
     broker
         .publish("requests-malformed", routed)
         .await
@@ -364,14 +364,13 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
         )
         .await
         .expect("dead-letter subscription");
+    // The one without a route is UNROUTABLE (nobody to answer), the other malformed.
+    let mut codes = Vec::new();
     for _ in 0..2 {
         let delivery = next_delivery(&mut *dead, Duration::from_secs(30), "dead letter").await;
         let message = delivery.message();
         assert_eq!(message.payload.as_ref(), [0xff, 0xff, 0xff, 0xff, 0x0f]);
-        assert_eq!(
-            message.attribute("dead-letter-code"),
-            Some("MALFORMED_REQUEST")
-        );
+        codes.push(message.attribute("dead-letter-code").map(str::to_string));
         assert_eq!(
             message.attribute("dead-letter-source-topic"),
             Some("requests-malformed")
@@ -381,6 +380,14 @@ async fn malformed_messages_get_error_replies_and_never_block_the_stream() {
             .is_some_and(|r| !r.is_empty()));
         delivery.ack().expect("ack");
     }
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            Some("MALFORMED_REQUEST".to_string()),
+            Some("UNROUTABLE".to_string())
+        ]
+    );
     stop.cancel();
     let stats = running.await.expect("task").expect("server");
     assert_eq!(stats.received, 2);

@@ -38,7 +38,7 @@ pub fn poison_messages_are_dead_lettered(backend_env: &[(String, String)]) {
     let group = run.env_value("CLASSIFIER_GROUP");
     let dead_letter_topic = format!("{request_topic}-dead");
     run.set_env("CLASSIFIER_DEAD_LETTER_TOPIC", &dead_letter_topic);
-    let reply_topic = format!("{request_topic}-replies");
+    let reply_topic = format!("classify-replies-{request_topic}");
     // The subscription the server keeps copies for (its default `dead_letter_subscription`).
     let inspection = "dead-letter-inspection";
 
@@ -181,7 +181,7 @@ pub fn poison_messages_are_dead_lettered(backend_env: &[(String, String)]) {
         BTreeMap::from([
             ("poison-garbage", "MALFORMED_REQUEST"),
             ("poison-text", "UNSUPPORTED_FORMAT"),
-            ("unroutable", "MALFORMED_REQUEST"),
+            ("unroutable", "UNROUTABLE"),
         ]),
         "every poison message, and only those, dead-lettered"
     );

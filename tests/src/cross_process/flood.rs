@@ -17,7 +17,7 @@ pub fn flood_is_worked_through_with_bounded_memory(backend_env: &[(String, Strin
     let run = CaseRun::new(backend_env, "flood");
     let request_topic = run.env_value("CLASSIFIER_REQUEST_TOPIC");
     let group = run.env_value("CLASSIFIER_GROUP");
-    let reply_topic = format!("{request_topic}-replies");
+    let reply_topic = format!("classify-replies-{request_topic}");
     let image = std::fs::read(crate::workspace_root().join("examples/bag/00018.png"))
         .expect("example image");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");

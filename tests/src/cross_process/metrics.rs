@@ -105,13 +105,13 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 /// A loopback address with a port nobody listens on right now.
-fn free_loopback_port() -> SocketAddr {
+pub(super) fn free_loopback_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address")
 }
 
 /// Polls `path` until it answers `status` (fails after 60 s, showing the server log).
-fn wait_for_status(addr: SocketAddr, path: &str, status: u16, log: &dyn Fn() -> String) {
+pub(super) fn wait_for_status(addr: SocketAddr, path: &str, status: u16, log: &dyn Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     while Instant::now() < deadline {
@@ -131,7 +131,7 @@ fn wait_for_status(addr: SocketAddr, path: &str, status: u16, log: &dyn Fn() -> 
 }
 
 /// One plain HTTP/1.1 GET: status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(super) fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

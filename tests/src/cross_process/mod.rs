@@ -6,7 +6,8 @@
 //! The cases, by topic: [`happy_path`] (servers classify and share the work),
 //! [`bad_input`] (bad files and poison messages), [`crash`] (servers killed or
 //! stopped mid-run), [`flood`] (a backlog worked through with bounded memory),
-//! [`outages`] (no server, no broker, a broker restarting), [`metrics`] (the
+//! [`outages`] (no server, no broker, a broker restarting), [`hostile`] (peers
+//! naming reply routes that can never be answered), [`metrics`] (the
 //! server's metrics and probes against what the client saw) and [`models`] (a model
 //! reloaded mid-run, several models chosen per request; run on one backend, since
 //! nothing in them is broker-specific). Each starts from a
@@ -17,6 +18,7 @@ mod bad_input;
 mod crash;
 mod flood;
 mod happy_path;
+mod hostile;
 mod metrics;
 mod models;
 mod outages;
@@ -26,6 +28,7 @@ pub use bad_input::{bad_inputs_are_answered, poison_messages_are_dead_lettered};
 pub use crash::{graceful_shutdown_hands_over, server_crash_loses_nothing};
 pub use flood::flood_is_worked_through_with_bounded_memory;
 pub use happy_path::{one_server_classifies_examples, two_servers_share_the_work};
+pub use hostile::poisoned_reply_routes_never_stall_the_server;
 pub use metrics::metrics_add_up_to_the_replies;
 pub use models::{a_model_reload_mid_run_loses_nothing, requests_choose_among_several_models};
 pub use outages::{
@@ -272,6 +275,7 @@ macro_rules! cross_process_tests {
             poison_messages_are_dead_lettered,
             size_limits_are_answered,
             metrics_add_up_to_the_replies,
+            poisoned_reply_routes_never_stall_the_server,
         );
         $crate::cross_process_tests!(@with_address $env, $address_var;
             server_waits_for_an_unreachable_broker,

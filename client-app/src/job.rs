@@ -635,12 +635,13 @@ async fn send_all(
     let _ = sent.send(Sent::Done);
 }
 
-/// A new request id: 122 random bits (a version 4 UUID, from the operating system's
-/// random source), as 32 hex digits. A reply is accepted only for an id the job sent,
+/// A new request id: 128 random bits (from `rand`'s thread-local generator, a CSPRNG
+/// seeded by the operating system), as 32 hex digits. A reply is accepted only for an id the job sent,
 /// so ids must not be guessable: a peer that sees the job's reply topic could otherwise
 /// answer for the servers (issue 28).
 fn new_request_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    // Not a UUIDv4: that carries only 122 random bits.
+    format!("{:032x}", rand::random::<u128>())
 }
 
 /// The error code and reason reported for a file that was not sent.

@@ -136,6 +136,19 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
+/// The `security.protocol` values librdkafka knows (it compares them case-insensitively).
+const SECURITY_PROTOCOLS: &[&str] = &["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+/// The SASL mechanisms this build of librdkafka has (`sasl.mechanisms`): PLAIN and
+/// OAUTHBEARER are built in, SCRAM needs only OpenSSL (which the `ssl-vendored` feature
+/// links). GSSAPI (Kerberos), librdkafka's default mechanism, would need libsasl2 and the
+/// `gssapi` feature, so it is not among them.
+const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
+
+/// Properties that tell librdkafka which CAs to trust. With none of them, a TLS client
+/// of ours trusts the system's store (see [`KafkaConfig::tls_defaults`]).
+const CA_PROPERTIES: &[&str] = &["ssl.ca.location", "ssl.ca.pem"];
+
 /// librdkafka's default `fetch.max.bytes`; we only ever raise it.
 const DEFAULT_FETCH_MAX_BYTES: usize = 52_428_800;
 
@@ -186,7 +199,91 @@ impl KafkaConfig {
                 self.compression
             ));
         }
-        Ok(())
+        self.validate_security()
+    }
+
+    /// The lower-cased `security.protocol` of the pass-through properties, if one is set.
+    fn security_protocol(&self) -> Option<String> {
+        self.properties
+            .get("security.protocol")
+            .map(|protocol| protocol.trim().to_ascii_lowercase())
+    }
+
+    /// Checks the security properties, so that a secured cluster's config fails at start
+    /// with a message that says what to write, not with librdkafka's "No provider for
+    /// SASL mechanism GSSAPI" (its default mechanism, which this build lacks) or a client
+    /// that retries a misspelt protocol. Values shown are not secrets (protocol and
+    /// mechanism names only).
+    fn validate_security(&self) -> crate::Result<()> {
+        let Some(protocol) = self.security_protocol() else {
+            return Ok(());
+        };
+        if !SECURITY_PROTOCOLS.contains(&protocol.as_str()) {
+            return Err(crate::BrokerError::Config(format!(
+                "kafka: security.protocol must be one of {SECURITY_PROTOCOLS:?} \
+                 (any case), got {protocol:?}"
+            )));
+        }
+        if !protocol.starts_with("sasl_") {
+            return Ok(());
+        }
+        // librdkafka accepts `sasl.mechanism` as an alias of `sasl.mechanisms`.
+        let mechanism = self
+            .properties
+            .get("sasl.mechanisms")
+            .or_else(|| self.properties.get("sasl.mechanism"))
+            .map(|mechanism| mechanism.trim().to_ascii_uppercase());
+        match mechanism {
+            Some(mechanism) if SASL_MECHANISMS.contains(&mechanism.as_str()) => {
+                // librdkafka would say "sasl.username and sasl.password must be set";
+                // this also says where they usually come from.
+                let needs_password = mechanism == "PLAIN" || mechanism.starts_with("SCRAM-");
+                let missing = ["sasl.username", "sasl.password"]
+                    .into_iter()
+                    .find(|name| !self.properties.contains_key(*name));
+                match missing {
+                    Some(name) if needs_password => Err(crate::BrokerError::Config(format!(
+                        "kafka: sasl.mechanisms {mechanism} needs {name} (set \
+                         KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD in the environment, \
+                         or the property)"
+                    ))),
+                    _ => Ok(()),
+                }
+            }
+            Some(mechanism) => Err(crate::BrokerError::Config(format!(
+                "kafka: sasl.mechanisms must be one of {SASL_MECHANISMS:?}, got \
+                 {mechanism:?} (GSSAPI/Kerberos is not built in: it needs libsasl2)"
+            ))),
+            None => Err(crate::BrokerError::Config(format!(
+                "kafka: security.protocol {protocol:?} needs sasl.mechanisms, one of \
+                 {SASL_MECHANISMS:?} (librdkafka's default, GSSAPI/Kerberos, is not \
+                 built in: it needs libsasl2)"
+            ))),
+        }
+    }
+
+    /// Defaults for TLS connections, applied only where the properties say nothing.
+    ///
+    /// OpenSSL is linked statically (rdkafka's `ssl-vendored` feature), so its built-in
+    /// CA directory is the one OpenSSL was configured with (`/usr/local/ssl`), which no
+    /// distribution fills: a client given no CA would trust nothing and fail every
+    /// handshake with a managed cluster's public certificate. `ssl.ca.location=probe`
+    /// makes librdkafka look in the usual places of the system's store instead
+    /// (`/etc/ssl/certs/ca-certificates.crt` on Debian, `/etc/pki/tls/...` on Red Hat,
+    /// and more). A CA given in `ssl.ca.location` or `ssl.ca.pem` is used as given.
+    fn tls_defaults(&self) -> Vec<(&'static str, &'static str)> {
+        let tls = matches!(
+            self.security_protocol().as_deref(),
+            Some("ssl" | "sasl_ssl")
+        );
+        let ca_given = CA_PROPERTIES
+            .iter()
+            .any(|name| self.properties.contains_key(*name));
+        if tls && !ca_given {
+            vec![("ssl.ca.location", "probe")]
+        } else {
+            Vec::new()
+        }
     }
 
     /// Settings shared by every client: servers, id, timeouts.
@@ -205,9 +302,13 @@ impl KafkaConfig {
         config
     }
 
-    /// Applies the pass-through `properties` over our defaults.
+    /// Applies the pass-through `properties` over our defaults, then the TLS defaults
+    /// that only apply where the properties are silent ([`KafkaConfig::tls_defaults`]).
     fn with_properties(&self, mut config: ClientConfig) -> ClientConfig {
         for (name, value) in &self.properties {
+            config.set(name, value);
+        }
+        for (name, value) in self.tls_defaults() {
             config.set(name, value);
         }
         config
@@ -386,6 +487,177 @@ mod tests {
             ..KafkaConfig::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    /// A config with `security.protocol` (and, for SASL, a mechanism and credentials),
+    /// pointed at an address where nothing listens: creating a client needs no broker.
+    fn secured(protocol: &str, mechanism: Option<&str>) -> KafkaConfig {
+        let mut config = KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9".into(),
+            ..KafkaConfig::default()
+        };
+        config
+            .properties
+            .insert("security.protocol".into(), protocol.into());
+        if let Some(mechanism) = mechanism {
+            for (name, value) in [
+                ("sasl.mechanisms", mechanism),
+                ("sasl.username", "classifier"),
+                ("sasl.password", "not-a-real-password"),
+            ] {
+                config.properties.insert(name.into(), value.into());
+            }
+        }
+        config
+    }
+
+    /// Issue 28: `SSL` and `SASL_SSL` failed at client creation with "OpenSSL not
+    /// available at build time". With rdkafka's `ssl-vendored` feature every secured
+    /// setup the README names gets all three clients (producer, consumer, admin).
+    #[test]
+    fn secured_clients_can_be_created() {
+        use rdkafka::admin::AdminClient;
+        use rdkafka::client::DefaultClientContext;
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+        for (protocol, mechanism) in [
+            ("SSL", None),
+            ("ssl", None),
+            ("SASL_SSL", Some("SCRAM-SHA-512")),
+            ("SASL_SSL", Some("SCRAM-SHA-256")),
+            ("SASL_SSL", Some("PLAIN")),
+            ("SASL_PLAINTEXT", Some("SCRAM-SHA-256")),
+        ] {
+            let config = secured(protocol, mechanism);
+            let what = format!("{protocol} {mechanism:?}");
+            config
+                .validate()
+                .unwrap_or_else(|error| panic!("{what}: {error}"));
+            if let Err(error) = config.producer().create::<BaseProducer>() {
+                panic!("{what}: producer: {error}");
+            }
+            if let Err(error) = config.consumer("g").create::<BaseConsumer>() {
+                panic!("{what}: consumer: {error}");
+            }
+            if let Err(error) = config.admin().create::<AdminClient<DefaultClientContext>>() {
+                panic!("{what}: admin: {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn tls_trusts_the_system_store_unless_a_ca_is_given() {
+        let config = secured("SASL_SSL", Some("SCRAM-SHA-512"));
+        assert_eq!(config.producer().get("ssl.ca.location"), Some("probe"));
+        assert_eq!(config.consumer("g").get("ssl.ca.location"), Some("probe"));
+        assert_eq!(config.admin().get("ssl.ca.location"), Some("probe"));
+
+        let mut given = secured("SSL", None);
+        given
+            .properties
+            .insert("ssl.ca.location".into(), "/etc/kafka/ca.pem".into());
+        assert_eq!(
+            given.producer().get("ssl.ca.location"),
+            Some("/etc/kafka/ca.pem")
+        );
+        let mut pem = secured("SSL", None);
+        pem.properties
+            .insert("ssl.ca.pem".into(), "-----BEGIN CERTIFICATE-----".into());
+        assert_eq!(pem.producer().get("ssl.ca.location"), None);
+
+        // No TLS, no CA default.
+        assert_eq!(
+            KafkaConfig::default().producer().get("ssl.ca.location"),
+            None
+        );
+        let plain_sasl = secured("SASL_PLAINTEXT", Some("PLAIN"));
+        assert_eq!(plain_sasl.producer().get("ssl.ca.location"), None);
+    }
+
+    #[test]
+    fn security_settings_this_build_lacks_are_refused_clearly() {
+        let message = |config: &KafkaConfig| match config.validate() {
+            Err(crate::BrokerError::Config(message)) => message,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        // GSSAPI: librdkafka's default mechanism, and the only one needing libsasl2.
+        let no_mechanism = secured("SASL_SSL", None);
+        let said = message(&no_mechanism);
+        assert!(
+            said.contains("sasl.mechanisms") && said.contains("GSSAPI"),
+            "{said}"
+        );
+        let gssapi = secured("SASL_SSL", Some("GSSAPI"));
+        assert!(message(&gssapi).contains("GSSAPI"));
+        let mut alias = secured("SASL_SSL", Some("SCRAM-SHA-512"));
+        alias.properties.remove("sasl.mechanisms");
+        alias
+            .properties
+            .insert("sasl.mechanism".into(), "scram-sha-512".into());
+        assert!(
+            alias.validate().is_ok(),
+            "the alias and any case are accepted"
+        );
+
+        let mut no_password = secured("SASL_SSL", Some("SCRAM-SHA-512"));
+        no_password.properties.remove("sasl.password");
+        let said = message(&no_password);
+        assert!(
+            said.contains("sasl.password") && said.contains("KAFKA_SASL_PASSWORD"),
+            "{said}"
+        );
+
+        let typo = secured("TLS", None);
+        assert!(message(&typo).contains("security.protocol"));
+        assert!(secured("PLAINTEXT", None).validate().is_ok());
+    }
+
+    /// The shipped SASL_SSL example validates and gets its clients (before the feature it
+    /// failed at start with "OpenSSL not available at build time"), with the password
+    /// from the environment as its comment says. Its servers are replaced by an address
+    /// where nothing listens: no lookups of example hosts.
+    #[test]
+    fn sasl_example_config_gets_its_clients() {
+        use rdkafka::producer::BaseProducer;
+        let mut broker = crate::example_config("kafka-sasl");
+        broker.apply_env(&|name| match name {
+            "KAFKA_SASL_PASSWORD" => Some("from-the-environment".into()),
+            _ => None,
+        });
+        let crate::BrokerConfig::Kafka(mut config) = broker else {
+            panic!("config/kafka-sasl.toml selects another backend");
+        };
+        assert_eq!(
+            config
+                .properties
+                .get("security.protocol")
+                .map(String::as_str),
+            Some("SASL_SSL")
+        );
+        config.validate().expect("the example validates");
+        config.bootstrap_servers = "127.0.0.1:9".into();
+        let producer = config.producer();
+        assert_eq!(producer.get("ssl.ca.location"), Some("probe"));
+        if let Err(error) = producer.create::<BaseProducer>() {
+            panic!("config/kafka-sasl.toml: {error}");
+        }
+    }
+
+    /// The TLS example (for scripts/kafka-tls-start.sh's listener) validates and keeps
+    /// its own CA rather than the system store. Its CA file exists only while that
+    /// listener runs, so no client is created here (tests/kafka_tls.rs connects).
+    #[test]
+    fn tls_example_config_validates() {
+        let crate::BrokerConfig::Kafka(config) = crate::example_config("kafka-tls") else {
+            panic!("config/kafka-tls.toml selects another backend");
+        };
+        config.validate().expect("the example validates");
+        let producer = config.producer();
+        assert_eq!(producer.get("security.protocol"), Some("SSL"));
+        assert_eq!(
+            producer.get("ssl.ca.location"),
+            Some(".tools/run/kafka-tls-19094/ca.pem")
+        );
     }
 
     #[test]

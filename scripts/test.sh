@@ -7,8 +7,9 @@
 # — runs every test of the workspace against them, and stops exactly the processes it
 # started, whatever happens.
 #
-# Ports: KAFKA_PORT (default 9092), PUBSUB_PORT (default 8085) and REDIS_PORT (default
-# 6380).
+# Ports: KAFKA_PORT (default 9092), PUBSUB_PORT (default 8085), REDIS_PORT (default
+# 6380), KAFKA_TLS_PORT (19094) and KAFKA_TLS_BACKEND_PORT (19093): the TLS listener
+# (stunnel4) and the private Tansu behind it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,13 +18,17 @@ cd "$ROOT"
 export KAFKA_PORT="${KAFKA_PORT:-9092}"
 export PUBSUB_PORT="${PUBSUB_PORT:-8085}"
 export REDIS_PORT="${REDIS_PORT:-6380}"
+export KAFKA_TLS_PORT="${KAFKA_TLS_PORT:-19094}"
+export KAFKA_TLS_BACKEND_PORT="${KAFKA_TLS_BACKEND_PORT:-19093}"
 
 started_kafka=""
+started_kafka_tls=""
 started_pubsub=""
 started_redis=""
 cleanup() {
     local status=$?
     if [[ -n "$started_redis" ]]; then scripts/redis-stop.sh || true; fi
+    if [[ -n "$started_kafka_tls" ]]; then scripts/kafka-tls-stop.sh || true; fi
     if [[ -n "$started_pubsub" ]]; then scripts/pubsub-stop.sh || true; fi
     if [[ -n "$started_kafka" ]]; then scripts/kafka-stop.sh || true; fi
     exit "$status"
@@ -44,6 +49,9 @@ cargo test --workspace --no-run --locked
 step "starting the Kafka-protocol broker"
 scripts/kafka-start.sh
 started_kafka=1
+step "starting the Kafka TLS listener (private Tansu behind stunnel)"
+started_kafka_tls=1   # before the start: the stop script is a no-op without pid files
+scripts/kafka-tls-start.sh
 step "starting the Pub/Sub emulator"
 scripts/pubsub-start.sh
 started_pubsub=1
@@ -54,6 +62,9 @@ started_redis=1
 export KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_PORT"
 export PUBSUB_EMULATOR_HOST="127.0.0.1:$PUBSUB_PORT"
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+export KAFKA_TLS_BOOTSTRAP_SERVERS="127.0.0.1:$KAFKA_TLS_PORT"
+export KAFKA_TLS_CA_LOCATION="$ROOT/.tools/run/kafka-tls-$KAFKA_TLS_PORT/ca.pem"
+export KAFKA_TLS_OTHER_CA_LOCATION="$ROOT/.tools/run/kafka-tls-$KAFKA_TLS_PORT/other-ca.pem"
 # Broker tests fail (rather than skip) when their broker is missing.
 export REQUIRE_BROKERS=1
 

@@ -126,7 +126,8 @@ pub fn poisoned_reply_routes_never_stall_the_server(backend_env: &[(String, Stri
         .map(|id| (id.clone(), "UNROUTABLE".to_string()))
         .collect();
     assert_eq!(
-        codes, expected,
+        codes,
+        expected,
         "every unroutable request dead-lettered once; server log:\n{}",
         log()
     );

@@ -251,11 +251,18 @@ impl KafkaBroker {
         })
         .await
         .map_err(|error| BrokerError::Unavailable(format!("metadata probe failed: {error}")))?
-        .map_err(|error| {
-            BrokerError::Unavailable(format!(
+        .map_err(|error| match producers.final_error() {
+            // A refused certificate or failed authentication: final, and said as
+            // librdkafka said it, not retried for ever as "did not answer".
+            Some(reason) => BrokerError::Config(format!(
+                "kafka at {}: {reason} (check security.protocol and the ssl.* and \
+                 sasl.* properties)",
+                config.bootstrap_servers
+            )),
+            None => BrokerError::Unavailable(format!(
                 "kafka at {} did not answer: {error}",
                 config.bootstrap_servers
-            ))
+            )),
         })?;
         tracing::info!(bootstrap_servers = %config.bootstrap_servers, brokers, "connected to kafka");
         let admin = Arc::new(admin);

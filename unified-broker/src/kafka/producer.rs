@@ -48,6 +48,29 @@ const RETIRED_GRACE: Duration = Duration::from_secs(1);
 pub(crate) struct ProducerContext {
     generation: u64,
     lost: mpsc::UnboundedSender<u64>,
+    /// Shared with the slot: see [`Producers::final_error`].
+    final_error: FinalError,
+}
+
+/// librdkafka's reason for the last connection error that only a config change fixes
+/// ([`is_final_connect_error`]), shared by every generation's context and the slot.
+type FinalError = Arc<Mutex<Option<String>>>;
+
+/// Connection errors that only a config change fixes: a failed TLS handshake (the
+/// server's certificate not signed by a trusted CA or not naming the host, TLS spoken to
+/// a plain listener) or failed SASL authentication (wrong credentials, a mechanism the
+/// broker lacks). librdkafka retries them like a broker that is down, for ever; Java's
+/// client treats them as final (`SslAuthenticationException`,
+/// `SaslAuthenticationException`). librdkafka reports a refused certificate under two
+/// codes: `SSL`, and a transport failure whose reason names the check.
+fn is_final_connect_error(error: &KafkaError, reason: &str) -> bool {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::SSL | RDKafkaErrorCode::Authentication) => true,
+        Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+            reason.contains("certificate verify failed")
+        }
+        _ => false,
+    }
 }
 
 impl ClientContext for ProducerContext {
@@ -57,6 +80,12 @@ impl ClientContext for ProducerContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "kafka producer error");
+        if is_final_connect_error(&error, reason) {
+            *self
+                .final_error
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reason.to_string());
+        }
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             // The receiver is gone only when the broker client is.
             let _ = self.lost.send(self.generation);
@@ -75,6 +104,8 @@ struct Slot {
     /// For the contexts of new producers. Only producers and the slot hold senders, so
     /// the replacing task ends when the broker client (and with it the slot) is gone.
     lost: mpsc::UnboundedSender<u64>,
+    /// For the contexts of new producers.
+    final_error: FinalError,
 }
 
 /// The shared producer of one [`super::KafkaBroker`], replaced as the module docs say.
@@ -92,7 +123,8 @@ impl Producers {
     /// cluster. Needs a tokio runtime.
     pub(crate) fn new(config: &KafkaConfig) -> Result<Producers> {
         let (lost, mut lost_rx) = mpsc::unbounded_channel();
-        let producer = create(config, 0, &lost)?;
+        let final_error = FinalError::default();
+        let producer = create(config, 0, &lost, &final_error)?;
         let producers = Producers {
             config: config.clone(),
             slot: Arc::new(Mutex::new(Slot {
@@ -101,6 +133,7 @@ impl Producers {
                 used: false,
                 new_topics: 0,
                 lost,
+                final_error,
             })),
         };
         let slot = Arc::downgrade(&producers.slot);
@@ -121,6 +154,18 @@ impl Producers {
         let mut slot = lock(&self.slot);
         slot.used = true;
         (slot.generation, slot.producer.clone())
+    }
+
+    /// librdkafka's reason for the last TLS handshake or SASL authentication that failed
+    /// on any producer's connection: what `connect` reports, as a config error, when the
+    /// cluster did not answer.
+    pub(crate) fn final_error(&self) -> Option<String> {
+        let shared = Arc::clone(&lock(&self.slot).final_error);
+        let reason = shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        reason
     }
 
     /// The current producer without marking it used (for probes and flushes).
@@ -181,12 +226,14 @@ fn create(
     config: &KafkaConfig,
     generation: u64,
     lost: &mpsc::UnboundedSender<u64>,
+    final_error: &FinalError,
 ) -> Result<FutureProducer<ProducerContext>> {
     config
         .producer()
         .create_with_context(ProducerContext {
             generation,
             lost: lost.clone(),
+            final_error: Arc::clone(final_error),
         })
         .map_err(|error| map_error(&error, ErrorContext::Connect))
 }
@@ -194,7 +241,7 @@ fn create(
 /// Puts a fresh producer (the next generation) in `slot` and returns the old one, or
 /// `None` (logged) if none can be created.
 fn swap_in_fresh(slot: &mut Slot, config: &KafkaConfig) -> Option<FutureProducer<ProducerContext>> {
-    let fresh = match create(config, slot.generation + 1, &slot.lost) {
+    let fresh = match create(config, slot.generation + 1, &slot.lost, &slot.final_error) {
         Ok(fresh) => fresh,
         Err(error) => {
             tracing::warn!(%error, "could not create a new kafka producer; keeping the old one");

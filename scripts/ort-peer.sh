@@ -20,11 +20,8 @@ if [[ ! -f "$SCRIPT" ]]; then
     exit 2
 fi
 
-if ! "$VENV/bin/python" -c 'import onnx, onnxruntime, numpy' >/dev/null 2>&1; then
-    echo "ort-peer.sh: installing onnx onnxruntime numpy into $VENV" >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check onnx onnxruntime numpy >&2
-fi
+# The venv (installed the first time) is the one the ONNX engine's library comes from.
+ORT_VENV="$VENV" "$ROOT/scripts/onnxruntime-lib.sh" >/dev/null
 
 # Older OpenBLAS workarounds slow numpy down; ONNX Runtime does not use OpenBLAS, but
 # keep the peer's process free of them all the same (this command only).

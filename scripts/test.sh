@@ -68,6 +68,22 @@ export KAFKA_TLS_OTHER_CA_LOCATION="$ROOT/.tools/run/kafka-tls-$KAFKA_TLS_PORT/o
 # Broker tests fail (rather than skip) when their broker is missing.
 export REQUIRE_BROKERS=1
 
+step "ONNX Runtime (PyPI wheel) and Fashion-MNIST (Debian) for the ONNX tests"
+# The ONNX tests run every model on tract and on ONNX Runtime, the library of the PyPI
+# wheel (nothing is linked at build time: the server opens ORT_DYLIB_PATH at run time).
+ORT_DYLIB_PATH="$(scripts/onnxruntime-lib.sh)"
+export ORT_DYLIB_PATH
+export ORT_PYTHON="$ROOT/.tools/ort-venv/bin/python"
+export REQUIRE_ONNXRUNTIME=1
+# `trainer export --onnx` is checked on the 10,000 test images.
+export FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
+if [[ ! -e "$FASHION_MNIST_DIR/t10k-images-idx3-ubyte.gz" ]] && command -v apt-get >/dev/null; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        dataset-fashion-mnist || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; }; } >&2 || true
+fi
+if [[ -e "$FASHION_MNIST_DIR/t10k-images-idx3-ubyte.gz" ]]; then export REQUIRE_FASHION_MNIST=1; fi
+
 step "running the tests"
 status=0
 cargo test --workspace --locked --no-fail-fast "$@" || status=$?

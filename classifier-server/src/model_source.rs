@@ -8,13 +8,18 @@
 //!    never a silent fallback to another model;
 //! 2. the per-user model directory, [`user_model_dir`] (on Linux
 //!    `$XDG_DATA_HOME/image-classifier/model`, by default
-//!    `~/.local/share/image-classifier/model`), if it holds a `metadata.json`: where an
-//!    installed server's operator puts a retrained model without any flag;
+//!    `~/.local/share/image-classifier/model`), if it holds a `metadata.json` (the native
+//!    CNN) or a `model.onnx` (an ONNX model): where an installed server's operator puts a
+//!    retrained model without any flag;
 //! 3. the shipped Fashion-MNIST model, compiled into the binary from
 //!    `models/fashion-mnist/` (1.7 MB), so `cargo install` users get a working default.
 //!
 //! When none applies (a binary built without the `embedded-model` feature and no model
 //! anywhere) the error names every place that was looked at.
+//!
+//! A directory holds either engine's model: `model.safetensors` + `metadata.json` (the
+//! native CNN) or `model.onnx` with optional `model.toml` and `labels.txt` (see
+//! `classifier_inference::onnx`); [`Classifier::load`] picks the engine by the files.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,8 +30,12 @@ use classifier_inference::Classifier;
 /// The environment variable that names a model directory.
 pub const MODEL_DIR_ENV: &str = "CLASSIFIER_MODEL_DIR";
 
-/// The file whose presence makes a directory a model directory (beside the weights).
+/// The file whose presence makes a directory a native model directory (beside the
+/// weights).
 const METADATA_FILE: &str = "metadata.json";
+
+/// The file whose presence makes a directory an ONNX model directory.
+const ONNX_FILE: &str = classifier_inference::onnx::ONNX_FILE;
 
 /// The model that was found, and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,7 +90,7 @@ fn resolve_with(
         return Ok(ModelSource::Configured(dir.to_path_buf()));
     }
     if let Some(dir) = user_dir {
-        if dir.join(METADATA_FILE).is_file() {
+        if dir.join(METADATA_FILE).is_file() || dir.join(ONNX_FILE).is_file() {
             return Ok(ModelSource::UserDir(dir.to_path_buf()));
         }
     }
@@ -90,7 +99,12 @@ fn resolve_with(
     }
     let user_dir = user_dir.map_or_else(
         || "the per-user model directory (no home directory here)".to_string(),
-        |dir| format!("{} (no {METADATA_FILE} there)", dir.display()),
+        |dir| {
+            format!(
+                "{} (no {METADATA_FILE} or {ONNX_FILE} there)",
+                dir.display()
+            )
+        },
     );
     anyhow::bail!(
         "no model found. Looked at: --model (not given), {MODEL_DIR_ENV} (not set), the \
@@ -103,16 +117,25 @@ fn resolve_with(
 /// Loads the model `source` names, with an error that says what to do when it fails.
 pub fn load(source: &ModelSource) -> anyhow::Result<Classifier> {
     match source {
-        ModelSource::Configured(dir) | ModelSource::UserDir(dir) => Classifier::load(dir)
-            .with_context(|| {
-                format!(
-                    "cannot load the model from {source} (expected model.safetensors and \
-                     {METADATA_FILE}; train one with `cargo run --release -p trainer -- \
-                     train`, or name another directory with --model or {MODEL_DIR_ENV})"
-                )
-            }),
+        ModelSource::Configured(dir) | ModelSource::UserDir(dir) => {
+            Classifier::load(dir).with_context(|| load_failure(source, dir))
+        }
         ModelSource::Embedded => embedded::load(),
     }
+}
+
+/// What a failed load of `dir` says before the cause: for an ONNX model just where it
+/// was (the cause names the problem); otherwise what a model directory holds.
+fn load_failure(source: &ModelSource, dir: &Path) -> String {
+    if dir.join(ONNX_FILE).is_file() {
+        return format!("cannot serve the ONNX model in {source}");
+    }
+    format!(
+        "cannot load the model from {source} (expected model.safetensors and \
+         {METADATA_FILE}, or {ONNX_FILE} with an optional labels.txt and model.toml; \
+         train one with `cargo run --release -p trainer -- train`, or name another \
+         directory with --model or {MODEL_DIR_ENV})"
+    )
 }
 
 #[cfg(feature = "embedded-model")]
@@ -170,6 +193,18 @@ mod tests {
         std::fs::write(user.path().join(METADATA_FILE), "{}").expect("write");
         let found = resolve(None, Some(user.path())).expect("resolves");
         assert_eq!(found, ModelSource::UserDir(user.path().to_path_buf()));
+    }
+
+    #[test]
+    fn an_onnx_directory_is_a_model_directory_and_its_errors_name_the_cause() {
+        let user = tempfile::tempdir().expect("tempdir");
+        std::fs::write(user.path().join(ONNX_FILE), b"not an onnx file").expect("write");
+        let found = resolve(None, Some(user.path())).expect("resolves");
+        assert_eq!(found, ModelSource::UserDir(user.path().to_path_buf()));
+        let error = format!("{:#}", load(&found).expect_err("not a model"));
+        assert!(error.contains("cannot serve the ONNX model"), "{error}");
+        assert!(error.contains("not a valid ONNX model"), "{error}");
+        assert!(!error.contains("trainer"), "no advice to train: {error}");
     }
 
     #[cfg(feature = "embedded-model")]

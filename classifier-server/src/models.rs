@@ -6,12 +6,20 @@
 //! A swap takes effect between batches: each request is decoded for the model current
 //! when it was decoded, and run by that same model (see `pipeline::infer`), so a request
 //! is never preprocessed for one model and run by another.
+//!
+//! Both engines are served alike: a directory of the native CNN (`model.safetensors` +
+//! `metadata.json`) or of an ONNX model (`model.onnx`, optional `model.toml` and
+//! `labels.txt`). The watcher compares every file either kind may hold
+//! ([`classifier_inference::model_dir::MODEL_DIR_FILES`]), so a new labels file or
+//! description reloads an ONNX model too, and a directory switched from one engine to
+//! the other is reloaded. The files a model was loaded from are the ones
+//! [`Classifier::load`] saw before reading them, not a later look, so a change made
+//! while the model loaded is still noticed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
 
-use classifier_inference::{Classifier, Preprocessor};
+use classifier_inference::{Classifier, DirSnapshot, Preprocessor};
 
 use crate::lock;
 
@@ -31,11 +39,12 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// `classifier` served under `name`.
+    /// `classifier` served under `name`, with the preprocessing it needs (its
+    /// metadata's for the native CNN, its recipe for an ONNX model).
     pub fn new(name: &str, classifier: Arc<Classifier>) -> Self {
         ServedModel {
             name: name.to_string(),
-            preprocessor: Preprocessor::new(classifier.metadata()),
+            preprocessor: classifier.preprocessor(),
             classifier,
         }
     }
@@ -75,21 +84,12 @@ struct Watch {
     last_seen: Option<Fingerprint>,
 }
 
-/// Modification time and length of a model directory's two files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Fingerprint([(SystemTime, u64); 2]);
+/// Modification time and length of every file a model directory may hold; `None`
+/// while the directory holds no model (nothing to load).
+type Fingerprint = DirSnapshot;
 
-impl Fingerprint {
-    fn of(dir: &Path) -> Option<Fingerprint> {
-        let stat = |name: &str| {
-            let meta = std::fs::metadata(dir.join(name)).ok()?;
-            Some((meta.modified().ok()?, meta.len()))
-        };
-        Some(Fingerprint([
-            stat("model.safetensors")?,
-            stat("metadata.json")?,
-        ]))
-    }
+fn fingerprint(dir: &std::path::Path) -> Option<Fingerprint> {
+    Some(DirSnapshot::of(dir)).filter(DirSnapshot::holds_model)
 }
 
 /// What one reload check did to one model.
@@ -180,19 +180,20 @@ impl ModelSet {
         let mut outcomes = Vec::new();
         for entry in &self.entries {
             let Some(dir) = &entry.dir else { continue };
-            let now = Fingerprint::of(dir);
+            let now = fingerprint(dir);
             let due = {
                 let mut watch = lock(&entry.watch);
                 let settled_now = now.is_some() && now == watch.last_seen;
-                watch.last_seen = now;
+                watch.last_seen = now.clone();
                 force || (settled_now && now != watch.settled)
             };
             if !due {
                 continue;
             }
             let old = entry.served();
-            let outcome = match Classifier::load(dir) {
+            let (outcome, settled) = match Classifier::load(dir) {
                 Ok(classifier) => {
+                    let seen = classifier.loaded_from().cloned();
                     let new = Arc::new(ServedModel::new(&old.name, Arc::new(classifier)));
                     let swapped = Reload::Swapped {
                         name: old.name.clone(),
@@ -200,14 +201,19 @@ impl ModelSet {
                         to: new.version().to_string(),
                     };
                     *entry.current.write().unwrap_or_else(|p| p.into_inner()) = new;
-                    swapped
+                    // The files as the load saw them: if they changed since `now`, the
+                    // next checks load them again.
+                    (swapped, seen.or(now))
                 }
-                Err(error) => Reload::Refused {
-                    name: old.name.clone(),
-                    reason: format!("{}: {error:#}", dir.display()),
-                },
+                Err(error) => (
+                    Reload::Refused {
+                        name: old.name.clone(),
+                        reason: format!("{}: {error:#}", dir.display()),
+                    },
+                    now,
+                ),
             };
-            lock(&entry.watch).settled = now;
+            lock(&entry.watch).settled = settled;
             outcomes.push(outcome);
         }
         outcomes
@@ -215,14 +221,22 @@ impl ModelSet {
 }
 
 impl Entry {
-    /// `classifier` served under `name`, watched in `dir` from its files as they are now.
+    /// `classifier` served under `name`, watched in `dir` from its files as they were
+    /// when it was loaded (or, for a model not loaded by `Classifier::load`, as they
+    /// are now).
     fn new(name: &str, dir: Option<PathBuf>, classifier: Arc<Classifier>) -> Self {
-        let settled = dir.as_deref().and_then(Fingerprint::of);
+        let settled = dir.as_deref().and_then(|dir| {
+            classifier
+                .loaded_from()
+                .cloned()
+                .filter(DirSnapshot::holds_model)
+                .or_else(|| fingerprint(dir))
+        });
         Entry {
             current: RwLock::new(Arc::new(ServedModel::new(name, classifier))),
             watch: Mutex::new(Watch {
+                last_seen: settled.clone(),
                 settled,
-                last_seen: settled,
             }),
             dir,
         }
@@ -235,6 +249,9 @@ impl Entry {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::time::SystemTime;
+
     use super::*;
 
     fn shipped_dir() -> PathBuf {
@@ -271,16 +288,20 @@ mod tests {
         .expect("one model")
     }
 
-    /// Makes the next fingerprint differ even on file systems with coarse timestamps.
-    fn touch_later(dir: &Path) {
-        let later = SystemTime::now() + std::time::Duration::from_secs(5);
-        for name in ["model.safetensors", "metadata.json"] {
-            let file = std::fs::File::options()
-                .append(true)
-                .open(dir.join(name))
-                .expect("open");
+    /// Makes the next fingerprint differ even on file systems with coarse timestamps:
+    /// every model file present gets a modification time `secs` seconds from now.
+    fn touch_later_by(dir: &Path, secs: u64) {
+        let later = SystemTime::now() + std::time::Duration::from_secs(secs);
+        for name in classifier_inference::model_dir::MODEL_DIR_FILES {
+            let Ok(file) = std::fs::File::options().append(true).open(dir.join(name)) else {
+                continue;
+            };
             file.set_modified(later).expect("set mtime");
         }
+    }
+
+    fn touch_later(dir: &Path) {
+        touch_later_by(dir, 5);
     }
 
     #[test]
@@ -329,6 +350,115 @@ mod tests {
         assert!(
             models.reload_changed(false).is_empty(),
             "refused once, not every check"
+        );
+    }
+
+    /// An ONNX fixture model (`inference/tests/fixtures/onnx`) as `model.onnx` in `dir`,
+    /// with its labels.
+    fn write_onnx(dir: &Path, fixture: &str) {
+        let fixtures =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../inference/tests/fixtures/onnx");
+        std::fs::copy(
+            fixtures.join(format!("{fixture}.onnx")),
+            dir.join("model.onnx"),
+        )
+        .expect("copy model");
+        let labels = fixtures.join(format!("{fixture}.labels.txt"));
+        if labels.exists() {
+            std::fs::copy(labels, dir.join("labels.txt")).expect("copy labels");
+        }
+    }
+
+    #[test]
+    fn an_onnx_model_reloads_like_a_native_one_and_a_bad_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_onnx(dir.path(), "mobilenetv2-tiny-op13");
+        let models = set_from(dir.path());
+        let served = models.default_model();
+        assert_eq!(served.version(), "1");
+        assert!(served.preprocessor.recipe().is_some(), "the ONNX recipe");
+        assert_eq!(
+            served.preprocessor.input_len(),
+            served.classifier.input_len()
+        );
+
+        // An operator the engine lacks: refused, naming it; the old model serves on.
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../inference/tests/fixtures/onnx/bad-unknown-op.onnx"),
+            dir.path().join("model.onnx"),
+        )
+        .expect("copy bad model");
+        touch_later_by(dir.path(), 5);
+        assert!(models.reload_changed(false).is_empty(), "settling");
+        let outcome = models.reload_changed(false);
+        assert!(
+            matches!(&outcome[..], [Reload::Refused { reason, .. }] if reason.contains("NoSuchOp")),
+            "{outcome:?}"
+        );
+        assert!(
+            Arc::ptr_eq(&models.default_model(), &served),
+            "the old model serves on"
+        );
+        let len = served.classifier.input_len();
+        assert_eq!(
+            served
+                .classifier
+                .predict(&vec![0.5; len], 1)
+                .expect("predicts")[0]
+                .len(),
+            1000
+        );
+
+        // A good model with a description: swapped in under the same name.
+        write_onnx(dir.path(), "resnet18-tiny-op17");
+        std::fs::write(dir.path().join("model.toml"), "version = \"2\"\n").expect("write");
+        touch_later_by(dir.path(), 10);
+        models.reload_changed(false);
+        assert_eq!(
+            models.reload_changed(false),
+            [Reload::Swapped {
+                name: "clothes".into(),
+                from: "1".into(),
+                to: "2".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_new_labels_file_alone_reloads_an_onnx_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_onnx(dir.path(), "keras-mobilenet-nhwc-tiny-op13");
+        let models = set_from(dir.path());
+        let names = |m: &ModelSet| m.default_model().classifier.metadata().class_names.clone();
+        let new_names: Vec<String> = (0..10).map(|i| format!("thing {i}")).collect();
+        std::fs::write(dir.path().join("labels.txt"), new_names.join("\n")).expect("write");
+        touch_later(dir.path());
+        models.reload_changed(false);
+        assert!(matches!(
+            &models.reload_changed(false)[..],
+            [Reload::Swapped { .. }]
+        ));
+        assert_eq!(names(&models), new_names);
+    }
+
+    #[test]
+    fn a_change_made_while_the_first_load_ran_is_still_loaded() {
+        // The files change after `Classifier::load` looked at them but before the set
+        // is built (the start-up race): the watcher compares with what the load saw.
+        let dir = model_copy("1.0.0");
+        let classifier = Arc::new(Classifier::load(dir.path()).expect("loads"));
+        write_model(dir.path(), "2.0.0");
+        touch_later(dir.path());
+        let models = ModelSet::new(vec![(
+            "clothes".into(),
+            Some(dir.path().to_path_buf()),
+            classifier,
+        )])
+        .expect("one model");
+        assert!(models.reload_changed(false).is_empty(), "settling");
+        assert!(
+            matches!(&models.reload_changed(false)[..], [Reload::Swapped { to, .. }] if to == "2.0.0"),
         );
     }
 

@@ -1765,14 +1765,14 @@ mod tests {
             let x = x.to_vec1::<f32>()?;
             let fast = clf.predict(&x, n).expect("fast");
             let reference = clf.predict_candle(&x, n).expect("candle");
-            let fast_logits = clf.fast.logits(&x, n);
+            let fast_logits = clf.fast_net().logits(&x, n);
             let ref_logits = clf.logits_candle(&x, n).expect("candle logits");
             let e = rel_err(&fast_logits, &ref_logits);
             assert!(e < 1e-4, "{input:?} {layers:?} n={n}: logits rel err {e}");
             let e = rel_err(&fast.concat(), &reference.concat());
             assert!(e < 1e-4, "{input:?} {layers:?} n={n}: probs rel err {e}");
             for level in SimdLevel::supported() {
-                let mut at = (*clf.fast).clone();
+                let mut at = clf.fast_net().clone();
                 assert_eq!(at.set_level(level), level);
                 let e = rel_err(&at.logits(&x, n), &ref_logits);
                 assert!(

@@ -1,7 +1,8 @@
-//! The image classifier's CNN as its users need it: the model format ([`model`]: weights in
-//! `model.safetensors`, description in `metadata.json`, and the network [`model::Net`]),
-//! the image → model input conversion ([`Preprocessor`]) and fast CPU inference
-//! ([`Classifier`]).
+//! The image classifier's models as their users need them: the native CNN's format
+//! ([`model`]: weights in `model.safetensors`, description in `metadata.json`, and the
+//! network [`model::Net`]), ONNX image classifiers ([`onnx`]: `model.onnx` with optional
+//! `model.toml` and `labels.txt`, run by tract), the image → model input conversion
+//! ([`Preprocessor`]) and CPU inference behind one interface for both ([`Classifier`]).
 //!
 //! Why a crate of its own: the classifier server, the client (through the server) and the
 //! fuzz targets need to load a model and run it, not to train one; the trainer needs the
@@ -9,8 +10,10 @@
 //! and the server does not depend on the trainer (nor on its command line, random numbers,
 //! gzip and logging set-up).
 //!
-//! Layout: [`model`] (format and network), [`classifier`] ([`Classifier`]), [`preprocess`]
-//! ([`Preprocessor`]), [`simd`] (the run-time choice of SIMD level, [`simd_level`], and
+//! Layout: [`model`] (format and network), [`onnx`] (the ONNX directory format and
+//! engine), [`model_dir`] (snapshots of a model directory's files, for reloads),
+//! [`classifier`] ([`Classifier`]), [`preprocess`] ([`Preprocessor`] and the ONNX
+//! [`PreprocessRecipe`]), [`simd`] (the run-time choice of SIMD level, [`simd_level`], and
 //! the measured FMA peak); privately `ops` (the candle custom op of the network's convolution
 //! layers, with the backward pass training needs), `fast` (the fast inference path),
 //! `kernels` (the slice kernels both of those share) and, in tests, `reference` (the
@@ -20,6 +23,8 @@ pub mod classifier;
 mod fast;
 mod kernels;
 pub mod model;
+pub mod model_dir;
+pub mod onnx;
 mod ops;
 pub mod preprocess;
 #[cfg(test)]
@@ -28,5 +33,7 @@ pub mod simd;
 
 pub use classifier::Classifier;
 pub use model::{ModelMetadata, Normalization};
-pub use preprocess::Preprocessor;
+pub use model_dir::DirSnapshot;
+pub use onnx::EngineChoice;
+pub use preprocess::{PreprocessRecipe, Preprocessor};
 pub use simd::{simd_level, SimdLevel};

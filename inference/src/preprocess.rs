@@ -1,13 +1,22 @@
 //! Image → model input conversion, shared by training on image folders, evaluation and the
 //! classifier server so that every path feeds the network identically.
+//!
+//! Two recipes: the native CNN's (stretch to the input size with `image`'s Lanczos3,
+//! scale to [0, 1], optional inversion, normalise, CHW), which training used and must
+//! keep; and an ONNX model's configurable [`PreprocessRecipe`] (see [`recipe`]).
 
 use image::imageops::FilterType;
 use image::DynamicImage;
 
 use crate::model::{ModelMetadata, Normalization};
 
-/// Turns any decoded image into the model's input (grayscale or RGB per metadata channels,
-/// resized to input size with a good filter, scaled to [0,1], normalised) as CHW f32.
+pub mod recipe;
+
+pub use recipe::{ChannelOrder, Interpolation, Layout, PreprocessRecipe, Resize};
+
+/// Turns any decoded image into the model's input: for the native CNN grayscale or RGB
+/// per metadata channels, resized to input size with a good filter, scaled to [0,1],
+/// normalised, as CHW f32; for an ONNX model as its [`PreprocessRecipe`] says.
 #[derive(Clone, Debug)]
 pub struct Preprocessor {
     width: u32,
@@ -18,6 +27,8 @@ pub struct Preprocessor {
     scale: Vec<f32>,
     /// Per channel mean.
     mean: Vec<f32>,
+    /// An ONNX model's recipe; `None` for the native CNN's.
+    recipe: Option<recipe::Compiled>,
 }
 
 /// Resampling filter used when an image is not already at the model's input size:
@@ -66,7 +77,27 @@ impl Preprocessor {
             invert,
             scale,
             mean,
+            recipe: None,
         }
+    }
+
+    /// The preprocessor of an ONNX model: `recipe` checked
+    /// ([`PreprocessRecipe::validate`]) and compiled to per-channel lookup tables.
+    pub fn from_recipe(recipe: PreprocessRecipe) -> anyhow::Result<Self> {
+        let compiled = recipe::Compiled::new(recipe)?;
+        let r = &compiled.recipe;
+        let norm = Normalization {
+            mean: r.mean.clone(),
+            std: r.std.clone(),
+        };
+        let mut pre = Self::with_params(r.width, r.height, r.channels, false, &norm);
+        pre.recipe = Some(compiled);
+        Ok(pre)
+    }
+
+    /// The ONNX recipe this preprocessor runs; `None` for the native CNN's.
+    pub fn recipe(&self) -> Option<&PreprocessRecipe> {
+        self.recipe.as_ref().map(|c| &c.recipe)
     }
 
     /// Number of floats produced per image: channels × height × width.
@@ -74,7 +105,8 @@ impl Preprocessor {
         (self.channels * self.width * self.height) as usize
     }
 
-    /// `(channels, height, width)` of the produced input.
+    /// `(channels, height, width)` of the produced input (in NCHW order whatever the
+    /// layout).
     pub fn dims(&self) -> (usize, usize, usize) {
         (
             self.channels as usize,
@@ -90,8 +122,13 @@ impl Preprocessor {
         out
     }
 
-    /// Appends one image's CHW floats to `out`, so a batch can be built without copies.
+    /// Appends one image's input floats (CHW for the native CNN; for an ONNX model in
+    /// its recipe's layout) to `out`, so a batch can be built without copies.
     pub fn append_input(&self, img: &DynamicImage, out: &mut Vec<f32>) {
+        if let Some(recipe) = &self.recipe {
+            recipe.append_input(img, out);
+            return;
+        }
         let (w, h) = (self.width, self.height);
         let plane = (w * h) as usize;
         if self.channels == 1 {

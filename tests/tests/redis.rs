@@ -23,3 +23,10 @@ fn requests_choose_among_several_models() {
         integration_tests::cross_process::requests_choose_among_several_models(&env);
     }
 }
+
+#[test]
+fn an_onnx_model_is_served_like_a_native_one() {
+    if let Some(env) = env() {
+        integration_tests::cross_process::an_onnx_model_is_served_like_a_native_one(&env);
+    }
+}

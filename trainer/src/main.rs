@@ -37,6 +37,16 @@ enum Command {
     },
     /// Benchmark inference, training and decoding; prints tables of medians.
     Bench(BenchArgs),
+    /// Write a model as ONNX: a model directory (model.onnx, labels.txt, model.toml)
+    /// that ONNX Runtime, other ONNX tools and the server's ONNX engine run.
+    Export {
+        /// Model directory (model.safetensors + metadata.json).
+        #[arg(long, default_value = "models/fashion-mnist")]
+        model: PathBuf,
+        /// Output directory for the ONNX model directory (created if missing).
+        #[arg(long)]
+        onnx: PathBuf,
+    },
     /// Write test-set images as PNGs into class folders.
     ExportSamples {
         /// Directory with the Fashion-MNIST idx files (.gz or raw).
@@ -309,6 +319,17 @@ fn main() -> anyhow::Result<()> {
                 peer: a.peer.then_some(a.peer_command),
                 simd_levels: a.simd_levels,
             })?;
+        }
+        Command::Export { model, onnx } => {
+            let classifier = classifier_inference::Classifier::load(&model)?;
+            classifier.export_onnx(&onnx)?;
+            println!(
+                "wrote {} as ONNX to {} (model.onnx, labels.txt, model.toml); serve it with \
+                 classifier-server --model NAME={}",
+                model.display(),
+                onnx.display(),
+                onnx.display()
+            );
         }
         Command::ExportSamples {
             fashion_mnist,

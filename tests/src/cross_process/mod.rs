@@ -8,9 +8,10 @@
 //! stopped mid-run), [`flood`] (a backlog worked through with bounded memory),
 //! [`outages`] (no server, no broker, a broker restarting), [`hostile`] (peers
 //! naming reply routes that can never be answered), [`metrics`] (the
-//! server's metrics and probes against what the client saw) and [`models`] (a model
+//! server's metrics and probes against what the client saw), [`models`] (a model
 //! reloaded mid-run, several models chosen per request; run on one backend, since
-//! nothing in them is broker-specific). Each starts from a
+//! nothing in them is broker-specific) and [`onnx`] (an ONNX model served beside the
+//! native CNN). Each starts from a
 //! [`CaseRun`]: its own topic, group and scratch folder.
 
 mod background_client;
@@ -21,6 +22,7 @@ mod happy_path;
 mod hostile;
 mod metrics;
 mod models;
+mod onnx;
 mod outages;
 mod size_limits;
 
@@ -31,6 +33,7 @@ pub use happy_path::{one_server_classifies_examples, two_servers_share_the_work}
 pub use hostile::poisoned_reply_routes_never_stall_the_server;
 pub use metrics::metrics_add_up_to_the_replies;
 pub use models::{a_model_reload_mid_run_loses_nothing, requests_choose_among_several_models};
+pub use onnx::an_onnx_model_is_served_like_a_native_one;
 pub use outages::{
     broker_restart_mid_run, no_server_means_unanswered_after_timeout,
     server_waits_for_an_unreachable_broker,

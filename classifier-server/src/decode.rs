@@ -70,6 +70,23 @@ impl DecodeError {
 
 /// Decodes `bytes` into an image within `limits`.
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, DecodeError> {
+    decode_image_for(bytes, limits, None)
+}
+
+/// What size an image of a given width and height may be decoded at (see
+/// `Preprocessor::decode_size_needed`).
+pub type SizeNeeded<'a> = &'a dyn Fn(u32, u32) -> (u32, u32);
+
+/// [`decode_image`], with a JPEG decoded at the smallest scale (1/8, 1/4 or 1/2) that
+/// still gives `needed(width, height)` pixels: a 12-megapixel photo for a 224×224 model
+/// is decoded at a quarter or an eighth of its sides, for a fraction of the work and
+/// memory. Everything else, and any JPEG the scaled decoder does not take (CMYK,
+/// 16-bit, or an error, which the full decoder then reports), is decoded in full.
+pub fn decode_image_for(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    needed: Option<SizeNeeded<'_>>,
+) -> Result<DynamicImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::new(
             ErrorCode::EmptyImage,
@@ -91,7 +108,9 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage,
             "the Jpeg data is truncated (no end-of-image marker after the image data)",
         ));
     }
-    match catch_unwind(AssertUnwindSafe(|| decode_checked(bytes, format, limits))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        decode_checked(bytes, format, limits, needed)
+    })) {
         Ok(result) => result,
         Err(_) => Err(DecodeError::new(
             ErrorCode::CorruptImage,
@@ -104,6 +123,7 @@ fn decode_checked(
     bytes: &[u8],
     format: ImageFormat,
     limits: &DecodeLimits,
+    needed: Option<SizeNeeded<'_>>,
 ) -> Result<DynamicImage, DecodeError> {
     // Some decoders need more than the header to report dimensions (a PNG decoder reads
     // up to the first data chunk), so first read them from the header bytes alone. Only
@@ -120,6 +140,14 @@ fn decode_checked(
             .map_err(|error| classify_error(format, error))?,
     };
     check_dimensions(width, height, limits)?;
+    if let (ImageFormat::Jpeg, Some(needed)) = (format, needed) {
+        let (w, h) = needed(width, height);
+        if w.saturating_mul(2) <= width && h.saturating_mul(2) <= height {
+            if let Some(image) = decode_jpeg_scaled(bytes, (w, h), limits) {
+                return Ok(image);
+            }
+        }
+    }
     let mut reader = reader();
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_width);
@@ -133,6 +161,27 @@ fn decode_checked(
     // image it made is checked too, should it disagree with the header read above.
     check_dimensions(image.width(), image.height(), limits)?;
     Ok(image)
+}
+
+/// A JPEG decoded by `jpeg-decoder`'s scaled IDCT to the smallest scale giving at least
+/// `size`; `None` where it cannot (then the full decoder runs and reports any error).
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    size: (u32, u32),
+    limits: &DecodeLimits,
+) -> Option<DynamicImage> {
+    use jpeg_decoder::PixelFormat;
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_decoded_bytes).ok()?);
+    let requested = (u16::try_from(size.0).ok()?, u16::try_from(size.1).ok()?);
+    let (w, h) = decoder.scale(requested.0, requested.1).ok()?;
+    let pixels = decoder.decode().ok()?;
+    let (w, h) = (u32::from(w), u32::from(h));
+    match decoder.info()?.pixel_format {
+        PixelFormat::L8 => image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
+        PixelFormat::RGB24 => image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
+        PixelFormat::L16 | PixelFormat::CMYK32 => None,
+    }
 }
 
 /// The JPEG decoder fills a cut-off scan with grey rather than failing, so a truncated
@@ -206,6 +255,57 @@ fn hex_prefix(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use image::{ImageBuffer, Luma, Rgb};
+
+    /// A photo-like colour JPEG: smooth gradients in each channel.
+    fn photo_jpeg(width: u32, height: u32) -> Vec<u8> {
+        let img: ImageBuffer<Rgb<u8>, Vec<u8>> = ImageBuffer::from_fn(width, height, |x, y| {
+            let (fx, fy) = (x as f32 / width as f32, y as f32 / height as f32);
+            let wave = ((fx * 9.0).sin() * (fy * 7.0).cos() * 60.0) as i32;
+            let c = |base: f32| (base + wave as f32).clamp(0.0, 255.0) as u8;
+            Rgb([
+                c(fx * 200.0),
+                c(fy * 180.0 + 40.0),
+                c((1.0 - fx) * 150.0 + 50.0),
+            ])
+        });
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Jpeg)
+            .expect("encode jpeg");
+        out.into_inner()
+    }
+
+    #[test]
+    fn a_photo_is_decoded_at_reduced_scale_and_looks_the_same_at_the_model_s_size() {
+        let jpeg = photo_jpeg(1600, 1200);
+        let limits = DecodeLimits::default();
+        let full = decode_image(&jpeg, &limits).expect("full decode");
+        let needed = |_w, _h| (220, 165);
+        let scaled = decode_image_for(&jpeg, &limits, Some(&needed)).expect("scaled decode");
+        // 1/4 is the smallest scale giving at least 220×165 (1/8 would give 200×150).
+        assert_eq!((scaled.width(), scaled.height()), (400, 300));
+        let small = |img: &DynamicImage| {
+            img.resize_exact(64, 48, image::imageops::FilterType::Triangle)
+                .to_rgb8()
+        };
+        let (a, b) = (small(&full), small(&scaled));
+        let mean_diff = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum::<f64>()
+            / a.as_raw().len() as f64;
+        assert!(mean_diff < 2.0, "mean difference {mean_diff} levels");
+        // A PNG, or a JPEG too small to shrink, is decoded in full.
+        let tiny = decode_image_for(&photo_jpeg(300, 200), &limits, Some(&needed)).expect("ok");
+        assert_eq!((tiny.width(), tiny.height()), (300, 200));
+        let png = decode_image_for(&png(640, 480), &limits, Some(&needed)).expect("png");
+        assert_eq!((png.width(), png.height()), (640, 480));
+        // A truncated JPEG is still refused, scaled or not.
+        let cut = &jpeg[..jpeg.len() / 2];
+        let error = decode_image_for(cut, &limits, Some(&needed)).expect_err("truncated");
+        assert_eq!(error.code, ErrorCode::CorruptImage);
+    }
 
     fn png(width: u32, height: u32) -> Vec<u8> {
         let img: ImageBuffer<Luma<u8>, Vec<u8>> =

@@ -12,7 +12,7 @@ use classifier_proto::{
 };
 use unified_broker::Message;
 
-use crate::decode::{decode_image, DecodeLimits};
+use crate::decode::{decode_image_for, DecodeLimits};
 
 /// Where a reply goes and what it answers: known even for requests whose payload could
 /// not be decoded, thanks to the routing attributes the client sets.
@@ -213,7 +213,8 @@ fn prepare_unchecked<M: HasPreprocessor>(
         Ok(model) => model,
         Err(reason) => return Err(reject(route, ErrorCode::UnknownModel, reason)),
     };
-    match decode_image(&request.image, limits) {
+    let needed = |w, h| model.preprocessor().decode_size_needed(w, h);
+    match decode_image_for(&request.image, limits, Some(&needed)) {
         Ok(image) => {
             let input = model.preprocessor().to_input(&image);
             Ok((PreparedInput { route, input }, model))

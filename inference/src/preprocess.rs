@@ -100,6 +100,23 @@ impl Preprocessor {
         self.recipe.as_ref().map(|c| &c.recipe)
     }
 
+    /// The smallest size a `width`×`height` image may be decoded at (aspect ratio kept)
+    /// without changing what this preprocessor makes of it in any way that matters:
+    /// twice the size its resize scales the image to, so the final resize still shrinks
+    /// (and filters) by at least 2. A decoder that can shrink while decoding (JPEG's
+    /// scaled IDCT) does so down to this, for a fraction of the work on a photo.
+    pub fn decode_size_needed(&self, width: u32, height: u32) -> (u32, u32) {
+        let (w, h) = (width.max(1) as f64, height.max(1) as f64);
+        let factor = match self.recipe.as_ref().map(|c| c.recipe.resize) {
+            Some(recipe::Resize::ShorterSideThenCenterCrop { shorter }) => {
+                shorter as f64 / w.min(h)
+            }
+            _ => (self.width as f64 / w).max(self.height as f64 / h),
+        };
+        let side = |n: f64| ((n * factor * 2.0).ceil() as u32).clamp(1, u32::MAX);
+        (side(w).min(width), side(h).min(height))
+    }
+
     /// Number of floats produced per image: channels × height × width.
     pub fn input_len(&self) -> usize {
         (self.channels * self.width * self.height) as usize

@@ -41,7 +41,8 @@ pub use pipeline::{ModelServer, NotReady, ServerStats, StatsSnapshot};
 pub fn load_classifier(config: &ServerConfig) -> anyhow::Result<Arc<Classifier>> {
     let (source, classifier) = load_default_model(config)?;
     let meta = classifier.metadata();
-    tracing::info!(model = %meta.name, version = %meta.version, from = %source, "model loaded");
+    tracing::info!(model = %meta.name, version = %meta.version, engine = classifier.engine_name(), from = %source, "model loaded");
+    log_onnx_engine(classifier.is_onnx());
     Ok(Arc::new(classifier))
 }
 
@@ -84,9 +85,22 @@ pub fn load_models(config: &ServerConfig) -> anyhow::Result<ModelSet> {
     let models = ModelSet::new(models)?;
     for (i, model) in models.served().iter().enumerate() {
         let meta = model.classifier.metadata();
-        tracing::info!(model = %model.name, version = %meta.version, default = (i == 0), "model loaded");
+        tracing::info!(model = %model.name, version = %meta.version, engine = model.classifier.engine_name(), default = (i == 0), "model loaded");
     }
+    log_onnx_engine(models.served().iter().any(|m| m.classifier.is_onnx()));
     Ok(models)
+}
+
+/// Says which engine runs ONNX models and why (ONNX Runtime from where, or tract
+/// because the library is not there) when any model served is ONNX: the first thing to
+/// check when an ONNX model is slower than expected.
+fn log_onnx_engine(any_onnx: bool) {
+    if any_onnx {
+        tracing::info!(
+            engine = %classifier_inference::onnx::engine_report(),
+            "ONNX engine"
+        );
+    }
 }
 
 /// Connects to the broker, retrying with backoff while it is unreachable, until it

@@ -73,6 +73,9 @@ fn builder(env: &Environment, threads: usize) -> anyhow::Result<SessionBuilder> 
         .with_intra_op_spinning(false)
         .map_err(fail)?
         .with_inter_op_spinning(false)
+        .map_err(fail)?
+        // ONNX Runtime logs every session's options at "info": noise in a server's log.
+        .with_log_level(ort::logging::LogLevel::Warning)
         .map_err(fail)
 }
 

@@ -1,9 +1,11 @@
 //! Training of the Fashion-MNIST CNN behind the `trainer` CLI: data loading ([`data`]), the
 //! training loop and the drivers that write a model directory ([`train`]), per-class
-//! evaluation ([`evaluate`]), and `trainer bench` ([`bench`]). The model format, the network and inference live in the
+//! evaluation ([`evaluate`]), `trainer bench` ([`bench`]), and the command line with one
+//! function per command ([`cli`]). The model format, the network and inference live in the
 //! `classifier-inference` crate, which this one writes models for.
 
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod evaluate;
 pub mod train;

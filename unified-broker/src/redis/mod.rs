@@ -17,7 +17,7 @@
 //! - each **subscriber** is a consumer of the group with a unique name, reading new
 //!   entries (`XREADGROUP … >`) on a connection of its own, taking over entries that a
 //!   dead member left idle (`XAUTOCLAIM`), acking with `XACK`. Details, nacks, closing
-//!   and flow control in `consumer.rs`.
+//!   and flow control in `consumer/`.
 //! - `delete_topic` deletes the stream (and with it its groups); `delete_subscription`
 //!   destroys the group (`XGROUP DESTROY`). Acked entries stay in the stream for other
 //!   groups until `MAXLEN` trims them.

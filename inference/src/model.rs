@@ -42,7 +42,7 @@ pub mod names {
 
 /// Per-channel normalisation applied after pixels are scaled to `[0, 1]`:
 /// `(v - mean[c]) / std[c]`. Stored in the metadata so inference matches training.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Normalization {
     /// Mean per channel.
     pub mean: Vec<f32>,
@@ -51,8 +51,10 @@ pub struct Normalization {
 }
 
 /// Everything a consumer needs to know about a trained model; serialized beside the weights
-/// as `metadata.json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// as `metadata.json`. `Default` is all empty or zero (not a valid model): for models
+/// that were not trained here, which fill in what they know and leave the training
+/// record at its defaults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ModelMetadata {
     /// Short model name, e.g. "fashion-cnn".
     pub name: String,

@@ -377,7 +377,6 @@ mod tests {
         let meta = ModelMetadata {
             name: "test".into(),
             version: "0".into(),
-            architecture: String::new(),
             input_width: w as u32,
             input_height: h as u32,
             input_channels: c_in as u32,
@@ -385,23 +384,10 @@ mod tests {
                 mean: vec![0.0; c_in],
                 std: vec![1.0; c_in],
             },
-            invert: false,
             class_names: (0..classes).map(|i| format!("c{i}")).collect(),
             class_dirs: (0..classes).map(|i| format!("c{i}")).collect(),
-            dataset: String::new(),
-            test_accuracy: 0.0,
-            test_samples: 0,
-            training_seconds: 0.0,
-            epochs: 0,
-            command: String::new(),
-            seed: 0,
-            batch_size: 0,
-            learning_rate: 0.0,
             tensor_layout: "NHWC".into(),
-            created_at_unix: 0,
-            augment: String::new(),
-            label_smoothing: 0.0,
-            best_epoch: 0,
+            ..ModelMetadata::default()
         };
         Ok(Classifier::from_parts(meta, net).expect("consistent shapes"))
     }

@@ -97,40 +97,8 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Output values per image (the number of classes).
-    pub(crate) fn classes(&self) -> usize {
-        self.classes
-    }
-
-    /// Multiply-adds of one image (0 when tract does not count them).
-    pub(crate) fn fma_per_image(&self) -> u64 {
-        self.fma_per_image
-    }
-
-    /// The batch size fixed by the file, if any.
-    pub(crate) fn fixed_batch(&self) -> Option<usize> {
-        self.fixed_batch.then_some(self.plan_batch)
-    }
-
     fn item_len(&self) -> usize {
         self.item_dims.iter().product()
-    }
-
-    /// `n` images (`n × item_len` floats) → `n × classes` raw outputs, the chunks of the
-    /// plan's batch size run in parallel.
-    pub(crate) fn run(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
-        let len = self.item_len();
-        if inputs.len() != n * len {
-            bail!(
-                "expected {n} images of {len} values, got {} values",
-                inputs.len()
-            );
-        }
-        let rows: Vec<Vec<f32>> = inputs
-            .par_chunks(self.plan_batch * len)
-            .map(|chunk| self.run_chunk(chunk))
-            .collect::<anyhow::Result<_>>()?;
-        Ok(rows.concat())
     }
 
     /// Runs the plan on up to `plan_batch` images (padded with blank ones), returning
@@ -138,28 +106,14 @@ impl Engine {
     fn run_chunk(&self, images: &[f32]) -> anyhow::Result<Vec<f32>> {
         let (size, len) = (self.plan_batch, self.item_len());
         let take = images.len() / len;
-        let padded;
-        let data = if take == size {
-            images
-        } else {
-            let mut v = images.to_vec();
-            v.resize(size * len, 0.0);
-            padded = v;
-            &padded
-        };
+        let data = super::padded(images, size * len);
         let [a, b, c] = self.item_dims;
         let mut rows = guarded(&format!("running a batch of {size}"), || {
-            let tensor = Tensor::from_shape(&[size, a, b, c], data)?;
+            let tensor = Tensor::from_shape(&[size, a, b, c], &data)?;
             let outputs = self.plan.run(tvec!(tensor.into()))?;
             let output = outputs.first().context("the model gave no output")?;
             let view = output.to_plain_array_view::<f32>()?;
-            if view.len() != size * self.classes {
-                bail!(
-                    "the model gave {} values for {size} images of {} classes",
-                    view.len(),
-                    self.classes
-                );
-            }
+            super::check_outputs(view.len(), size, self.classes)?;
             Ok(view.iter().copied().collect::<Vec<f32>>())
         })?;
         rows.truncate(take * self.classes);
@@ -254,20 +208,29 @@ pub(crate) fn decode(
 }
 
 impl super::Runner for Engine {
+    /// `n` images (`n × item_len` floats) → `n × classes` raw outputs, the chunks of the
+    /// plan's batch size run in parallel.
     fn run(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
-        Engine::run(self, inputs, n)
+        let len = self.item_len();
+        super::check_inputs(inputs, n, len)?;
+        let rows: Vec<Vec<f32>> = inputs
+            .par_chunks(self.plan_batch * len)
+            .map(|chunk| self.run_chunk(chunk))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(rows.concat())
     }
 
     fn classes(&self) -> usize {
-        Engine::classes(self)
+        self.classes
     }
 
     fn fixed_batch(&self) -> Option<usize> {
-        Engine::fixed_batch(self)
+        self.fixed_batch.then_some(self.plan_batch)
     }
 
+    /// Multiply-adds of one image, as tract's operators count them (0 if they do not).
     fn fma_per_image(&self) -> u64 {
-        Engine::fma_per_image(self)
+        self.fma_per_image
     }
 
     fn name(&self) -> &'static str {

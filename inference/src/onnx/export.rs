@@ -138,8 +138,8 @@ fn graph(net: &Net, meta: &ModelMetadata) -> anyhow::Result<GraphProto> {
         g.initializer.push(tensor("invert.k", &dims, k));
         x = node(&mut g, "Sub", "invert", &["invert.k", &x], vec![]);
     }
-    x = conv_block(&mut g, net, "conv1", &x)?;
-    x = conv_block(&mut g, net, "conv2", &x)?;
+    x = conv_block(&mut g, "conv1", &x, &net.conv1_w, &net.conv1_b)?;
+    x = conv_block(&mut g, "conv2", &x, &net.conv2_w, &net.conv2_b)?;
     x = node(
         &mut g,
         "Transpose",
@@ -157,13 +157,15 @@ fn graph(net: &Net, meta: &ModelMetadata) -> anyhow::Result<GraphProto> {
     Ok(g)
 }
 
-/// Conv 3×3 (pad 1) → MaxPool 2×2 → Relu, with `name`'s weights converted from the
-/// native `(9 · c_in, c_out)` rows ordered (ky, kx, c_in) to ONNX's `[c_out, c_in, 3, 3]`.
-fn conv_block(g: &mut GraphProto, net: &Net, name: &str, x: &str) -> anyhow::Result<String> {
-    let (w, b) = match name {
-        "conv1" => (&net.conv1_w, &net.conv1_b),
-        _ => (&net.conv2_w, &net.conv2_b),
-    };
+/// Conv 3×3 (pad 1) → MaxPool 2×2 → Relu, the weights `w` converted from the native
+/// `(9 · c_in, c_out)` rows ordered (ky, kx, c_in) to ONNX's `[c_out, c_in, 3, 3]`.
+fn conv_block(
+    g: &mut GraphProto,
+    name: &str,
+    x: &str,
+    w: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> anyhow::Result<String> {
     let (rows, c_out) = w.dims2()?;
     let c_in = rows / 9;
     let native = w.flatten_all()?.to_vec1::<f32>()?;

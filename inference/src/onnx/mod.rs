@@ -166,6 +166,36 @@ pub(crate) trait Runner: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 }
 
+/// Checks that `inputs` holds `n` images of `len` values each (both engines' `run`).
+fn check_inputs(inputs: &[f32], n: usize, len: usize) -> anyhow::Result<()> {
+    if inputs.len() != n * len {
+        anyhow::bail!(
+            "expected {n} images of {len} values, got {} values",
+            inputs.len()
+        );
+    }
+    Ok(())
+}
+
+/// Checks that a run of `n` images gave one row of `classes` values per image.
+fn check_outputs(values: usize, n: usize, classes: usize) -> anyhow::Result<()> {
+    if values != n * classes {
+        anyhow::bail!("the model gave {values} values for {n} images of {classes} classes");
+    }
+    Ok(())
+}
+
+/// `images` padded with blank (zero) values to `total` values, for a file that fixes
+/// its batch size; borrowed when already full.
+fn padded(images: &[f32], total: usize) -> std::borrow::Cow<'_, [f32]> {
+    if images.len() == total {
+        return std::borrow::Cow::Borrowed(images);
+    }
+    let mut full = images.to_vec();
+    full.resize(total, 0.0);
+    std::borrow::Cow::Owned(full)
+}
+
 /// A loaded ONNX classifier: the engine and what to do with its output.
 #[derive(Debug)]
 pub(crate) struct OnnxModel {
@@ -343,23 +373,10 @@ fn metadata(
             mean: recipe.mean.clone(),
             std: recipe.std.clone(),
         },
-        invert: false,
         class_dirs: class_names.iter().map(|n| folder_name(n)).collect(),
         class_names,
-        dataset: String::new(),
-        test_accuracy: 0.0,
-        test_samples: 0,
-        training_seconds: 0.0,
-        epochs: 0,
-        command: String::new(),
-        seed: 0,
-        batch_size: 0,
-        learning_rate: 0.0,
         tensor_layout: format!("{:?}", recipe.layout),
-        created_at_unix: 0,
-        augment: String::new(),
-        label_smoothing: 0.0,
-        best_epoch: 0,
+        ..ModelMetadata::default()
     };
     meta.validate().context("the model's description")?;
     Ok(meta)

@@ -122,9 +122,10 @@ impl OrtRunner {
         };
         let batch = fixed_batch.unwrap_or(1);
         let blank = vec![0f32; batch * runner.item_len()];
-        let (values, _) = runner
+        let values = runner
             .run_batch(&blank, batch)
-            .context("running the model once on a blank input")?;
+            .context("running the model once on a blank input")?
+            .len();
         if values == 0 || !values.is_multiple_of(batch) {
             bail!("the model gave {values} values for a batch of {batch}");
         }
@@ -136,8 +137,8 @@ impl OrtRunner {
         self.item_dims.iter().product()
     }
 
-    /// Runs `n` images as one batch: the number of output values and the values.
-    fn run_batch(&self, images: &[f32], n: usize) -> anyhow::Result<(usize, Vec<f32>)> {
+    /// Runs `n` images as one batch: the output values, however many there are.
+    fn run_batch(&self, images: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
         let [a, b, c] = self.item_dims;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         guarded(&format!("running a batch of {n}"), || {
@@ -149,28 +150,28 @@ impl OrtRunner {
             let (_, values) = outputs[0]
                 .try_extract_tensor::<f32>()
                 .map_err(|e| anyhow!("the model's output: {e}"))?;
-            Ok((values.len(), values.to_vec()))
+            Ok(values.to_vec())
         })
+    }
+
+    /// [`OrtRunner::run_batch`] with the output size checked against `n × classes`.
+    fn checked(&self, images: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
+        let rows = self.run_batch(images, n)?;
+        super::check_outputs(rows.len(), n, self.classes)?;
+        Ok(rows)
     }
 }
 
 impl Runner for OrtRunner {
     fn run(&self, inputs: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
         let len = self.item_len();
-        if inputs.len() != n * len {
-            bail!(
-                "expected {n} images of {len} values, got {} values",
-                inputs.len()
-            );
-        }
+        super::check_inputs(inputs, n, len)?;
         let Some(size) = self.fixed_batch else {
             return self.checked(inputs, n);
         };
         let mut rows = Vec::with_capacity(n * self.classes);
         for chunk in inputs.chunks(size * len) {
-            let mut padded = chunk.to_vec();
-            padded.resize(size * len, 0.0);
-            let mut out = self.checked(&padded, size)?;
+            let mut out = self.checked(&super::padded(chunk, size * len), size)?;
             out.truncate(chunk.len() / len * self.classes);
             rows.extend(out);
         }
@@ -191,19 +192,5 @@ impl Runner for OrtRunner {
 
     fn name(&self) -> &'static str {
         "ONNX Runtime"
-    }
-}
-
-impl OrtRunner {
-    /// [`OrtRunner::run_batch`] with the output size checked against `n × classes`.
-    fn checked(&self, images: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
-        let (values, rows) = self.run_batch(images, n)?;
-        if values != n * self.classes {
-            bail!(
-                "the model gave {values} values for {n} images of {} classes",
-                self.classes
-            );
-        }
-        Ok(rows)
     }
 }

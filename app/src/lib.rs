@@ -1,0 +1,1 @@
+//! What the binaries (`classifier-server`, `client-app`, `trainer`) share.

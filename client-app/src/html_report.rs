@@ -334,8 +334,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::failure::FailureCode;
     use crate::inputs::InputFile;
     use crate::job::classified;
+    use classifier_proto::ErrorCode;
 
     fn result(name: &str, folder: &str, outcome: FileOutcome, path: PathBuf) -> FileResult {
         FileResult {
@@ -373,7 +375,7 @@ mod tests {
                     "x/<evil>.png",
                     "x",
                     FileOutcome::Failed {
-                        code: "CORRUPT_IMAGE".into(),
+                        code: FailureCode::Server(ErrorCode::CorruptImage),
                         reason: "bad \"bytes\" & more".into(),
                     },
                     dir.path().join("x.png"),

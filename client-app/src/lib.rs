@@ -14,6 +14,7 @@
 
 pub mod dead_letters;
 pub mod downscale;
+pub mod failure;
 pub mod html_report;
 pub mod inputs;
 pub mod job;

@@ -101,7 +101,11 @@ pub fn result_line(result: &FileResult) -> String {
             }
         }
         FileOutcome::Failed { code, reason } => {
-            format!("{name}  ✗  {}: {}", printable(code), printable(reason))
+            format!(
+                "{name}  ✗  {}: {}",
+                printable(code.as_str()),
+                printable(reason)
+            )
         }
         FileOutcome::Unanswered => format!(
             "{name}  ?  UNANSWERED: no reply before the timeout (request {})",
@@ -539,8 +543,10 @@ fn ends_with_newline(file: &mut std::fs::File, len: u64) -> std::io::Result<bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::FailureCode;
     use crate::inputs::InputFile;
     use crate::job::ClassScore;
+    use classifier_proto::ErrorCode;
     use std::collections::HashMap;
     use std::path::PathBuf;
 
@@ -599,7 +605,7 @@ mod tests {
         ];
         results.push(FileResult {
             outcome: FileOutcome::Failed {
-                code: "CORRUPT_IMAGE".into(),
+                code: FailureCode::Server(ErrorCode::CorruptImage),
                 reason: "truncated".into(),
             },
             ..classified("shirt", "Shirt", 6)
@@ -683,7 +689,7 @@ mod tests {
         assert!(line.contains("a\\nFORGED LINE\\u{1b}[2J.png"), "{line}");
         let failed = FileResult {
             outcome: FileOutcome::Failed {
-                code: "CODE\n".into(),
+                code: FailureCode::Other("CODE\n".into()),
                 reason: "why\u{1b}[1A".into(),
             },
             ..evil.clone()

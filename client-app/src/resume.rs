@@ -3,33 +3,26 @@
 //! Rows are matched to files by their `file` column (the path as shown, e.g.
 //! `examples/coat/1.png`), so the folders must be given the same way as before. A file
 //! counts as answered when its last row says `classified`, or `error` with a code that
-//! the same bytes would get again ([`is_final`]). Unanswered files and transient or
-//! client-side errors (`INTERNAL`, `UNREADABLE_FILE`, `FILE_TOO_LARGE`, …) are sent
-//! again. Rows that cannot be read (a line cut short by a crash) are skipped.
+//! the same bytes would get again ([`is_final`], by [`FailureCode::is_final`]).
+//! Unanswered files and transient or client-side errors (`INTERNAL`,
+//! `UNREADABLE_FILE`, `FILE_TOO_LARGE`, …) are sent again. Rows that cannot be read (a
+//! line cut short by a crash) are skipped.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
 
+use crate::failure::FailureCode;
 use crate::inputs::InputFile;
 
-/// Error codes that depend only on the file's bytes: sending it again would get the
-/// same answer, so `--resume` does not.
-pub const FINAL_ERROR_CODES: &[&str] = &[
-    "UNSUPPORTED_FORMAT",
-    "CORRUPT_IMAGE",
-    "EMPTY_IMAGE",
-    "IMAGE_TOO_LARGE",
-    "MESSAGE_TOO_LARGE",
-];
-
-/// Whether a row with this `status` (and `error_code`) is an answer that sending the
-/// file again would not change.
-pub fn is_final(status: &str, error_code: Option<&str>) -> bool {
+/// Whether a row with this `status` (and `error_code`, as written: codes of other
+/// versions are kept as [`FailureCode::Other`] and retried) is an answer that sending
+/// the file again would not change.
+pub fn is_final(status: &str, error_code: Option<&FailureCode>) -> bool {
     match status {
         "classified" => true,
-        "error" => error_code.is_some_and(|code| FINAL_ERROR_CODES.contains(&code)),
+        "error" => error_code.is_some_and(FailureCode::is_final),
         _ => false,
     }
 }
@@ -62,7 +55,8 @@ impl Answered {
         }
         let mut note = |seen: Option<Seen>| match seen {
             Some(seen) => {
-                let last = is_final(&seen.status, seen.error_code.as_deref());
+                let code = seen.error_code.as_deref().map(FailureCode::from);
+                let last = is_final(&seen.status, code.as_ref());
                 answered.last.insert(seen.file, last);
             }
             None => answered.unreadable_rows += 1,
@@ -118,11 +112,14 @@ mod tests {
 
     #[test]
     fn final_answers_are_classified_and_content_errors() {
+        let error = |code: &str| is_final("error", Some(&FailureCode::from(code)));
         assert!(is_final("classified", None));
-        assert!(is_final("error", Some("CORRUPT_IMAGE")));
-        assert!(!is_final("error", Some("INTERNAL")));
-        assert!(!is_final("error", Some("UNREADABLE_FILE")));
-        assert!(!is_final("error", Some("FILE_TOO_LARGE")));
+        assert!(error("CORRUPT_IMAGE"));
+        assert!(error("MESSAGE_TOO_LARGE"));
+        assert!(!error("INTERNAL"));
+        assert!(!error("UNREADABLE_FILE"));
+        assert!(!error("FILE_TOO_LARGE"));
+        assert!(!error("TIMEOUT"), "a code of another version is retried");
         assert!(!is_final("error", None));
         assert!(!is_final("unanswered", None));
     }

@@ -201,7 +201,7 @@ fn target_folder(outcome: &FileOutcome, min_confidence: Option<f32>) -> Option<(
         }
         FileOutcome::Failed { code, .. } => Some((
             Kind::Error,
-            Path::new(ERRORS_DIR).join(safe_component(code)),
+            Path::new(ERRORS_DIR).join(safe_component(code.as_str())),
         )),
         FileOutcome::Unanswered => None,
     }
@@ -445,8 +445,10 @@ fn remove_source(source: &Path, copy: &Path, remove: Remove) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::FailureCode;
     use crate::inputs::InputFile;
     use crate::job::classified;
+    use classifier_proto::ErrorCode;
 
     fn write(path: &Path, bytes: &[u8]) {
         if let Some(parent) = path.parent() {
@@ -577,7 +579,7 @@ mod tests {
             classified("T-shirt/top", 0.9),
             classified("Coat", 0.2),
             FileOutcome::Failed {
-                code: "CORRUPT_IMAGE".into(),
+                code: FailureCode::Server(ErrorCode::CorruptImage),
                 reason: "truncated".into(),
             },
             FileOutcome::Unanswered,

@@ -11,35 +11,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use classifier_proto::ErrorCode;
 use image::{DynamicImage, ImageError, ImageFormat, ImageReader};
-use serde::{Deserialize, Serialize};
 
-/// Limits on what one request may make the server do.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct DecodeLimits {
-    /// Largest accepted broker message (request) in bytes.
-    pub max_message_bytes: usize,
-    /// Largest accepted image width in pixels.
-    pub max_width: u32,
-    /// Largest accepted image height in pixels.
-    pub max_height: u32,
-    /// Largest accepted width × height.
-    pub max_pixels: u64,
-    /// Most memory the decoder may allocate for one image, in bytes.
-    pub max_decoded_bytes: u64,
-}
-
-impl Default for DecodeLimits {
-    fn default() -> Self {
-        DecodeLimits {
-            max_message_bytes: 16 * 1024 * 1024,
-            max_width: 16_384,
-            max_height: 16_384,
-            max_pixels: 40_000_000,
-            max_decoded_bytes: 256 * 1024 * 1024,
-        }
-    }
-}
+/// The limits live with the rest of the config file's `[server]` section.
+pub use classifier_app::DecodeLimits;
 
 /// Why bytes could not become an image; carries the protocol error code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -5,7 +5,6 @@
 //! The binary (`src/main.rs`) is a thin shell over this library so that `client-app`
 //! can run the very same server inside its own process on the embedded broker.
 //!
-//! - [`config`]: the config file shared with the client;
 //! - [`decode`]: untrusted bytes → image, with limits against decompression bombs;
 //! - [`model_source`]: which model to load (named, per-user or built in);
 //! - [`models`]: the models served, by name, reloaded when their directory changes;
@@ -15,7 +14,6 @@
 //! - [`log_safe`]: peers' strings escaped and cut before they are logged;
 //! - [`telemetry`]: those stats as Prometheus metrics, and health probes, over HTTP.
 
-pub mod config;
 pub mod decode;
 pub mod log_safe;
 pub mod model_source;
@@ -28,11 +26,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio_util::sync::CancellationToken;
-use unified_broker::{retry_while_unavailable, Broker, BrokerConfig};
 
+/// The server's settings (the config file's `[server]` table), which [`ModelServer`] takes.
+pub use classifier_app::ServerConfig;
 pub use classifier_inference::Classifier;
-pub use config::{AppConfig, ClientConfig, NamedModel, ServerConfig};
 pub use models::ModelSet;
 pub use pipeline::{ModelServer, NotReady, ServerStats, StatsSnapshot};
 
@@ -103,30 +100,6 @@ fn log_onnx_engine(any_onnx: bool) {
     }
 }
 
-/// Connects to the broker, retrying with backoff while it is unreachable, until it
-/// answers or `shutdown` is cancelled. Logs what it waits for.
-pub async fn connect_with_retry(
-    config: &BrokerConfig,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Arc<dyn Broker>> {
-    match retry_while_unavailable("a connection", shutdown.cancelled(), || {
-        unified_broker::connect(config)
-    })
-    .await
-    {
-        Some(result) => result.context("connecting to the broker"),
-        None => anyhow::bail!("stopped while waiting for the broker"),
-    }
-}
-
-/// Locks `mutex`, carrying on with its data if a thread panicked while holding it (the
-/// server's shared state stays usable: every update is a single assignment).
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Makes SIGHUP harmless from now on (its default action ends the process): the server
 /// takes it as "check the model directories", but only once it serves, and a
 /// `systemctl reload` during start-up must not kill it. No-op off Unix.
@@ -165,44 +138,4 @@ impl Hangups {
         }
         std::future::pending::<()>().await
     }
-}
-
-/// Cancels `token` on SIGINT or SIGTERM (Ctrl-C only, off Unix).
-pub fn cancel_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received: shutting down");
-        token.cancel();
-    });
-}
-
-#[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default: `default_level`).
-pub fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use classifier_server::{
-    cancel_on_signals, catch_hangups, connect_with_retry, init_tracing, load_models, telemetry,
-    AppConfig, ModelServer, ServerStats,
+use classifier_app::{
+    cancel_on_signals, connect_with_retry, init_tracing, AppConfig, ServerConfig,
 };
+use classifier_server::{catch_hangups, load_models, telemetry, ModelServer, ServerStats};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 /// Classifies images arriving on a broker topic and publishes the predictions.
@@ -30,6 +31,14 @@ struct Args {
     /// batches (a model that does not load is refused and logged).
     #[arg(long)]
     model: Vec<String>,
+    #[command(flatten)]
+    server: ServerFlags,
+}
+
+/// The flags that set `[server]` settings, each serialized under its field's name in
+/// the config file (see [`AppConfig::apply_server_flags`]).
+#[derive(Debug, clap::Args, Serialize)]
+struct ServerFlags {
     /// How often to check the model directories, in milliseconds (0: only on SIGHUP).
     #[arg(long)]
     model_poll_ms: Option<u64>,
@@ -61,13 +70,17 @@ struct Args {
 }
 
 impl Args {
+    /// The config file (or defaults), the environment, then the flags.
     fn config(&self) -> anyhow::Result<AppConfig> {
         let mut config = AppConfig::load(self.config.as_deref())?;
-        if let Some(backend) = &self.broker {
-            config.select_backend(backend)?;
-            config.broker.apply_env(&|name| std::env::var(name).ok());
-        }
-        let server = &mut config.server;
+        config.apply_broker_flag(self.broker.as_deref())?;
+        config.apply_server_flags(&self.server)?;
+        self.apply_models(&mut config.server)?;
+        Ok(config)
+    }
+
+    /// `--model DIR` sets the default model, `--model NAME=DIR` adds a named one.
+    fn apply_models(&self, server: &mut ServerConfig) -> anyhow::Result<()> {
         let mut unnamed = 0;
         for model in &self.model {
             match model.split_once('=') {
@@ -83,34 +96,7 @@ impl Args {
         if unnamed > 1 {
             anyhow::bail!("give at most one --model DIR without a name (others as NAME=DIR)");
         }
-        if let Some(ms) = self.model_poll_ms {
-            server.model_poll_ms = ms;
-        }
-        if let Some(topic) = &self.request_topic {
-            server.request_topic = topic.clone();
-        }
-        if let Some(group) = &self.group {
-            server.group = group.clone();
-        }
-        if let Some(id) = &self.server_id {
-            server.server_id = id.clone();
-        }
-        if let Some(size) = self.max_batch_size {
-            server.max_batch_size = size;
-        }
-        if let Some(wait) = self.max_batch_wait_ms {
-            server.max_batch_wait_ms = wait;
-        }
-        if let Some(secs) = self.drain_timeout_secs {
-            server.drain_timeout_secs = secs;
-        }
-        if let Some(limit) = self.max_in_flight {
-            server.max_in_flight = limit;
-        }
-        if let Some(addr) = self.metrics_addr {
-            server.metrics_addr = Some(addr);
-        }
-        Ok(config)
+        Ok(())
     }
 }
 

@@ -27,8 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use classifier_inference::Classifier;
 
-/// The environment variable that names a model directory.
-pub const MODEL_DIR_ENV: &str = "CLASSIFIER_MODEL_DIR";
+pub use classifier_app::config::MODEL_DIR_ENV;
 
 /// The file whose presence makes a directory a native model directory (beside the
 /// weights).

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use classifier_inference::{Classifier, DirSnapshot, Preprocessor};
 
-use crate::lock;
+use classifier_app::lock;
 
 /// Characters of an unknown model name that an error reply repeats.
 const MAX_ECHOED_NAME: usize = 64;

@@ -6,12 +6,14 @@
 //! - [`html_report`]: the same as one self-contained HTML page (`--report`);
 //! - [`resume`]: which files an earlier results file already answered (`--resume`);
 //! - [`sort`]: copying or moving answered files into class folders (`--sort-into`);
-//! - [`dead_letters`]: reading back what the servers dead-lettered, re-publishing it.
+//! - [`dead_letters`]: reading back what the servers dead-lettered, re-publishing it;
+//! - [`commands`]: one function per subcommand of the `client-app` binary.
 //!
 //! With a broker that lives inside this process (the embedded one) the servers cannot be
 //! elsewhere, so [`classify`] starts one here ([`InProcessServer`]): one command then
 //! does it all.
 
+pub mod commands;
 pub mod dead_letters;
 pub mod downscale;
 pub mod failure;
@@ -26,10 +28,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use classifier_server::{
-    connect_with_retry, load_classifier, AppConfig, Classifier, ModelServer, ServerConfig,
-    ServerStats, StatsSnapshot,
-};
+use classifier_app::{connect_with_retry, AppConfig, ServerConfig};
+use classifier_server::{load_classifier, Classifier, ModelServer, ServerStats, StatsSnapshot};
 use tokio_util::sync::CancellationToken;
 use unified_broker::{retry_while_unavailable, Broker};
 

@@ -11,13 +11,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    classifier_app::init_tracing("info");
     trainer::cli::run(
         trainer::cli::Cli::parse(),
         trainer::cli::quoted_command_line(),

@@ -10,10 +10,10 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use super::intake::Work;
-use crate::config::ServerConfig;
 use crate::decode::DecodeLimits;
 use crate::models::{ModelSet, ServedModel};
 use crate::request::{prepare_for, PreparedInput, Rejected, RoutePolicy};
+use classifier_app::ServerConfig;
 
 /// Output of the decode stage: an input for the model, or why there is none.
 pub(super) enum Prepared {

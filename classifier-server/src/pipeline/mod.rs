@@ -39,9 +39,9 @@ use unified_broker::{
 
 pub use stats::{NotReady, ServerStats, StatsSnapshot};
 
-use crate::config::ServerConfig;
 use crate::models::{ModelSet, Reload};
 use crate::request::ReplyContext;
+use classifier_app::ServerConfig;
 
 /// Everything the server needs, bundled so `run` reads as the pipeline it is.
 pub struct ModelServer {

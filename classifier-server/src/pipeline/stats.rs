@@ -14,8 +14,8 @@ use prometheus::{
 };
 use unified_broker::SubscriptionState;
 
-use crate::lock;
 use crate::models::ServedModel;
+use classifier_app::lock;
 
 /// Counters, histograms and readiness of one server process, shared by its stages and
 /// its metrics endpoint.

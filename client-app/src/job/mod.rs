@@ -66,7 +66,7 @@ pub struct JobOptions {
 
 impl JobOptions {
     /// The options the config's `[server]` (topic, group) and `[client]` tables give.
-    pub fn from_config(config: &classifier_server::AppConfig) -> JobOptions {
+    pub fn from_config(config: &classifier_app::AppConfig) -> JobOptions {
         JobOptions {
             request_topic: config.server.request_topic.clone(),
             server_group: config.server.group.clone(),

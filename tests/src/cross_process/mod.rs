@@ -229,8 +229,8 @@ async fn connect_as_configured(
 ) -> std::sync::Arc<dyn unified_broker::Broker> {
     let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut config = match value("CLASSIFIER_CONFIG") {
-        Some(path) => classifier_server::AppConfig::from_file(Path::new(&path)).expect("config"),
-        None => classifier_server::AppConfig::default(),
+        Some(path) => classifier_app::AppConfig::from_file(Path::new(&path)).expect("config"),
+        None => classifier_app::AppConfig::default(),
     };
     config.apply_env(value).expect("environment");
     unified_broker::connect(&config.broker)

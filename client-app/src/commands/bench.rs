@@ -1,7 +1,7 @@
 //! `client-app bench`: end-to-end speed through the configured broker.
 //!
 //! Sends the images of a folder (the shipped `examples/` by default), repeated up to the
-//! requested count if there are fewer, through [`client_app::job::run_job`] — the same
+//! requested count if there are fewer, through [`run_job`] — the same
 //! code path as `classify` — optionally writing the results file as it goes
 //! (`--output`), and reports medians over several runs of:
 //!
@@ -20,12 +20,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use classifier_server::decode::{decode_image, DecodeLimits};
-use classifier_server::{connect_with_retry, load_classifier, AppConfig};
-use client_app::inputs::{collect_inputs, InputFile};
-use client_app::job::{run_job, FileOutcome, JobOptions, JobReport, NoProgress};
-use client_app::InProcessServer;
+use std::process::ExitCode;
+
+use classifier_app::{cancel_on_signals, connect_with_retry, AppConfig, DecodeLimits};
+use classifier_server::decode::decode_image;
+use classifier_server::load_classifier;
 use tokio_util::sync::CancellationToken;
+
+use super::{Common, ServerFlags};
+use crate::inputs::{collect_inputs, InputFile};
+use crate::job::{run_job, FileOutcome, JobOptions, JobReport, NoProgress};
+use crate::InProcessServer;
 
 /// What `client-app bench` does.
 #[derive(Debug, clap::Args)]
@@ -48,9 +53,9 @@ pub struct BenchArgs {
     /// Do not start an in-process server on Kafka / Pub/Sub: servers already run.
     #[arg(long)]
     pub external_server: bool,
-    /// Model directory for the in-process server.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// The servers' request topic and the in-process server's model.
+    #[command(flatten)]
+    pub server: ServerFlags,
     /// Write each run's results to FILE as they arrive, as `classify --output` does
     /// (rewritten per run), so the figures include that cost. With an `--input` folder
     /// of at least `--images` distinct files (`scripts/make-bench-folder.py`), a
@@ -76,7 +81,7 @@ fn percentile(values: &[f64], q: f64) -> f64 {
 }
 
 /// A memory figure of this process from `/proc/self/status` (e.g. `VmHWM`), in MiB.
-pub fn status_mib(field: &str) -> Option<f64> {
+fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -120,10 +125,10 @@ async fn measured_job(
     let Some(path) = output else {
         return run_job(Arc::clone(broker), files, options, &NoProgress).await;
     };
-    let mut writer = client_app::report::ResultsWriter::create(path, false)?;
+    let mut writer = crate::report::ResultsWriter::create(path, false)?;
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || -> anyhow::Result<()> {
-        for burst in client_app::report::bursts(&rx) {
+        for burst in crate::report::bursts(&rx) {
             for result in &burst {
                 writer.write(result)?;
             }
@@ -132,7 +137,7 @@ async fn measured_job(
         writer.finish()
     });
     // No display: what `classify --quiet --output` does.
-    let progress = crate::Tee {
+    let progress = super::classify::Tee {
         display: Box::new(NoProgress),
         results: Some(tx),
     };
@@ -149,15 +154,23 @@ fn repeat(files: &[InputFile], n: usize) -> Vec<InputFile> {
     files.iter().cycle().take(n).cloned().collect()
 }
 
+/// `client-app bench`: the config as for `classify`, then the benchmark; stops early on
+/// SIGINT/SIGTERM.
+pub async fn bench(common: &Common, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut config = common.config()?;
+    config.apply_server_flags(&args.server)?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    run(config, args, &shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs the benchmark and prints its tables.
-pub async fn run(
-    mut config: AppConfig,
+async fn run(
+    config: AppConfig,
     args: &BenchArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Some(model) = &args.model {
-        config.server.model_dir = Some(model.clone());
-    }
     let files: Vec<InputFile> = collect_inputs(std::slice::from_ref(&args.input))?;
     anyhow::ensure!(!files.is_empty(), "no files under {}", args.input.display());
     let backend = config.broker.backend().to_string();

@@ -4,8 +4,11 @@
 //! broker, shipped model".
 //!
 //! Precedence, lowest first: defaults, the file (`--config` or `CLASSIFIER_CONFIG`),
-//! environment variables (`CLASSIFIER_*`, plus the brokers' own standard variables such
-//! as `KAFKA_BOOTSTRAP_SERVERS` and `PUBSUB_EMULATOR_HOST`), then command-line flags.
+//! environment variables (`CLASSIFIER_*`, see [`ENV_SETTINGS`], plus the brokers' own
+//! standard variables such as `KAFKA_BOOTSTRAP_SERVERS` and `PUBSUB_EMULATOR_HOST`),
+//! then command-line flags ([`AppConfig::apply_server_flags`] and its client twin). Environment variables and flags
+//! go through one overlay ([`crate::overlay`]): a setting is named once, by its place in
+//! the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use unified_broker::BrokerConfig;
 
-use crate::decode::DecodeLimits;
+use crate::overlay::{overlaid, Setting};
 
 /// Default topic the client publishes requests to and servers consume.
 pub const DEFAULT_REQUEST_TOPIC: &str = "classify-requests";
@@ -24,6 +27,54 @@ pub const DEFAULT_SERVER_GROUP: &str = "classifier-server";
 
 /// Default prefix of reply topics: the client names its own `classify-replies-<job id>`.
 pub const DEFAULT_REPLY_TOPIC_PREFIX: &str = "classify-replies-";
+
+/// The environment variable that names a model directory.
+pub const MODEL_DIR_ENV: &str = "CLASSIFIER_MODEL_DIR";
+
+/// Limits on what one request may make the server do (`[server.limits]`): they protect
+/// the server from hostile or accidental huge inputs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeLimits {
+    /// Largest accepted broker message (request) in bytes.
+    pub max_message_bytes: usize,
+    /// Largest accepted image width in pixels.
+    pub max_width: u32,
+    /// Largest accepted image height in pixels.
+    pub max_height: u32,
+    /// Largest accepted width × height.
+    pub max_pixels: u64,
+    /// Most memory the decoder may allocate for one image, in bytes.
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_width: 16_384,
+            max_height: 16_384,
+            max_pixels: 40_000_000,
+            max_decoded_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// The `CLASSIFIER_*` environment variables and the settings they override (besides
+/// `CLASSIFIER_BROKER`, which picks the backend, and `CLASSIFIER_CONFIG`, the file).
+/// An empty `CLASSIFIER_DEAD_LETTER_TOPIC` turns dead-lettering off.
+pub const ENV_SETTINGS: &[(&str, Setting)] = &[
+    (MODEL_DIR_ENV, Setting::server("model_dir")),
+    ("CLASSIFIER_REQUEST_TOPIC", Setting::server("request_topic")),
+    ("CLASSIFIER_GROUP", Setting::server("group")),
+    (
+        "CLASSIFIER_DEAD_LETTER_TOPIC",
+        Setting::server("dead_letter_topic"),
+    ),
+    ("CLASSIFIER_SERVER_ID", Setting::server("server_id")),
+    ("CLASSIFIER_MODEL_POLL_MS", Setting::server("model_poll_ms")),
+    ("CLASSIFIER_METRICS_ADDR", Setting::server("metrics_addr")),
+];
 
 /// The whole config file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -43,7 +94,7 @@ pub struct AppConfig {
 pub struct ServerConfig {
     /// Directory holding `model.safetensors` and `metadata.json`; unset means the
     /// per-user model directory if it holds one, else the model built into the binary
-    /// (see [`crate::model_source`]).
+    /// (see `classifier_server::model_source`).
     pub model_dir: Option<PathBuf>,
     /// Topic requests arrive on.
     pub request_topic: String,
@@ -221,40 +272,56 @@ impl AppConfig {
         Ok(config)
     }
 
-    /// Applies `CLASSIFIER_*` overrides and the broker's standard variables. `lookup`
-    /// reads a variable (injected so tests need not touch the process environment).
+    /// Applies `CLASSIFIER_*` overrides ([`ENV_SETTINGS`]) and the broker's standard
+    /// variables. `lookup` reads a variable (injected so tests need not touch the
+    /// process environment).
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
         if let Some(backend) = lookup("CLASSIFIER_BROKER") {
             self.select_backend(&backend)?;
         }
-        if let Some(dir) = lookup(crate::model_source::MODEL_DIR_ENV) {
-            self.server.model_dir = Some(PathBuf::from(dir));
-        }
-        if let Some(topic) = lookup("CLASSIFIER_REQUEST_TOPIC") {
-            self.server.request_topic = topic;
-        }
-        if let Some(group) = lookup("CLASSIFIER_GROUP") {
-            self.server.group = group;
-        }
-        if let Some(topic) = lookup("CLASSIFIER_DEAD_LETTER_TOPIC") {
-            // Empty turns dead-lettering off.
-            self.server.dead_letter_topic = topic;
-        }
-        if let Some(id) = lookup("CLASSIFIER_SERVER_ID") {
-            self.server.server_id = id;
-        }
-        if let Some(ms) = lookup("CLASSIFIER_MODEL_POLL_MS") {
-            self.server.model_poll_ms = ms
-                .parse()
-                .with_context(|| format!("CLASSIFIER_MODEL_POLL_MS={ms:?} is not a number"))?;
-        }
-        if let Some(addr) = lookup("CLASSIFIER_METRICS_ADDR") {
-            let addr = addr
-                .parse()
-                .with_context(|| format!("CLASSIFIER_METRICS_ADDR={addr:?} is not host:port"))?;
-            self.server.metrics_addr = Some(addr);
+        for (name, setting) in ENV_SETTINGS {
+            if let Some(text) = lookup(name) {
+                self.apply_text(setting, &text)
+                    .with_context(|| format!("{name}={text:?} is not a valid {setting}"))?;
+            }
         }
         self.broker.apply_env(&lookup);
+        Ok(())
+    }
+
+    /// Sets one setting from text (an environment variable's value), typed as the
+    /// setting is: a number for a number, else the text itself.
+    fn apply_text(&mut self, setting: &Setting, text: &str) -> anyhow::Result<()> {
+        match setting.section {
+            "server" => self.server = setting.parse_into(&self.server, text)?,
+            _ => self.client = setting.parse_into(&self.client, text)?,
+        }
+        Ok(())
+    }
+
+    /// Lays a binary's `[server]` flags over the config: `flags` serializes with the
+    /// names of the fields it sets (a flag left out, `None`, keeps the config's value),
+    /// so each flag is declared once, with its place in the file, instead of copied
+    /// field by field.
+    pub fn apply_server_flags(&mut self, flags: &impl Serialize) -> anyhow::Result<()> {
+        self.server = overlaid(&self.server, flags).context("invalid server flags")?;
+        Ok(())
+    }
+
+    /// Lays a binary's `[client]` flags over the config, as
+    /// [`AppConfig::apply_server_flags`] does for `[server]`.
+    pub fn apply_client_flags(&mut self, flags: &impl Serialize) -> anyhow::Result<()> {
+        self.client = overlaid(&self.client, flags).context("invalid client flags")?;
+        Ok(())
+    }
+
+    /// Applies `--broker`: switches backend (keeping the file's settings for the same
+    /// backend) and re-reads the new backend's standard variables.
+    pub fn apply_broker_flag(&mut self, backend: Option<&str>) -> anyhow::Result<()> {
+        if let Some(backend) = backend {
+            self.select_backend(backend)?;
+            self.broker.apply_env(&|name| std::env::var(name).ok());
+        }
         Ok(())
     }
 
@@ -315,6 +382,103 @@ mod tests {
                 ..Default::default()
             })
         );
+    }
+
+    #[test]
+    fn environment_values_are_typed_by_their_setting() {
+        let mut config = AppConfig::default();
+        config
+            .apply_env(|name| match name {
+                "CLASSIFIER_MODEL_POLL_MS" => Some("250".into()),
+                "CLASSIFIER_METRICS_ADDR" => Some("127.0.0.1:9464".into()),
+                "CLASSIFIER_SERVER_ID" => Some("42".into()),
+                "CLASSIFIER_MODEL_DIR" => Some("/srv/models/a".into()),
+                "CLASSIFIER_DEAD_LETTER_TOPIC" => Some(String::new()),
+                _ => None,
+            })
+            .expect("applies");
+        assert_eq!(config.server.model_poll_ms, 250);
+        assert_eq!(
+            config.server.metrics_addr,
+            Some("127.0.0.1:9464".parse().expect("address"))
+        );
+        assert_eq!(config.server.server_id, "42");
+        assert_eq!(
+            config.server.model_dir,
+            Some(PathBuf::from("/srv/models/a"))
+        );
+        assert_eq!(config.server.dead_letter_topic, "");
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_its_variable() {
+        for (name, value) in [
+            ("CLASSIFIER_MODEL_POLL_MS", "soon"),
+            ("CLASSIFIER_METRICS_ADDR", "nine-four-six-four"),
+        ] {
+            let error = AppConfig::default()
+                .apply_env(|asked| (asked == name).then(|| value.to_string()))
+                .expect_err("rejected");
+            let text = format!("{error:#}");
+            assert!(text.contains(name) && text.contains(value), "{text}");
+        }
+    }
+
+    #[derive(Serialize)]
+    struct ServerFlags {
+        group: Option<String>,
+        #[serde(rename = "model_dir")]
+        model: Option<PathBuf>,
+    }
+
+    #[derive(Serialize)]
+    struct ClientFlags {
+        window: Option<usize>,
+        #[serde(rename = "reply_timeout_secs")]
+        timeout: Option<u64>,
+        #[serde(rename = "max_request_bytes")]
+        max_bytes: Option<usize>,
+    }
+
+    #[test]
+    fn flags_given_override_and_flags_left_out_keep_the_config() {
+        let mut config: AppConfig = toml::from_str(
+            "[server]\ngroup = \"from-file\"\nmax_batch_size = 8\n[client]\nwindow = 9\n",
+        )
+        .expect("parses");
+        let server = ServerFlags {
+            group: None,
+            model: Some(PathBuf::from("models/x")),
+        };
+        let client = ClientFlags {
+            window: None,
+            timeout: Some(5),
+            max_bytes: Some(1000),
+        };
+        config
+            .apply_server_flags(&server)
+            .expect("server flags apply");
+        config
+            .apply_client_flags(&client)
+            .expect("client flags apply");
+        assert_eq!(config.server.group, "from-file");
+        assert_eq!(config.server.max_batch_size, 8);
+        assert_eq!(config.server.model_dir, Some(PathBuf::from("models/x")));
+        assert_eq!(config.client.window, 9);
+        assert_eq!(config.client.reply_timeout_secs, 5);
+        assert_eq!(config.client.max_request_bytes, Some(1000));
+    }
+
+    #[test]
+    fn a_flag_naming_no_setting_is_an_error() {
+        #[derive(Serialize)]
+        struct Misspelt {
+            windoe: Option<usize>,
+        }
+        let error = AppConfig::default()
+            .apply_client_flags(&Misspelt { windoe: Some(3) })
+            .expect_err("rejected");
+        assert!(format!("{error:#}").contains("windoe"), "{error:#}");
     }
 
     #[test]

@@ -6,18 +6,21 @@
 //! - [`init_tracing`]: log output on stderr, filtered by `RUST_LOG`;
 //! - [`cancel_on_signals`]: SIGINT/SIGTERM as a cancellation token;
 //! - [`connect_with_retry`]: a broker connection that waits out a broker still starting;
-//! - [`lock`]: a mutex lock that survives a panicked holder.
+//! - [`lock`]: a mutex lock that survives a panicked holder (defined in
+//!   `unified_broker::sync`, whose queues needed it first).
 
 #[cfg(feature = "broker")]
 pub mod config;
 pub mod overlay;
 
-use std::sync::{Mutex, MutexGuard};
-
 use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "broker")]
 pub use config::{AppConfig, ClientConfig, DecodeLimits, NamedModel, ServerConfig};
+/// The poison-tolerant lock, defined once for the workspace beside the broker code that
+/// needed it first.
+#[cfg(feature = "broker")]
+pub use unified_broker::sync::lock;
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default: `default_level`).
 /// Logs go to stderr so a command's results on stdout stay clean for pipes.
@@ -78,13 +81,4 @@ pub async fn connect_with_retry(
         Some(result) => result.context("connecting to the broker"),
         None => anyhow::bail!("stopped while waiting for the broker"),
     }
-}
-
-/// Locks `mutex`, carrying on with its data if a thread panicked while holding it: the
-/// shared state of the server and client stays usable, since every update under these
-/// locks is a single assignment or a whole-entry insert/remove.
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -37,6 +37,7 @@ pub mod pubsub;
 pub mod redis;
 pub mod resubscribe;
 pub mod retry;
+pub mod sync;
 
 pub use error::{BrokerError, Result, MAX_TOPIC_IN_ERROR};
 pub use message::{AckHandle, Delivery, Message};

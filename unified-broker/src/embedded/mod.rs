@@ -16,13 +16,14 @@
 //! the classifier server in-process), not a persistence layer.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::error::{check_message_sizes, check_topic_length};
+use crate::sync::lock;
 use crate::{
     AckHandle, Broker, BrokerError, ClosedFlag, Delivery, Features, Message, Result,
     SubscribeOptions, Subscriber,
@@ -96,14 +97,6 @@ struct Entry {
     /// Shared by the group's queue and the delivery under way (kept for a redelivery).
     message: Arc<Message>,
     attempt: u32,
-}
-
-/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
-/// section here leaves the queue consistent, so the data is still valid.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Group {

@@ -39,7 +39,7 @@
 //! `max.poll.interval.ms` (5 minutes by default) is removed from the group.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,6 +55,7 @@ use tokio::time::Instant;
 
 use super::offsets::OffsetTracker;
 use super::{forward_log, map_error, ErrorContext};
+use crate::sync::lock;
 use crate::{AckHandle, BrokerError, Delivery, Message, Result, SubscribeOptions, Subscriber};
 
 /// How often acked positions are committed while the subscriber is in use.
@@ -102,14 +103,6 @@ impl Pending {
     fn bytes(&self) -> usize {
         self.message.payload.len()
     }
-}
-
-/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
-/// section leaves the state consistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {

@@ -24,7 +24,7 @@
 //! producer takes over new publishes; the old one is flushed (its publishes complete
 //! normally) and destroyed off the async workers.
 
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -33,6 +33,7 @@ use rdkafka::ClientContext;
 use tokio::sync::mpsc;
 
 use super::{forward_log, map_error, ErrorContext, KafkaConfig};
+use crate::sync::lock;
 use crate::{BrokerError, Result};
 
 /// How many new topics a producer publishes to before it is retired (see the module
@@ -112,10 +113,6 @@ struct Slot {
 pub(crate) struct Producers {
     config: KafkaConfig,
     slot: Arc<Mutex<Slot>>,
-}
-
-fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Producers {

@@ -92,7 +92,7 @@ impl KnownTopics {
 
     fn lock(&self) -> MutexGuard<'_, KnownState> {
         // Every critical section leaves the map consistent: a poisoned lock is usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// The size limit of `topic`, if it is known to exist.

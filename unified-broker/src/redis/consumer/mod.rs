@@ -55,7 +55,7 @@ mod read;
 mod settle;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -68,18 +68,11 @@ use self::read::pump;
 use self::settle::{settle_in_background, RedisAck, Settle};
 use super::config::RedisConfig;
 use super::{map_error, ErrorContext};
+use crate::sync::lock;
 use crate::{BrokerError, Delivery, Message, Result, SubscribeOptions, Subscriber};
 
 /// Entries per `XPENDING`/`XCLAIM` page when giving back or re-claiming.
 const PAGE: usize = 500;
-
-/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical
-/// section leaves the state consistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// One entry read or claimed by this consumer, as its delivery handle keeps it.
 struct Pending {

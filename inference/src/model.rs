@@ -68,7 +68,7 @@ pub struct ModelMetadata {
     pub input_height: u32,
     /// Input channels: 1 (grayscale) or 3 (RGB).
     pub input_channels: u32,
-    /// Per-channel normalisation applied after scaling pixels to [0,1].
+    /// Per-channel normalisation applied after scaling pixels to `[0, 1]`.
     pub normalization: Normalization,
     /// Whether pixel values are inverted (`1 - v`) before normalisation; false for
     /// Fashion-MNIST (light garment on black background).

@@ -105,8 +105,9 @@ impl Tiles {
         out: &mut [f32],
     ) {
         let wt = (weights, self.block());
-        // SAFETY: `Tiles::at` only picks levels the CPU supports; portable lanes are
-        // plain Rust.
+        // SAFETY: `Tiles::at` only picks levels the CPU supports (`or_supported`), which
+        // the wrappers' CPU features are; portable lanes are plain Rust. The kernels
+        // check the slice lengths themselves.
         unsafe {
             match self.0 {
                 #[cfg(target_arch = "x86_64")]
@@ -157,7 +158,9 @@ unsafe fn conv_with<S: Lanes, const R: usize, const NV: usize>(
     c_out: usize,
     out: &mut [f32],
 ) {
-    direct::conv2_tiles::<S, R, NV>(pad, (h, w, c_in), wt, c_out, 0..h * w, out)
+    // SAFETY: `S`'s features are available (this function's contract); `conv2_tiles`
+    // checks the slice lengths and positions itself.
+    unsafe { direct::conv2_tiles::<S, R, NV>(pad, (h, w, c_in), wt, c_out, 0..h * w, out) }
 }
 
 /// The body of [`Tiles::grads`] on lanes `S`.
@@ -172,9 +175,13 @@ unsafe fn grads_with<S: Lanes, const WG: usize, const IG: usize>(
     gwt: &mut [f32],
     input: Option<(&[f32], &mut [f32])>,
 ) {
-    direct::routed_weight_grad::<S, WG>(pad, dims, grads, gwt);
-    if let Some((wt_t, gxpad)) = input {
-        direct::routed_input_grad::<S, IG>(wt_t, dims, grads, gxpad);
+    // SAFETY: `S`'s features are available (this function's contract); the kernels
+    // check the slice lengths and the gradients' geometry themselves.
+    unsafe {
+        direct::routed_weight_grad::<S, WG>(pad, dims, grads, gwt);
+        if let Some((wt_t, gxpad)) = input {
+            direct::routed_input_grad::<S, IG>(wt_t, dims, grads, gxpad);
+        }
     }
 }
 
@@ -191,7 +198,9 @@ unsafe fn conv_avx512(
     c_out: usize,
     out: &mut [f32],
 ) {
-    conv_with::<Avx512, { AVX512.conv.0 }, { AVX512.conv.1 }>(pad, dims, wt, c_out, out)
+    // SAFETY: the CPU has AVX-512F, AVX2 and FMA (this function's contract), which
+    // `Avx512` lanes need.
+    unsafe { conv_with::<Avx512, { AVX512.conv.0 }, { AVX512.conv.1 }>(pad, dims, wt, c_out, out) }
 }
 
 /// [`conv_with`] with the AVX2 entry of the table.
@@ -207,7 +216,9 @@ unsafe fn conv_avx2(
     c_out: usize,
     out: &mut [f32],
 ) {
-    conv_with::<Avx2, { AVX2.conv.0 }, { AVX2.conv.1 }>(pad, dims, wt, c_out, out)
+    // SAFETY: the CPU has AVX2 and FMA (this function's contract), which `Avx2` lanes
+    // need.
+    unsafe { conv_with::<Avx2, { AVX2.conv.0 }, { AVX2.conv.1 }>(pad, dims, wt, c_out, out) }
 }
 
 /// [`grads_with`] with the AVX-512 entry of the table.
@@ -223,9 +234,13 @@ unsafe fn grads_avx512(
     gwt: &mut [f32],
     input: Option<(&[f32], &mut [f32])>,
 ) {
-    grads_with::<Avx512, { AVX512.weight_grad }, { AVX512.input_grad }>(
-        pad, dims, grads, gwt, input,
-    )
+    // SAFETY: the CPU has AVX-512F, AVX2 and FMA (this function's contract), which
+    // `Avx512` lanes need.
+    unsafe {
+        grads_with::<Avx512, { AVX512.weight_grad }, { AVX512.input_grad }>(
+            pad, dims, grads, gwt, input,
+        )
+    }
 }
 
 /// [`grads_with`] with the AVX2 entry of the table.
@@ -241,7 +256,11 @@ unsafe fn grads_avx2(
     gwt: &mut [f32],
     input: Option<(&[f32], &mut [f32])>,
 ) {
-    grads_with::<Avx2, { AVX2.weight_grad }, { AVX2.input_grad }>(pad, dims, grads, gwt, input)
+    // SAFETY: the CPU has AVX2 and FMA (this function's contract), which `Avx2` lanes
+    // need.
+    unsafe {
+        grads_with::<Avx2, { AVX2.weight_grad }, { AVX2.input_grad }>(pad, dims, grads, gwt, input)
+    }
 }
 
 /// Returns the contiguous f32 slice behind a custom-op argument, or an error if the

@@ -15,7 +15,7 @@ pub mod recipe;
 pub use recipe::{ChannelOrder, Interpolation, Layout, PreprocessRecipe, Resize};
 
 /// Turns any decoded image into the model's input: for the native CNN grayscale or RGB
-/// per metadata channels, resized to input size with a good filter, scaled to [0,1],
+/// per metadata channels, resized to input size with a good filter, scaled to `[0, 1]`,
 /// normalised, as CHW f32; for an ONNX model as its [`PreprocessRecipe`] says.
 #[derive(Clone, Debug)]
 pub struct Preprocessor {

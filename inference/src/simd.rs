@@ -168,10 +168,16 @@ pub fn simd_level() -> SimdLevel {
 /// stores of a partial block.
 ///
 /// # Safety
-/// Implementations may use instructions the CPU lacks: every method is `unsafe`, and may
-/// only be called on a CPU that supports the implementation's SIMD level, from a
-/// function compiled with those features (the kernels are `#[inline(always)]` and reached
-/// through `#[target_feature]` wrappers). Pointers must be valid for the lanes touched.
+/// For callers: implementations may use instructions the CPU lacks, so every method is
+/// `unsafe` and may only be called on a CPU that supports the implementation's SIMD
+/// level, from a function compiled with those features (the kernels are
+/// `#[inline(always)]` and reached through `#[target_feature]` wrappers). Pointers must
+/// be valid for the lanes touched: all `N` floats for [`Lanes::load`] and
+/// [`Lanes::store`], the masked lanes only for the masked ones (no alignment needed).
+///
+/// For implementations: the kernels' bounds reasoning rests on the methods touching no
+/// other memory than that: `load` and `store` exactly `N` floats from `p`, the masked
+/// versions only the lanes [`Lanes::mask`] selected (the first `min(lanes, N)`).
 pub(crate) unsafe trait Lanes {
     /// Floats per register.
     const N: usize;
@@ -206,7 +212,8 @@ pub(crate) unsafe trait Lanes {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Portable;
 
-// SAFETY: plain Rust; the raw pointer accesses are the caller's (documented) contract.
+// SAFETY: plain Rust: `load` and `store` move one `[f32; 4]`, the masked versions the
+// first `min(m, 4)` floats (the loops stop at the array's end); nothing needs a CPU feature.
 unsafe impl Lanes for Portable {
     const N: usize = 4;
     type V = [f32; 4];
@@ -221,11 +228,15 @@ unsafe impl Lanes for Portable {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> [f32; 4] {
-        p.cast::<[f32; 4]>().read_unaligned()
+        // SAFETY: the caller guarantees `p` is valid for reads of 4 floats (the trait's
+        // contract); an unaligned read needs no alignment.
+        unsafe { p.cast::<[f32; 4]>().read_unaligned() }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: [f32; 4]) {
-        p.cast::<[f32; 4]>().write_unaligned(v)
+        // SAFETY: the caller guarantees `p` is valid for writes of 4 floats (the trait's
+        // contract); an unaligned write needs no alignment.
+        unsafe { p.cast::<[f32; 4]>().write_unaligned(v) }
     }
     #[inline(always)]
     unsafe fn mask(lanes: usize) -> usize {
@@ -235,14 +246,18 @@ unsafe impl Lanes for Portable {
     unsafe fn load_masked(m: usize, p: *const f32) -> [f32; 4] {
         let mut v = [0.0; 4];
         for (i, x) in v.iter_mut().enumerate().take(m) {
-            *x = *p.add(i);
+            // SAFETY: `i` is one of the first `m` lanes, which the caller guarantees `p`
+            // is valid to read (the trait's contract).
+            *x = unsafe { *p.add(i) };
         }
         v
     }
     #[inline(always)]
     unsafe fn store_masked(p: *mut f32, m: usize, v: [f32; 4]) {
         for (i, x) in v.iter().enumerate().take(m) {
-            *p.add(i) = *x;
+            // SAFETY: `i` is one of the first `m` lanes, which the caller guarantees `p`
+            // is valid to write (the trait's contract).
+            unsafe { *p.add(i) = *x };
         }
     }
     #[inline(always)]
@@ -273,26 +288,34 @@ mod x86 {
     #[derive(Clone, Copy, Debug)]
     pub(crate) struct Avx512;
 
-    // SAFETY: AVX-512F intrinsics; callers guarantee the CPU has them (trait contract).
+    // SAFETY: `loadu`/`storeu` move exactly 16 floats; the masked forms (`maskz_loadu`,
+    // `mask_storeu`) touch only the lanes of the mask, `mask` sets the first
+    // `min(lanes, 16)` bits, and masked-off lanes never fault.
     unsafe impl Lanes for Avx512 {
         const N: usize = 16;
         type V = __m512;
         type M = __mmask16;
         #[inline(always)]
         unsafe fn zero() -> __m512 {
-            _mm512_setzero_ps()
+            // SAFETY: the caller runs on a CPU with AVX-512F (the trait's contract).
+            unsafe { _mm512_setzero_ps() }
         }
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m512 {
-            _mm512_set1_ps(x)
+            // SAFETY: the caller runs on a CPU with AVX-512F (the trait's contract).
+            unsafe { _mm512_set1_ps(x) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
+            // SAFETY: the caller runs on a CPU with AVX-512F and `p` is valid for reads of 16
+            // floats (the trait's contract); `loadu` needs no alignment.
+            unsafe { _mm512_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m512) {
-            _mm512_storeu_ps(p, v)
+            // SAFETY: the caller runs on a CPU with AVX-512F and `p` is valid for writes of 16
+            // floats (the trait's contract); `storeu` needs no alignment.
+            unsafe { _mm512_storeu_ps(p, v) }
         }
         #[inline(always)]
         unsafe fn mask(lanes: usize) -> __mmask16 {
@@ -300,23 +323,30 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_masked(m: __mmask16, p: *const f32) -> __m512 {
-            _mm512_maskz_loadu_ps(m, p)
+            // SAFETY: the caller runs on a CPU with AVX-512F and `p` is valid for reads of the
+            // lanes of `m` (the trait's contract); the others are not read (no fault either).
+            unsafe { _mm512_maskz_loadu_ps(m, p) }
         }
         #[inline(always)]
         unsafe fn store_masked(p: *mut f32, m: __mmask16, v: __m512) {
-            _mm512_mask_storeu_ps(p, m, v)
+            // SAFETY: the caller runs on a CPU with AVX-512F and `p` is valid for writes of the
+            // lanes of `m` (the trait's contract); the others are not written.
+            unsafe { _mm512_mask_storeu_ps(p, m, v) }
         }
         #[inline(always)]
         unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
-            _mm512_fmadd_ps(a, b, c)
+            // SAFETY: the caller runs on a CPU with AVX-512F (the trait's contract).
+            unsafe { _mm512_fmadd_ps(a, b, c) }
         }
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
-            _mm512_add_ps(a, b)
+            // SAFETY: the caller runs on a CPU with AVX-512F (the trait's contract).
+            unsafe { _mm512_add_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn max(a: __m512, b: __m512) -> __m512 {
-            _mm512_max_ps(a, b)
+            // SAFETY: the caller runs on a CPU with AVX-512F (the trait's contract).
+            unsafe { _mm512_max_ps(a, b) }
         }
     }
 
@@ -328,50 +358,68 @@ mod x86 {
     /// the eight words starting at `8 - n`.
     static MASKS: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
 
-    // SAFETY: AVX2 and FMA intrinsics; callers guarantee the CPU has them (trait contract).
+    // SAFETY: `loadu`/`storeu` move exactly 8 floats; `vmaskmovps` (`maskload`,
+    // `maskstore`) touches only the lanes whose mask word has its sign bit set, `mask`
+    // sets the first `min(lanes, 8)` words to -1 and the others to 0, and masked-off lanes
+    // never fault.
     unsafe impl Lanes for Avx2 {
         const N: usize = 8;
         type V = __m256;
         type M = __m256i;
         #[inline(always)]
         unsafe fn zero() -> __m256 {
-            _mm256_setzero_ps()
+            // SAFETY: the caller runs on a CPU with AVX2 and FMA (the trait's contract).
+            unsafe { _mm256_setzero_ps() }
         }
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m256 {
-            _mm256_set1_ps(x)
+            // SAFETY: the caller runs on a CPU with AVX2 and FMA (the trait's contract).
+            unsafe { _mm256_set1_ps(x) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
+            // SAFETY: the caller runs on a CPU with AVX2 and `p` is valid for reads of 8 floats
+            // (the trait's contract); `loadu` needs no alignment.
+            unsafe { _mm256_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m256) {
-            _mm256_storeu_ps(p, v)
+            // SAFETY: the caller runs on a CPU with AVX2 and `p` is valid for writes of 8 floats
+            // (the trait's contract); `storeu` needs no alignment.
+            unsafe { _mm256_storeu_ps(p, v) }
         }
         #[inline(always)]
         unsafe fn mask(lanes: usize) -> __m256i {
-            _mm256_loadu_si256(MASKS.as_ptr().add(8 - lanes.min(8)).cast())
+            // SAFETY: the caller runs on a CPU with AVX2 (the trait's contract); the eight words
+            // from `8 - min(lanes, 8)`, at most index 15, lie inside the 16 of `MASKS`.
+            unsafe { _mm256_loadu_si256(MASKS.as_ptr().add(8 - lanes.min(8)).cast()) }
         }
         #[inline(always)]
         unsafe fn load_masked(m: __m256i, p: *const f32) -> __m256 {
-            _mm256_maskload_ps(p, m)
+            // SAFETY: the caller runs on a CPU with AVX2 and `p` is valid for reads of the lanes
+            // of `m` (the trait's contract); the others are not read (no fault either).
+            unsafe { _mm256_maskload_ps(p, m) }
         }
         #[inline(always)]
         unsafe fn store_masked(p: *mut f32, m: __m256i, v: __m256) {
-            _mm256_maskstore_ps(p, m, v)
+            // SAFETY: the caller runs on a CPU with AVX2 and `p` is valid for writes of the lanes
+            // of `m` (the trait's contract); the others are not written.
+            unsafe { _mm256_maskstore_ps(p, m, v) }
         }
         #[inline(always)]
         unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
+            // SAFETY: the caller runs on a CPU with AVX2 and FMA (the trait's contract).
+            unsafe { _mm256_fmadd_ps(a, b, c) }
         }
         #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
-            _mm256_add_ps(a, b)
+            // SAFETY: the caller runs on a CPU with AVX2 and FMA (the trait's contract).
+            unsafe { _mm256_add_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn max(a: __m256, b: __m256) -> __m256 {
-            _mm256_max_ps(a, b)
+            // SAFETY: the caller runs on a CPU with AVX2 and FMA (the trait's contract).
+            unsafe { _mm256_max_ps(a, b) }
         }
     }
 }
@@ -382,26 +430,34 @@ const PEAK_STEPS: u64 = 1 << 16;
 /// `ACC` independent chains `acc = acc · a + b`, `steps` times: `2 · ACC · N · steps`
 /// FLOPs with nothing but FMAs in the loop (enough chains to cover the FMA latency on
 /// every pipe). Returns a lane of the result so the work cannot be optimised away.
+///
+/// # Safety
+/// `S`'s CPU features must be available (see [`Lanes`]).
 #[inline(always)]
 unsafe fn fma_chains<S: Lanes, const ACC: usize>(steps: u64) -> f32 {
-    let a = S::splat(0.999_9);
-    let b = S::splat(1e-4);
-    let mut acc = [S::zero(); ACC];
-    for (i, v) in acc.iter_mut().enumerate() {
-        *v = S::splat(i as f32);
-    }
-    for _ in 0..steps {
-        for v in acc.iter_mut() {
-            *v = S::fmadd(*v, a, b);
+    const { assert!(S::N <= 16, "the result buffer holds 16 lanes") };
+    // SAFETY: `S`'s features are available (this function's contract); the one store
+    // writes `S::N` <= 16 floats (checked at compile time) into the 16 of `out`.
+    unsafe {
+        let a = S::splat(0.999_9);
+        let b = S::splat(1e-4);
+        let mut acc = [S::zero(); ACC];
+        for (i, v) in acc.iter_mut().enumerate() {
+            *v = S::splat(i as f32);
         }
+        for _ in 0..steps {
+            for v in acc.iter_mut() {
+                *v = S::fmadd(*v, a, b);
+            }
+        }
+        let mut sum = S::zero();
+        for v in acc {
+            sum = S::add(sum, v);
+        }
+        let mut out = [0f32; 16];
+        S::store(out.as_mut_ptr(), sum);
+        out[0]
     }
-    let mut sum = S::zero();
-    for v in acc {
-        sum = S::add(sum, v);
-    }
-    let mut out = [0f32; 16];
-    S::store(out.as_mut_ptr(), sum);
-    out[0]
 }
 
 /// One thread's FMA rate at `level` over about `duration`, in GFLOP/s.
@@ -412,12 +468,13 @@ fn fma_rate(level: SimdLevel, duration: Duration) -> f64 {
     while start.elapsed() < duration {
         sink += match level {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: callers pass only supported levels (checked in `fma_peak_gflops`).
+            // SAFETY: the only caller, `fma_peak_gflops`, passes a supported level
+            // (`or_supported`), so the CPU has AVX-512F, AVX2 and FMA.
             SimdLevel::Avx512 => unsafe { peak_avx512(PEAK_STEPS) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
+            // SAFETY: as above: the CPU has AVX2 and FMA.
             SimdLevel::Avx2 => unsafe { peak_avx2(PEAK_STEPS) },
-            // SAFETY: plain Rust.
+            // SAFETY: portable lanes are plain Rust and need no CPU feature.
             _ => unsafe { fma_chains::<Portable, 12>(PEAK_STEPS) },
         };
         steps += PEAK_STEPS;
@@ -432,17 +489,25 @@ fn fma_rate(level: SimdLevel, duration: Duration) -> f64 {
 }
 
 /// 16 chains of `__m512` (of the 32 registers), the AVX-512 peak loop.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn peak_avx512(steps: u64) -> f32 {
-    fma_chains::<Avx512, 16>(steps)
+    // SAFETY: the CPU has AVX-512F (this function's contract), which `Avx512` needs.
+    unsafe { fma_chains::<Avx512, 16>(steps) }
 }
 
 /// 12 chains of `__m256` (of the 16 registers), the AVX2 peak loop.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn peak_avx2(steps: u64) -> f32 {
-    fma_chains::<Avx2, 12>(steps)
+    // SAFETY: the CPU has AVX2 and FMA (this function's contract), which `Avx2` needs.
+    unsafe { fma_chains::<Avx2, 12>(steps) }
 }
 
 /// The machine's float32 FMA peak at `level` (an unsupported level is measured at

@@ -49,12 +49,13 @@ impl FastNet {
             self.layout(&mut s);
             match self.level {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `level` is only ever set to a level the CPU supports.
+                // SAFETY: `level` is only ever set by `set_level`, to a level the CPU
+                // supports (`or_supported`): here AVX-512F, AVX2 and FMA.
                 SimdLevel::Avx512 => unsafe {
                     self.conv_chunk_avx512(inputs, rows, features, &mut s)
                 },
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
+                // SAFETY: as above: the CPU has AVX2 and FMA.
                 SimdLevel::Avx2 => unsafe { self.conv_chunk_avx2(inputs, rows, features, &mut s) },
                 _ => self.conv_chunk_portable(inputs, features, &mut s),
             }
@@ -122,22 +123,33 @@ impl FastNet {
             .zip(features.chunks_exact_mut(rows.len() * (w1 / 2) * c2))
         {
             self.pad_input(img, &mut s.pad0);
-            direct::conv1_pool_relu::<S, NV1>(
-                &s.pad0,
-                (h, w, c_in),
-                &self.conv1_w,
-                &self.conv1_b,
-                pad1,
-            );
+            // SAFETY: `S`'s features are available (this function's contract); the
+            // kernels (this one and the two below) check the slice lengths and the rows
+            // or positions asked for themselves (panics, not UB).
+            unsafe {
+                direct::conv1_pool_relu::<S, NV1>(
+                    &s.pad0,
+                    (h, w, c_in),
+                    &self.conv1_w,
+                    &self.conv1_b,
+                    pad1,
+                )
+            };
             let weights = (&self.conv2_blocks.0[..], self.conv2_blocks.1);
             let (rows, bias) = (rows.clone(), &self.conv2_b[..]);
             if R2 == 0 {
-                direct::conv2_pool_relu::<S, NV2>(pad1, (h1, w1, c1), weights, bias, rows, out);
+                // SAFETY: as above.
+                unsafe {
+                    direct::conv2_pool_relu::<S, NV2>(pad1, (h1, w1, c1), weights, bias, rows, out)
+                };
             } else {
                 let conv_rows = 2 * rows.len();
                 let conv = &mut s.conv2[..conv_rows * w1 * c2];
                 let span = 2 * rows.start * w1..2 * rows.end * w1;
-                direct::conv2_tiles::<S, R2, NV2>(pad1, (h1, w1, c1), weights, c2, span, conv);
+                // SAFETY: as above.
+                unsafe {
+                    direct::conv2_tiles::<S, R2, NV2>(pad1, (h1, w1, c1), weights, c2, span, conv)
+                };
                 max_pool2_relu(conv, (conv_rows, w1, c2), Some(bias), out);
             }
         }

@@ -38,22 +38,30 @@ pub(crate) unsafe fn routed_weight_grad<S: Lanes, const CH: usize>(
             let mut j0 = 0;
             while j0 < run {
                 let lanes = (run - j0).min(step);
-                // SAFETY (all raw accesses): a cell (y, x) with y < h, x < w (as
-                // `gather` builds them; the geometry is checked) is a conv position's
-                // window; its row ky reads pad[(c + ky · pw) · c_in + j] for j < run,
-                // below (h + 2) · pw · c_in; lanes beyond `run` are masked off.
-                let origin = pad.as_ptr().add(ky * pw * c_in + j0);
-                let out = gwt.as_mut_ptr().add(co * k + ky * run + j0);
-                // A short remainder runs one register at a time, the last masked.
-                if lanes == step {
-                    weight_grad_chunk::<S, CH, true>(values, cells, (origin, c_in), out, lanes);
-                    j0 += step;
-                } else if lanes >= S::N {
-                    weight_grad_chunk::<S, 1, true>(values, cells, (origin, c_in), out, lanes);
-                    j0 += S::N;
-                } else {
-                    weight_grad_chunk::<S, 1, false>(values, cells, (origin, c_in), out, lanes);
-                    j0 += S::N;
+                // SAFETY: `S`'s features are available (this function's contract). A
+                // cell is a conv position (y, x) with y < h, x < w (the geometry is
+                // checked above, and `gather` builds no other cells); row ky of its
+                // window is the `run` floats from pad pixel (y + ky, x), ending at most
+                // at the last float of `pad` (length checked above), as y + ky <= h + 1
+                // and x + 3 <= w + 2; `origin + cell · c_in` is float j0 of that row.
+                // Each chunk reads `lanes <= run - j0` of those floats (a whole set of
+                // registers only when that many remain, else one masked register) and
+                // updates as many of row co < c_out of `gwt` (length checked above).
+                unsafe {
+                    let origin = pad.as_ptr().add(ky * pw * c_in + j0);
+                    let out = gwt.as_mut_ptr().add(co * k + ky * run + j0);
+                    let input = (origin, c_in);
+                    // A short remainder runs one register at a time, the last masked.
+                    if lanes == step {
+                        weight_grad_chunk::<S, CH, true>(values, cells, input, out, lanes);
+                        j0 += step;
+                    } else if lanes >= S::N {
+                        weight_grad_chunk::<S, 1, true>(values, cells, input, out, lanes);
+                        j0 += S::N;
+                    } else {
+                        weight_grad_chunk::<S, 1, false>(values, cells, input, out, lanes);
+                        j0 += S::N;
+                    }
                 }
             }
         }
@@ -63,6 +71,11 @@ pub(crate) unsafe fn routed_weight_grad<S: Lanes, const CH: usize>(
 /// One chunk of `CH` registers (`lanes` floats, all of them when `FULL`) of one
 /// channel's kernel row in [`routed_weight_grad`]: `out[j] += Σ_e values[e] ·
 /// origin[cells[e] · c_in + j]`.
+///
+/// # Safety
+/// `S`'s CPU features must be available. For each cell, `origin + cell · c_in` must
+/// be valid for reads, and `out` (not overlapping them) for reads and writes, of
+/// `CH · N` floats when `FULL`, else of the first `lanes` floats with `CH == 1`.
 #[inline(always)]
 unsafe fn weight_grad_chunk<S: Lanes, const CH: usize, const FULL: bool>(
     values: &[f32],
@@ -71,26 +84,32 @@ unsafe fn weight_grad_chunk<S: Lanes, const CH: usize, const FULL: bool>(
     out: *mut f32,
     lanes: usize,
 ) {
-    let m = block_masks::<S, CH>(lanes, 0);
-    let mut acc = [S::zero(); CH];
-    for (v, &cell) in values.iter().zip(cells) {
-        let g = S::splat(*v);
-        let x = origin.add(cell as usize * c_in);
-        for (j, a) in acc.iter_mut().enumerate() {
-            let xv = if FULL {
-                S::load(x.add(j * S::N))
-            } else {
-                S::load_masked(m[j], x.add(j * S::N))
-            };
-            *a = S::fmadd(g, xv, *a);
+    // SAFETY: `S`'s features are available, and every access is one this function's
+    // contract makes valid: register j of a whole chunk covers floats j · N .. (j + 1)
+    // · N of the `CH · N`; a masked chunk is the one register j = 0 with the mask of
+    // its first `lanes` floats.
+    unsafe {
+        let m = block_masks::<S, CH>(lanes, 0);
+        let mut acc = [S::zero(); CH];
+        for (v, &cell) in values.iter().zip(cells) {
+            let g = S::splat(*v);
+            let x = origin.add(cell as usize * c_in);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let xv = if FULL {
+                    S::load(x.add(j * S::N))
+                } else {
+                    S::load_masked(m[j], x.add(j * S::N))
+                };
+                *a = S::fmadd(g, xv, *a);
+            }
         }
-    }
-    for (j, a) in acc.iter().enumerate() {
-        let p = out.add(j * S::N);
-        if FULL {
-            S::store(p, S::add(S::load(p), *a));
-        } else {
-            S::store_masked(p, m[j], S::add(S::load_masked(m[j], p), *a));
+        for (j, a) in acc.iter().enumerate() {
+            let p = out.add(j * S::N);
+            if FULL {
+                S::store(p, S::add(S::load(p), *a));
+            } else {
+                S::store_masked(p, m[j], S::add(S::load_masked(m[j], p), *a));
+            }
         }
     }
 }
@@ -130,23 +149,31 @@ pub(crate) unsafe fn routed_input_grad<S: Lanes, const CH: usize>(
             let mut c0 = 0;
             while c0 < c_in {
                 let lanes = (c_in - c0).min(step);
-                // SAFETY (all raw accesses): weights of row co, tap, channels below
-                // c_in (masks); a cell (y, x) with y < h, x < w (as `gather`
-                // builds them; the geometry is checked) plus a tap's shift (at most
-                // 2 · pw + 2) stays below (h + 2) · pw, so the input position is
-                // inside `gxpad`.
-                let wp = wt_t.as_ptr().add(co * k + tap * c_in + c0);
-                let origin = gxpad.as_mut_ptr().add(shift * c_in + c0);
-                // A short remainder runs one register at a time, the last masked.
-                if lanes == step {
-                    input_grad_chunk::<S, CH, true>(values, cells, wp, (origin, c_in), lanes);
-                    c0 += step;
-                } else if lanes >= S::N {
-                    input_grad_chunk::<S, 1, true>(values, cells, wp, (origin, c_in), lanes);
-                    c0 += S::N;
-                } else {
-                    input_grad_chunk::<S, 1, false>(values, cells, wp, (origin, c_in), lanes);
-                    c0 += S::N;
+                // SAFETY: `S`'s features are available (this function's contract).
+                // `wp` is channel c0 of tap `tap` in row co < c_out of `wt_t` (length
+                // checked above), with `lanes <= c_in - c0` channels after it in the
+                // tap. A cell is a conv position (y, x) with y < h, x < w (the geometry
+                // is checked above, and `gather` builds no other cells); plus the tap's
+                // shift it is the input pixel (y + ky, x + kx) <= (h + 1, w + 1) of
+                // `gxpad` (length checked above, not overlapping `wt_t`), whose channels
+                // c0 .. c0 + lanes <= c_in start at `origin + cell · c_in`. Each chunk
+                // touches `lanes` channels: a whole set of registers only when that
+                // many remain, else one masked register.
+                unsafe {
+                    let wp = wt_t.as_ptr().add(co * k + tap * c_in + c0);
+                    let origin = gxpad.as_mut_ptr().add(shift * c_in + c0);
+                    let pixels = (origin, c_in);
+                    // A short remainder runs one register at a time, the last masked.
+                    if lanes == step {
+                        input_grad_chunk::<S, CH, true>(values, cells, wp, pixels, lanes);
+                        c0 += step;
+                    } else if lanes >= S::N {
+                        input_grad_chunk::<S, 1, true>(values, cells, wp, pixels, lanes);
+                        c0 += S::N;
+                    } else {
+                        input_grad_chunk::<S, 1, false>(values, cells, wp, pixels, lanes);
+                        c0 += S::N;
+                    }
                 }
             }
         }
@@ -156,6 +183,11 @@ pub(crate) unsafe fn routed_input_grad<S: Lanes, const CH: usize>(
 /// One chunk of `CH` registers (`lanes` input channels, all of them when `FULL`)
 /// of one channel and tap in [`routed_input_grad`]: `origin[cells[e] · c_in + j] +=
 /// values[e] · wp[j]`.
+///
+/// # Safety
+/// `S`'s CPU features must be available. `wp` must be valid for reads, and for each
+/// cell `origin + cell · c_in` (not overlapping `wp`'s floats) for reads and writes,
+/// of `CH · N` floats when `FULL`, else of the first `lanes` floats with `CH == 1`.
 #[inline(always)]
 unsafe fn input_grad_chunk<S: Lanes, const CH: usize, const FULL: bool>(
     values: &[f32],
@@ -164,24 +196,30 @@ unsafe fn input_grad_chunk<S: Lanes, const CH: usize, const FULL: bool>(
     (origin, c_in): (*mut f32, usize),
     lanes: usize,
 ) {
-    let m = block_masks::<S, CH>(lanes, 0);
-    let mut wv = [S::zero(); CH];
-    for (j, x) in wv.iter_mut().enumerate() {
-        *x = if FULL {
-            S::load(wp.add(j * S::N))
-        } else {
-            S::load_masked(m[j], wp.add(j * S::N))
-        };
-    }
-    for (v, &cell) in values.iter().zip(cells) {
-        let g = S::splat(*v);
-        let p = origin.add(cell as usize * c_in);
-        for (j, x) in wv.iter().enumerate() {
-            let q = p.add(j * S::N);
-            if FULL {
-                S::store(q, S::fmadd(g, *x, S::load(q)));
+    // SAFETY: `S`'s features are available, and every access is one this function's
+    // contract makes valid: register j of a whole chunk covers floats j · N .. (j + 1)
+    // · N of the `CH · N`; a masked chunk is the one register j = 0 with the mask of
+    // its first `lanes` floats.
+    unsafe {
+        let m = block_masks::<S, CH>(lanes, 0);
+        let mut wv = [S::zero(); CH];
+        for (j, x) in wv.iter_mut().enumerate() {
+            *x = if FULL {
+                S::load(wp.add(j * S::N))
             } else {
-                S::store_masked(q, m[j], S::fmadd(g, *x, S::load_masked(m[j], q)));
+                S::load_masked(m[j], wp.add(j * S::N))
+            };
+        }
+        for (v, &cell) in values.iter().zip(cells) {
+            let g = S::splat(*v);
+            let p = origin.add(cell as usize * c_in);
+            for (j, x) in wv.iter().enumerate() {
+                let q = p.add(j * S::N);
+                if FULL {
+                    S::store(q, S::fmadd(g, *x, S::load(q)));
+                } else {
+                    S::store_masked(q, m[j], S::fmadd(g, *x, S::load_masked(m[j], q)));
+                }
             }
         }
     }

@@ -49,17 +49,27 @@ pub(super) unsafe fn conv1_pool_relu<S: Lanes, const NV: usize>(
     let bw = NV * S::N;
     let mut cb = 0;
     while cb < c1 {
-        if cb + bw <= c1 {
-            conv1_block::<S, NV, true>(pad, (h, w, c_in), wt, bias, out, cb, &taps);
-        } else {
-            conv1_block::<S, NV, false>(pad, (h, w, c_in), wt, bias, out, cb, &taps);
+        // SAFETY: `S`'s features are available (this function's contract); the slice
+        // lengths were checked above, `taps` are the window's offsets, `cb < c1`, and
+        // the block runs whole only if it ends at or before `c1`.
+        unsafe {
+            if cb + bw <= c1 {
+                conv1_block::<S, NV, true>(pad, (h, w, c_in), wt, bias, out, cb, &taps);
+            } else {
+                conv1_block::<S, NV, false>(pad, (h, w, c_in), wt, bias, out, cb, &taps);
+            }
         }
         cb += bw;
     }
 }
 
 /// One block of output channels of [`conv1_pool_relu`] (whole when `FULL`, else cut
-/// at `c1` by masks). The caller checked the slice lengths.
+/// at `c1` by masks).
+///
+/// # Safety
+/// As [`conv1_pool_relu`], and what it checks and builds: the slice lengths of
+/// [`assert_lengths`], `taps` the offsets of the 3×3 window's `9 · c_in` inputs,
+/// `cb < c1`, and `cb + NV · N <= c1` when `FULL`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn conv1_block<S: Lanes, const NV: usize, const FULL: bool>(
@@ -74,35 +84,44 @@ unsafe fn conv1_block<S: Lanes, const NV: usize, const FULL: bool>(
     let c1 = bias.len();
     let (h1, w1) = (h / 2, w / 2);
     let pw = w + 2;
-    let m = block_masks::<S, NV>(c1, cb);
-    let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
-    for py in 0..h1 {
-        for px in 0..w1 {
-            let base = (2 * py * pw + 2 * px) * c_in;
-            let p = pad.as_ptr().add(base);
-            let mut acc = [[S::zero(); NV]; 4];
-            for (t, &off) in taps.iter().enumerate() {
-                // SAFETY (all raw reads): base + off + (pw + 1) * c_in is within
-                // `pad` since 2 * py + 1 + 2 <= h + 1 and 2 * px + 1 + 2 <= w + 1;
-                // the weight row t * c1 + cb + lane < 9 * c_in * c1 unless masked.
-                let wv = load_block::<S, NV, FULL>(wt.as_ptr().add(t * c1 + cb), &m);
-                let q = p.add(off);
-                let x = [
-                    S::splat(*q),
-                    S::splat(*q.add(c_in)),
-                    S::splat(*q.add(pw * c_in)),
-                    S::splat(*q.add((pw + 1) * c_in)),
-                ];
-                for (a, xv) in acc.iter_mut().zip(x) {
-                    for (av, wr) in a.iter_mut().zip(wv) {
-                        *av = S::fmadd(xv, wr, *av);
+    // SAFETY: `S`'s features are available (this function's contract). Channel lanes
+    // `cb + lane` are below `c1`: all of them when `FULL`, else those of the masks. So,
+    // with the lengths checked by the caller (`pad` (h + 2, w + 2, c_in), `wt`
+    // (9 · c_in, c1), `out` (h1 + 2, w1 + 2, c1)):
+    // - the bias load reads `bias[cb + lane]`;
+    // - the weight load of tap t < 9 · c_in reads `wt[t · c1 + cb + lane]`;
+    // - the four input reads of pooled position (py, px) and tap (ky, kx, ci) are the
+    //   pixels (2 · py + ky + dy, 2 · px + kx + dx), dy, dx in {0, 1}: at most row
+    //   h + 1 and column w + 1 of `pad`, as 2 · py <= h - 2 and 2 · px <= w - 2;
+    // - the store writes channels `cb + lane` of pixel (py + 1, px + 1) of `out`.
+    unsafe {
+        let m = block_masks::<S, NV>(c1, cb);
+        let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
+        for py in 0..h1 {
+            for px in 0..w1 {
+                let base = (2 * py * pw + 2 * px) * c_in;
+                let p = pad.as_ptr().add(base);
+                let mut acc = [[S::zero(); NV]; 4];
+                for (t, &off) in taps.iter().enumerate() {
+                    let wv = load_block::<S, NV, FULL>(wt.as_ptr().add(t * c1 + cb), &m);
+                    let q = p.add(off);
+                    let x = [
+                        S::splat(*q),
+                        S::splat(*q.add(c_in)),
+                        S::splat(*q.add(pw * c_in)),
+                        S::splat(*q.add((pw + 1) * c_in)),
+                    ];
+                    for (a, xv) in acc.iter_mut().zip(x) {
+                        for (av, wr) in a.iter_mut().zip(wv) {
+                            *av = S::fmadd(xv, wr, *av);
+                        }
                     }
                 }
+                let o = out
+                    .as_mut_ptr()
+                    .add(((py + 1) * (w1 + 2) + px + 1) * c1 + cb);
+                pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
             }
-            let o = out
-                .as_mut_ptr()
-                .add(((py + 1) * (w1 + 2) + px + 1) * c1 + cb);
-            pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
         }
     }
 }
@@ -151,17 +170,27 @@ pub(super) unsafe fn conv2_pool_relu<S: Lanes, const NV: usize>(
     let mut cb = 0;
     while cb < c2 {
         let rows = rows.clone();
-        if cb + bw <= c2 {
-            conv2_block::<S, NV, true>(pad, (w1, c1), wt, bias, rows, out, cb);
-        } else {
-            conv2_block::<S, NV, false>(pad, (w1, c1), wt, bias, rows, out, cb);
+        // SAFETY: `S`'s features are available (this function's contract); the slice
+        // lengths and the rows were checked above, `cb < c2`, and the block runs whole
+        // only if it ends at or before `c2`.
+        unsafe {
+            if cb + bw <= c2 {
+                conv2_block::<S, NV, true>(pad, (w1, c1), wt, bias, rows, out, cb);
+            } else {
+                conv2_block::<S, NV, false>(pad, (w1, c1), wt, bias, rows, out, cb);
+            }
         }
         cb += bw;
     }
 }
 
 /// One block of output channels `cb..cb + NV · N` of [`conv2_pool_relu`] (stored
-/// whole when `FULL`, else cut at `c2` by masks). The caller checked the slice lengths.
+/// whole when `FULL`, else cut at `c2` by masks).
+///
+/// # Safety
+/// As [`conv2_pool_relu`], and what it checks: the slice lengths (`wt` packed in
+/// blocks of `NV · N` columns), `rows` within `h1 / 2`, `cb < c2` a multiple of
+/// `NV · N`, and `cb + NV · N <= c2` when `FULL`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn conv2_block<S: Lanes, const NV: usize, const FULL: bool>(
@@ -179,34 +208,43 @@ unsafe fn conv2_block<S: Lanes, const NV: usize, const FULL: bool>(
     let pw = w1 + 2;
     let run = 3 * c1;
     let bw = NV * S::N;
-    let m = block_masks::<S, NV>(c2, cb);
-    let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
-    for py in rows {
-        for px in 0..w2 {
-            let mut acc = [[S::zero(); NV]; 4];
-            // Top-left input of the window's first conv output.
-            let base = (2 * py * pw + 2 * px) * c1;
-            for ky in 0..3 {
-                // SAFETY (all raw reads): the furthest input read is
-                // base + (ky + 1) * pw * c1 + c1 + run - 1 < (h1 + 2) * pw * c1, as
-                // 2 * py + 1 + 2 <= h1 + 1 and 2 * px + 1 + 3 <= w1 + 2; weight rows
-                // k < 9 * c1 of block cb / bw; the store is within the
-                // rows of `out` (checked by the caller).
-                let p = pad.as_ptr().add(base + ky * pw * c1);
-                let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
-                let wrow = block_start(wt, 9 * c1, bw, cb).add(ky * run * bw);
-                for j in 0..run {
-                    let wv = load_block::<S, NV, true>(wrow.add(j * bw), &m);
-                    for (a, qp) in acc.iter_mut().zip(q) {
-                        let x = S::splat(*qp.add(j));
-                        for (av, w) in a.iter_mut().zip(wv) {
-                            *av = S::fmadd(x, w, *av);
+    // SAFETY: `S`'s features are available (this function's contract). With the
+    // lengths checked by the caller (`pad` (h1 + 2, w1 + 2, c1), `wt` the
+    // `ceil(c2 / bw)` blocks of (9 · c1, bw) weights, `out` the `rows.len()` pooled
+    // rows of (w1 / 2, c2)):
+    // - the bias load reads `bias[cb + lane]` for lanes below `c2` (all when `FULL`);
+    // - the input reads of pooled position (py, px) and kernel row ky cover pixels
+    //   (2 · py + ky + dy, 2 · px + dx .. 2 · px + dx + 3), dy, dx in {0, 1}: at most
+    //   row h1 + 1 and column w1 + 1 of `pad`, as 2 · py <= h1 - 2 (py < h1 / 2) and
+    //   2 · px <= w1 - 2;
+    // - the weight loads read whole rows k < 9 · c1 of block cb / bw, one of `wt`'s;
+    // - the store writes channels `cb + lane` below `c2` of pooled row py - first
+    //   (< rows.len()), column px of `out`.
+    unsafe {
+        let m = block_masks::<S, NV>(c2, cb);
+        let b = load_block::<S, NV, FULL>(bias.as_ptr().add(cb), &m);
+        for py in rows {
+            for px in 0..w2 {
+                let mut acc = [[S::zero(); NV]; 4];
+                // Top-left input of the window's first conv output.
+                let base = (2 * py * pw + 2 * px) * c1;
+                for ky in 0..3 {
+                    let p = pad.as_ptr().add(base + ky * pw * c1);
+                    let q = [p, p.add(c1), p.add(pw * c1), p.add((pw + 1) * c1)];
+                    let wrow = block_start(wt, 9 * c1, bw, cb).add(ky * run * bw);
+                    for j in 0..run {
+                        let wv = load_block::<S, NV, true>(wrow.add(j * bw), &m);
+                        for (a, qp) in acc.iter_mut().zip(q) {
+                            let x = S::splat(*qp.add(j));
+                            for (av, w) in a.iter_mut().zip(wv) {
+                                *av = S::fmadd(x, w, *av);
+                            }
                         }
                     }
                 }
+                let o = out.as_mut_ptr().add(((py - first) * w2 + px) * c2 + cb);
+                pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
             }
-            let o = out.as_mut_ptr().add(((py - first) * w2 + px) * c2 + cb);
-            pool_bias_relu_store::<S, NV, FULL>(&acc, &b, &m, o);
         }
     }
 }
@@ -262,20 +300,26 @@ pub(crate) unsafe fn conv2_tiles<S: Lanes, const R: usize, const NV: usize>(
     };
     let mut cb = 0;
     while cb < c2 {
-        let masks = (&block_masks::<S, NV>(c2, cb), cb + bw <= c2);
-        if positions < R {
-            for first in 0..positions {
-                conv2_tile::<S, 1, NV>(&geometry, cb, masks, first);
-            }
-        } else {
-            let mut first = 0;
-            loop {
-                let start = first.min(positions - R);
-                conv2_tile::<S, R, NV>(&geometry, cb, masks, start);
-                if start + R >= positions {
-                    break;
+        // SAFETY: `S`'s features are available (this function's contract); `geometry`
+        // holds the buffers whose lengths were checked above, each tile's positions
+        // lie in `0..positions`, `cb < c2`, the masks are those of the block, and it is
+        // stored whole only if it ends at or before `c2`.
+        unsafe {
+            let masks = (&block_masks::<S, NV>(c2, cb), cb + bw <= c2);
+            if positions < R {
+                for first in 0..positions {
+                    conv2_tile::<S, 1, NV>(&geometry, cb, masks, first);
                 }
-                first += R;
+            } else {
+                let mut first = 0;
+                loop {
+                    let start = first.min(positions - R);
+                    conv2_tile::<S, R, NV>(&geometry, cb, masks, start);
+                    if start + R >= positions {
+                        break;
+                    }
+                    first += R;
+                }
             }
         }
         cb += bw;
@@ -299,6 +343,12 @@ struct Conv2Tile<'a> {
 
 /// Output positions `first..first + R`, channels `cb..cb + NV · N` (stores masked by
 /// `masks`) of [`conv2_tiles`].
+///
+/// # Safety
+/// As [`conv2_tiles`], and what it checks and builds: `g` over buffers of the checked
+/// lengths, `first + R` at most the span's length, `cb < c2` a multiple of `NV · N`,
+/// `masks` those of [`block_masks`] for `(c2, cb)`, `full` only if
+/// `cb + NV · N <= c2`.
 #[inline(always)]
 unsafe fn conv2_tile<S: Lanes, const R: usize, const NV: usize>(
     g: &Conv2Tile<'_>,
@@ -307,37 +357,46 @@ unsafe fn conv2_tile<S: Lanes, const R: usize, const NV: usize>(
     first: usize,
 ) {
     let (pw, c1, run) = (g.w1 + 2, g.c1, 3 * g.c1);
-    // SAFETY (all raw accesses): position p = (y, x) reads pad rows y..y + 3 and
-    // columns x..x + 3 of the (h1 + 2, w1 + 2) padded grid, weight rows < 9 * c1 and
-    // of block cb / bw; it writes conv[p * c2 + cb + lane] only for lanes
-    // below c2 (masks), p < h1 * w1.
-    let mut q = [g.pad; R];
-    for (r, qr) in q.iter_mut().enumerate() {
-        let p = g.origin + first + r;
-        *qr = g.pad.add(((p / g.w1) * pw + p % g.w1) * c1);
-    }
     let bw = NV * S::N;
-    let mut acc = [[S::zero(); NV]; R];
-    for ky in 0..3 {
-        let wrow = block_start(g.wt, 9 * c1, bw, cb).add(ky * run * bw);
-        let row = ky * pw * c1;
-        for j in 0..run {
-            let mut wv = [S::zero(); NV];
-            for (v, w) in wv.iter_mut().enumerate() {
-                *w = S::load(wrow.add(j * bw + v * S::N));
-            }
-            for (a, qr) in acc.iter_mut().zip(q) {
-                let x = S::splat(*qr.add(row + j));
-                for (av, w) in a.iter_mut().zip(wv) {
-                    *av = S::fmadd(x, w, *av);
+    // SAFETY: `S`'s features are available (this function's contract). Position
+    // p = origin + first + r (r < R) is below h1 · w1, so it is a pixel (y, x) with
+    // y < h1, x < w1; with the lengths checked by `conv2_tiles`:
+    // - its input reads cover rows y..y + 3 and columns x..x + 3 of the
+    //   (h1 + 2, w1 + 2, c1) padded grid, ending at most at its last float;
+    // - the weight loads read whole rows k < 9 · c1 of block cb / bw, one of `wt`'s
+    //   `ceil(c2 / bw)` blocks;
+    // - the stores write `conv[(first + r) · c2 + cb + lane]`, first + r < the span's
+    //   length, for lanes below `c2` (all of them when `full`); a masked register's
+    //   address is formed with `wrapping_add`, as one without lanes may lie past the
+    //   end of `conv`.
+    unsafe {
+        let mut q = [g.pad; R];
+        for (r, qr) in q.iter_mut().enumerate() {
+            let p = g.origin + first + r;
+            *qr = g.pad.add(((p / g.w1) * pw + p % g.w1) * c1);
+        }
+        let mut acc = [[S::zero(); NV]; R];
+        for ky in 0..3 {
+            let wrow = block_start(g.wt, 9 * c1, bw, cb).add(ky * run * bw);
+            let row = ky * pw * c1;
+            for j in 0..run {
+                let mut wv = [S::zero(); NV];
+                for (v, w) in wv.iter_mut().enumerate() {
+                    *w = S::load(wrow.add(j * bw + v * S::N));
+                }
+                for (a, qr) in acc.iter_mut().zip(q) {
+                    let x = S::splat(*qr.add(row + j));
+                    for (av, w) in a.iter_mut().zip(wv) {
+                        *av = S::fmadd(x, w, *av);
+                    }
                 }
             }
         }
-    }
-    for (r, a) in acc.iter().enumerate() {
-        let o = g.conv.add((first + r) * g.c2 + cb);
-        for (v, av) in a.iter().enumerate() {
-            store_lanes::<S>(o.add(v * S::N), masks[v], full, *av);
+        for (r, a) in acc.iter().enumerate() {
+            let o = g.conv.add((first + r) * g.c2 + cb);
+            for (v, av) in a.iter().enumerate() {
+                store_lanes::<S>(o.wrapping_add(v * S::N), masks[v], full, *av);
+            }
         }
     }
 }
@@ -391,6 +450,9 @@ fn run_direct(kernels: TestKernels, run: DirectRun) {
 /// One direct-kernel run on lanes `S`, with `NV1` and `NV2` vectors per tile in layers 1
 /// and 2 and layer-2 tiles of `R2` positions (0: pooled in registers); inlined into each
 /// level's `#[target_feature]` wrapper below. Layer 2 writes the pooled `(h/2, w/2, c)`.
+///
+/// # Safety
+/// `S`'s CPU features must be available.
 #[cfg(test)]
 #[inline(always)]
 unsafe fn direct_with<
@@ -410,42 +472,61 @@ unsafe fn direct_with<
         out,
     } = run;
     let (h, w, _) = geometry;
-    if layer2 {
-        let (wp, stride) = (direct::pack_blocks(wt, bias.len(), NV2 * S::N), NV2 * S::N);
-        if R2 == 0 {
-            // In two ranges of pooled rows, as the batch-1 path does.
-            let (rows, cut) = (h / 2, h / 2 / 2);
-            let (a, b) = out.split_at_mut(cut * (w / 2) * bias.len());
-            direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, 0..cut, a);
-            direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, cut..rows, b);
+    // SAFETY: `S`'s features are available (this function's contract); the kernels
+    // check the slice lengths themselves.
+    unsafe {
+        if layer2 {
+            let (wp, stride) = (direct::pack_blocks(wt, bias.len(), NV2 * S::N), NV2 * S::N);
+            if R2 == 0 {
+                // In two ranges of pooled rows, as the batch-1 path does.
+                let (rows, cut) = (h / 2, h / 2 / 2);
+                let (a, b) = out.split_at_mut(cut * (w / 2) * bias.len());
+                direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, 0..cut, a);
+                direct::conv2_pool_relu::<S, NV2>(pad, geometry, (&wp, stride), bias, cut..rows, b);
+            } else {
+                let c = bias.len();
+                // In two spans of positions, split off the tile grid, as the batch-1 path does.
+                let positions = h / 2 * 2 * w;
+                let cut = (positions / 3 + 1).min(positions);
+                let mut conv = vec![0f32; positions * c];
+                let (a, b) = conv.split_at_mut(cut * c);
+                direct::conv2_tiles::<S, R2, NV2>(pad, geometry, (&wp, stride), c, 0..cut, a);
+                direct::conv2_tiles::<S, R2, NV2>(
+                    pad,
+                    geometry,
+                    (&wp, stride),
+                    c,
+                    cut..positions,
+                    b,
+                );
+                max_pool2_relu(&conv, (h / 2 * 2, w, c), Some(bias), out);
+            }
         } else {
-            let c = bias.len();
-            // In two spans of positions, split off the tile grid, as the batch-1 path does.
-            let positions = h / 2 * 2 * w;
-            let cut = (positions / 3 + 1).min(positions);
-            let mut conv = vec![0f32; positions * c];
-            let (a, b) = conv.split_at_mut(cut * c);
-            direct::conv2_tiles::<S, R2, NV2>(pad, geometry, (&wp, stride), c, 0..cut, a);
-            direct::conv2_tiles::<S, R2, NV2>(pad, geometry, (&wp, stride), c, cut..positions, b);
-            max_pool2_relu(&conv, (h / 2 * 2, w, c), Some(bias), out);
+            direct::conv1_pool_relu::<S, NV1>(pad, geometry, wt, bias, out)
         }
-    } else {
-        direct::conv1_pool_relu::<S, NV1>(pad, geometry, wt, bias, out)
     }
 }
 
 /// [`run_direct`] with the AVX-512 kernels of the table.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2 and FMA.
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn direct_avx512(run: DirectRun) {
-    direct_with::<Avx512, { AVX512_NV.0 }, AVX512_R2, { AVX512_NV.1 }>(run)
+    // SAFETY: the CPU has AVX-512F (this function's contract), which `Avx512` needs.
+    unsafe { direct_with::<Avx512, { AVX512_NV.0 }, AVX512_R2, { AVX512_NV.1 }>(run) }
 }
 
 /// [`run_direct`] with the AVX2 kernels of the table.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn direct_avx2(run: DirectRun) {
-    direct_with::<Avx2, { AVX2_NV.0 }, AVX2_R2, { AVX2_NV.1 }>(run)
+    // SAFETY: the CPU has AVX2 and FMA (this function's contract), which `Avx2` needs.
+    unsafe { direct_with::<Avx2, { AVX2_NV.0 }, AVX2_R2, { AVX2_NV.1 }>(run) }
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ impl Packed {
 ///
 /// The reduction runs over the layer's inputs `ks` only (`x` holds those columns of
 /// each row): a thread that computed some of one image's features can sum over
-/// just those, reading just their share of the weights (see [`FastNet::logits`]).
+/// just those, reading just their share of the weights (see [`FastNet::logits`](super::FastNet::logits)).
 ///
 /// # Safety
 /// `S`'s CPU features must be available (see [`Lanes`]). Slice lengths are checked
@@ -90,49 +90,60 @@ pub(super) unsafe fn linear<S: Lanes, const R: usize, const NVC: usize, const KU
         if c0 >= n {
             continue;
         }
-        let masks = (&block_masks::<S, NVC>(n, c0), c0 + sub <= n);
-        let mut k0 = ks.start;
-        while k0 < ks.end {
-            let kc = KC.min(ks.end - k0);
-            // SAFETY: panel p's rows k0..k0 + kc lie within `data`; rows r < m of `x`
-            // hold kr floats from r * kr, column k0 - ks.start onwards; outputs
-            // r * n + c0 + lane < m * n unless masked off.
-            let wp = w.data.as_ptr().add(p * k * PANEL + k0 * PANEL + c0 % PANEL);
-            let mut r = 0;
-            while r < m {
-                let rows = (m - r).min(R);
-                let t = (
-                    x.as_ptr().add(r * kr + k0 - ks.start),
-                    kr,
-                    wp,
-                    kc,
-                    out_base.add(r * n + c0),
-                    n,
-                    masks,
-                    k0 == ks.start,
-                );
-                // The leftover rows of a task in one smaller tile rather than one
-                // at a time (each single row streams the whole panel again), with
-                // enough accumulator sets for about 8 independent chains.
-                match rows {
-                    _ if rows == R => tile::<S, R, NVC, 1>(t),
-                    1 => tile::<S, 1, NVC, KU>(t),
-                    2 => tile::<S, 2, NVC, 2>(t),
-                    3 => tile::<S, 3, NVC, 2>(t),
-                    4 => tile::<S, 4, NVC, 1>(t),
-                    5 => tile::<S, 5, NVC, 1>(t),
-                    6 => tile::<S, 6, NVC, 1>(t),
-                    7 => tile::<S, 7, NVC, 1>(t),
-                    _ => {
-                        // Not in the kernel table (R is at most 8): rows one by one.
-                        tile::<S, 1, NVC, KU>(t);
-                        r += 1;
-                        continue;
+        // SAFETY: `S`'s features are available (this function's contract); the masks
+        // are those of outputs c0.. below n, and the part is stored whole only if it
+        // ends at or before n. With the lengths checked above, each tile's accesses
+        // are in bounds:
+        // - weights: `wp` is row k0 of panel p, at column c0 % PANEL, a multiple of
+        //   `sub` (which divides PANEL), so each of the tile's `kc` rows (k0 + kc <=
+        //   ks.end <= k) reads `sub` floats of the panel's row, inside `data`'s
+        //   `panels() · k · PANEL` floats;
+        // - inputs: rows r .. r + rows <= m of `x` (kr floats each), columns
+        //   k0 - ks.start .. + kc <= kr;
+        // - outputs: rows r .. r + rows <= m of `out` (>= m · n floats, rows of n),
+        //   columns c0 + lane below n (all `sub` of them only when whole).
+        unsafe {
+            let masks = (&block_masks::<S, NVC>(n, c0), c0 + sub <= n);
+            let mut k0 = ks.start;
+            while k0 < ks.end {
+                let kc = KC.min(ks.end - k0);
+                let wp = w.data.as_ptr().add(p * k * PANEL + k0 * PANEL + c0 % PANEL);
+                let mut r = 0;
+                while r < m {
+                    let rows = (m - r).min(R);
+                    let t = (
+                        x.as_ptr().add(r * kr + k0 - ks.start),
+                        kr,
+                        wp,
+                        kc,
+                        out_base.add(r * n + c0),
+                        n,
+                        masks,
+                        k0 == ks.start,
+                    );
+                    // The leftover rows of a task in one smaller tile rather than one
+                    // at a time (each single row streams the whole panel again), with
+                    // enough accumulator sets for about 8 independent chains.
+                    match rows {
+                        _ if rows == R => tile::<S, R, NVC, 1>(t),
+                        1 => tile::<S, 1, NVC, KU>(t),
+                        2 => tile::<S, 2, NVC, 2>(t),
+                        3 => tile::<S, 3, NVC, 2>(t),
+                        4 => tile::<S, 4, NVC, 1>(t),
+                        5 => tile::<S, 5, NVC, 1>(t),
+                        6 => tile::<S, 6, NVC, 1>(t),
+                        7 => tile::<S, 7, NVC, 1>(t),
+                        _ => {
+                            // Not in the kernel table (R is at most 8): rows one by one.
+                            tile::<S, 1, NVC, KU>(t);
+                            r += 1;
+                            continue;
+                        }
                     }
+                    r += rows;
                 }
-                r += rows;
+                k0 += kc;
             }
-            k0 += kc;
         }
     }
 }
@@ -140,6 +151,14 @@ pub(super) unsafe fn linear<S: Lanes, const R: usize, const NVC: usize, const KU
 /// One tile of [`linear`]: `R` rows of `x` (stride `x_rs`) times `kc` rows of a panel
 /// (`wp`), added to the tile of `out` (stride `out_rs`, lanes of `masks`) unless
 /// `first`, when it is overwritten. The reduction is split over `KU` accumulator sets.
+///
+/// # Safety
+/// `S`'s CPU features must be available. For each of the `R` rows, `x + r · x_rs` must
+/// be valid for reads of `kc` floats, and `out + r · out_rs` for reads and writes of
+/// `NVC · N` floats when `full`, else of the lanes of `masks` (at `+ v · N` for
+/// register `v`; a register without lanes may lie past the end). `wp + kk · PANEL`
+/// must be valid for reads of `NVC · N` floats for each `kk < kc`. `out` must not
+/// overlap `x` or `wp`.
 #[inline(always)]
 #[allow(clippy::type_complexity)]
 unsafe fn tile<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
@@ -154,57 +173,64 @@ unsafe fn tile<S: Lanes, const R: usize, const NVC: usize, const KU: usize>(
         bool,
     ),
 ) {
-    let mut acc = [[[S::zero(); NVC]; R]; KU];
-    if !first {
-        for (r, a) in acc[0].iter_mut().enumerate() {
-            for (v, av) in a.iter_mut().enumerate() {
-                let p = out.add(r * out_rs + v * S::N);
-                *av = if full {
-                    S::load(p)
-                } else {
-                    S::load_masked(masks[v], p)
-                };
-            }
-        }
-    }
-    let steps = kc / KU * KU;
-    let mut kk = 0;
-    while kk < steps {
-        for (u, set) in acc.iter_mut().enumerate() {
-            let wk = wp.add((kk + u) * PANEL);
-            let mut wv = [S::zero(); NVC];
-            for (v, w) in wv.iter_mut().enumerate() {
-                *w = S::load(wk.add(v * S::N));
-            }
-            for (r, a) in set.iter_mut().enumerate() {
-                let xv = S::splat(*x.add(r * x_rs + kk + u));
-                for (av, w) in a.iter_mut().zip(wv) {
-                    *av = S::fmadd(xv, w, *av);
+    // SAFETY: `S`'s features are available, and every access is one this function's
+    // contract makes valid: input row r at columns kk + u < kc; weight row kk + u < kc
+    // at floats v · N .. (v + 1) · N of its `NVC · N`; output row r at register v,
+    // whole when `full`, else the lanes of `masks[v]` (the address by `wrapping_add`).
+    unsafe {
+        let mut acc = [[[S::zero(); NVC]; R]; KU];
+        if !first {
+            for (r, a) in acc[0].iter_mut().enumerate() {
+                for (v, av) in a.iter_mut().enumerate() {
+                    let p = out.wrapping_add(r * out_rs + v * S::N);
+                    *av = if full {
+                        S::load(p)
+                    } else {
+                        S::load_masked(masks[v], p)
+                    };
                 }
             }
         }
-        kk += KU;
-    }
-    for kk in steps..kc {
-        let wk = wp.add(kk * PANEL);
-        for (r, a) in acc[0].iter_mut().enumerate() {
-            let xv = S::splat(*x.add(r * x_rs + kk));
-            for (v, av) in a.iter_mut().enumerate() {
-                *av = S::fmadd(xv, S::load(wk.add(v * S::N)), *av);
+        let steps = kc / KU * KU;
+        let mut kk = 0;
+        while kk < steps {
+            for (u, set) in acc.iter_mut().enumerate() {
+                let wk = wp.add((kk + u) * PANEL);
+                let mut wv = [S::zero(); NVC];
+                for (v, w) in wv.iter_mut().enumerate() {
+                    *w = S::load(wk.add(v * S::N));
+                }
+                for (r, a) in set.iter_mut().enumerate() {
+                    let xv = S::splat(*x.add(r * x_rs + kk + u));
+                    for (av, w) in a.iter_mut().zip(wv) {
+                        *av = S::fmadd(xv, w, *av);
+                    }
+                }
+            }
+            kk += KU;
+        }
+        for kk in steps..kc {
+            let wk = wp.add(kk * PANEL);
+            for (r, a) in acc[0].iter_mut().enumerate() {
+                let xv = S::splat(*x.add(r * x_rs + kk));
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = S::fmadd(xv, S::load(wk.add(v * S::N)), *av);
+                }
             }
         }
-    }
-    let (total, rest) = acc.split_at_mut(1);
-    for set in rest.iter() {
-        for (a, b) in total[0].iter_mut().zip(set) {
-            for (av, bv) in a.iter_mut().zip(b) {
-                *av = S::add(*av, *bv);
+        let (total, rest) = acc.split_at_mut(1);
+        for set in rest.iter() {
+            for (a, b) in total[0].iter_mut().zip(set) {
+                for (av, bv) in a.iter_mut().zip(b) {
+                    *av = S::add(*av, *bv);
+                }
             }
         }
-    }
-    for (r, a) in acc[0].iter().enumerate() {
-        for (v, av) in a.iter().enumerate() {
-            store_lanes::<S>(out.add(r * out_rs + v * S::N), masks[v], full, *av);
+        for (r, a) in acc[0].iter().enumerate() {
+            for (v, av) in a.iter().enumerate() {
+                let p = out.wrapping_add(r * out_rs + v * S::N);
+                store_lanes::<S>(p, masks[v], full, *av);
+            }
         }
     }
 }

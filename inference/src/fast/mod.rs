@@ -312,12 +312,14 @@ impl FastNet {
     fn linear_simd(&self, x: &[f32], packed: &direct::Packed, ks: Range<usize>, out: &mut [f32]) {
         match self.level {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `level` is only ever set to a level the CPU supports.
+            // SAFETY: `level` is only ever set by `set_level`, to a level the CPU
+            // supports (`or_supported`): here AVX-512F, AVX2 and FMA.
             SimdLevel::Avx512 => unsafe { linear_avx512(x, packed, ks, out) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
+            // SAFETY: as above: the CPU has AVX2 and FMA.
             SimdLevel::Avx2 => unsafe { linear_avx2(x, packed, ks, out) },
-            // SAFETY: plain Rust lanes.
+            // SAFETY: portable lanes are plain Rust and need no CPU feature; `linear`
+            // checks the slice lengths itself.
             _ => unsafe { direct::linear::<crate::simd::Portable, 1, 8, 2>(x, packed, ks, out) },
         }
     }
@@ -329,7 +331,7 @@ impl FastNet {
     }
 }
 
-/// The hand-written SIMD kernels, each written once over [`Lanes`](crate::simd::Lanes) and
+/// The hand-written SIMD kernels, each written once over [`Lanes`] and
 /// a block of `NV` registers of output channels; [`FastNet::conv_chunk`] and the training
 /// op of `crate::ops` run them monomorphised for AVX-512 or AVX2 inside
 /// `#[target_feature]` wrappers (see each caller's kernel table), the training op also on

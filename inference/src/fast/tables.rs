@@ -54,9 +54,13 @@ impl FastNet {
         features: &mut [f32],
         s: &mut Scratch,
     ) {
-        self.conv_simd::<Avx512, { AVX512_NV.0 }, AVX512_R2, { AVX512_NV.1 }>(
-            inputs, rows, features, s,
-        )
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (this function's contract), which
+        // `Avx512` lanes need.
+        unsafe {
+            self.conv_simd::<Avx512, { AVX512_NV.0 }, AVX512_R2, { AVX512_NV.1 }>(
+                inputs, rows, features, s,
+            )
+        }
     }
 
     /// [`FastNet::conv_simd`] with the AVX2 kernels.
@@ -72,7 +76,11 @@ impl FastNet {
         features: &mut [f32],
         s: &mut Scratch,
     ) {
-        self.conv_simd::<Avx2, { AVX2_NV.0 }, AVX2_R2, { AVX2_NV.1 }>(inputs, rows, features, s)
+        // SAFETY: the CPU has AVX2 and FMA (this function's contract), which `Avx2` lanes
+        // need.
+        unsafe {
+            self.conv_simd::<Avx2, { AVX2_NV.0 }, AVX2_R2, { AVX2_NV.1 }>(inputs, rows, features, s)
+        }
     }
 }
 
@@ -88,7 +96,11 @@ pub(super) unsafe fn linear_avx512(
     ks: Range<usize>,
     out: &mut [f32],
 ) {
-    direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, ks, out)
+    // SAFETY: the CPU has AVX-512F, AVX2 and FMA (this function's contract), which
+    // `Avx512` lanes need; `linear` checks the slice lengths itself.
+    unsafe {
+        direct::linear::<Avx512, { AVX512_FC.0 }, { AVX512_FC.1 }, { AVX512_FC.2 }>(x, w, ks, out)
+    }
 }
 
 /// [`direct::linear`] with the AVX2 tiles of the table.
@@ -98,5 +110,7 @@ pub(super) unsafe fn linear_avx512(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn linear_avx2(x: &[f32], w: &direct::Packed, ks: Range<usize>, out: &mut [f32]) {
-    direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, ks, out)
+    // SAFETY: the CPU has AVX2 and FMA (this function's contract), which `Avx2` lanes
+    // need; `linear` checks the slice lengths itself.
+    unsafe { direct::linear::<Avx2, { AVX2_FC.0 }, { AVX2_FC.1 }, { AVX2_FC.2 }>(x, w, ks, out) }
 }

@@ -167,7 +167,7 @@ impl IdxSplit {
             .expect("buffer length matches dimensions by construction")
     }
 
-    /// Converts to a float dataset, scaling to [0,1] and normalising with `norm`.
+    /// Converts to a float dataset, scaling to `[0, 1]` and normalising with `norm`.
     pub fn to_dataset(&self, norm: &Normalization) -> Dataset {
         let mean = norm.mean.first().copied().unwrap_or(0.0);
         let inv = 1.0 / norm.std.first().copied().unwrap_or(1.0);
@@ -227,7 +227,7 @@ pub fn load_fashion_mnist(dir: &Path) -> anyhow::Result<FashionMnist> {
     Ok(FashionMnist { train, test })
 }
 
-/// Per-channel mean and std of 8-bit pixels scaled to [0,1] (single channel).
+/// Per-channel mean and std of 8-bit pixels scaled to `[0, 1]` (single channel).
 pub fn gray_normalization(pixels: &[u8]) -> Normalization {
     let n = pixels.len().max(1) as f64;
     let sum: f64 = pixels.iter().map(|&p| p as f64 / 255.0).sum();

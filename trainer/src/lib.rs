@@ -1,8 +1,8 @@
 //! Training of the Fashion-MNIST CNN behind the `trainer` CLI: data loading ([`data`]), the
 //! training loop and the drivers that write a model directory ([`train`]), per-class
-//! evaluation ([`evaluate`]), `trainer bench` ([`bench`]), and the command line with one
-//! function per command ([`cli`]). The model format, the network and inference live in the
-//! `classifier-inference` crate, which this one writes models for.
+//! evaluation ([`evaluate`]), `trainer bench` ([`bench`](mod@bench)), and the command line
+//! with one function per command ([`cli`]). The model format, the network and inference
+//! live in the `classifier-inference` crate, which this one writes models for.
 
 pub mod bench;
 pub mod cli;

@@ -36,6 +36,9 @@ pub const EXIT_UNANSWERED: u8 = 3;
 pub const EXIT_NOT_SORTED: u8 = 4;
 
 /// What `client-app classify` does.
+// The fields' docs are clap's --help text, written for a terminal: `<class>` is a
+// placeholder there, not an HTML tag.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, clap::Args)]
 pub struct ClassifyArgs {
     /// Files and folders to classify.

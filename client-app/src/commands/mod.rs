@@ -23,6 +23,9 @@ pub use classify::{
 pub use dead_letters::{dead_letters, DeadLettersArgs};
 
 /// The flags every subcommand takes: where the config comes from and which broker.
+// The fields' docs are clap's --help text, written for a terminal: `[broker]` is a
+// TOML table there, not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Default, clap::Args)]
 pub struct Common {
     /// Config file (TOML with [broker], [server], [client] tables).

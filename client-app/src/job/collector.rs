@@ -330,14 +330,14 @@ mod tests {
 
     impl Progress for Recorded {
         fn file_done(&self, result: &FileResult) {
-            let mut done = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mut done = classifier_app::lock(&self.0);
             done.push(result.request_id.clone());
         }
     }
 
     impl Recorded {
         fn ids(&self) -> Vec<String> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            classifier_app::lock(&self.0).clone()
         }
     }
 

@@ -25,9 +25,7 @@ pub(super) struct Pending(Arc<Mutex<HashMap<String, Unanswered>>>);
 
 impl Pending {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Unanswered>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        classifier_app::lock(&self.0)
     }
 
     /// Registers requests about to be published, as (request id, request).

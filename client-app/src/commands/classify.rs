@@ -547,3 +547,136 @@ impl Drop for Bar {
         self.bar.finish_and_clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// `client-app classify`'s arguments, parsed as the binary parses them.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: ClassifyArgs,
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("client-app").chain(args.iter().copied()))
+    }
+
+    fn examples() -> String {
+        format!("{}/../examples", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn classify_writes_results_and_sorts_every_example() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let results = dir.path().join("results.csv");
+        let sorted = dir.path().join("sorted");
+        let cli = parse(&[
+            &examples(),
+            "--quiet",
+            "--top-k",
+            "1",
+            "--output",
+            results.to_str().expect("utf-8 path"),
+            "--sort-into",
+            sorted.to_str().expect("utf-8 path"),
+        ]);
+        let code = classify(&cli.common, &cli.args).await.expect("classifies");
+        assert_eq!(code, ExitCode::SUCCESS);
+        let rows = std::fs::read_to_string(&results).expect("results file");
+        assert_eq!(
+            rows.lines().count(),
+            1 + 200,
+            "a header and one row per example"
+        );
+        let sorted_files = walk_inputs(&[sorted]).expect("sorted folder").files;
+        assert_eq!(
+            sorted_files.len(),
+            200,
+            "every example copied into a class folder"
+        );
+    }
+
+    #[tokio::test]
+    async fn resume_without_a_results_file_is_a_clear_error() {
+        let cli = parse(&[&examples(), "--resume"]);
+        let error = classify(&cli.common, &cli.args).await.expect_err("refused");
+        assert!(
+            format!("{error:#}").contains("--resume needs --output"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn flags_land_in_the_config_under_their_setting() {
+        let cli = parse(&[
+            "x",
+            "--window",
+            "7",
+            "--timeout",
+            "9",
+            "--max-bytes",
+            "1234",
+            "--request-topic",
+            "elsewhere",
+            "--model",
+            "models/other",
+        ]);
+        let config = cli.args.config(&cli.common).expect("config");
+        assert_eq!(config.client.window, 7);
+        assert_eq!(config.client.reply_timeout_secs, 9);
+        assert_eq!(config.client.max_request_bytes, Some(1234));
+        assert_eq!(config.client.top_k, AppConfig::default().client.top_k);
+        assert_eq!(config.server.request_topic, "elsewhere");
+        assert_eq!(config.server.model_dir, Some(PathBuf::from("models/other")));
+    }
+
+    #[test]
+    fn exit_status_puts_unanswered_before_unsorted_before_failed() {
+        use crate::job::JobReport;
+        let result = |outcome| FileResult {
+            input: InputFile {
+                path: PathBuf::from("a.png"),
+                display_name: "a.png".into(),
+                folder: None,
+                relative: PathBuf::from("a.png"),
+            },
+            request_id: String::new(),
+            outcome,
+            server_id: String::new(),
+            latency: None,
+        };
+        let outcome = |results: Vec<FileResult>| ClassifyOutcome {
+            report: JobReport {
+                job_id: String::new(),
+                results,
+                duplicate_replies: 0,
+                rejected_replies: 0,
+                elapsed: std::time::Duration::ZERO,
+                answered_by: Default::default(),
+            },
+            model_classes: Vec::new(),
+        };
+        let to_send = ToSend {
+            files: Vec::new(),
+            not_sent: Vec::new(),
+            answered_before: 0,
+        };
+        let unanswered = outcome(vec![result(FileOutcome::Unanswered)]);
+        assert_eq!(
+            exit_status(&unanswered, &to_send, true),
+            ExitCode::from(EXIT_UNANSWERED)
+        );
+        let empty = outcome(Vec::new());
+        assert_eq!(
+            exit_status(&empty, &to_send, true),
+            ExitCode::from(EXIT_NOT_SORTED)
+        );
+        assert_eq!(exit_status(&empty, &to_send, false), ExitCode::SUCCESS);
+    }
+}

@@ -6,6 +6,7 @@
 //! Pub/Sub and Redis test files run the same cases with their own environment.
 
 pub mod cross_process;
+pub mod intercept;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};

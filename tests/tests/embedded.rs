@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use classifier_proto::{attributes, ErrorCode, Outcome, ProstMessage};
 use classifier_server::{load_classifier, ModelServer, ServerConfig};
 use client_app::job::{run_job, FileOutcome, JobOptions, NoProgress};
+use integration_tests::intercept::{Hooks, Intercepted};
 use integration_tests::{
     assert_errors_reported, copy_examples, next_delivery, next_reply, parse_summary, run_client,
     run_client_within, top_class, workspace_root, write_bad_inputs, write_size_probes,
@@ -167,27 +167,15 @@ fn server_config(topic: &str) -> ServerConfig {
     }
 }
 
-/// A broker whose first `failures` publishes to reply topics fail, to prove the server
-/// retries replies and acks requests only afterwards.
+/// Hooks that fail the first `failures_left` publishes to reply topics, to prove the
+/// server retries replies and acks requests only afterwards.
 struct FlakyReplies {
-    inner: Arc<dyn Broker>,
     failures_left: AtomicUsize,
     attempts: AtomicUsize,
 }
 
-#[async_trait]
-impl Broker for FlakyReplies {
-    fn backend(&self) -> &'static str {
-        "flaky"
-    }
-    fn features(&self) -> unified_broker::Features {
-        self.inner.features()
-    }
-    async fn publish_batch(
-        &self,
-        topic: &str,
-        messages: Vec<Message>,
-    ) -> unified_broker::Result<()> {
+impl Hooks for FlakyReplies {
+    fn before_publish(&self, topic: &str, _messages: &[Message]) -> unified_broker::Result<()> {
         if topic.starts_with("classify-replies-flaky") {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             let left = self.failures_left.load(Ordering::SeqCst);
@@ -196,30 +184,7 @@ impl Broker for FlakyReplies {
                 return Err(BrokerError::Unavailable("injected failure".into()));
             }
         }
-        self.inner.publish_batch(topic, messages).await
-    }
-    async fn subscribe(
-        &self,
-        topic: &str,
-        group: &str,
-        options: SubscribeOptions,
-    ) -> unified_broker::Result<Box<dyn Subscriber>> {
-        self.inner.subscribe(topic, group, options).await
-    }
-    async fn ensure_topic(&self, topic: &str) -> unified_broker::Result<()> {
-        self.inner.ensure_topic(topic).await
-    }
-    async fn delete_topic(&self, topic: &str) -> unified_broker::Result<()> {
-        self.inner.delete_topic(topic).await
-    }
-    async fn ensure_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
-        self.inner.ensure_subscription(topic, group).await
-    }
-    async fn delete_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
-        self.inner.delete_subscription(topic, group).await
-    }
-    async fn close(&self) -> unified_broker::Result<()> {
-        self.inner.close().await
+        Ok(())
     }
 }
 
@@ -244,10 +209,12 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
         max_backlog_per_group: 1,
         ..EmbeddedConfig::default()
     });
-    let flaky = Arc::new(FlakyReplies {
+    let flaky = Arc::new(Intercepted {
         inner: Arc::new(embedded.new_client()),
-        failures_left: AtomicUsize::new(3),
-        attempts: AtomicUsize::new(0),
+        hooks: FlakyReplies {
+            failures_left: AtomicUsize::new(3),
+            attempts: AtomicUsize::new(0),
+        },
     });
     let config = server_config("requests-flaky");
     let classifier = load_classifier(&config).expect("shipped model loads");
@@ -299,7 +266,7 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     let first = next_reply(&mut *replies).await;
     assert_eq!(first.request_id, "req-1");
     assert!(
-        flaky.attempts.load(Ordering::SeqCst) >= 4,
+        flaky.hooks.attempts.load(Ordering::SeqCst) >= 4,
         "three failures then success"
     );
     tokio::time::timeout(Duration::from_secs(30), second_publish)

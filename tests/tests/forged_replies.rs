@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use classifier_proto::{Outcome, ProstMessage};
 use classifier_server::{load_classifier, ModelServer, ServerConfig};
 use client_app::job::{run_job, FileOutcome, JobOptions, NoProgress};
+use integration_tests::intercept::{Hooks, Intercepted};
 use integration_tests::{copy_examples, workspace_root};
 use tokio_util::sync::CancellationToken;
 use unified_broker::embedded::{EmbeddedBroker, EmbeddedConfig};
-use unified_broker::{Broker, Message, SubscribeOptions, Subscriber};
+use unified_broker::{Broker, Message};
 
 /// The shipped model's server config, consuming `topic`.
 fn server_config(topic: &str) -> ServerConfig {
@@ -23,11 +23,10 @@ fn server_config(topic: &str) -> ServerConfig {
     }
 }
 
-/// A broker that tells a test what a peer on the network could learn: the reply topics
-/// a client subscribes to (a topic listing shows them) and the requests it publishes
+/// Hooks that tell a test what a peer on the network could learn: the reply topics a
+/// client subscribes to (a topic listing shows them) and the requests it publishes
 /// (anyone who may read the request topic sees them).
 struct Spy {
-    inner: Arc<dyn Broker>,
     request_topic: String,
     reply_topics: tokio::sync::mpsc::UnboundedSender<String>,
     requests: std::sync::Mutex<Vec<classifier_proto::ClassifyRequest>>,
@@ -36,65 +35,25 @@ struct Spy {
 impl Spy {
     /// The requests published so far.
     fn requests(&self) -> Vec<classifier_proto::ClassifyRequest> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        classifier_app::lock(&self.requests).clone()
     }
 }
 
-#[async_trait]
-impl Broker for Spy {
-    fn backend(&self) -> &'static str {
-        "spy"
-    }
-    fn features(&self) -> unified_broker::Features {
-        self.inner.features()
-    }
-    async fn max_message_bytes(&self, topic: &str) -> unified_broker::Result<usize> {
-        self.inner.max_message_bytes(topic).await
-    }
-    async fn publish_batch(
-        &self,
-        topic: &str,
-        messages: Vec<Message>,
-    ) -> unified_broker::Result<()> {
+impl Hooks for Spy {
+    fn before_publish(&self, topic: &str, messages: &[Message]) -> unified_broker::Result<()> {
         if topic == self.request_topic {
             let decoded = messages.iter().filter_map(|message| {
                 classifier_proto::ClassifyRequest::decode(message.payload.as_ref()).ok()
             });
-            self.requests
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .extend(decoded);
+            classifier_app::lock(&self.requests).extend(decoded);
         }
-        self.inner.publish_batch(topic, messages).await
+        Ok(())
     }
-    async fn subscribe(
-        &self,
-        topic: &str,
-        group: &str,
-        options: SubscribeOptions,
-    ) -> unified_broker::Result<Box<dyn Subscriber>> {
+
+    fn before_subscribe(&self, topic: &str) {
         if topic.starts_with("classify-replies-") {
             let _ = self.reply_topics.send(topic.to_string());
         }
-        self.inner.subscribe(topic, group, options).await
-    }
-    async fn ensure_topic(&self, topic: &str) -> unified_broker::Result<()> {
-        self.inner.ensure_topic(topic).await
-    }
-    async fn delete_topic(&self, topic: &str) -> unified_broker::Result<()> {
-        self.inner.delete_topic(topic).await
-    }
-    async fn ensure_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
-        self.inner.ensure_subscription(topic, group).await
-    }
-    async fn delete_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
-        self.inner.delete_subscription(topic, group).await
-    }
-    async fn close(&self) -> unified_broker::Result<()> {
-        self.inner.close().await
     }
 }
 
@@ -146,11 +105,13 @@ async fn forged_replies_are_rejected_and_never_become_results() {
     let embedded = EmbeddedBroker::new(EmbeddedConfig::default());
     let request_topic = "requests-forged";
     let (reply_topics, mut reply_topic_rx) = tokio::sync::mpsc::unbounded_channel();
-    let spy = Arc::new(Spy {
+    let spy = Arc::new(Intercepted {
         inner: Arc::new(embedded.new_client()),
-        request_topic: request_topic.to_string(),
-        reply_topics,
-        requests: std::sync::Mutex::default(),
+        hooks: Spy {
+            request_topic: request_topic.to_string(),
+            reply_topics,
+            requests: std::sync::Mutex::default(),
+        },
     });
     let work = tempfile::tempdir().expect("tempdir");
     let count = copy_examples(work.path(), 2);
@@ -181,7 +142,7 @@ async fn forged_replies_are_rejected_and_never_become_results() {
         .strip_prefix("classify-replies-")
         .expect("the client's reply topic shape")
         .to_string();
-    let requests = wait_for_requests(&spy, count).await;
+    let requests = wait_for_requests(&spy.hooks, count).await;
     let forger = embedded.new_client();
     let mut forged = Vec::new();
     for index in 0..count {

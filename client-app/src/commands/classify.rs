@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{shown, Common, ServerFlags};
 use crate::inputs::{walk_inputs, InputFile, Skipped};
-use crate::job::{FileOutcome, FileResult, NoProgress, Progress};
-use crate::report::{self, Counts, ResultsWriter};
+use crate::job::{FileOutcome, FileResult, JobReport, NoProgress, Progress};
+use crate::report::{self, Accuracy, Counts, ResultsWriter};
 use crate::resume::Answered;
 use crate::sort::{SortOptions, Sorter, Transfer};
 use crate::ClassifyOutcome;
@@ -165,14 +165,14 @@ pub async fn classify(common: &Common, args: &ClassifyArgs) -> anyhow::Result<Ex
         Err(error) => return Err(after.keep_what_arrived(args, error)),
     };
     after.write_unanswered(&outcome);
-    print_summary(args, &to_send, &after, &outcome);
+    let accuracy = report::accuracy(&outcome.report, &outcome.model_classes);
+    print_summary(args, &to_send, &after, &outcome.report, accuracy.as_ref());
     let sort_failed = after.sorter.as_ref().is_some_and(|s| s.counts().failed > 0);
     after.finish_writing()?;
     if let Some(path) = &args.output {
         println!("results written to {}", shown(path));
     }
     if let Some(path) = &args.report {
-        let accuracy = report::accuracy(&outcome.report, &outcome.model_classes);
         crate::html_report::write_html_report(&outcome.report, accuracy.as_ref(), path)?;
         println!("report written to {}", shown(path));
     }
@@ -253,7 +253,8 @@ fn print_summary(
     args: &ClassifyArgs,
     to_send: &ToSend,
     after: &AfterEach,
-    outcome: &ClassifyOutcome,
+    job: &JobReport,
+    accuracy: Option<&Accuracy>,
 ) {
     let mut notes = Vec::new();
     if let (true, Some(path)) = (args.resume, &args.output) {
@@ -267,11 +268,7 @@ fn print_summary(
     if let Some(sorter) = &after.sorter {
         notes.extend(sort_notes(sorter));
     }
-    let accuracy = report::accuracy(&outcome.report, &outcome.model_classes);
-    println!(
-        "{}",
-        report::summary_with_notes(&outcome.report, accuracy.as_ref(), &notes)
-    );
+    println!("{}", report::summary_with_notes(job, accuracy, &notes));
 }
 
 /// The exit status: unanswered files first, then files not sorted, then failures.
@@ -638,7 +635,6 @@ mod tests {
 
     #[test]
     fn exit_status_puts_unanswered_before_unsorted_before_failed() {
-        use crate::job::JobReport;
         let result = |outcome| FileResult {
             input: InputFile {
                 path: PathBuf::from("a.png"),

@@ -18,7 +18,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use unified_broker::BrokerConfig;
 
-use crate::overlay::{overlaid, Setting};
+use crate::overlay::{overlaid, with_text};
 
 /// Default topic the client publishes requests to and servers consume.
 pub const DEFAULT_REQUEST_TOPIC: &str = "classify-requests";
@@ -60,20 +60,17 @@ impl Default for DecodeLimits {
     }
 }
 
-/// The `CLASSIFIER_*` environment variables and the settings they override (besides
+/// The `CLASSIFIER_*` environment variables and the `[server]` fields they set (besides
 /// `CLASSIFIER_BROKER`, which picks the backend, and `CLASSIFIER_CONFIG`, the file).
 /// An empty `CLASSIFIER_DEAD_LETTER_TOPIC` turns dead-lettering off.
-pub const ENV_SETTINGS: &[(&str, Setting)] = &[
-    (MODEL_DIR_ENV, Setting::server("model_dir")),
-    ("CLASSIFIER_REQUEST_TOPIC", Setting::server("request_topic")),
-    ("CLASSIFIER_GROUP", Setting::server("group")),
-    (
-        "CLASSIFIER_DEAD_LETTER_TOPIC",
-        Setting::server("dead_letter_topic"),
-    ),
-    ("CLASSIFIER_SERVER_ID", Setting::server("server_id")),
-    ("CLASSIFIER_MODEL_POLL_MS", Setting::server("model_poll_ms")),
-    ("CLASSIFIER_METRICS_ADDR", Setting::server("metrics_addr")),
+pub const ENV_SETTINGS: &[(&str, &str)] = &[
+    (MODEL_DIR_ENV, "model_dir"),
+    ("CLASSIFIER_REQUEST_TOPIC", "request_topic"),
+    ("CLASSIFIER_GROUP", "group"),
+    ("CLASSIFIER_DEAD_LETTER_TOPIC", "dead_letter_topic"),
+    ("CLASSIFIER_SERVER_ID", "server_id"),
+    ("CLASSIFIER_MODEL_POLL_MS", "model_poll_ms"),
+    ("CLASSIFIER_METRICS_ADDR", "metrics_addr"),
 ];
 
 /// The whole config file.
@@ -279,23 +276,13 @@ impl AppConfig {
         if let Some(backend) = lookup("CLASSIFIER_BROKER") {
             self.select_backend(&backend)?;
         }
-        for (name, setting) in ENV_SETTINGS {
+        for (name, field) in ENV_SETTINGS {
             if let Some(text) = lookup(name) {
-                self.apply_text(setting, &text)
-                    .with_context(|| format!("{name}={text:?} is not a valid {setting}"))?;
+                self.server = with_text(&self.server, field, &text)
+                    .with_context(|| format!("{name}={text:?} is not a valid server.{field}"))?;
             }
         }
         self.broker.apply_env(&lookup);
-        Ok(())
-    }
-
-    /// Sets one setting from text (an environment variable's value), typed as the
-    /// setting is: a number for a number, else the text itself.
-    fn apply_text(&mut self, setting: &Setting, text: &str) -> anyhow::Result<()> {
-        match setting.section {
-            "server" => self.server = setting.parse_into(&self.server, text)?,
-            _ => self.client = setting.parse_into(&self.client, text)?,
-        }
         Ok(())
     }
 

@@ -177,11 +177,8 @@ fn conv_block(
             }
         }
     }
-    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
     let dims = [c_out as i64, c_in as i64, 3, 3];
-    g.initializer.push(tensor(&wn, &dims, onnx));
-    g.initializer
-        .push(tensor(&bn, &[c_out as i64], b.to_vec1::<f32>()?));
+    let (wn, bn) = parameters(g, name, &dims, onnx, b)?;
     let attrs = vec![
         ints("kernel_shape", &[3, 3]),
         ints("pads", &[1, 1, 1, 1]),
@@ -202,12 +199,8 @@ fn linear(
     b: &candle_core::Tensor,
 ) -> anyhow::Result<String> {
     let (out, input) = w.dims2()?;
-    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
     let weights = w.flatten_all()?.to_vec1::<f32>()?;
-    g.initializer
-        .push(tensor(&wn, &[out as i64, input as i64], weights));
-    g.initializer
-        .push(tensor(&bn, &[out as i64], b.to_vec1::<f32>()?));
+    let (wn, bn) = parameters(g, name, &[out as i64, input as i64], weights, b)?;
     Ok(node(
         g,
         "Gemm",
@@ -215,6 +208,23 @@ fn linear(
         &[x, &wn, &bn],
         vec![int("transB", 1)],
     ))
+}
+
+/// Adds a layer's weights (`weights` in ONNX order, of shape `dims`, whose first
+/// dimension is the output channels) and its bias as initializers `<name>.weight` and
+/// `<name>.bias`; returns their names.
+fn parameters(
+    g: &mut GraphProto,
+    name: &str,
+    dims: &[i64],
+    weights: Vec<f32>,
+    b: &candle_core::Tensor,
+) -> anyhow::Result<(String, String)> {
+    let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+    g.initializer.push(tensor(&wn, dims, weights));
+    g.initializer
+        .push(tensor(&bn, &dims[..1], b.to_vec1::<f32>()?));
+    Ok((wn, bn))
 }
 
 /// Appends a node named `name` whose one output is also called `name`; returns it.

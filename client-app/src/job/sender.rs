@@ -23,6 +23,13 @@ use crate::inputs::{content_type, InputFile};
 /// Most requests published in one `publish_batch`.
 pub(super) const SEND_BATCH: usize = 32;
 
+/// Most `publish_batch` calls awaiting the broker's confirmation at once. Publishing
+/// one batch at a time would pace the whole job by the broker's produce round trip
+/// (on Kafka `linger.ms` plus the broker's acknowledgement: 32 requests per ~10 ms),
+/// far below what the servers answer; librdkafka merges concurrent batches into its
+/// own produce requests anyway.
+const PUBLISHES_IN_FLIGHT: usize = 8;
+
 /// Longest wait for a few window slots at once before taking a single one (see
 /// [`Outbox::window_slot`]): a few replies' time on a slow broker.
 const REFILL_WAIT: Duration = Duration::from_millis(20);
@@ -59,38 +66,42 @@ impl Sender {
             Some(_) => self.options.max_file_bytes,
             None => self.options.max_file_bytes.min(self.max_request_bytes),
         };
+        let sender = Arc::new(self);
+        let this = &*sender;
         let mut outbox = Outbox {
-            sender: &self,
+            sender: Arc::clone(&sender),
             batch: Vec::new(),
+            publishing: JoinSet::new(),
         };
         let mut read_ahead: VecDeque<FileRead> = VecDeque::new();
         // Window slots taken but not yet used by a file.
         let mut slots = None;
-        for (index, file) in self.files.iter().enumerate() {
-            let refill = (self.options.window / 4)
+        for (index, file) in this.files.iter().enumerate() {
+            let refill = (this.options.window / 4)
                 .clamp(1, SEND_BATCH)
-                .min(self.files.len() - index);
+                .min(this.files.len() - index);
             let Some(permit) = outbox.window_slot(&mut slots, refill).await else {
                 return;
             };
             if read_ahead.is_empty() {
-                read_ahead.extend(read_chunk(&self.files[index..], read_limit).await);
+                read_ahead.extend(read_chunk(&this.files[index..], read_limit).await);
             }
             let read = read_ahead
                 .pop_front()
                 .unwrap_or_else(|| Err(Failure::unreadable("the file was not read")));
-            match self.request_message(file, read).await {
+            match this.request_message(file, read).await {
                 Ok((request_id, message)) => {
                     // From here the slot is returned when the reply arrives.
                     permit.forget();
                     outbox.push(index, request_id, message).await;
                 }
                 // The permit is dropped: the slot is free again.
-                Err(failure) => self.local_failure(index, failure),
+                Err(failure) => this.local_failure(index, failure),
             }
         }
         outbox.flush().await;
-        let _ = self.sent.send(Sent::Done);
+        outbox.published().await;
+        let _ = this.sent.send(Sent::Done);
     }
 
     /// The request id and the broker message for `file`, from its bytes as read: the
@@ -150,7 +161,7 @@ pub(super) async fn request_size_limit(broker: &dyn Broker, options: &JobOptions
 }
 
 /// The broker message that carries `request`.
-fn request_message(request: &ClassifyRequest) -> Message {
+pub(crate) fn request_message(request: &ClassifyRequest) -> Message {
     let request_id = request.request_id.clone();
     Message::new(request.encode_to_vec())
         .with_key(request_id.clone())
@@ -206,14 +217,18 @@ async fn fit_request(
     }
 }
 
-/// Requests read and built but not yet published, with the sender they belong to.
-struct Outbox<'a> {
-    sender: &'a Sender,
+/// Requests read and built but not yet published, with the sender they belong to, and
+/// the batches being published.
+struct Outbox {
+    sender: Arc<Sender>,
     /// (file index, request id, message) of each request waiting to be published.
     batch: Vec<(usize, String, Message)>,
+    /// One task per batch awaiting the broker's confirmation (at most
+    /// [`PUBLISHES_IN_FLIGHT`]).
+    publishing: JoinSet<()>,
 }
 
-impl Outbox<'_> {
+impl Outbox {
     /// One window slot: one taken earlier (`slots`), else one free right now, else,
     /// after sending what is batched, one of `refill` taken once that many are free
     /// (the rest kept in `slots`; after [`REFILL_WAIT`], one alone). Waiting for a few
@@ -224,8 +239,8 @@ impl Outbox<'_> {
         slots: &mut Option<OwnedSemaphorePermit>,
         refill: usize,
     ) -> Option<OwnedSemaphorePermit> {
-        let sender = self.sender;
-        let window = &sender.window;
+        let window = Arc::clone(&self.sender.window);
+        let window = &window;
         loop {
             if let Some(permit) = slots.as_mut().and_then(|slots| slots.split(1)) {
                 return Some(permit);
@@ -253,18 +268,22 @@ impl Outbox<'_> {
         }
     }
 
-    /// Publishes the batch and empties it, retrying with backoff until the broker
-    /// confirms it. (A batch that was partly published before an error is sent again;
-    /// the server may then answer twice, which the receiver counts as duplicates.)
+    /// Empties the batch into a task that publishes it, retrying with backoff until the
+    /// broker confirms it, once fewer than [`PUBLISHES_IN_FLIGHT`] are publishing. (A
+    /// batch that was partly published before an error is sent again; the server may
+    /// then answer twice, which the receiver counts as duplicates.)
     ///
     /// Should the broker refuse the batch for its size (a limit lower than it said), each
     /// request is published alone, and those refused again are reported as
     /// `FILE_TOO_LARGE`, their window slots given back.
     async fn flush(&mut self) {
-        let sender = self.sender;
         if self.batch.is_empty() {
             return;
         }
+        while self.publishing.len() >= PUBLISHES_IN_FLIGHT {
+            self.publishing.join_next().await;
+        }
+        let sender = Arc::clone(&self.sender);
         let at = Instant::now();
         // Register the requests before publishing so a fast reply always finds them;
         // the registry keeps each message (to send it again), the broker gets a copy.
@@ -282,20 +301,29 @@ impl Outbox<'_> {
             registered.push((request_id, unanswered));
         }
         sender.pending.register(registered);
-        if let Err(BrokerError::MessageTooLarge { .. }) =
-            publish_until_confirmed(&*sender.broker, &sender.options, messages).await
-        {
-            for (index, request_id) in sent {
-                self.publish_alone(index, &request_id).await;
+        self.publishing.spawn(async move {
+            if let Err(BrokerError::MessageTooLarge { .. }) =
+                publish_until_confirmed(&*sender.broker, &sender.options, messages).await
+            {
+                for (index, request_id) in sent {
+                    sender.publish_alone(index, &request_id).await;
+                }
             }
-        }
+        });
     }
 
+    /// Waits until every batch handed to a task was published (or failed for good).
+    async fn published(&mut self) {
+        while self.publishing.join_next().await.is_some() {}
+    }
+}
+
+impl Sender {
     /// Publishes the registered request `request_id` (of file `index`) alone, after its
     /// batch was refused for its size; reports it `FILE_TOO_LARGE` if the broker refuses
     /// it too.
     async fn publish_alone(&self, index: usize, request_id: &str) {
-        let sender = self.sender;
+        let sender = self;
         let Some(message) = sender.pending.message(request_id) else {
             return; // answered meanwhile
         };

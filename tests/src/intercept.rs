@@ -60,6 +60,9 @@ impl<H: Hooks> Broker for Intercepted<H> {
     async fn ensure_topic(&self, topic: &str) -> unified_broker::Result<()> {
         self.inner.ensure_topic(topic).await
     }
+    async fn ensure_private_topic(&self, topic: &str) -> unified_broker::Result<()> {
+        self.inner.ensure_private_topic(topic).await
+    }
     async fn delete_topic(&self, topic: &str) -> unified_broker::Result<()> {
         self.inner.delete_topic(topic).await
     }

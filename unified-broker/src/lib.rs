@@ -145,6 +145,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Creates the topic if it does not exist (idempotent).
     async fn ensure_topic(&self, topic: &str) -> Result<()>;
 
+    /// Creates the topic if it does not exist (idempotent), for one reader only (a
+    /// [`SubscribeOptions::sole_member`] subscription, such as a client's private reply
+    /// topic). A backend that splits topics for parallel readers makes it one piece,
+    /// which costs the broker least: Kafka creates one partition instead of
+    /// `partitions` (fewer, fuller produce batches; one partition per fetch). The
+    /// others create it as [`Broker::ensure_topic`] does.
+    async fn ensure_private_topic(&self, topic: &str) -> Result<()> {
+        self.ensure_topic(topic).await
+    }
+
     /// Deletes the topic if it exists (idempotent).
     async fn delete_topic(&self, topic: &str) -> Result<()>;
 
@@ -306,6 +316,27 @@ impl BrokerConfig {
             BrokerConfig::Pubsub(_) => false,
             #[cfg(feature = "redis")]
             BrokerConfig::Redis(_) => false,
+        }
+    }
+
+    /// The `host:port` of the (first) broker server this config talks to: the first
+    /// Kafka bootstrap server, the Redis server, the Pub/Sub emulator. `None` for the
+    /// embedded broker and for the real Pub/Sub service. Benchmarks use it to find a
+    /// broker running on this machine and read its CPU time.
+    pub fn server_address(&self) -> Option<String> {
+        match self {
+            BrokerConfig::Embedded(_) => None,
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(config) => config
+                .bootstrap_servers
+                .split(',')
+                .map(str::trim)
+                .find(|server| !server.is_empty())
+                .map(|server| server.to_string()),
+            #[cfg(feature = "pubsub")]
+            BrokerConfig::Pubsub(config) => config.emulator_host.clone(),
+            #[cfg(feature = "redis")]
+            BrokerConfig::Redis(config) => config.server_address(),
         }
     }
 

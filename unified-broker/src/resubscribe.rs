@@ -188,7 +188,12 @@ async fn open(
     group: &str,
     options: &SubscribeOptions,
 ) -> Result<Box<dyn Subscriber>> {
-    broker.ensure_topic_and_subscription(topic, group).await?;
+    if options.sole_member {
+        broker.ensure_private_topic(topic).await?;
+        broker.ensure_subscription(topic, group).await?;
+    } else {
+        broker.ensure_topic_and_subscription(topic, group).await?;
+    }
     broker.subscribe(topic, group, options.clone()).await
 }
 

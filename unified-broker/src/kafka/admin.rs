@@ -30,11 +30,11 @@ impl KafkaBroker {
     }
 
     /// Creates `topic` unless it exists.
-    pub(super) async fn create_topic(&self, topic: &str) -> Result<()> {
+    pub(super) async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let max_message_bytes = self.config.message_max_bytes.to_string();
         let new_topic = NewTopic::new(
             topic,
-            self.config.partitions,
+            partitions,
             TopicReplication::Fixed(self.config.replication_factor),
         )
         .set("max.message.bytes", &max_message_bytes);
@@ -45,11 +45,7 @@ impl KafkaBroker {
             .map_err(|error| map_error(&error, ErrorContext::Admin(topic)))?;
         for result in results {
             match result {
-                Ok(_) => tracing::info!(
-                    topic,
-                    partitions = self.config.partitions,
-                    "created kafka topic"
-                ),
+                Ok(_) => tracing::info!(topic, partitions, "created kafka topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     tracing::debug!(topic, "kafka topic already exists")
                 }

@@ -453,7 +453,12 @@ impl Broker for KafkaBroker {
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         check_name(topic)?;
-        self.create_topic(topic).await
+        self.create_topic(topic, self.config.partitions).await
+    }
+
+    async fn ensure_private_topic(&self, topic: &str) -> Result<()> {
+        check_name(topic)?;
+        self.create_topic(topic, 1).await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {

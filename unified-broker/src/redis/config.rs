@@ -107,6 +107,16 @@ impl RedisConfig {
         }
     }
 
+    /// The server's `host:port` (without credentials or database); `None` for a Unix
+    /// socket.
+    pub(crate) fn server_address(&self) -> Option<String> {
+        let url = self.connection_url();
+        let (_, rest) = url.split_once("://")?;
+        let host_port = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let host_port = host_port.split('/').next().unwrap_or_default();
+        (!host_port.is_empty()).then(|| host_port.to_string())
+    }
+
     /// The URL the client connects to: a bare `host:port` gets the `redis://` scheme.
     pub(crate) fn connection_url(&self) -> String {
         let url = self.url.trim();
@@ -155,6 +165,23 @@ impl RedisConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_address_leaves_out_credentials_and_database() {
+        let address = |url: &str| {
+            RedisConfig {
+                url: url.into(),
+                ..RedisConfig::default()
+            }
+            .server_address()
+        };
+        assert_eq!(
+            address("redis://user:secret@10.0.0.7:6390/2").as_deref(),
+            Some("10.0.0.7:6390")
+        );
+        assert_eq!(address("127.0.0.1:6380").as_deref(), Some("127.0.0.1:6380"));
+        assert_eq!(address("unix:/run/redis.sock"), None);
+    }
 
     #[test]
     fn debug_hides_the_password() {

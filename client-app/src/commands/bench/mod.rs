@@ -8,7 +8,12 @@
 //! - a **throughput** run: many images with a large window (requests in flight);
 //! - a **latency** run at low load: one image at a time (window 1);
 //! - the server's safe decoding cost per image ([`classifier_server::decode`]);
-//! - the peak resident memory of this process (`VmHWM`).
+//! - the peak resident memory of this process (`VmHWM`);
+//! - the **transport floor** ([`floor`]): the same runs through the same broker with the
+//!   same messages but nothing done in between, so end to end can be read as a share of
+//!   what the broker allows;
+//! - **CPU per 1,000 images** of this process and of the broker, when the broker runs on
+//!   this machine ([`cpu`]).
 //!
 //! On a broker that lives only in this process (the embedded one) the server
 //! necessarily runs in this process. On Kafka or Pub/Sub an in-process
@@ -26,6 +31,10 @@ use classifier_app::{cancel_on_signals, connect_with_retry, AppConfig, DecodeLim
 use classifier_server::decode::decode_image;
 use classifier_server::load_classifier;
 use tokio_util::sync::CancellationToken;
+use unified_broker::SubscribeOptions;
+
+mod cpu;
+mod floor;
 
 use super::{Common, ServerFlags};
 use crate::inputs::{collect_inputs, InputFile};
@@ -62,6 +71,13 @@ pub struct BenchArgs {
     /// throughput run is then what `classify DIR --output FILE` does.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Skip the transport-floor runs (the same hops with no model).
+    #[arg(long)]
+    pub no_floor: bool,
+    /// The broker's process, for its CPU time; by default the process listening on the
+    /// configured broker port, when that is on this machine.
+    #[arg(long, value_name = "PID")]
+    pub broker_pid: Option<u32>,
 }
 
 /// Median of a list (NaN for none).
@@ -233,6 +249,24 @@ async fn run(
     )
     .await?;
 
+    let mut measure = Measure {
+        broker: &broker,
+        files: &files,
+        output: args.output.as_deref(),
+        shutdown,
+        stats: stats.as_ref(),
+        floor: if args.no_floor {
+            None
+        } else {
+            let messages = floor::FloorMessages::new(&files, config.client.top_k as u32)?;
+            let echo_options = SubscribeOptions {
+                max_outstanding_messages: config.server.max_in_flight,
+                ..SubscribeOptions::default()
+            };
+            Some(floor::Floor::start(&broker, messages, echo_options).await?)
+        },
+        broker_process: broker_process(&config, args.broker_pid),
+    };
     println!();
     println!("## End to end (client send → reply received)");
     println!();
@@ -240,44 +274,20 @@ async fn run(
         "| run | images | window | images/s | p50 ms | p99 ms | not classified | mean batch |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let mut throughput_median = f64::NAN;
-    for (name, n, window) in [
-        ("throughput", args.images, args.window),
-        ("latency (one at a time)", args.latency_images, 1),
-    ] {
-        let mut runs = Vec::new();
-        let batches_before = stats.as_ref().map(|s| s.snapshot());
-        let job_options = options(window);
-        for _ in 0..args.runs.max(1) {
-            let output = args.output.as_deref();
-            let report = tokio::select! {
-                r = measured_job(&broker, repeat(&files, n), &job_options, output) => r?,
-                _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
-            };
-            runs.push(figures(&report));
-        }
-        let mean_batch = match (&stats, batches_before) {
-            (Some(s), Some(before)) => {
-                let now = s.snapshot();
-                let batches = now.batches.saturating_sub(before.batches).max(1);
-                format!(
-                    "{:.1}",
-                    now.classified.saturating_sub(before.classified) as f64 / batches as f64
-                )
-            }
-            _ => "–".into(),
-        };
-        let pick = |f: fn(&RunFigures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
-        if name == "throughput" {
-            throughput_median = pick(|r| r.images_per_second);
-        }
-        println!(
-            "| {name} | {n} | {window} | {:.0} | {:.2} | {:.2} | {} | {mean_batch} |",
-            pick(|r| r.images_per_second),
-            pick(|r| r.p50_ms),
-            pick(|r| r.p99_ms),
-            runs.iter().map(|r| r.failures).sum::<usize>(),
-        );
+    let throughput = measure
+        .kind("throughput", args.images, &options(args.window), args.runs)
+        .await?;
+    measure
+        .kind(
+            "latency (one at a time)",
+            args.latency_images,
+            &options(1),
+            args.runs,
+        )
+        .await?;
+    print_costs(&throughput, measure.broker_process, &backend);
+    if let Some(floor) = measure.floor.take() {
+        floor.stop().await;
     }
 
     if in_process {
@@ -287,8 +297,15 @@ async fn run(
         println!(
             "Model only, same process, batch 512 (best batch; `trainer bench` has the full table): \
              {model_only:.0} images/s. End to end (throughput run, median) is {:.0}% of that.",
-            100.0 * throughput_median / model_only
+            100.0 * throughput.images_per_second / model_only
         );
+        if let Some(floor) = throughput.floor_images_per_second {
+            println!(
+                "The transport floor is {:.0}% of model-only; end to end is {:.0}% of the floor.",
+                100.0 * floor / model_only,
+                100.0 * throughput.images_per_second / floor
+            );
+        }
     }
 
     decode_costs(&files, args.runs.max(1), &config.server.limits)?;
@@ -312,6 +329,194 @@ async fn run(
         tracing::debug!(%error, "closing the broker client failed");
     }
     Ok(())
+}
+
+/// What every measured run needs: where to send, what, and what to watch.
+struct Measure<'a> {
+    broker: &'a Arc<dyn unified_broker::Broker>,
+    files: &'a [InputFile],
+    output: Option<&'a std::path::Path>,
+    shutdown: &'a CancellationToken,
+    /// The in-process server's counters (mean batch size), if there is one.
+    stats: Option<&'a Arc<classifier_server::ServerStats>>,
+    /// The transport floor; `None` with `--no-floor`.
+    floor: Option<floor::Floor>,
+    /// The broker's process on this machine, if found.
+    broker_process: Option<cpu::Process>,
+}
+
+/// The medians of one kind of run, and the CPU it cost.
+struct KindSummary {
+    images_per_second: f64,
+    floor_images_per_second: Option<f64>,
+    cpu: CpuTally,
+    floor_cpu: CpuTally,
+}
+
+/// CPU seconds used over some runs by this process and by the broker, and the images
+/// those runs answered.
+#[derive(Default)]
+struct CpuTally {
+    me: f64,
+    broker: Option<f64>,
+    images: usize,
+}
+
+impl CpuTally {
+    /// Runs `work`, adding the CPU time this process and `broker` used meanwhile.
+    async fn around<T>(
+        &mut self,
+        broker: Option<cpu::Process>,
+        work: impl std::future::Future<Output = anyhow::Result<(T, usize)>>,
+    ) -> anyhow::Result<T> {
+        let read = || {
+            (
+                cpu::Process::Me.cpu_seconds(),
+                broker.and_then(|b| b.cpu_seconds()),
+            )
+        };
+        let (me_before, broker_before) = read();
+        let (value, images) = work.await?;
+        let (me_after, broker_after) = read();
+        if let (Some(after), Some(before)) = (me_after, me_before) {
+            self.me += after - before;
+        }
+        if let (Some(after), Some(before)) = (broker_after, broker_before) {
+            *self.broker.get_or_insert(0.0) += after - before;
+        }
+        self.images += images;
+        Ok(value)
+    }
+
+    /// Seconds per 1,000 images of (this process, the broker).
+    fn per_thousand(&self) -> (f64, Option<f64>) {
+        let per = |seconds: f64| 1_000.0 * seconds / self.images.max(1) as f64;
+        (per(self.me), self.broker.map(per))
+    }
+}
+
+impl Measure<'_> {
+    /// `runs` runs of `images` images with `options`, each followed by a transport-floor
+    /// run of the same size and window; prints the two rows and returns the medians.
+    async fn kind(
+        &mut self,
+        name: &str,
+        images: usize,
+        options: &JobOptions,
+        runs: usize,
+    ) -> anyhow::Result<KindSummary> {
+        let batches_before = self.stats.map(|s| s.snapshot());
+        let (mut ends, mut floors) = (Vec::new(), Vec::new());
+        let (mut cpu, mut floor_cpu) = (CpuTally::default(), CpuTally::default());
+        for _ in 0..runs.max(1) {
+            let job = measured_job(
+                self.broker,
+                repeat(self.files, images),
+                options,
+                self.output,
+            );
+            let report = cpu
+                .around(self.broker_process, async {
+                    tokio::select! {
+                        r = job => r.map(|report| { let n = report.results.len(); (report, n) }),
+                        _ = self.shutdown.cancelled() => anyhow::bail!("interrupted"),
+                    }
+                })
+                .await?;
+            ends.push(figures(&report));
+            if let Some(floor) = &mut self.floor {
+                let run = floor.run(images, options.window);
+                let run = floor_cpu
+                    .around(self.broker_process, async {
+                        tokio::select! {
+                            r = run => r.map(|run| (run, images)),
+                            _ = self.shutdown.cancelled() => anyhow::bail!("interrupted"),
+                        }
+                    })
+                    .await?;
+                floors.push(run);
+            }
+        }
+        let mean_batch = match (self.stats, batches_before) {
+            (Some(s), Some(before)) => {
+                let now = s.snapshot();
+                let batches = now.batches.saturating_sub(before.batches).max(1);
+                format!(
+                    "{:.1}",
+                    now.classified.saturating_sub(before.classified) as f64 / batches as f64
+                )
+            }
+            _ => "–".into(),
+        };
+        let pick = |f: fn(&RunFigures) -> f64| median(&ends.iter().map(f).collect::<Vec<_>>());
+        let window = options.window;
+        println!(
+            "| {name} | {images} | {window} | {:.0} | {:.2} | {:.2} | {} | {mean_batch} |",
+            pick(|r| r.images_per_second),
+            pick(|r| r.p50_ms),
+            pick(|r| r.p99_ms),
+            ends.iter().map(|r| r.failures).sum::<usize>(),
+        );
+        let floor_images_per_second = (!floors.is_empty()).then(|| {
+            let rate = median(&floors.iter().map(|f| f.images_per_second).collect::<Vec<_>>());
+            let p50 = median(&floors.iter().map(|f| f.p50_ms).collect::<Vec<_>>());
+            println!("| {name}: transport floor (no model) | {images} | {window} | {rate:.0} | {p50:.2} | – | – | – |");
+            rate
+        });
+        Ok(KindSummary {
+            images_per_second: pick(|r| r.images_per_second),
+            floor_images_per_second,
+            cpu,
+            floor_cpu,
+        })
+    }
+}
+
+/// The broker's process: `--broker-pid`, else whatever listens on the configured
+/// broker's port on this machine.
+fn broker_process(config: &AppConfig, pid: Option<u32>) -> Option<cpu::Process> {
+    if let Some(pid) = pid {
+        return Some(cpu::Process::Pid(pid));
+    }
+    let port = cpu::local_port(&config.broker.server_address()?)?;
+    cpu::listening_process(port)
+        .filter(|pid| *pid != std::process::id())
+        .map(cpu::Process::Pid)
+}
+
+/// Prints the CPU cost per 1,000 images of the throughput runs and their floor.
+fn print_costs(throughput: &KindSummary, broker: Option<cpu::Process>, backend: &str) {
+    let (me, broker_seconds) = throughput.cpu.per_thousand();
+    let (floor_me, floor_broker) = throughput.floor_cpu.per_thousand();
+    let has_floor = throughput.floor_images_per_second.is_some();
+    println!();
+    println!("## CPU per 1,000 images (throughput runs, from /proc)");
+    println!();
+    println!("| process | end to end | transport floor |");
+    println!("|---|---|---|");
+    let floor = |value: Option<f64>| match (has_floor, value) {
+        (true, Some(v)) => format!("{v:.3} s"),
+        _ => "–".into(),
+    };
+    println!(
+        "| this process (client{}) | {me:.3} s | {} |",
+        if broker.is_none() && backend == "embedded" {
+            ", server and embedded broker"
+        } else {
+            ", in-process server if any"
+        },
+        floor(Some(floor_me))
+    );
+    match (broker, broker_seconds) {
+        (Some(cpu::Process::Pid(pid)), Some(seconds)) => println!(
+            "| the broker (PID {pid}) | {seconds:.3} s | {} |",
+            floor(floor_broker)
+        ),
+        _ if backend == "embedded" => {}
+        _ => println!(
+            "| the broker | not measured: no process on this machine listens on its port (or --broker-pid is not ours to read) | – |"
+        ),
+    }
 }
 
 /// Model-only inference speed (the server's own `predict`, batch 512, on an all-zero

@@ -30,7 +30,10 @@ pub struct KafkaConfig {
     /// because some brokers (Tansu) hold every fetch for the full wait: this bounds the
     /// delivery latency.
     pub fetch_wait_max_ms: u32,
-    /// How long the producer waits to fill a batch (`linger.ms`): latency vs throughput.
+    /// How long the producer waits to fill a batch (`linger.ms`). 1 ms by default:
+    /// under load, batches fill while earlier produce requests are in flight anyway, so
+    /// a longer linger only adds latency to every hop (a request and its reply are two),
+    /// while 0 sends many tiny requests (measured in `docs/benchmarks.md`).
     pub linger_ms: u32,
     /// Producer compression: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
     pub compression: String,
@@ -69,7 +72,7 @@ impl Default for KafkaConfig {
             replication_factor: 1,
             client_id: "unified-broker".to_string(),
             fetch_wait_max_ms: 20,
-            linger_ms: 5,
+            linger_ms: 1,
             compression: "none".to_string(),
             message_max_bytes: 16 * 1024 * 1024,
             message_timeout_ms: 30_000,

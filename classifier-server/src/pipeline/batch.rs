@@ -1,8 +1,9 @@
 //! The batcher: groups decoded inputs into batches of up to `max_batch_size`, waiting at
-//! most `max_batch_wait` after the first one for more, but only while more are on their
-//! way (taken from the broker and still decoding): a lone request at low load goes to
-//! the model at once instead of waiting for company that is not coming. Rejected
-//! requests skip the model and go straight to the publisher as error replies.
+//! most `max_batch_wait` after the first one for more, but only while other requests are
+//! in flight (decoding, in the model or being answered): a lone request at low load
+//! goes to the model at once instead of waiting for company that is not coming, while a
+//! busy server keeps batching as before. Rejected requests skip the model and go
+//! straight to the publisher as error replies.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -46,17 +47,20 @@ pub(super) async fn run(
     } = limits;
     let mut waiting = VecDeque::new();
     let mut open = true;
-    // Requests that came out of the decode pool; intake counts those it took in
-    // `stats.received`, so the difference is what is still decoding.
-    let mut decoded: u64 = 0;
-    let more_coming = |decoded: u64| error_replies.stats.received.get() > decoded;
+    // Whether requests other than the `held` ones are in flight (taken from the broker
+    // and not yet acked): only then may more come soon. Waiting only for what is still
+    // decoding was tried and made batches smaller under load on Kafka, whose fetches
+    // come in bursts (docs/benchmarks.md).
+    let in_flight = error_replies.stats.in_flight_gauge();
+    let others_in_flight = |held: usize| in_flight.get() > i64::try_from(held).unwrap_or(i64::MAX);
     while open || !waiting.is_empty() {
         let mut batch = Vec::with_capacity(max_batch);
         let mut deadline = None;
         loop {
             let room = max_batch - batch.len();
             batch.extend(waiting.drain(..room.min(waiting.len())));
-            if batch.len() >= max_batch || !open || (!batch.is_empty() && !more_coming(decoded)) {
+            let alone = !batch.is_empty() && !others_in_flight(batch.len() + waiting.len());
+            if batch.len() >= max_batch || !open || alone {
                 break;
             }
             if !batch.is_empty() && deadline.is_none() {
@@ -73,7 +77,6 @@ pub(super) async fn run(
                 open = false;
                 continue;
             };
-            decoded += chunk.len() as u64;
             let mut rejections = Vec::new();
             for item in chunk {
                 match item {
@@ -114,19 +117,19 @@ mod tests {
         stats: Arc<ServerStats>,
     }
 
-    /// The stage, with intake having taken many more requests than the tests send:
-    /// more are always on their way, so partial batches wait.
+    /// The stage, with many more requests in flight than the tests send: others are
+    /// always in flight, so partial batches wait.
     fn start(max_batch: usize, max_wait: Duration) -> Stage {
-        start_with_received(max_batch, max_wait, 1_000_000)
+        start_with_in_flight(max_batch, max_wait, 1_000_000)
     }
 
-    /// The stage, with intake having taken `received` requests so far.
-    fn start_with_received(max_batch: usize, max_wait: Duration, received: u64) -> Stage {
+    /// The stage, with `in_flight` requests taken from the broker and not yet acked.
+    fn start_with_in_flight(max_batch: usize, max_wait: Duration, in_flight: i64) -> Stage {
         let (prepared, prepared_rx) = mpsc::channel(64);
         let (batches_tx, batches) = mpsc::channel(64);
         let (outgoing_tx, outgoing) = mpsc::channel(64);
         let stats = Arc::new(ServerStats::default());
-        stats.received.inc_by(received);
+        stats.in_flight_gauge().set(in_flight);
         tokio::spawn(run(
             prepared_rx,
             batches_tx,
@@ -205,16 +208,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_request_does_not_wait_for_company_that_is_not_coming() {
-        // Intake took one request; it came out of decoding.
-        let mut stage = start_with_received(64, Duration::from_secs(3600), 1);
+        // One request in flight: this one.
+        let mut stage = start_with_in_flight(64, Duration::from_secs(3600), 1);
         stage.prepared.send(vec![ready("a")]).await.expect("open");
         let first = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
             .await
-            .expect("no waiting: nothing else was decoding")
+            .expect("no waiting: nothing else was in flight")
             .expect("a batch");
         assert_eq!(ids(&first), ["a"]);
-        // Later a second one, alone too.
-        stage.stats.received.inc();
+        // Later a second one, alone too (the first was answered meanwhile).
         stage.prepared.send(vec![ready("b")]).await.expect("open");
         let second = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
             .await
@@ -224,10 +226,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_partial_batch_waits_while_more_are_decoding() {
-        // Intake took three; the first two come out of decoding together, the third
+    async fn a_partial_batch_waits_while_others_are_in_flight() {
+        // Three in flight; the first two come out of decoding together, the third
         // later: the batch waits for it.
-        let mut stage = start_with_received(64, Duration::from_secs(3600), 3);
+        let mut stage = start_with_in_flight(64, Duration::from_secs(3600), 3);
         stage
             .prepared
             .send(vec![ready("a"), ready("b")])
@@ -241,7 +243,7 @@ mod tests {
         stage.prepared.send(vec![ready("c")]).await.expect("open");
         let batch = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
             .await
-            .expect("sent once nothing more is decoding")
+            .expect("sent once it holds everything in flight")
             .expect("a batch");
         assert_eq!(ids(&batch), ["a", "b", "c"]);
     }

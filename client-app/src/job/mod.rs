@@ -34,7 +34,7 @@ use crate::failure::FailureCode;
 use crate::inputs::InputFile;
 use collector::Collector;
 use pending::Pending;
-pub(crate) use sender::request_message;
+pub(crate) use sender::with_request_routing;
 use sender::{ensure_request_topic, request_size_limit, resend_unanswered, Sender};
 
 /// How a job talks to the servers.

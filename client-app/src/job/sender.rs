@@ -161,13 +161,29 @@ pub(super) async fn request_size_limit(broker: &dyn Broker, options: &JobOptions
 }
 
 /// The broker message that carries `request`.
-pub(crate) fn request_message(request: &ClassifyRequest) -> Message {
-    let request_id = request.request_id.clone();
-    Message::new(request.encode_to_vec())
-        .with_key(request_id.clone())
+fn request_message(request: &ClassifyRequest) -> Message {
+    with_request_routing(
+        Message::new(request.encode_to_vec()),
+        &request.request_id,
+        &request.reply_topic,
+        &request.job_id,
+    )
+}
+
+/// `payload` (an encoded request) framed as a request: keyed by its request id, with
+/// the routing attributes. The benchmark's transport floor frames pre-encoded requests
+/// with it, so they look exactly like ours.
+pub(crate) fn with_request_routing(
+    payload: Message,
+    request_id: &str,
+    reply_topic: &str,
+    job_id: &str,
+) -> Message {
+    payload
+        .with_key(request_id)
         .with_attribute(attributes::REQUEST_ID, request_id)
-        .with_attribute(attributes::REPLY_TOPIC, request.reply_topic.clone())
-        .with_attribute(attributes::JOB_ID, request.job_id.clone())
+        .with_attribute(attributes::REPLY_TOPIC, reply_topic)
+        .with_attribute(attributes::JOB_ID, job_id)
         .with_attribute(attributes::CONTENT_TYPE, CONTENT_TYPE_REQUEST)
 }
 
@@ -240,22 +256,21 @@ impl Outbox {
         refill: usize,
     ) -> Option<OwnedSemaphorePermit> {
         let window = Arc::clone(&self.sender.window);
-        let window = &window;
         loop {
             if let Some(permit) = slots.as_mut().and_then(|slots| slots.split(1)) {
                 return Some(permit);
             }
-            if let Ok(permit) = Arc::clone(window).try_acquire_owned() {
+            if let Ok(permit) = Arc::clone(&window).try_acquire_owned() {
                 return Some(permit);
             }
             self.flush().await;
             let refill = u32::try_from(refill.max(1)).unwrap_or(u32::MAX);
-            let many = Arc::clone(window).acquire_many_owned(refill);
+            let many = Arc::clone(&window).acquire_many_owned(refill);
             *slots = Some(match tokio::time::timeout(REFILL_WAIT, many).await {
                 Ok(many) => many.ok()?,
                 // Slots can be lost for good (a request that will never be answered):
                 // waiting for `refill` of them must not stop the sending while one is free.
-                Err(_) => Arc::clone(window).acquire_owned().await.ok()?,
+                Err(_) => Arc::clone(&window).acquire_owned().await.ok()?,
             });
         }
     }
@@ -323,20 +338,18 @@ impl Sender {
     /// batch was refused for its size; reports it `FILE_TOO_LARGE` if the broker refuses
     /// it too.
     async fn publish_alone(&self, index: usize, request_id: &str) {
-        let sender = self;
-        let Some(message) = sender.pending.message(request_id) else {
+        let Some(message) = self.pending.message(request_id) else {
             return; // answered meanwhile
         };
-        let published =
-            publish_until_confirmed(&*sender.broker, &sender.options, vec![message]).await;
+        let published = publish_until_confirmed(&*self.broker, &self.options, vec![message]).await;
         if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
             // A reply that came meanwhile already freed the slot and counted.
-            if sender.pending.take(request_id).is_none() {
+            if self.pending.take(request_id).is_none() {
                 return;
             }
-            sender.window.add_permits(1);
+            self.window.add_permits(1);
             let reason = format!("the broker refused the request: {error}");
-            sender.local_failure(index, Failure::too_large(reason));
+            self.local_failure(index, Failure::too_large(reason));
         }
     }
 }

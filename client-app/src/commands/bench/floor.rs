@@ -22,13 +22,12 @@ use classifier_proto::{
     SCHEMA_VERSION,
 };
 use classifier_server::request::response_message;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use unified_broker::{Broker, Delivery, Message, SubscribeOptions, Subscriber};
 
 use crate::inputs::InputFile;
-use crate::job::request_message;
+use crate::job::with_request_routing;
 
 /// Most requests the echo answers with one `publish_batch` (the server's batches are
 /// of the same order).
@@ -241,10 +240,9 @@ impl Floor {
                     latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
                 }
                 delivery.ack()?;
-                // What else is ready, without waiting (a zero timeout polls once).
-                match tokio::time::timeout(Duration::ZERO, self.replies.next()).await {
-                    Ok(Some(Ok(ready))) => delivery = ready,
-                    _ => break,
+                match ready_now(&mut self.replies).await {
+                    Some(ready) => delivery = ready,
+                    None => break,
                 }
             }
             while let Some(published) = publishing.try_join_next() {
@@ -259,22 +257,23 @@ impl Floor {
     }
 }
 
-/// Request `i` of a run: the `i`-th input's encoded request under a fresh key, as
-/// `job::request_message` frames it (key and routing attributes).
+/// Request `i` of a run: the `i`-th input's encoded request under a fresh request id,
+/// framed as the client frames its requests (key and routing attributes). The payload
+/// is not re-encoded per message.
 fn floor_message(messages: &FloorMessages, i: usize, reply_topic: &str) -> Message {
-    let payload = messages.requests[i % messages.requests.len()]
-        .payload
-        .clone();
-    let request = ClassifyRequest {
-        request_id: format!("{:032x}", rand::random::<u128>()),
-        reply_topic: reply_topic.to_string(),
-        job_id: reply_topic.to_string(),
-        ..ClassifyRequest::default()
-    };
-    // Only the framing (key, attributes) of the real message; the payload is the whole
-    // encoded request, not re-encoded per message.
-    let framed = request_message(&request);
-    Message { payload, ..framed }
+    let payload = messages.requests[i % messages.requests.len()].clone();
+    let request_id = format!("{:032x}", rand::random::<u128>());
+    with_request_routing(payload, &request_id, reply_topic, reply_topic)
+}
+
+/// A delivery that is ready now, without waiting (a zero timeout polls `next` once);
+/// `None` if nothing is, or on an error or the subscription's end, which the next
+/// waiting `next` reports.
+async fn ready_now(subscriber: &mut Box<dyn Subscriber>) -> Option<Delivery> {
+    match tokio::time::timeout(Duration::ZERO, subscriber.next()).await {
+        Ok(Some(Ok(delivery))) => Some(delivery),
+        _ => None,
+    }
 }
 
 /// The server's half: answers every request on the reply topic its attribute names,
@@ -287,8 +286,7 @@ async fn echo(
     stop: CancellationToken,
 ) {
     let mut publishing = JoinSet::new();
-    let (failed, mut failures) = mpsc::unbounded_channel::<String>();
-    loop {
+    'serving: loop {
         let first = tokio::select! {
             next = requests.next() => next,
             _ = stop.cancelled() => break,
@@ -298,22 +296,17 @@ async fn echo(
         };
         let mut batch = vec![first];
         while batch.len() < ECHO_BATCH {
-            // A zero timeout polls `next` once: what is ready, without waiting.
-            match tokio::time::timeout(Duration::ZERO, requests.next()).await {
-                Ok(Some(Ok(delivery))) => batch.push(delivery),
-                _ => break,
-            }
+            let Some(delivery) = ready_now(&mut requests).await else {
+                break;
+            };
+            batch.push(delivery);
         }
-        publishing.spawn(answer(
-            Arc::clone(&broker),
-            batch,
-            reply.clone(),
-            failed.clone(),
-        ));
-        while publishing.try_join_next().is_some() {}
-        if let Ok(error) = failures.try_recv() {
-            tracing::warn!(%error, "the floor's echo could not publish; stopping it");
-            break;
+        publishing.spawn(answer(Arc::clone(&broker), batch, reply.clone()));
+        while let Some(answered) = publishing.try_join_next() {
+            if let Ok(Err(error)) = answered {
+                tracing::warn!(%error, "the floor's echo could not publish; stopping it");
+                break 'serving;
+            }
         }
     }
     publishing.shutdown().await;
@@ -328,14 +321,13 @@ async fn answer(
     broker: Arc<dyn Broker>,
     batch: Vec<Delivery>,
     reply: Message,
-    failed: mpsc::UnboundedSender<String>,
-) {
+) -> unified_broker::Result<()> {
     let Some(topic) = batch
         .first()
         .and_then(|d| d.message().attribute(attributes::REPLY_TOPIC))
         .map(str::to_string)
     else {
-        return;
+        return Ok(());
     };
     let answers = batch
         .iter()
@@ -347,11 +339,9 @@ async fn answer(
                 .with_attribute(attributes::REQUEST_ID, key)
         })
         .collect();
-    if let Err(error) = broker.publish_batch(&topic, answers).await {
-        let _ = failed.send(error.to_string());
-        return;
-    }
+    broker.publish_batch(&topic, answers).await?;
     for delivery in batch {
         let _ = delivery.ack();
     }
+    Ok(())
 }

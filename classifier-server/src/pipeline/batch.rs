@@ -167,6 +167,14 @@ mod tests {
         )
     }
 
+    /// The stage's next batch, which must come within 5 s (`why` says why it should).
+    async fn batch_within_5s(stage: &mut Stage, why: &str) -> Batch {
+        tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
+            .await
+            .expect(why)
+            .expect("a batch")
+    }
+
     fn ids(batch: &Batch) -> Vec<&str> {
         batch
             .iter()
@@ -180,10 +188,7 @@ mod tests {
         for id in ["a", "b", "c", "d"] {
             stage.prepared.send(vec![ready(id)]).await.expect("open");
         }
-        let first = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
-            .await
-            .expect("no waiting for a full batch")
-            .expect("a batch");
+        let first = batch_within_5s(&mut stage, "no waiting for a full batch").await;
         assert_eq!(ids(&first), ["a", "b", "c"]);
         // "d" waits for more (the wait is an hour); closing the input sends it.
         drop(stage.prepared);
@@ -198,10 +203,11 @@ mod tests {
         let started = std::time::Instant::now();
         stage.prepared.send(vec![ready("a")]).await.expect("open");
         stage.prepared.send(vec![ready("b")]).await.expect("open");
-        let batch = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
-            .await
-            .expect("sent after the wait, while the input stays open")
-            .expect("a batch");
+        let batch = batch_within_5s(
+            &mut stage,
+            "sent after the wait, while the input stays open",
+        )
+        .await;
         assert_eq!(ids(&batch), ["a", "b"]);
         assert!(started.elapsed() >= Duration::from_millis(30));
     }
@@ -211,17 +217,11 @@ mod tests {
         // One request in flight: this one.
         let mut stage = start_with_in_flight(64, Duration::from_secs(3600), 1);
         stage.prepared.send(vec![ready("a")]).await.expect("open");
-        let first = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
-            .await
-            .expect("no waiting: nothing else was in flight")
-            .expect("a batch");
+        let first = batch_within_5s(&mut stage, "no waiting: nothing else was in flight").await;
         assert_eq!(ids(&first), ["a"]);
         // Later a second one, alone too (the first was answered meanwhile).
         stage.prepared.send(vec![ready("b")]).await.expect("open");
-        let second = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
-            .await
-            .expect("no waiting for the second either")
-            .expect("a batch");
+        let second = batch_within_5s(&mut stage, "no waiting for the second either").await;
         assert_eq!(ids(&second), ["b"]);
     }
 
@@ -238,13 +238,10 @@ mod tests {
         let early = tokio::time::timeout(Duration::from_millis(100), stage.batches.recv()).await;
         assert!(
             early.is_err(),
-            "the batch must wait for the request still decoding"
+            "the batch must wait while another request is in flight"
         );
         stage.prepared.send(vec![ready("c")]).await.expect("open");
-        let batch = tokio::time::timeout(Duration::from_secs(5), stage.batches.recv())
-            .await
-            .expect("sent once it holds everything in flight")
-            .expect("a batch");
+        let batch = batch_within_5s(&mut stage, "sent once it holds everything in flight").await;
         assert_eq!(ids(&batch), ["a", "b", "c"]);
     }
 

@@ -415,24 +415,19 @@ impl Measure<'_> {
                 options,
                 self.output,
             );
+            let job = async {
+                let report = job.await?;
+                let answered = report.results.len();
+                Ok((report, answered))
+            };
             let report = cpu
-                .around(self.broker_process, async {
-                    tokio::select! {
-                        r = job => r.map(|report| { let n = report.results.len(); (report, n) }),
-                        _ = self.shutdown.cancelled() => anyhow::bail!("interrupted"),
-                    }
-                })
+                .around(self.broker_process, interruptible(self.shutdown, job))
                 .await?;
             ends.push(figures(&report));
             if let Some(floor) = &mut self.floor {
-                let run = floor.run(images, options.window);
+                let run = async { Ok((floor.run(images, options.window).await?, images)) };
                 let run = floor_cpu
-                    .around(self.broker_process, async {
-                        tokio::select! {
-                            r = run => r.map(|run| (run, images)),
-                            _ = self.shutdown.cancelled() => anyhow::bail!("interrupted"),
-                        }
-                    })
+                    .around(self.broker_process, interruptible(self.shutdown, run))
                     .await?;
                 floors.push(run);
             }
@@ -449,10 +444,10 @@ impl Measure<'_> {
             _ => "–".into(),
         };
         let pick = |f: fn(&RunFigures) -> f64| median(&ends.iter().map(f).collect::<Vec<_>>());
+        let images_per_second = pick(|r| r.images_per_second);
         let window = options.window;
         println!(
-            "| {name} | {images} | {window} | {:.0} | {:.2} | {:.2} | {} | {mean_batch} |",
-            pick(|r| r.images_per_second),
+            "| {name} | {images} | {window} | {images_per_second:.0} | {:.2} | {:.2} | {} | {mean_batch} |",
             pick(|r| r.p50_ms),
             pick(|r| r.p99_ms),
             ends.iter().map(|r| r.failures).sum::<usize>(),
@@ -464,11 +459,22 @@ impl Measure<'_> {
             rate
         });
         Ok(KindSummary {
-            images_per_second: pick(|r| r.images_per_second),
+            images_per_second,
             floor_images_per_second,
             cpu,
             floor_cpu,
         })
+    }
+}
+
+/// `work`, or an error once `shutdown` is cancelled (SIGINT/SIGTERM) before it ends.
+async fn interruptible<T>(
+    shutdown: &CancellationToken,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        result = work => result,
+        _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
     }
 }
 
@@ -500,7 +506,7 @@ fn print_costs(throughput: &KindSummary, broker: Option<cpu::Process>, backend: 
     };
     println!(
         "| this process (client{}) | {me:.3} s | {} |",
-        if broker.is_none() && backend == "embedded" {
+        if backend == "embedded" {
             ", server and embedded broker"
         } else {
             ", in-process server if any"

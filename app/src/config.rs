@@ -83,6 +83,8 @@ pub struct AppConfig {
     pub server: ServerConfig,
     /// Client settings.
     pub client: ClientConfig,
+    /// HTTP gateway settings (`classifier-gateway`).
+    pub gateway: GatewayConfig,
 }
 
 /// Settings of the model server.
@@ -249,6 +251,55 @@ impl Default for ClientConfig {
     }
 }
 
+/// Settings of the HTTP gateway (`classifier-gateway`): where it listens, who may use
+/// it, and the limits that keep one caller from holding it all.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address to serve HTTP on. Beyond loopback only with `api_key_sha256` set.
+    pub listen: SocketAddr,
+    /// SHA-256 digests (hex) of the API keys accepted as `Authorization: Bearer <key>`
+    /// (`classifier-gateway hash-key` prints one). Empty: no keys, loopback only.
+    pub api_key_sha256: Vec<String>,
+    /// Model names to list besides the servers' default model (the names of their
+    /// `[[server.models]]`); any name the servers serve can be asked for anyway.
+    pub models: Vec<String>,
+    /// Longest wait for the servers' answers to one HTTP request, in seconds (a request
+    /// may ask for less with the `timeout` parameter, in microseconds).
+    pub request_timeout_secs: u64,
+    /// Largest HTTP request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most images in one inference request.
+    pub max_images_per_request: usize,
+    /// Most images waiting for the servers' answers at once, over all callers; beyond
+    /// that a request waits (until its timeout) for room.
+    pub max_pending: usize,
+    /// How long what the servers said about a model (version, class names) is reused
+    /// before it is asked again, in seconds.
+    pub model_info_ttl_secs: u64,
+    /// Most HTTP connections open at once; new ones beyond are closed at once.
+    pub max_connections: usize,
+    /// A request's headers and body must arrive within this many seconds.
+    pub read_timeout_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            api_key_sha256: Vec::new(),
+            models: Vec::new(),
+            request_timeout_secs: 30,
+            max_body_bytes: 64 * 1024 * 1024,
+            max_images_per_request: 256,
+            max_pending: 4096,
+            model_info_ttl_secs: 30,
+            max_connections: 1024,
+            read_timeout_secs: 30,
+        }
+    }
+}
+
 impl AppConfig {
     /// Reads a config file.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
@@ -299,6 +350,13 @@ impl AppConfig {
     /// [`AppConfig::apply_server_flags`] does for `[server]`.
     pub fn apply_client_flags(&mut self, flags: &impl Serialize) -> anyhow::Result<()> {
         self.client = overlaid(&self.client, flags).context("invalid client flags")?;
+        Ok(())
+    }
+
+    /// Lays a binary's `[gateway]` flags over the config, as
+    /// [`AppConfig::apply_server_flags`] does for `[server]`.
+    pub fn apply_gateway_flags(&mut self, flags: &impl Serialize) -> anyhow::Result<()> {
+        self.gateway = overlaid(&self.gateway, flags).context("invalid gateway flags")?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ pub mod overlay;
 use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "broker")]
-pub use config::{AppConfig, ClientConfig, DecodeLimits, NamedModel, ServerConfig};
+pub use config::{AppConfig, ClientConfig, DecodeLimits, GatewayConfig, NamedModel, ServerConfig};
 /// The poison-tolerant lock, defined once for the workspace beside the broker code that
 /// needed it first.
 #[cfg(feature = "broker")]

@@ -101,8 +101,18 @@ pub async fn serve_with(
         tracing::warn!(%bound, "metrics and health are served beyond this machine");
     }
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-    let task = tokio::spawn(accept_loop(listener, router(stats), stop, limits));
-    Ok((bound, task))
+    Ok((bound, serve_router(listener, router(stats), stop, limits)))
+}
+
+/// Serves `router` on `listener` with its connections bounded by `limits`, until `stop`
+/// is cancelled: the server's endpoint and the HTTP gateway share it.
+pub fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    limits: ConnectionLimits,
+) -> JoinHandle<()> {
+    tokio::spawn(accept_loop(listener, router, stop, limits))
 }
 
 /// Accepts connections until `stop`, each served on a task of its own under `limits`;
@@ -124,7 +134,7 @@ async fn accept_loop(
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
             Err(error) => {
-                warn_limited!(ACCEPT_LOG, %error, "accepting a metrics connection failed");
+                warn_limited!(ACCEPT_LOG, %error, "accepting an HTTP connection failed");
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
@@ -134,7 +144,7 @@ async fn accept_loop(
             warn_limited!(
                 ACCEPT_LOG,
                 max = limits.max_connections,
-                "too many metrics connections; closing new ones"
+                "too many HTTP connections; closing new ones"
             );
             continue;
         };

@@ -5,7 +5,9 @@
 # backends), and the debug binaries (cargo build --workspace --bins).
 #
 # Makes a virtualenv in .tools/interop-venv from tests/interop/requirements.txt (PyPI) and
-# generates the protobuf classes from proto/proto/classifier.proto with grpcio-tools.
+# generates the protobuf classes from proto/proto/classifier.proto with grpcio-tools;
+# the gateway's tests (test_gateway.py: Triton's and KServe's clients) run in
+# .tools/oip-venv, from tests/interop/gateway-requirements.txt.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -26,5 +28,18 @@ rm -rf "$GENERATED" && mkdir -p "$GENERATED"
 "$VENV/bin/python" -m grpc_tools.protoc -I proto/proto --python_out="$GENERATED" proto/proto/classifier.proto
 export INTEROP_GENERATED="$ROOT/$GENERATED"
 
+# The gateway's clients (Triton's and KServe's) need an older protobuf: a venv of their own.
+OIP_VENV=".tools/oip-venv"
+OIP_STAMP="$OIP_VENV/.requirements"
+if [[ ! -x "$OIP_VENV/bin/python" ]] || ! cmp -s tests/interop/gateway-requirements.txt "$OIP_STAMP"; then
+    echo "interop: installing the inference protocol's clients into $OIP_VENV" >&2
+    python3 -m venv "$OIP_VENV"
+    "$OIP_VENV/bin/pip" install --quiet -r tests/interop/gateway-requirements.txt
+    cp tests/interop/gateway-requirements.txt "$OIP_STAMP"
+fi
+
 cd tests/interop
-exec "$ROOT/$VENV/bin/python" test_interop.py "$@"
+status=0
+"$ROOT/$VENV/bin/python" test_interop.py "$@" || status=$?
+"$ROOT/$OIP_VENV/bin/python" test_gateway.py "$@" || status=$?
+exit "$status"

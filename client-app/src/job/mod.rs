@@ -36,6 +36,7 @@ use collector::Collector;
 use pending::Pending;
 pub(crate) use sender::with_request_routing;
 use sender::{ensure_request_topic, request_size_limit, resend_unanswered, Sender};
+pub use sender::{new_request_id, request_message};
 
 /// How a job talks to the servers.
 #[derive(Clone, Debug)]

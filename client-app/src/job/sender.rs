@@ -139,8 +139,8 @@ impl Sender {
 /// A new request id: 128 random bits (from `rand`'s thread-local generator, a CSPRNG
 /// seeded by the operating system), as 32 hex digits. A reply is accepted only for an id the job sent,
 /// so ids must not be guessable: a peer that sees the job's reply topic could otherwise
-/// answer for the servers (issue 28).
-fn new_request_id() -> String {
+/// answer for the servers (issue 28). The HTTP gateway uses it too.
+pub fn new_request_id() -> String {
     // Not a UUIDv4: that carries only 122 random bits.
     format!("{:032x}", rand::random::<u128>())
 }
@@ -160,8 +160,10 @@ pub(super) async fn request_size_limit(broker: &dyn Broker, options: &JobOptions
         .map_or(broker_limit, |ours| ours.min(broker_limit))
 }
 
-/// The broker message that carries `request`.
-fn request_message(request: &ClassifyRequest) -> Message {
+/// The broker message that carries `request`: its encoding, keyed by its request id,
+/// with the routing attributes of the wire contract. The HTTP gateway frames its
+/// requests with it too.
+pub fn request_message(request: &ClassifyRequest) -> Message {
     with_request_routing(
         Message::new(request.encode_to_vec()),
         &request.request_id,

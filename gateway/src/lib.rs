@@ -1,0 +1,244 @@
+//! The HTTP gateway: the Open Inference Protocol (v2) in front of the classifier
+//! servers. It speaks HTTP to its callers and the wire contract (`proto/README.md`) to
+//! the servers, through whichever broker the config names, so servers scale out behind
+//! it exactly as they do behind `client-app`.
+//!
+//! - [`dispatch`]: requests out, replies matched back, over the broker;
+//! - [`catalog`]: what the servers' models are (learned by asking them);
+//! - [`oip`]: the protocol's routes and bodies;
+//! - [`auth`]: API keys (only their digests in the config), loopback-only without;
+//! - [`metrics`]: Prometheus metrics;
+//! - [`error`]: every refusal as a status with a JSON body.
+//!
+//! With the embedded broker the servers cannot be elsewhere, so [`start`] runs one in
+//! this process, as `client-app classify` does.
+
+pub mod auth;
+pub mod catalog;
+pub mod dispatch;
+pub mod error;
+pub mod metrics;
+pub mod oip;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use classifier_app::{connect_with_retry, AppConfig};
+use classifier_server::telemetry::{serve_router, ConnectionLimits};
+use client_app::InProcessServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::ApiKeys;
+use crate::catalog::Catalog;
+use crate::dispatch::Dispatcher;
+use crate::metrics::GatewayMetrics;
+
+/// A connection lives at most this long (idle ones are closed sooner, by the read
+/// timeout); long enough for any request, short enough that none is held forever.
+const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The limits one request is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most images in one inference request.
+    pub max_images: usize,
+    /// Longest wait for the servers.
+    pub request_timeout: Duration,
+    /// Longest wait for a request's body.
+    pub read_timeout: Duration,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct Shared {
+    dispatcher: Arc<Dispatcher>,
+    catalog: Arc<Catalog>,
+    metrics: Arc<GatewayMetrics>,
+    keys: Arc<ApiKeys>,
+    limits: Limits,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The address it serves on (the port chosen, if the config said 0).
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    http: JoinHandle<()>,
+    replies: JoinHandle<()>,
+    in_process: Option<InProcessServer>,
+}
+
+impl Gateway {
+    /// Waits until `stop` (given to [`start`]) is cancelled, then for the HTTP side and
+    /// the reply reader to end (deleting the reply topic) and the in-process server.
+    pub async fn wait(self) {
+        self.stop.cancelled().await;
+        if let Err(error) = self.http.await {
+            tracing::warn!(%error, "the HTTP task failed");
+        }
+        if let Err(error) = self.replies.await {
+            tracing::warn!(%error, "the reply reader failed");
+        }
+        if let Some(server) = self.in_process {
+            server.stop().await;
+        }
+    }
+}
+
+/// Checks the settings, connects to the broker (starting an in-process server when the
+/// broker lives in this process), and serves HTTP on `config.gateway.listen` until
+/// `stop` is cancelled.
+pub async fn start(config: &AppConfig, stop: CancellationToken) -> anyhow::Result<Gateway> {
+    let settings = &config.gateway;
+    let keys = ApiKeys::from_hex_digests(&settings.api_key_sha256)?;
+    auth::check_exposure(settings.listen, &keys)?;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listening address")?;
+
+    let broker = connect_with_retry(&config.broker, &stop).await?;
+    let in_process = if broker.features().in_process_only {
+        Some(InProcessServer::start(&broker, &config.server).await?)
+    } else {
+        None
+    };
+    let (dispatcher, replies) =
+        Dispatcher::start(broker, &config.server, settings.max_pending, stop.clone()).await?;
+    let shared = Shared {
+        dispatcher,
+        catalog: Arc::new(Catalog::new(
+            &settings.models,
+            Duration::from_secs(settings.model_info_ttl_secs),
+        )?),
+        metrics: Arc::new(GatewayMetrics::new()?),
+        keys: Arc::new(keys),
+        limits: Limits {
+            max_body_bytes: settings.max_body_bytes,
+            max_images: settings.max_images_per_request.max(1),
+            request_timeout: Duration::from_secs(settings.request_timeout_secs),
+            read_timeout: Duration::from_secs(settings.read_timeout_secs),
+        },
+    };
+    let connection_limits = ConnectionLimits {
+        header_read_timeout: shared.limits.read_timeout,
+        max_lifetime: MAX_CONNECTION_LIFETIME,
+        max_connections: settings.max_connections.max(1),
+    };
+    let http = serve_router(listener, router(shared), stop.clone(), connection_limits);
+    tracing::info!(%addr, "serving the Open Inference Protocol");
+    Ok(Gateway {
+        addr,
+        stop,
+        http,
+        replies,
+        in_process,
+    })
+}
+
+/// Every route: health open to all (probes carry no keys), the rest behind the keys;
+/// every request counted by route and status.
+pub fn router(shared: Shared) -> Router {
+    let open = Router::new()
+        .route("/v2/health/live", get(oip::live))
+        .route("/v2/health/ready", get(oip::ready))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz));
+    let protected = Router::new()
+        .route("/v2", get(oip::server_metadata))
+        .route("/v2/models", get(oip::list_models))
+        .route("/v2/repository/index", post(oip::repository_index))
+        .route("/v2/models/{name}", get(oip::model_metadata))
+        .route("/v2/models/{name}/ready", get(oip::model_ready))
+        .route("/v2/models/{name}/infer", post(oip::infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(oip::version_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(oip::version_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(oip::version_infer),
+        )
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
+    open.merge(protected)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            count_request,
+        ))
+        .with_state(shared)
+}
+
+async fn readyz(State(shared): State<Shared>) -> Response {
+    if shared.dispatcher.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the reply subscription is not open\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(shared): State<Shared>) -> Response {
+    let metrics = &shared.metrics;
+    metrics.pending.set(shared.dispatcher.pending() as i64);
+    let rejected = shared.dispatcher.rejected_replies();
+    metrics
+        .rejected_replies
+        .inc_by(rejected.saturating_sub(metrics.rejected_replies.get()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> error::ApiError {
+    error::ApiError::not_found("no such route; the Open Inference Protocol's are under /v2")
+}
+
+async fn require_key(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+    match shared.keys.check(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn count_request(State(shared): State<Shared>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    shared.metrics.observe_request(
+        &route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}

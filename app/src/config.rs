@@ -281,6 +281,21 @@ pub struct GatewayConfig {
     pub max_connections: usize,
     /// A request's headers and body must arrive within this many seconds.
     pub read_timeout_secs: u64,
+    /// Where jobs keep their uploaded files until deleted (`spool/`) and, without
+    /// `database_url`, their SQLite database (`jobs.db`); unset: the per-user data
+    /// directory (`~/.local/share/image-classifier/gateway`).
+    pub data_dir: Option<PathBuf>,
+    /// The jobs database: `sqlite://PATH` or `postgres://USER@HOST/DB`; unset: SQLite in
+    /// `data_dir`.
+    pub database_url: Option<String>,
+    /// Largest upload of one job (all its files, or its archive), in bytes.
+    pub max_job_bytes: u64,
+    /// Most files in one job.
+    pub max_job_files: usize,
+    /// Most bytes an uploaded archive may expand to (zip bombs are refused).
+    pub max_archive_expansion_bytes: u64,
+    /// Images of one job waiting for replies at once.
+    pub job_window: usize,
 }
 
 impl Default for GatewayConfig {
@@ -296,6 +311,12 @@ impl Default for GatewayConfig {
             model_info_ttl_secs: 30,
             max_connections: 1024,
             read_timeout_secs: 30,
+            data_dir: None,
+            database_url: None,
+            max_job_bytes: 1024 * 1024 * 1024,
+            max_job_files: 100_000,
+            max_archive_expansion_bytes: 4 * 1024 * 1024 * 1024,
+            job_window: 256,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`dispatch`]: requests out, replies matched back, over the broker;
 //! - [`catalog`]: what the servers' models are (learned by asking them);
 //! - [`oip`]: the protocol's routes and bodies;
+//! - [`jobs`]: uploads of many files, their results in a database, the report;
 //! - [`auth`]: API keys (only their digests in the config), loopback-only without;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`error`]: every refusal as a status with a JSON body.
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod catalog;
 pub mod dispatch;
 pub mod error;
+pub mod jobs;
 pub mod metrics;
 pub mod oip;
 
@@ -25,13 +27,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use classifier_app::{connect_with_retry, AppConfig};
+use classifier_app::{connect_with_retry, AppConfig, GatewayConfig};
 use classifier_server::telemetry::{serve_router, ConnectionLimits};
 use client_app::InProcessServer;
 use tokio::net::TcpListener;
@@ -41,6 +43,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::ApiKeys;
 use crate::catalog::Catalog;
 use crate::dispatch::Dispatcher;
+use crate::jobs::runner::JobRunner;
+use crate::jobs::spool::Spool;
+use crate::jobs::store::JobStore;
 use crate::metrics::GatewayMetrics;
 
 /// A connection lives at most this long (idle ones are closed sooner, by the read
@@ -68,6 +73,41 @@ pub struct Shared {
     metrics: Arc<GatewayMetrics>,
     keys: Arc<ApiKeys>,
     limits: Limits,
+    jobs: Option<Arc<JobRunner>>,
+    job_limits: JobLimits,
+}
+
+impl Shared {
+    /// The job runner (none in a router built without jobs).
+    fn jobs(&self) -> Result<&Arc<JobRunner>, error::ApiError> {
+        self.jobs
+            .as_ref()
+            .ok_or_else(|| error::ApiError::unavailable("this gateway runs no jobs"))
+    }
+}
+
+/// The limits on jobs' uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct JobLimits {
+    /// All bytes of one upload.
+    pub max_job_bytes: u64,
+    /// Files in one job.
+    pub max_job_files: usize,
+    /// What an archive may expand to.
+    pub max_archive_expansion_bytes: u64,
+    /// Longest an upload may take.
+    pub upload_timeout: Duration,
+}
+
+/// Longest an upload of a job may take (large uploads over slow links).
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A caller's string as echoed in an error: escaped and cut to 64 characters.
+pub(crate) fn shown(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .flat_map(char::escape_default)
+        .collect()
 }
 
 /// A running gateway.
@@ -119,6 +159,8 @@ pub async fn start(config: &AppConfig, stop: CancellationToken) -> anyhow::Resul
     };
     let (dispatcher, replies) =
         Dispatcher::start(broker, &config.server, settings.max_pending, stop.clone()).await?;
+    let request_timeout = Duration::from_secs(settings.request_timeout_secs);
+    let runner = open_jobs(settings, &dispatcher, request_timeout, &stop).await?;
     let shared = Shared {
         dispatcher,
         catalog: Arc::new(Catalog::new(
@@ -130,10 +172,21 @@ pub async fn start(config: &AppConfig, stop: CancellationToken) -> anyhow::Resul
         limits: Limits {
             max_body_bytes: settings.max_body_bytes,
             max_images: settings.max_images_per_request.max(1),
-            request_timeout: Duration::from_secs(settings.request_timeout_secs),
+            request_timeout,
             read_timeout: Duration::from_secs(settings.read_timeout_secs),
         },
+        jobs: Some(Arc::clone(&runner)),
+        job_limits: JobLimits {
+            max_job_bytes: settings.max_job_bytes,
+            max_job_files: settings.max_job_files.max(1),
+            max_archive_expansion_bytes: settings.max_archive_expansion_bytes,
+            upload_timeout: UPLOAD_TIMEOUT,
+        },
     };
+    let resumed = runner.resume_all().await?;
+    if resumed > 0 {
+        tracing::info!(jobs = resumed, "resumed the jobs left running");
+    }
     let connection_limits = ConnectionLimits {
         header_read_timeout: shared.limits.read_timeout,
         max_lifetime: MAX_CONNECTION_LIFETIME,
@@ -148,6 +201,37 @@ pub async fn start(config: &AppConfig, stop: CancellationToken) -> anyhow::Resul
         replies,
         in_process,
     })
+}
+
+/// Opens the jobs database and spool (`data_dir`, or the per-user data directory).
+async fn open_jobs(
+    settings: &GatewayConfig,
+    dispatcher: &Arc<Dispatcher>,
+    request_timeout: Duration,
+    stop: &CancellationToken,
+) -> anyhow::Result<Arc<JobRunner>> {
+    let data_dir = match &settings.data_dir {
+        Some(dir) => dir.clone(),
+        None => directories::ProjectDirs::from("", "", "image-classifier")
+            .map(|dirs| dirs.data_dir().join("gateway"))
+            .context("no home directory for the jobs' data: set gateway.data_dir")?,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let url = match &settings.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", data_dir.join("jobs.db").display()),
+    };
+    let store = JobStore::open(&url).await?;
+    let spool = Spool::open(&data_dir.join("spool"))?;
+    tracing::info!(database = %jobs::store::redacted(&url), spool = %data_dir.join("spool").display(), "jobs stored");
+    Ok(JobRunner::new(
+        store,
+        spool,
+        Arc::clone(dispatcher),
+        (settings.job_window, request_timeout),
+        stop.clone(),
+    ))
 }
 
 /// Every route: health open to all (probes carry no keys), the rest behind the keys;
@@ -177,6 +261,16 @@ pub fn router(shared: Shared) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(oip::version_infer),
         )
+        // Uploads are bounded by the jobs' own limits, checked as they stream in.
+        .route(
+            "/v1/jobs",
+            get(jobs::list)
+                .post(jobs::create)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/jobs/{id}", get(jobs::show).delete(jobs::delete))
+        .route("/v1/jobs/{id}/results", get(jobs::results))
+        .route("/v1/jobs/{id}/report", get(jobs::report))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_key));
     open.merge(protected)

@@ -3,6 +3,8 @@
 //! each. Raw HTTP/1.1 over TCP, so the tests can send what no well-behaved client would
 //! (bodies larger than declared limits, slow bodies, slow headers).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -13,9 +15,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// A gateway on a free loopback port with small limits.
-async fn gateway(stop: &CancellationToken) -> Gateway {
+use common::send;
+
+/// A gateway on a free loopback port with small limits, its jobs kept in `data`.
+async fn gateway(stop: &CancellationToken, data: &std::path::Path) -> Gateway {
     let mut config = AppConfig::default();
+    config.gateway.data_dir = Some(data.to_path_buf());
     config.gateway.listen = "127.0.0.1:0".parse().expect("address");
     config.gateway.max_body_bytes = 1024 * 1024;
     config.gateway.max_images_per_request = 4;
@@ -24,34 +29,6 @@ async fn gateway(stop: &CancellationToken) -> Gateway {
     classifier_gateway::start(&config, stop.clone())
         .await
         .expect("gateway starts")
-}
-
-/// Status and body of one request on a fresh connection (`Connection: close`). The
-/// body is written while the response is read: the gateway may answer (and close)
-/// before it took the whole body.
-async fn send(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
-    let stream = TcpStream::connect(addr).await.expect("connects");
-    let (mut reader, mut writer) = stream.into_split();
-    let mut request = format!("{head}\r\nHost: test\r\nConnection: close\r\n\r\n").into_bytes();
-    request.extend_from_slice(body);
-    let writing = tokio::spawn(async move {
-        let _ = writer.write_all(&request).await;
-        writer
-    });
-    let mut raw = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut raw)).await;
-    drop(writing.await);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .to_string();
-    (status, body)
 }
 
 fn post(path: &str, body: &str) -> (String, Vec<u8>) {
@@ -104,7 +81,8 @@ fn assert_json_error(status: u16, body: &str, expected_status: u16, expected: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_is_json_and_the_gateway_keeps_answering() {
     let stop = CancellationToken::new();
-    let gateway = gateway(&stop).await;
+    let data = tempfile::tempdir().expect("data dir");
+    let gateway = gateway(&stop, data.path()).await;
     let addr = gateway.addr;
     let name = model_name(addr).await;
     let infer = format!("/v2/models/{name}/infer");

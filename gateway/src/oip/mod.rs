@@ -242,10 +242,37 @@ async fn run_inference(
     Ok(infer_response(output))
 }
 
-/// The body, read within the read timeout and the size limit.
 impl Shared {
+    /// An inference request's body, within the read timeout and `max_body_bytes`.
     async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-        let limit = self.limits.max_body_bytes;
+        self.read_body_within(
+            headers,
+            body,
+            self.limits.max_body_bytes,
+            self.limits.read_timeout,
+        )
+        .await
+    }
+
+    /// A job's archive body, within `limit` bytes and the upload timeout.
+    pub(crate) async fn read_job_body(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        limit: u64,
+    ) -> Result<Bytes, ApiError> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        self.read_body_within(headers, body, limit, self.job_limits.upload_timeout)
+            .await
+    }
+
+    async fn read_body_within(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Bytes, ApiError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
@@ -253,16 +280,14 @@ impl Shared {
         if declared.is_some_and(|length| length > limit as u64) {
             return Err(body_too_large(limit));
         }
-        match tokio::time::timeout(self.limits.read_timeout, axum::body::to_bytes(body, limit))
-            .await
-        {
+        match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
             Ok(Ok(bytes)) => Ok(bytes),
             Ok(Err(_)) => Err(body_too_large(limit)),
             Err(_elapsed) => Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "the request body did not arrive within {} s",
-                    self.limits.read_timeout.as_secs()
+                    timeout.as_secs()
                 ),
             )),
         }

@@ -240,6 +240,7 @@ pub fn router(shared: Shared) -> Router {
     let open = Router::new()
         .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
+        .route("/", get(jobs::page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz));
     let protected = Router::new()

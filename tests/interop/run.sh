@@ -6,7 +6,8 @@
 #
 # Makes a virtualenv in .tools/interop-venv from tests/interop/requirements.txt (PyPI) and
 # generates the protobuf classes from proto/proto/classifier.proto with grpcio-tools;
-# the gateway's tests (test_gateway.py: Triton's and KServe's clients) run in
+# the gateway's tests (test_gateway.py: Triton's and KServe's clients; test_page.py: its
+# page in Debian's chromium, installed with apt-get when missing) run in
 # .tools/oip-venv, from tests/interop/gateway-requirements.txt.
 set -euo pipefail
 
@@ -38,8 +39,16 @@ if [[ ! -x "$OIP_VENV/bin/python" ]] || ! cmp -s tests/interop/gateway-requireme
     cp tests/interop/gateway-requirements.txt "$OIP_STAMP"
 fi
 
+if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null; then
+    echo "interop: installing Debian's chromium for the page test" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends chromium; }; } >&2
+fi
+
 cd tests/interop
 status=0
 "$ROOT/$VENV/bin/python" test_interop.py "$@" || status=$?
 "$ROOT/$OIP_VENV/bin/python" test_gateway.py "$@" || status=$?
+"$ROOT/$OIP_VENV/bin/python" test_page.py "$@" || status=$?
 exit "$status"

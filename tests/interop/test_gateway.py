@@ -16,9 +16,11 @@ gateway, over the real broker; GATEWAY_BACKENDS names fewer):
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import unittest
 
@@ -57,16 +59,18 @@ def wait_for_model(client, headers=None):
         time.sleep(1)
 
 
-def start_gateway(backend, topic, api_key=None):
-    """A gateway on a free loopback port; returns (process, host:port)."""
+def start_gateway(backend, topic, api_key, data_dir):
+    """A gateway on a free loopback port, its jobs in `data_dir` (the caller's temporary
+    folder); returns (process, host:port)."""
     env = environment(backend, topic)
     env["RUST_LOG"] = "warn"
-    if api_key:
-        config = os.path.join(ROOT, ".tools", f"gateway-{os.getpid()}-{backend}.toml")
-        with open(config, "w") as file:
+    config = os.path.join(data_dir, "gateway.toml")
+    with open(config, "w") as file:
+        file.write(f"[gateway]\ndata_dir = {json.dumps(data_dir)}\n")
+        if api_key:
             digest = hashlib.sha256(api_key.encode()).hexdigest()
-            file.write(f'[gateway]\napi_key_sha256 = ["{digest}"]\n')
-        env["CLASSIFIER_CONFIG"] = config
+            file.write(f'api_key_sha256 = ["{digest}"]\n')
+    env["CLASSIFIER_CONFIG"] = config
     process = subprocess.Popen(
         [GATEWAY_BIN, "--broker", backend, "--listen", "127.0.0.1:0"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True,
@@ -88,7 +92,9 @@ class Gateway(unittest.TestCase):
         if backend != "embedded":
             server = subprocess.Popen([SERVER_BIN], env=environment(backend, topic), cwd=ROOT, stdout=subprocess.DEVNULL)
             self.addCleanup(stop, server)
-        gateway, address = start_gateway(backend, topic, api_key)
+        data_dir = tempfile.mkdtemp(prefix="gateway-data-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        gateway, address = start_gateway(backend, topic, api_key, data_dir)
         self.addCleanup(stop, gateway)
         self.addCleanup(gateway.stdout.close)
         return topic, address

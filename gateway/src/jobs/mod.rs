@@ -7,6 +7,7 @@
 //! - `GET /v1/jobs`: the latest jobs; `GET /v1/jobs/{id}`: state, counts, progress;
 //! - `GET /v1/jobs/{id}/results?format=jsonl|csv&offset=&limit=`: per-image rows, paged;
 //! - `GET /v1/jobs/{id}/report`: the HTML report the CLI writes (`--report`);
+//! - `GET /`: a page that lists the jobs with their progress and uploads a folder;
 //! - `DELETE /v1/jobs/{id}`: cancels a running job, or forgets a finished one (`?purge`
 //!   forgets a running one too) with its files.
 //!
@@ -36,6 +37,23 @@ use crate::error::ApiError;
 use crate::Shared;
 use store::{status, JobSummary, ResultRow};
 use upload::UploadLimits;
+
+/// The page people use: jobs with their progress, an upload form (`page.html`, plain
+/// HTML and script, no build step; it calls the routes above).
+const PAGE_HTML: &str = include_str!("page.html");
+
+/// `GET /`: the page. It holds no data; the data comes from the routes, behind the
+/// keys (the page asks for one when they answer 401).
+pub async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE_HTML,
+    )
+        .into_response()
+}
 
 /// Rows per results page, by default and at most.
 const PAGE: (i64, i64) = (1_000, 10_000);

@@ -1,7 +1,7 @@
-//! What the binaries (`classifier-server`, `client-app`, `trainer`) share, so each
-//! `main.rs` only parses its flags and dispatches:
+//! What the binaries (`classifier-server`, `client-app`, `classifier-gateway`, `trainer`)
+//! share, so each `main.rs` only parses its flags and dispatches:
 //!
-//! - [`config`]: the config file (`[broker]`, `[server]`, `[client]`), with the
+//! - [`config`]: the config file (`[broker]`, `[server]`, `[client]`, `[gateway]`), with the
 //!   environment and flags laid over it through one [`overlay`];
 //! - [`init_tracing`]: log output on stderr, filtered by `RUST_LOG`;
 //! - [`cancel_on_signals`]: SIGINT/SIGTERM as a cancellation token;

@@ -133,11 +133,19 @@ pub async fn create(State(shared): State<Shared>, request: Request) -> Result<Re
         let reading = upload::from_multipart(form, runner.spool(), &id, limits);
         read_within(shared.job_limits.upload_timeout, reading).await
     } else if content_type.contains("zip") || content_type.contains("tar") {
-        let headers = request.headers().clone();
-        let body = shared
-            .read_job_body(&headers, request.into_body(), limits.max_bytes)
-            .await?;
-        upload::from_archive_body(body, runner.spool(), &id, limits).await
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limits.max_bytes) {
+            return Err(ApiError::too_large(format!(
+                "the upload is larger than {} bytes",
+                limits.max_bytes
+            )));
+        }
+        let reading = upload::from_archive_body(request.into_body(), runner.spool(), &id, limits);
+        read_within(shared.job_limits.upload_timeout, reading).await
     } else {
         Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

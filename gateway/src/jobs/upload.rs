@@ -64,20 +64,32 @@ pub async fn from_multipart(
     Ok(upload)
 }
 
-/// Reads a whole body that is one archive (zip or tar) into the spool under `job`.
+/// Reads a body that is one archive (zip or tar) into the spool under `job` as it
+/// streams in (never whole in memory), then expands it.
 pub async fn from_archive_body(
-    body: axum::body::Bytes,
+    body: axum::body::Body,
     spool: &Spool,
     job: &str,
     limits: UploadLimits,
 ) -> Result<Upload, ApiError> {
+    use futures::StreamExt;
     let mut upload = Upload::default();
-    let path = spool.job_dir(job).join("upload.archive");
-    tokio::fs::create_dir_all(spool.job_dir(job))
+    let mut file = spool
+        .create_named(job, "archive")
         .await
-        .map_err(io_error)?;
-    tokio::fs::write(&path, &body).await.map_err(io_error)?;
-    upload.received = body.len() as u64;
+        .map_err(|e| io_error_anyhow(&e))?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|error| {
+            ApiError::bad_request(format!("reading the upload failed: {error}"))
+        })?;
+        upload.received += chunk.len() as u64;
+        if upload.received > limits.max_bytes {
+            return Err(upload_too_large(limits));
+        }
+        file.write(&chunk).await.map_err(io_error)?;
+    }
+    let (path, _size) = file.commit_at().await.map_err(io_error)?;
     expand_archive(path, "upload", spool, job, &mut upload, limits).await?;
     Ok(upload)
 }
@@ -103,10 +115,7 @@ async fn spool_field(
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
         upload.received += chunk.len() as u64;
         if upload.received > limits.max_bytes {
-            return Err(ApiError::too_large(format!(
-                "the upload is larger than {} bytes",
-                limits.max_bytes
-            )));
+            return Err(upload_too_large(limits));
         }
         if !archive && file.written() + chunk.len() as u64 > limits.max_file_bytes {
             return Err(file_too_large(name, limits));
@@ -300,6 +309,13 @@ fn check_file_count(upload: &Upload, limits: UploadLimits) -> Result<(), ApiErro
         return Err(too_many_files(limits));
     }
     Ok(())
+}
+
+fn upload_too_large(limits: UploadLimits) -> ApiError {
+    ApiError::too_large(format!(
+        "the upload is larger than {} bytes",
+        limits.max_bytes
+    ))
 }
 
 fn too_many_files(limits: UploadLimits) -> ApiError {

@@ -254,18 +254,6 @@ impl Shared {
         .await
     }
 
-    /// A job's archive body, within `limit` bytes and the upload timeout.
-    pub(crate) async fn read_job_body(
-        &self,
-        headers: &HeaderMap,
-        body: Body,
-        limit: u64,
-    ) -> Result<Bytes, ApiError> {
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        self.read_body_within(headers, body, limit, self.job_limits.upload_timeout)
-            .await
-    }
-
     async fn read_body_within(
         &self,
         headers: &HeaderMap,

@@ -11,7 +11,9 @@ server in its process. For each concurrency (1 and 64 connections, one image per
 JSON with the image base64-encoded) it prints requests/s and p50/p99 latency as wrk
 measures them, medians of --runs runs; then `client-app bench` through the same broker
 (the CLI's throughput at its window of 256); then the gateway's peak RSS (VmHWM) before
-and after the runs, which must not grow with the number of images sent.
+and after the runs, which must not grow with the number of images sent. With
+--job-folder DIR (e.g. 20,000 images from scripts/make-bench-folder.py) it also uploads
+the folder as one job (a tar) and times it until done, with the peak RSS after it.
 """
 
 import argparse
@@ -24,8 +26,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TARGET = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
@@ -102,11 +106,35 @@ def wrk(url, connections, seconds, body_file, script):
     return rate, p50, p99, requests
 
 
+def run_job(address, folder, work, pid):
+    """Uploads `folder` as one tar job, waits until it is done; prints images/s and RSS."""
+    archive = os.path.join(work, "job.tar")
+    names = sorted(os.listdir(folder))
+    with tarfile.open(archive, "w") as tar:
+        for name in names:
+            tar.add(os.path.join(folder, name), arcname=name)
+    started = time.monotonic()
+    with open(archive, "rb") as file:
+        request = urllib.request.Request(
+            f"http://{address}/v1/jobs", data=file.read(), method="POST",
+            headers={"Content-Type": "application/x-tar"},
+        )
+    job = json.load(urllib.request.urlopen(request, timeout=600))
+    while job["state"] == "running":
+        time.sleep(0.2)
+        job = json.load(urllib.request.urlopen(f"http://{address}/v1/jobs/{job['id']}", timeout=60))
+    elapsed = time.monotonic() - started
+    print(f"job of {job['files']} files ({os.path.getsize(archive) / 2**20:.1f} MiB tar): {job['state']}, "
+          f"{job['classified']} classified, {elapsed:.1f} s upload to done = {job['files'] / elapsed:.0f} images/s; "
+          f"gateway peak RSS {peak_rss_mib(pid):.1f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--broker", default="embedded")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--job-folder", help="also send this folder as one job and time it")
     args = parser.parse_args()
 
     env = dict(os.environ, CLASSIFIER_BROKER=args.broker, RUST_LOG="warn")
@@ -144,6 +172,8 @@ def main():
                   f"p99 {statistics.median(r[2] for r in results):7.2f} ms")
         rss_after = peak_rss_mib(gateway.pid)
         print(f"gateway peak RSS: {rss_before:.1f} MiB after warm-up, {rss_after:.1f} MiB after {sent} more images")
+        if args.job_folder:
+            run_job(address, args.job_folder, work, gateway.pid)
 
         bench = [os.path.join(TARGET, "client-app"), "bench", "--images", "4000", "--runs", str(args.runs),
                  "--no-floor", "--latency-images", "100"]

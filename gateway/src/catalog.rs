@@ -26,6 +26,10 @@ use crate::dispatch::{DispatchError, Dispatcher, ImageRequest};
 /// `top_k` of a probe: more than any classifier has classes, so the reply lists them all.
 const PROBE_TOP_K: u32 = 1_000_000;
 
+/// Most classes a model may have here: a reply naming a higher class index is not
+/// believed (the index sets how much is allocated).
+pub const MAX_CLASSES: usize = 100_000;
+
 /// Side of the blank probe image, in pixels.
 const PROBE_SIDE: u32 = 32;
 
@@ -46,11 +50,14 @@ impl ModelInfo {
         let count = predictions
             .iter()
             .map(|p| p.class_index as usize + 1)
+            .filter(|&count| count <= MAX_CLASSES)
             .max()
             .unwrap_or(0);
         let mut class_names: Vec<String> = (0..count).map(|i| format!("class {i}")).collect();
         for prediction in predictions {
-            class_names[prediction.class_index as usize] = prediction.class_name.clone();
+            if let Some(name) = class_names.get_mut(prediction.class_index as usize) {
+                name.clone_from(&prediction.class_name);
+            }
         }
         ModelInfo {
             name: name.to_string(),

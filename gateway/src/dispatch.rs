@@ -51,8 +51,9 @@ pub enum DispatchError {
     /// No reply before the deadline.
     #[error("no reply from the servers within the deadline")]
     DeadlineExceeded,
-    /// Too many images already wait for replies; there was no room before the deadline.
-    #[error("the gateway is busy: {0} images already wait for replies")]
+    /// Too many images already wait for replies (there was no room before the
+    /// deadline), or one request has more than can ever wait at once.
+    #[error("the gateway is busy: {0} images wait for replies")]
     Busy(usize),
     /// An image does not fit in one broker message.
     #[error("image {index} is too large for the broker: the request would be {size} bytes, the limit is {limit}")]
@@ -177,7 +178,10 @@ impl Dispatcher {
         if count == 0 {
             return Ok(Vec::new());
         }
-        let wanted = u32::try_from(count.min(self.max_pending)).unwrap_or(u32::MAX);
+        if count > self.max_pending {
+            return Err(DispatchError::Busy(count));
+        }
+        let wanted = u32::try_from(count).unwrap_or(u32::MAX);
         let _room = match tokio::time::timeout_at(
             deadline,
             Arc::clone(&self.room).acquire_many_owned(wanted),
@@ -272,7 +276,8 @@ impl Dispatcher {
                     let now = replies.resubscriptions();
                     if now > resubscriptions_seen {
                         resubscriptions_seen = now;
-                        self.publish_waiting_again().await;
+                        // In a task of its own: replies keep being read meanwhile.
+                        tokio::spawn(Arc::clone(&self).publish_waiting_again());
                     }
                 }
                 _ = stop.cancelled() => break,
@@ -316,7 +321,7 @@ impl Dispatcher {
     }
 
     /// Publishes every waiting request again (same ids).
-    async fn publish_waiting_again(&self) {
+    async fn publish_waiting_again(self: Arc<Self>) {
         let messages: Vec<Message> = lock(&self.waiting)
             .values()
             .map(|waiter| waiter.message.clone())

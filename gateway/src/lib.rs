@@ -171,7 +171,10 @@ pub async fn start(config: &AppConfig, stop: CancellationToken) -> anyhow::Resul
         keys: Arc::new(keys),
         limits: Limits {
             max_body_bytes: settings.max_body_bytes,
-            max_images: settings.max_images_per_request.max(1),
+            // One request never needs more room than all callers together have.
+            max_images: settings
+                .max_images_per_request
+                .clamp(1, settings.max_pending.max(1)),
             request_timeout,
             read_timeout: Duration::from_secs(settings.read_timeout_secs),
         },
@@ -298,10 +301,7 @@ async fn readyz(State(shared): State<Shared>) -> Response {
 async fn metrics(State(shared): State<Shared>) -> Response {
     let metrics = &shared.metrics;
     metrics.pending.set(shared.dispatcher.pending() as i64);
-    let rejected = shared.dispatcher.rejected_replies();
-    metrics
-        .rejected_replies
-        .inc_by(rejected.saturating_sub(metrics.rejected_replies.get()));
+    metrics.catch_up_rejected_replies(shared.dispatcher.rejected_replies());
     (
         [(
             header::CONTENT_TYPE,

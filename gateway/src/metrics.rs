@@ -22,6 +22,8 @@ pub struct GatewayMetrics {
     pub pending: IntGauge,
     /// Replies dropped because nobody waited for them (late, duplicate or forged).
     pub rejected_replies: IntCounter,
+    /// Serialises [`GatewayMetrics::catch_up_rejected_replies`] between scrapes.
+    catching_up: std::sync::Mutex<()>,
 }
 
 impl GatewayMetrics {
@@ -70,7 +72,16 @@ impl GatewayMetrics {
             images,
             pending,
             rejected_replies,
+            catching_up: std::sync::Mutex::new(()),
         })
+    }
+
+    /// Brings the rejected-replies counter up to the dispatcher's `count` (two scrapes
+    /// at once add the difference once).
+    pub fn catch_up_rejected_replies(&self, count: u64) {
+        let _one_at_a_time = classifier_app::lock(&self.catching_up);
+        let counted = self.rejected_replies.get();
+        self.rejected_replies.inc_by(count.saturating_sub(counted));
     }
 
     /// Counts one HTTP request of `route` (the route's pattern, so the label set stays

@@ -283,11 +283,18 @@ async fn archives_are_expanded_within_their_limits() {
     let head = "POST /v1/jobs HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2";
     assert_eq!(request(addr, head, b"hi").await.status, 415);
 
-    // Nothing of the refused uploads is left in the spool.
-    let left: Vec<_> = std::fs::read_dir(data.path().join("spool"))
-        .expect("spool")
-        .collect();
-    assert_eq!(left.len(), 2, "only the two jobs' folders: {left:?}");
+    // Nothing of the refused uploads is left in the spool (removed in the background).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(data.path().join("spool"))
+            .expect("spool")
+            .collect();
+        if left.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only the two jobs' folders: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     stop.cancel();
     gateway.wait().await;

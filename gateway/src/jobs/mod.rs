@@ -21,6 +21,7 @@ pub mod upload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
@@ -89,11 +90,12 @@ fn checked_id(id: &str) -> Result<&str, ApiError> {
     }
 }
 
+/// A database failure: logged in full, the caller learns only that it failed.
 fn internal(error: anyhow::Error) -> ApiError {
     tracing::warn!("jobs: {error:#}");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
-        format!("the jobs database failed: {error:#}"),
+        "the jobs database failed (see the gateway's log)",
     )
 }
 
@@ -112,6 +114,12 @@ async fn summary_of(shared: &Shared, id: &str) -> Result<JobSummary, ApiError> {
 pub async fn create(State(shared): State<Shared>, request: Request) -> Result<Response, ApiError> {
     let runner = shared.jobs()?;
     let id = uuid::Uuid::new_v4().simple().to_string();
+    // Whatever ends this handler early (a refusal, or the caller hanging up, which drops
+    // it) takes the spooled files with it.
+    let guard = SpoolGuard {
+        spool: Some(runner.spool().clone()),
+        job: id.clone(),
+    };
     let limits = UploadLimits {
         max_bytes: shared.job_limits.max_job_bytes,
         max_files: shared.job_limits.max_job_files,
@@ -158,22 +166,29 @@ pub async fn create(State(shared): State<Shared>, request: Request) -> Result<Re
         }
         other => other,
     };
-    let uploaded = match uploaded {
-        Ok(uploaded) => uploaded,
-        Err(error) => {
-            runner.spool().remove_job(&id).await;
-            return Err(error);
+    let uploaded = uploaded?;
+    guard.disarm();
+    // Stored and started in a task of its own, so a caller hanging up now cannot leave
+    // a job recorded as running with nobody running it.
+    let registering = tokio::spawn({
+        let runner = Arc::clone(runner);
+        let id = id.clone();
+        async move {
+            let stored = runner
+                .store()
+                .create_job(&id, &uploaded.model, &uploaded.files)
+                .await;
+            match stored {
+                Ok(()) => runner.start(id),
+                Err(_) => runner.spool().remove_job(&id).await,
+            }
+            stored
         }
-    };
-    if let Err(error) = runner
-        .store()
-        .create_job(&id, &uploaded.model, &uploaded.files)
+    });
+    registering
         .await
-    {
-        runner.spool().remove_job(&id).await;
-        return Err(internal(error));
-    }
-    runner.start(id.clone());
+        .map_err(|error| internal(error.into()))?
+        .map_err(internal)?;
     let job = summary_of(&shared, &id).await?;
     let location =
         HeaderValue::from_str(&format!("/v1/jobs/{id}")).map_err(|e| internal(e.into()))?;
@@ -183,6 +198,30 @@ pub async fn create(State(shared): State<Shared>, request: Request) -> Result<Re
         Json(job_json(&job)),
     )
         .into_response())
+}
+
+/// Removes a job's spooled files when dropped, unless disarmed.
+struct SpoolGuard {
+    spool: Option<spool::Spool>,
+    job: String,
+}
+
+impl SpoolGuard {
+    fn disarm(mut self) {
+        self.spool = None;
+    }
+}
+
+impl Drop for SpoolGuard {
+    fn drop(&mut self) {
+        let Some(spool) = self.spool.take() else {
+            return;
+        };
+        let job = std::mem::take(&mut self.job);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { spool.remove_job(&job).await });
+        }
+    }
 }
 
 async fn read_within<T>(
@@ -289,17 +328,17 @@ fn csv_rows(rows: &[ResultRow]) -> anyhow::Result<String> {
     for row in rows {
         writer.write_record([
             row.index.to_string(),
-            row.file.clone(),
+            inert(&row.file),
             row.size.to_string(),
             row.status.clone(),
-            row.predicted_class.clone().unwrap_or_default(),
+            inert(row.predicted_class.as_deref().unwrap_or_default()),
             row.probability
                 .map(|p| format!("{p:.6}"))
                 .unwrap_or_default(),
-            row.top_k.clone().unwrap_or_default(),
+            inert(row.top_k.as_deref().unwrap_or_default()),
             row.error_code.clone().unwrap_or_default(),
-            row.error_reason.clone().unwrap_or_default(),
-            row.server_id.clone().unwrap_or_default(),
+            inert(row.error_reason.as_deref().unwrap_or_default()),
+            inert(row.server_id.as_deref().unwrap_or_default()),
         ])?;
     }
     Ok(String::from_utf8(writer.into_inner()?)?)
@@ -363,6 +402,15 @@ fn file_result(path: PathBuf, row: ResultRow) -> FileResult {
     }
 }
 
+/// A text cell a spreadsheet will not run: one starting like a formula gets a `'`.
+fn inert(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    }
+}
+
 /// `class:probability;...` back into scores.
 fn parse_top_k(text: &str) -> Vec<ClassScore> {
     text.split(';')
@@ -379,7 +427,8 @@ fn parse_top_k(text: &str) -> Vec<ClassScore> {
 /// The query of `DELETE /v1/jobs/{id}`.
 #[derive(Debug, Deserialize)]
 pub struct DeleteQuery {
-    purge: Option<bool>,
+    /// Present (bare, or anything but `false`): forget even a running job.
+    purge: Option<String>,
 }
 
 /// `DELETE /v1/jobs/{id}`: a running job is cancelled (its results so far are kept);
@@ -392,7 +441,8 @@ pub async fn delete(
     let job = summary_of(&shared, &id).await?;
     let runner = shared.jobs()?;
     runner.cancel(&job.id);
-    if job.state == store::state::RUNNING && !query.purge.unwrap_or(false) {
+    let purge = query.purge.is_some_and(|value| value != "false");
+    if job.state == store::state::RUNNING && !purge {
         runner
             .store()
             .set_state(&job.id, store::state::CANCELED)
@@ -419,6 +469,13 @@ mod tests {
                 StatusCode::NOT_FOUND
             );
         }
+    }
+
+    #[test]
+    fn csv_cells_never_start_a_formula() {
+        assert_eq!(inert("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
+        assert_eq!(inert("@cmd"), "'@cmd");
+        assert_eq!(inert("coat/1.png"), "coat/1.png");
     }
 
     #[test]

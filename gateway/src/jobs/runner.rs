@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, ImageRequest};
+use crate::dispatch::{DispatchError, Dispatcher, ImageRequest};
 use crate::jobs::spool::Spool;
 use crate::jobs::store::{state, Answer, JobStore};
 
@@ -74,8 +74,20 @@ impl JobRunner {
         &self.spool
     }
 
-    /// Starts every job the database says is running (after a restart).
+    /// Starts every job the database says is running (after a restart), and removes
+    /// spooled files of uploads that never became jobs (cut off mid-upload by a crash).
     pub async fn resume_all(self: &Arc<Self>) -> anyhow::Result<usize> {
+        let known: std::collections::HashSet<String> =
+            self.store.job_ids().await?.into_iter().collect();
+        for orphan in self.spool.job_dirs().await? {
+            if !known.contains(&orphan) {
+                tracing::info!(
+                    upload = orphan,
+                    "removing the files of an upload that never became a job"
+                );
+                self.spool.remove_job(&orphan).await;
+            }
+        }
         let jobs = self.store.running_jobs().await?;
         for job in &jobs {
             tracing::info!(job, "resuming a job");
@@ -177,10 +189,25 @@ impl JobRunner {
                 }
             }
         }
-        let replies = self
-            .dispatcher
-            .classify(images, Instant::now() + self.timeout)
-            .await?;
+        let deadline = Instant::now() + self.timeout;
+        let replies = loop {
+            match self.dispatcher.classify(images.clone(), deadline).await {
+                // A file the broker cannot carry is answered, and the rest sent again.
+                Err(DispatchError::TooLarge { index, size, limit }) if index < images.len() => {
+                    images.remove(index);
+                    let answer = Answer::Error {
+                        code: ErrorCode::MessageTooLarge.as_str_name().to_string(),
+                        reason: format!(
+                            "its request would be {size} bytes; the broker takes {limit}"
+                        ),
+                    };
+                    self.store
+                        .record(job, sent.remove(index), &answer, "")
+                        .await?;
+                }
+                outcome => break outcome?,
+            }
+        };
         for (index, reply) in sent.into_iter().zip(replies) {
             let server = reply.server_id.clone();
             self.store

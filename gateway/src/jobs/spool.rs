@@ -63,6 +63,18 @@ impl Spool {
         tokio::fs::read(self.path(job, index)).await
     }
 
+    /// The names of the job directories present.
+    pub async fn job_dirs(&self) -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        let mut entries = tokio::fs::read_dir(&self.dir).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            if entry.file_type().await?.is_dir() {
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(names)
+    }
+
     /// Removes a job's files.
     pub async fn remove_job(&self, job: &str) {
         let dir = self.job_dir(job);

@@ -232,7 +232,7 @@ impl JobStore {
             .collect()
     }
 
-    /// The job's model and its files still pending: (index, name).
+    /// The job's files still pending: (index, name).
     pub async fn pending(&self, id: &str) -> anyhow::Result<Vec<(i64, String)>> {
         let rows = sqlx::query(
             "SELECT idx, file_name FROM results WHERE job_id = $1 AND status = $2 ORDER BY idx",
@@ -299,21 +299,33 @@ impl JobStore {
 
     /// Sets the job's state (`running` only becomes `done` or `canceled`).
     pub async fn set_state(&self, id: &str, new_state: &str) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE jobs SET state = $1 WHERE id = $2 AND state = $3")
             .bind(new_state)
             .bind(id)
             .bind(state::RUNNING)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if new_state == state::CANCELED {
             sqlx::query("UPDATE results SET status = $1 WHERE job_id = $2 AND status = $3")
                 .bind(status::CANCELED)
                 .bind(id)
                 .bind(status::PENDING)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
         }
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Every job id stored (to tell the spool's orphans from jobs' files).
+    pub async fn job_ids(&self) -> anyhow::Result<Vec<String>> {
+        let rows = sqlx::query("SELECT id FROM jobs")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<String, _>("id")?))
+            .collect()
     }
 
     /// Rows `offset..offset+limit` of the job's results, by index.

@@ -25,6 +25,9 @@ pub struct UploadLimits {
     pub max_expansion_bytes: u64,
 }
 
+/// Longest `model` field.
+const MAX_MODEL_NAME_BYTES: usize = 256;
+
 /// Characters of a file name kept (names are for people; files are spooled by index).
 const MAX_NAME_CHARS: usize = 512;
 
@@ -46,15 +49,26 @@ pub async fn from_multipart(
     limits: UploadLimits,
 ) -> Result<Upload, ApiError> {
     let mut upload = Upload::default();
-    while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+    while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
         if field.file_name().is_none() {
-            if field.name() == Some("model") {
-                upload.model = field
-                    .text()
-                    .await
-                    .map_err(multipart_error)?
-                    .trim()
-                    .to_string();
+            let is_model = field.name() == Some("model");
+            let mut text = Vec::new();
+            while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                upload.received += chunk.len() as u64;
+                if upload.received > limits.max_bytes {
+                    return Err(upload_too_large(limits));
+                }
+                if is_model && text.len() + chunk.len() > MAX_MODEL_NAME_BYTES {
+                    return Err(ApiError::bad_request(format!(
+                        "the model field is longer than {MAX_MODEL_NAME_BYTES} bytes"
+                    )));
+                }
+                if is_model {
+                    text.extend_from_slice(&chunk);
+                }
+            }
+            if is_model {
+                upload.model = String::from_utf8_lossy(&text).trim().to_string();
             }
             continue;
         }
@@ -193,6 +207,9 @@ fn expand_blocking(
         let mut archive = zip::ZipArchive::new(file).map_err(|error| {
             ApiError::bad_request(format!("{name}: not a readable zip archive: {error}"))
         })?;
+        if archive.len() > room {
+            return Err(too_many_files(limits));
+        }
         for i in 0..archive.len() {
             let entry = archive
                 .by_index(i)
@@ -339,17 +356,21 @@ fn multipart_error(error: axum::extract::multipart::MultipartError) -> ApiError 
     )
 }
 
+/// A spool failure: the details (paths) are logged, the caller learns only what failed.
 fn io_error(error: std::io::Error) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::INSUFFICIENT_STORAGE,
-        format!("spooling the upload failed: {error}"),
-    )
+    tracing::warn!(%error, "spooling an upload failed");
+    spool_failed()
 }
 
 fn io_error_anyhow(error: &anyhow::Error) -> ApiError {
+    tracing::warn!("spooling an upload failed: {error:#}");
+    spool_failed()
+}
+
+fn spool_failed() -> ApiError {
     ApiError::new(
         axum::http::StatusCode::INSUFFICIENT_STORAGE,
-        format!("spooling the upload failed: {error:#}"),
+        "the gateway could not store the upload (see its log)",
     )
 }
 

@@ -270,7 +270,10 @@ impl Shared {
         }
         match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
             Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(_)) => Err(body_too_large(limit)),
+            Ok(Err(error)) if is_length_limit(&error) => Err(body_too_large(limit)),
+            Ok(Err(error)) => Err(ApiError::bad_request(format!(
+                "reading the request body failed: {error}"
+            ))),
             Err(_elapsed) => Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
@@ -280,6 +283,18 @@ impl Shared {
             )),
         }
     }
+}
+
+/// Whether reading a body failed on its size limit (rather than a broken upload).
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 fn body_too_large(limit: usize) -> ApiError {
@@ -339,11 +354,11 @@ fn scores_of(
                 version = predictions.model_version;
                 let mut probabilities = vec![0.0; info.class_names.len()];
                 for prediction in predictions.top_k {
-                    let slot = prediction.class_index as usize;
-                    if slot >= probabilities.len() {
-                        probabilities.resize(slot + 1, 0.0);
+                    // Indexes beyond the classes the model was described with are
+                    // dropped: a reply never sets how much is allocated.
+                    if let Some(slot) = probabilities.get_mut(prediction.class_index as usize) {
+                        *slot = prediction.probability;
                     }
-                    probabilities[slot] = prediction.probability;
                 }
                 scores.push(ImageScores { probabilities });
             }

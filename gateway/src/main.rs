@@ -43,6 +43,12 @@ struct GatewayFlags {
     /// config's list (a container or Kubernetes secret passes them this way).
     #[arg(long, env = "CLASSIFIER_GATEWAY_API_KEY_SHA256", value_delimiter = ',')]
     api_key_sha256: Option<Vec<String>>,
+    /// Where jobs keep their files and (without a database URL) their SQLite database.
+    #[arg(long, env = "CLASSIFIER_GATEWAY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The jobs database: sqlite://PATH or postgres://USER@HOST/DB.
+    #[arg(long, env = "CLASSIFIER_GATEWAY_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,7 @@
 //! - [`oip`]: the protocol's routes and bodies;
 //! - [`jobs`]: uploads of many files, their results in a database, the report;
 //! - [`auth`]: API keys (only their digests in the config), loopback-only without;
-//! - [`metrics`]: Prometheus metrics;
+//! - [`mod@metrics`]: Prometheus metrics;
 //! - [`error`]: every refusal as a status with a JSON body.
 //!
 //! With the embedded broker the servers cannot be elsewhere, so [`start`] runs one in
@@ -302,6 +302,16 @@ async fn metrics(State(shared): State<Shared>) -> Response {
     let metrics = &shared.metrics;
     metrics.pending.set(shared.dispatcher.pending() as i64);
     metrics.catch_up_rejected_replies(shared.dispatcher.rejected_replies());
+    if let Ok(runner) = shared.jobs() {
+        match runner.store().count_by_state().await {
+            Ok(counts) => {
+                for (state, count) in counts {
+                    metrics.jobs.with_label_values(&[&state]).set(count);
+                }
+            }
+            Err(error) => tracing::warn!("counting jobs for the metrics: {error:#}"),
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

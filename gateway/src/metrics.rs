@@ -1,10 +1,10 @@
 //! The gateway's Prometheus metrics (`GET /metrics`): HTTP requests by route and status,
-//! their latency, images answered and refused, images waiting for the servers, and
-//! replies nobody waited for.
+//! their latency, images answered and refused, images waiting for the servers, replies
+//! nobody waited for, and jobs by state.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets, in seconds: from a cached metadata answer to a long batch.
@@ -22,6 +22,8 @@ pub struct GatewayMetrics {
     pub pending: IntGauge,
     /// Replies dropped because nobody waited for them (late, duplicate or forged).
     pub rejected_replies: IntCounter,
+    /// Jobs by state (set when scraped, from the database).
+    pub jobs: IntGaugeVec,
     /// Serialises [`GatewayMetrics::catch_up_rejected_replies`] between scrapes.
     catching_up: std::sync::Mutex<()>,
 }
@@ -60,6 +62,14 @@ impl GatewayMetrics {
             "gateway_rejected_replies_total",
             "Replies on the gateway's reply topic that nobody waited for (late, duplicate or forged).",
         )?;
+        let jobs = IntGaugeVec::new(
+            Opts::new(
+                "gateway_jobs",
+                "Jobs in the database by state (running, done, canceled).",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(durations.clone()))?;
         registry.register(Box::new(images.clone()))?;
@@ -72,6 +82,7 @@ impl GatewayMetrics {
             images,
             pending,
             rejected_replies,
+            jobs,
             catching_up: std::sync::Mutex::new(()),
         })
     }

@@ -151,6 +151,11 @@ async fn a_job_lives_and_dies(database_url: Option<String>) {
         "the report lists the error"
     );
 
+    let (_, metrics) = send(addr, "GET /metrics HTTP/1.1", b"").await;
+    assert!(
+        metrics.contains("gateway_jobs{state=\"done\"} 1"),
+        "{metrics}"
+    );
     let listed = request(addr, "GET /v1/jobs HTTP/1.1", b"").await.json();
     assert_eq!(listed["jobs"][0]["id"], id.as_str());
 
@@ -292,7 +297,10 @@ async fn archives_are_expanded_within_their_limits() {
         if left.len() == 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "only the two jobs' folders: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "only the two jobs' folders: {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

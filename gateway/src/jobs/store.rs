@@ -318,6 +318,16 @@ impl JobStore {
         Ok(())
     }
 
+    /// Jobs by state: (state, count).
+    pub async fn count_by_state(&self) -> anyhow::Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS jobs FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("state")?, row.try_get("jobs")?)))
+            .collect()
+    }
+
     /// Every job id stored (to tell the spool's orphans from jobs' files).
     pub async fn job_ids(&self) -> anyhow::Result<Vec<String>> {
         let rows = sqlx::query("SELECT id FROM jobs")

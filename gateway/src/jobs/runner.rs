@@ -208,12 +208,16 @@ impl JobRunner {
                 outcome => break outcome?,
             }
         };
-        for (index, reply) in sent.into_iter().zip(replies) {
-            let server = reply.server_id.clone();
-            self.store
-                .record(job, index, &answer_of(reply), &server)
-                .await?;
-        }
+        let answers: Vec<(i64, Answer, String)> = sent
+            .into_iter()
+            .zip(replies)
+            .map(|(index, reply)| {
+                let server = reply.server_id.clone();
+                (index, answer_of(reply), server)
+            })
+            .collect();
+        // One transaction per group: one commit, not one per file.
+        self.store.record_many(job, &answers).await?;
         Ok(())
     }
 }

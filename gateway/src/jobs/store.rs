@@ -254,47 +254,24 @@ impl JobStore {
         answer: &Answer,
         server_id: &str,
     ) -> anyhow::Result<bool> {
-        let (status, class, probability, top_k, code, reason) = match answer {
-            Answer::Classified {
-                class,
-                probability,
-                top_k,
-            } => (
-                status::CLASSIFIED,
-                Some(class.as_str()),
-                Some(*probability),
-                Some(top_k.as_str()),
-                None,
-                None,
-            ),
-            Answer::Error { code, reason } => (
-                status::ERROR,
-                None,
-                None,
-                None,
-                Some(code.as_str()),
-                Some(reason.as_str()),
-            ),
-        };
-        let done = sqlx::query(
-            "UPDATE results SET status = $1, predicted_class = $2, probability = $3, top_k = $4,
-                 error_code = $5, error_reason = $6, server_id = $7, answered_at = $8
-             WHERE job_id = $9 AND idx = $10 AND status = $11",
-        )
-        .bind(status)
-        .bind(class)
-        .bind(probability)
-        .bind(top_k)
-        .bind(code)
-        .bind(reason)
-        .bind(server_id)
-        .bind(unix_now())
-        .bind(id)
-        .bind(index)
-        .bind(status::PENDING)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let mut connection = self.pool.acquire().await?;
+        record_one(&mut connection, id, (index, answer, server_id)).await
+    }
+
+    /// [`JobStore::record`] for many files in one transaction (one commit, not one per
+    /// file); how many were still pending.
+    pub async fn record_many(
+        &self,
+        id: &str,
+        answers: &[(i64, Answer, String)],
+    ) -> anyhow::Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut stored = 0;
+        for (index, answer, server_id) in answers {
+            stored += u64::from(record_one(&mut tx, id, (*index, answer, server_id)).await?);
+        }
+        tx.commit().await?;
+        Ok(stored)
     }
 
     /// Sets the job's state (`running` only becomes `done` or `canceled`).
@@ -377,6 +354,55 @@ impl JobStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// One answer over a pending row, on `connection` (a pooled connection or a transaction).
+async fn record_one(
+    connection: &mut sqlx::AnyConnection,
+    id: &str,
+    (index, answer, server_id): (i64, &Answer, &str),
+) -> anyhow::Result<bool> {
+    let (status, class, probability, top_k, code, reason) = match answer {
+        Answer::Classified {
+            class,
+            probability,
+            top_k,
+        } => (
+            status::CLASSIFIED,
+            Some(class.as_str()),
+            Some(*probability),
+            Some(top_k.as_str()),
+            None,
+            None,
+        ),
+        Answer::Error { code, reason } => (
+            status::ERROR,
+            None,
+            None,
+            None,
+            Some(code.as_str()),
+            Some(reason.as_str()),
+        ),
+    };
+    let done = sqlx::query(
+        "UPDATE results SET status = $1, predicted_class = $2, probability = $3, top_k = $4,
+                 error_code = $5, error_reason = $6, server_id = $7, answered_at = $8
+             WHERE job_id = $9 AND idx = $10 AND status = $11",
+    )
+    .bind(status)
+    .bind(class)
+    .bind(probability)
+    .bind(top_k)
+    .bind(code)
+    .bind(reason)
+    .bind(server_id)
+    .bind(unix_now())
+    .bind(id)
+    .bind(index)
+    .bind(status::PENDING)
+    .execute(&mut *connection)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 const JOB_SUMMARY: &str = "SELECT j.id, j.created_at, j.state, j.model, j.files,

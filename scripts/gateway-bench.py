@@ -120,12 +120,14 @@ def run_job(address, folder, work, pid):
             headers={"Content-Type": "application/x-tar"},
         )
     job = json.load(urllib.request.urlopen(request, timeout=600))
+    uploaded = time.monotonic() - started
     while job["state"] == "running":
         time.sleep(0.2)
         job = json.load(urllib.request.urlopen(f"http://{address}/v1/jobs/{job['id']}", timeout=60))
     elapsed = time.monotonic() - started
     print(f"job of {job['files']} files ({os.path.getsize(archive) / 2**20:.1f} MiB tar): {job['state']}, "
-          f"{job['classified']} classified, {elapsed:.1f} s upload to done = {job['files'] / elapsed:.0f} images/s; "
+          f"{job['classified']} classified, {elapsed:.1f} s upload to done ({uploaded:.1f} s to the 202) "
+          f"= {job['files'] / elapsed:.0f} images/s; "
           f"gateway peak RSS {peak_rss_mib(pid):.1f} MiB")
 
 

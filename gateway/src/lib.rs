@@ -73,17 +73,17 @@ pub struct Shared {
     metrics: Arc<GatewayMetrics>,
     keys: Arc<ApiKeys>,
     limits: Limits,
-    jobs: Option<Arc<JobRunner>>,
+    jobs: Arc<JobRunner>,
     job_limits: JobLimits,
 }
 
-impl Shared {
-    /// The job runner (none in a router built without jobs).
-    fn jobs(&self) -> Result<&Arc<JobRunner>, error::ApiError> {
-        self.jobs
-            .as_ref()
-            .ok_or_else(|| error::ApiError::unavailable("this gateway runs no jobs"))
-    }
+/// Whether `headers` declare a body longer than `limit` (refused before reading it).
+pub(crate) fn declares_more_than(headers: &axum::http::HeaderMap, limit: u64) -> bool {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok())
+        .is_some_and(|length| length > limit)
 }
 
 /// The limits on jobs' uploads.
@@ -178,7 +178,7 @@ pub async fn start(config: &AppConfig, stop: CancellationToken) -> anyhow::Resul
             request_timeout,
             read_timeout: Duration::from_secs(settings.read_timeout_secs),
         },
-        jobs: Some(Arc::clone(&runner)),
+        jobs: Arc::clone(&runner),
         job_limits: JobLimits {
             max_job_bytes: settings.max_job_bytes,
             max_job_files: settings.max_job_files.max(1),
@@ -302,15 +302,13 @@ async fn metrics(State(shared): State<Shared>) -> Response {
     let metrics = &shared.metrics;
     metrics.pending.set(shared.dispatcher.pending() as i64);
     metrics.catch_up_rejected_replies(shared.dispatcher.rejected_replies());
-    if let Ok(runner) = shared.jobs() {
-        match runner.store().count_by_state().await {
-            Ok(counts) => {
-                for (state, count) in counts {
-                    metrics.jobs.with_label_values(&[&state]).set(count);
-                }
+    match shared.jobs.store().count_by_state().await {
+        Ok(counts) => {
+            for (state, count) in counts {
+                metrics.jobs.with_label_values(&[&state]).set(count);
             }
-            Err(error) => tracing::warn!("counting jobs for the metrics: {error:#}"),
         }
+        Err(error) => tracing::warn!("counting jobs for the metrics: {error:#}"),
     }
     (
         [(

@@ -29,7 +29,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
-from test_interop import ROOT, SERVER_BIN, TARGET, environment, files_under, run_client_app, sample_folder, stop
+from test_interop import ROOT, SERVER_BIN, TARGET, add_backend_tests, environment, files_under, run_client_app, sample_folder, stop
 
 GATEWAY_BIN = os.environ.get("CLASSIFIER_GATEWAY_BIN", os.path.join(TARGET, "debug", "classifier-gateway"))
 BACKENDS = os.environ.get("GATEWAY_BACKENDS", "embedded kafka pubsub redis").split()
@@ -217,14 +217,7 @@ class Gateway(unittest.TestCase):
         self.assertEqual(result.as_numpy("probabilities").shape, (1, 10))
 
 
-def add_backend_tests():
-    for backend in BACKENDS:
-        for check in ("triton_client", "kserve_client"):
-            method = getattr(Gateway, f"check_{check}")
-            setattr(Gateway, f"test_{check}_{backend}", lambda self, m=method, b=backend: m(self, b))
-
-
-add_backend_tests()
+add_backend_tests(Gateway, ("triton_client", "kserve_client"), BACKENDS)
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

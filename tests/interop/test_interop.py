@@ -166,14 +166,15 @@ class Interop(unittest.TestCase):
         self.assertIn(f"answered {10 * IMAGES_PER_CLASS}", summary)
 
 
-def add_backend_tests():
-    for backend in BACKENDS:
-        for check in ("foreign_client_matches_client_app", "client_app_accepts_foreign_server"):
-            method = getattr(Interop, f"check_{check}")
-            setattr(Interop, f"test_{check}_{backend}", lambda self, m=method, b=backend: m(self, b))
+def add_backend_tests(cls, checks, backends):
+    """A test `test_<check>_<backend>` on `cls` for every `check_<check>` and backend."""
+    for backend in backends:
+        for check in checks:
+            method = getattr(cls, f"check_{check}")
+            setattr(cls, f"test_{check}_{backend}", lambda self, m=method, b=backend: m(self, b))
 
 
-add_backend_tests()
+add_backend_tests(Interop, ("foreign_client_matches_client_app", "client_app_accepts_foreign_server"), BACKENDS)
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -102,7 +102,7 @@ fn internal(error: anyhow::Error) -> ApiError {
 async fn summary_of(shared: &Shared, id: &str) -> Result<JobSummary, ApiError> {
     let id = checked_id(id)?;
     shared
-        .jobs()?
+        .jobs
         .store()
         .job(id)
         .await
@@ -112,7 +112,7 @@ async fn summary_of(shared: &Shared, id: &str) -> Result<JobSummary, ApiError> {
 
 /// `POST /v1/jobs`.
 pub async fn create(State(shared): State<Shared>, request: Request) -> Result<Response, ApiError> {
-    let runner = shared.jobs()?;
+    let runner = &shared.jobs;
     let id = uuid::Uuid::new_v4().simple().to_string();
     // Whatever ends this handler early (a refusal, or the caller hanging up, which drops
     // it) takes the spooled files with it.
@@ -141,12 +141,7 @@ pub async fn create(State(shared): State<Shared>, request: Request) -> Result<Re
         let reading = upload::from_multipart(form, runner.spool(), &id, limits);
         read_within(shared.job_limits.upload_timeout, reading).await
     } else if content_type.contains("zip") || content_type.contains("tar") {
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limits.max_bytes) {
+        if crate::declares_more_than(request.headers(), limits.max_bytes) {
             return Err(ApiError::too_large(format!(
                 "the upload is larger than {} bytes",
                 limits.max_bytes
@@ -241,7 +236,7 @@ async fn read_within<T>(
 /// `GET /v1/jobs`.
 pub async fn list(State(shared): State<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
     let jobs = shared
-        .jobs()?
+        .jobs
         .store()
         .jobs(LISTED_JOBS)
         .await
@@ -278,7 +273,7 @@ pub async fn results(
     let offset = query.offset.unwrap_or(0).max(0);
     let limit = query.limit.unwrap_or(PAGE.0).clamp(1, PAGE.1);
     let rows = shared
-        .jobs()?
+        .jobs
         .store()
         .results(&job.id, offset, limit)
         .await
@@ -350,7 +345,7 @@ pub async fn report(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = summary_of(&shared, &id).await?;
-    let runner = shared.jobs()?;
+    let runner = &shared.jobs;
     let rows = runner
         .store()
         .results(&job.id, 0, job.files.max(1))
@@ -439,7 +434,7 @@ pub async fn delete(
     Query(query): Query<DeleteQuery>,
 ) -> Result<Response, ApiError> {
     let job = summary_of(&shared, &id).await?;
-    let runner = shared.jobs()?;
+    let runner = &shared.jobs;
     runner.cancel(&job.id);
     let purge = query.purge.is_some_and(|value| value != "false");
     if job.state == store::state::RUNNING && !purge {

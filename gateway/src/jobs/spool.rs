@@ -35,7 +35,7 @@ impl Spool {
         self.job_dir(job).join(index.to_string())
     }
 
-    /// A writer for file `index` of `job`; [`SpoolFile::commit`] makes it visible.
+    /// A writer for file `index` of `job`; [`SpoolFile::commit_at`] makes it visible.
     pub async fn create(&self, job: &str, index: i64) -> anyhow::Result<SpoolFile> {
         self.create_named(job, &index.to_string()).await
     }
@@ -46,7 +46,7 @@ impl Spool {
         let dir = self.job_dir(job);
         tokio::fs::create_dir_all(&dir).await?;
         let final_path = dir.join(name);
-        let temporary = dir.join(format!("{name}.part"));
+        let temporary = part_path(&dir, name);
         let file = tokio::fs::File::create(&temporary)
             .await
             .with_context(|| format!("cannot write {}", temporary.display()))?;
@@ -56,6 +56,18 @@ impl Spool {
             final_path,
             written: 0,
         })
+    }
+
+    /// Writes file `index` of `job` whole, as [`SpoolFile::commit_at`] does (temporary
+    /// name, synced, renamed), blocking: for archives expanded on the blocking pool.
+    pub fn write_blocking(&self, job: &str, index: i64, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let final_path = self.path(job, index);
+        let temporary = part_path(&self.job_dir(job), &index.to_string());
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, final_path)
     }
 
     /// File `index` of `job`.
@@ -86,6 +98,11 @@ impl Spool {
     }
 }
 
+/// Where a spool file is written before it is renamed into place.
+fn part_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.part"))
+}
+
 /// A file being written into the spool.
 pub struct SpoolFile {
     file: tokio::fs::File,
@@ -107,12 +124,7 @@ impl SpoolFile {
         self.written
     }
 
-    /// Syncs and renames the file into place; its size.
-    pub async fn commit(self) -> std::io::Result<u64> {
-        Ok(self.commit_at().await?.1)
-    }
-
-    /// [`SpoolFile::commit`], also giving where the file now is.
+    /// Syncs and renames the file into place; where it now is, and its size.
     pub async fn commit_at(mut self) -> std::io::Result<(PathBuf, u64)> {
         self.file.flush().await?;
         self.file.sync_all().await?;
@@ -132,7 +144,8 @@ mod tests {
         let mut file = spool.create("job1", 0).await.expect("create");
         file.write(b"abc").await.expect("write");
         assert!(spool.read("job1", 0).await.is_err());
-        assert_eq!(file.commit().await.expect("commit"), 3);
+        let (path, size) = file.commit_at().await.expect("commit");
+        assert_eq!((path, size), (spool.path("job1", 0), 3));
         assert_eq!(spool.read("job1", 0).await.expect("read"), b"abc");
         spool.remove_job("job1").await;
         assert!(!spool.job_dir("job1").exists());

@@ -4,7 +4,7 @@
 //! number of files, each file's size, and what an archive expands to (a zip bomb is
 //! refused when the bytes actually read pass the limit, whatever its headers claim).
 
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::PathBuf;
 
 use axum::extract::multipart::{Field, Multipart};
@@ -41,6 +41,18 @@ pub struct Upload {
     received: u64,
 }
 
+impl Upload {
+    /// Counts `bytes` more of the upload (every part of it, files and fields alike),
+    /// refusing the upload once it passes `max_bytes`.
+    fn count(&mut self, bytes: usize, limits: UploadLimits) -> Result<(), ApiError> {
+        self.received += bytes as u64;
+        if self.received > limits.max_bytes {
+            return Err(upload_too_large(limits));
+        }
+        Ok(())
+    }
+}
+
 /// Reads a multipart form into the spool under `job`.
 pub async fn from_multipart(
     mut form: Multipart,
@@ -54,10 +66,7 @@ pub async fn from_multipart(
             let is_model = field.name() == Some("model");
             let mut text = Vec::new();
             while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                upload.received += chunk.len() as u64;
-                if upload.received > limits.max_bytes {
-                    return Err(upload_too_large(limits));
-                }
+                upload.count(chunk.len(), limits)?;
                 if is_model && text.len() + chunk.len() > MAX_MODEL_NAME_BYTES {
                     return Err(ApiError::bad_request(format!(
                         "the model field is longer than {MAX_MODEL_NAME_BYTES} bytes"
@@ -97,10 +106,7 @@ pub async fn from_archive_body(
         let chunk = chunk.map_err(|error| {
             ApiError::bad_request(format!("reading the upload failed: {error}"))
         })?;
-        upload.received += chunk.len() as u64;
-        if upload.received > limits.max_bytes {
-            return Err(upload_too_large(limits));
-        }
+        upload.count(chunk.len(), limits)?;
         file.write(&chunk).await.map_err(io_error)?;
     }
     let (path, _size) = file.commit_at().await.map_err(io_error)?;
@@ -127,10 +133,7 @@ async fn spool_field(
     }
     .map_err(|e| io_error_anyhow(&e))?;
     while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-        upload.received += chunk.len() as u64;
-        if upload.received > limits.max_bytes {
-            return Err(upload_too_large(limits));
-        }
+        upload.count(chunk.len(), limits)?;
         if !archive && file.written() + chunk.len() as u64 > limits.max_file_bytes {
             return Err(file_too_large(name, limits));
         }
@@ -156,53 +159,43 @@ async fn expand_archive(
 ) -> Result<(), ApiError> {
     let first_index = upload.files.len();
     let room = limits.max_files.saturating_sub(first_index);
-    let job_dir = spool.job_dir(job);
-    let archive_name = name.to_string();
-    let archive_path = path.clone();
-    let entries = tokio::task::spawn_blocking(move || {
-        expand_blocking(
-            &archive_path,
-            &archive_name,
-            &job_dir,
-            first_index,
-            room,
-            limits,
-        )
-    })
-    .await
-    .map_err(|error| {
-        ApiError::new(
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            error.to_string(),
-        )
-    })??;
-    let _ = tokio::fs::remove_file(&path).await;
-    upload.files.extend(entries);
-    Ok(())
-}
-
-/// Zip or tar (sniffed from the first bytes), each regular entry written to
-/// `job_dir/<index>`; directories and links are skipped.
-fn expand_blocking(
-    path: &std::path::Path,
-    name: &str,
-    job_dir: &std::path::Path,
-    first_index: usize,
-    room: usize,
-    limits: UploadLimits,
-) -> Result<Vec<(String, u64)>, ApiError> {
-    let mut head = [0u8; 4];
-    let mut file = std::fs::File::open(path).map_err(io_error)?;
-    let read = file.read(&mut head).map_err(io_error)?;
-    let file = std::fs::File::open(path).map_err(io_error)?;
-    let mut writer = EntryWriter {
-        job_dir,
+    let writer = EntryWriter {
+        spool: spool.clone(),
+        job: job.to_string(),
         next_index: first_index,
         room,
         expanded: 0,
         limits,
         entries: Vec::new(),
     };
+    let archive_name = name.to_string();
+    let archive_path = path.clone();
+    let entries =
+        tokio::task::spawn_blocking(move || expand_blocking(&archive_path, &archive_name, writer))
+            .await
+            .map_err(|error| {
+                ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    error.to_string(),
+                )
+            })??;
+    let _ = tokio::fs::remove_file(&path).await;
+    upload.files.extend(entries);
+    Ok(())
+}
+
+/// Zip or tar (sniffed from the first bytes), each regular entry spooled by `writer`;
+/// directories and links are skipped.
+fn expand_blocking(
+    path: &std::path::Path,
+    name: &str,
+    mut writer: EntryWriter,
+) -> Result<Vec<(String, u64)>, ApiError> {
+    let (room, limits) = (writer.room, writer.limits);
+    let mut head = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(io_error)?;
+    let read = file.read(&mut head).map_err(io_error)?;
+    file.rewind().map_err(io_error)?;
     if read == 4 && head == *b"PK\x03\x04" {
         let mut archive = zip::ZipArchive::new(file).map_err(|error| {
             ApiError::bad_request(format!("{name}: not a readable zip archive: {error}"))
@@ -248,8 +241,9 @@ fn expand_blocking(
 }
 
 /// Writes archive entries as spooled files, counting what they expand to.
-struct EntryWriter<'a> {
-    job_dir: &'a std::path::Path,
+struct EntryWriter {
+    spool: Spool,
+    job: String,
     next_index: usize,
     room: usize,
     expanded: u64,
@@ -257,7 +251,7 @@ struct EntryWriter<'a> {
     entries: Vec<(String, u64)>,
 }
 
-impl EntryWriter<'_> {
+impl EntryWriter {
     fn write(&mut self, name: &str, entry: impl Read) -> Result<(), ApiError> {
         if self.entries.len() >= self.room {
             return Err(too_many_files(self.limits));
@@ -285,13 +279,9 @@ impl EntryWriter<'_> {
             return Err(file_too_large(name, self.limits));
         }
         self.expanded += size;
-        let index = self.next_index;
-        let temporary = self.job_dir.join(format!("{index}.part"));
-        std::fs::write(&temporary, &bytes).map_err(io_error)?;
-        std::fs::File::open(&temporary)
-            .and_then(|file| file.sync_all())
+        self.spool
+            .write_blocking(&self.job, self.next_index as i64, &bytes)
             .map_err(io_error)?;
-        std::fs::rename(&temporary, self.job_dir.join(index.to_string())).map_err(io_error)?;
         self.next_index += 1;
         self.entries.push((name.to_string(), size));
         Ok(())

@@ -245,27 +245,8 @@ async fn run_inference(
 impl Shared {
     /// An inference request's body, within the read timeout and `max_body_bytes`.
     async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-        self.read_body_within(
-            headers,
-            body,
-            self.limits.max_body_bytes,
-            self.limits.read_timeout,
-        )
-        .await
-    }
-
-    async fn read_body_within(
-        &self,
-        headers: &HeaderMap,
-        body: Body,
-        limit: usize,
-        timeout: Duration,
-    ) -> Result<Bytes, ApiError> {
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limit as u64) {
+        let (limit, timeout) = (self.limits.max_body_bytes, self.limits.read_timeout);
+        if crate::declares_more_than(headers, limit as u64) {
             return Err(body_too_large(limit));
         }
         match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {

@@ -208,7 +208,7 @@ async fn run_inference(
     let limits = InputLimits {
         max_images: shared.limits.max_images,
     };
-    let request = wire::parse_infer(&body, json_length, limits)?;
+    let mut request = wire::parse_infer(&body, json_length, limits)?;
     drop(body);
     let wait = request
         .timeout
@@ -218,16 +218,16 @@ async fn run_inference(
     let deadline = Instant::now() + wait;
     let info = describe(shared, name, version, deadline).await?;
     let top_k = top_k_needed(&request, info.class_names.len());
-    let images = request
-        .images
-        .iter()
+    let count = request.images.len() as u64;
+    // The images move into their requests: the response needs only the rest.
+    let images = std::mem::take(&mut request.images)
+        .into_iter()
         .map(|image| ImageRequest {
-            image: image.clone(),
+            image,
             model_name: info.name.clone(),
             top_k,
         })
         .collect();
-    let count = request.images.len() as u64;
     let replies = shared
         .dispatcher
         .classify(images, deadline)

@@ -5,6 +5,9 @@
 #                                      # which a machine's own Redis may be using)
 #   export REDIS_URL=redis://127.0.0.1:6380
 #   scripts/redis-stop.sh              # same REDIS_PORT
+#   REDIS_ACL_FILE=users.acl scripts/redis-start.sh
+#                                      # users and passwords from an ACL file (the
+#                                      # auth tests); the server then asks for them
 #
 # Installs Debian's redis-server package with apt-get if redis-server is missing (and
 # fails clearly if it cannot). The server keeps everything in memory (no RDB snapshots,
@@ -54,11 +57,18 @@ if port_open "$HOST" "$PORT"; then
 fi
 
 answers_ping() {
-    # PING in the inline protocol; Redis answers +PONG.
+    # PING in the inline protocol; Redis answers +PONG (-NOAUTH when it asks for a
+    # password first: it answers all the same).
     local reply
-    reply="$( { exec 3<>"/dev/tcp/$HOST/$PORT" && printf 'PING\r\n' >&3 && timeout 2 head -c 5 <&3; } 2>/dev/null )" || return 1
-    [[ "$reply" == "+PONG"* ]]
+    reply="$( { exec 3<>"/dev/tcp/$HOST/$PORT" && printf 'PING\r\n' >&3 && timeout 2 head -c 7 <&3; } 2>/dev/null )" || return 1
+    [[ "$reply" == "+PONG"* || "$reply" == "-NOAUTH"* ]]
 }
+
+acl_args=()
+if [[ -n "${REDIS_ACL_FILE:-}" ]]; then
+    [[ -r "$REDIS_ACL_FILE" ]] || fail "REDIS_ACL_FILE '$REDIS_ACL_FILE' is not a readable file"
+    acl_args=(--aclfile "$(cd "$(dirname "$REDIS_ACL_FILE")" && pwd)/$(basename "$REDIS_ACL_FILE")")
+fi
 
 # In the foreground of a background job (no --daemonize), so $! is redis-server itself.
 # No persistence: nothing written to disk, nothing loaded at start.
@@ -71,6 +81,7 @@ nohup "$REDIS_SERVER" \
     --dbfilename "redis-$PORT.rdb" \
     --protected-mode yes \
     --loglevel warning \
+    "${acl_args[@]}" \
     >"$LOG_FILE" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$PID_FILE"

@@ -147,4 +147,9 @@ cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 
 step "interop: Python peers written from the wire contract (tests/interop)"
 tests/interop/run.sh || status=$?
+
+step "the client's HTML report in headless chromium (scripts/report-check.sh)"
+report_shot="$(mktemp -d)"
+scripts/report-check.sh "$report_shot/report.png" || status=$?
+rm -rf "$report_shot"
 exit "$status"

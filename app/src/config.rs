@@ -131,6 +131,10 @@ pub struct ServerConfig {
     /// Where to serve Prometheus metrics (`/metrics`) and health probes (`/healthz`,
     /// `/readyz`) over HTTP, e.g. `127.0.0.1:9464`; unset serves none.
     pub metrics_addr: Option<SocketAddr>,
+    /// SHA-256 digests (64 hex digits) of the bearer tokens that may read `/metrics`
+    /// (`printf %s TOKEN | sha256sum`); empty leaves it open. `/healthz` and `/readyz`
+    /// stay open either way, for probes.
+    pub metrics_token_sha256: Vec<String>,
     /// The server publishes replies only to topics that start with this (the client
     /// names its reply topics `classify-replies-<job id>`); requests naming any other
     /// reply topic are dead-lettered as `UNROUTABLE`, so a peer that can write requests
@@ -141,6 +145,11 @@ pub struct ServerConfig {
     /// finished for this many seconds (e.g. every reply publish keeps failing), so an
     /// orchestrator can restart it or stop routing to it.
     pub stall_after_secs: u64,
+    /// A request whose deadline (`ClassifyRequest.deadline_unix_micros`, set by the
+    /// client) passed more than this many milliseconds before the server took it is
+    /// answered `DEADLINE_EXCEEDED` without running the model: the allowance for the
+    /// clocks of client and server disagreeing.
+    pub deadline_grace_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -161,8 +170,10 @@ impl Default for ServerConfig {
             models: Vec::new(),
             model_poll_ms: 2_000,
             metrics_addr: None,
+            metrics_token_sha256: Vec::new(),
             reply_topic_prefix: DEFAULT_REPLY_TOPIC_PREFIX.to_string(),
             stall_after_secs: 60,
+            deadline_grace_ms: 1000,
         }
     }
 }
@@ -176,6 +187,11 @@ impl ServerConfig {
     /// `drain_timeout_secs` as a duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// `deadline_grace_ms` as a duration.
+    pub fn deadline_grace(&self) -> Duration {
+        Duration::from_millis(self.deadline_grace_ms)
     }
 
     /// `stall_after_secs` as a duration.

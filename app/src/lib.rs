@@ -3,15 +3,20 @@
 //!
 //! - [`config`]: the config file (`[broker]`, `[server]`, `[client]`, `[gateway]`), with the
 //!   environment and flags laid over it through one [`overlay`];
-//! - [`init_tracing`]: log output on stderr, filtered by `RUST_LOG`;
+//! - [`init_tracing`]: log output on stderr, filtered by `RUST_LOG`, and the OTLP export
+//!   of request spans when `OTEL_EXPORTER_OTLP_ENDPOINT` asks for it;
 //! - [`cancel_on_signals`]: SIGINT/SIGTERM as a cancellation token;
 //! - [`connect_with_retry`]: a broker connection that waits out a broker still starting;
+//! - [`trace`]: W3C trace context (`traceparent`) carried in broker attributes, and
+//!   `tracing` spans joining it;
 //! - [`lock`]: a mutex lock that survives a panicked holder (defined in
 //!   `unified_broker::sync`, whose queues needed it first).
 
 #[cfg(feature = "broker")]
 pub mod config;
 pub mod overlay;
+#[cfg(feature = "broker")]
+pub mod trace;
 
 use tokio_util::sync::CancellationToken;
 
@@ -24,13 +29,52 @@ pub use unified_broker::sync::lock;
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default: `default_level`).
 /// Logs go to stderr so a command's results on stdout stay clean for pipes.
-pub fn init_tracing(default_level: &str) {
+///
+/// When the standard OpenTelemetry variable `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, the spans that follow requests across
+/// the broker ([`trace`]) are also exported there over OTLP/HTTP; off otherwise. Keep
+/// the returned guard until the process ends: dropping it sends what is still buffered.
+pub fn init_tracing(default_level: &str) -> TracingGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_filter(filter);
+    let registry = tracing_subscriber::registry().with(logs);
+    #[cfg(feature = "broker")]
+    {
+        let provider = trace::otlp_provider();
+        let spans = provider.as_ref().map(trace::layer);
+        let _ = registry.with(spans).try_init();
+        TracingGuard { provider }
+    }
+    #[cfg(not(feature = "broker"))]
+    {
+        let _ = registry.try_init();
+        TracingGuard {}
+    }
+}
+
+/// Returned by [`init_tracing`]: exports the spans still buffered when dropped.
+#[must_use = "dropping the guard at once stops the span export"]
+pub struct TracingGuard {
+    #[cfg(feature = "broker")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "broker")]
+        if let Some(provider) = self.provider.take() {
+            if let Err(error) = provider.shutdown() {
+                eprintln!("exporting the last spans failed: {error}");
+            }
+        }
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM (Ctrl-C only, off Unix): every long-running

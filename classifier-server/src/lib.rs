@@ -12,8 +12,11 @@
 //! - [`pipeline`]: the server itself, one module per stage (intake, decode pool,
 //!   batcher, model thread, reply, dead letters), and the stats they count into;
 //! - [`log_safe`]: peers' strings escaped and cut before they are logged;
-//! - [`telemetry`]: those stats as Prometheus metrics, and health probes, over HTTP.
+//! - [`telemetry`]: those stats as Prometheus metrics, and health probes, over HTTP;
+//! - [`bearer`]: bearer tokens known by their SHA-256 digests (the metrics token, the
+//!   gateway's API keys).
 
+pub mod bearer;
 pub mod decode;
 pub mod log_safe;
 pub mod model_source;

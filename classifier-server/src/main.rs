@@ -102,7 +102,7 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing("info");
+    let _tracing = init_tracing("info");
     match run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -126,9 +126,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The endpoint comes up first, so probes can tell "starting" from "dead".
     let stats = Arc::new(ServerStats::default());
     let stop_http = CancellationToken::new();
+    let tokens = classifier_server::bearer::BearerTokens::from_hex_digests(
+        "server.metrics_token_sha256",
+        &config.server.metrics_token_sha256,
+    )?;
     let http = match config.server.metrics_addr {
         Some(addr) => Some(
-            telemetry::serve(addr, Arc::clone(&stats), stop_http.clone())
+            telemetry::serve(addr, Arc::clone(&stats), tokens, stop_http.clone())
                 .await?
                 .1,
         ),

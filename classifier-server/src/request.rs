@@ -64,9 +64,10 @@ pub const MAX_FILE_NAME_BYTES: usize = 4096;
 /// A broker's topic naming rules: `Err(reason)` for a name it could never publish to.
 pub type TopicNameCheck = std::sync::Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
-/// The reply topics a server publishes to: the requests' routes come from anyone who
-/// can write to the request topic, so they are checked before any work is done for
-/// them (see `proto/README.md`, "Trust").
+/// Which requests a server answers at all, checked before any work is done for them:
+/// the reply topics it publishes to (the requests' routes come from anyone who can
+/// write to the request topic; see `proto/README.md`, "Trust") and whether anyone still
+/// waits for the answer (the request's deadline).
 #[derive(Clone)]
 pub struct RoutePolicy {
     /// Reply topics must start with this (`classify-replies-` by default, the
@@ -75,6 +76,9 @@ pub struct RoutePolicy {
     /// The broker's naming rules (`Broker::check_topic_name`): `Err(reason)` for a
     /// name the broker could never publish to.
     pub check_name: TopicNameCheck,
+    /// How far past its deadline a request is still classified (the clocks of client
+    /// and server may differ by this much); `None` ignores deadlines.
+    pub deadline_grace: Option<std::time::Duration>,
 }
 
 impl RoutePolicy {
@@ -83,7 +87,27 @@ impl RoutePolicy {
         RoutePolicy {
             reply_topic_prefix: String::new(),
             check_name: std::sync::Arc::new(|_| Ok(())),
+            deadline_grace: None,
         }
+    }
+
+    /// `Err(reason)` when a request with this deadline (0: none) is past it, by more
+    /// than the grace, at `now` (both microseconds since the Unix epoch).
+    pub fn check_deadline(&self, deadline_unix_micros: i64, now: i64) -> Result<(), String> {
+        let Some(grace) = self.deadline_grace else {
+            return Ok(());
+        };
+        if deadline_unix_micros <= 0 {
+            return Ok(());
+        }
+        let late_by = now.saturating_sub(deadline_unix_micros);
+        if late_by > grace.as_micros() as i64 {
+            return Err(format!(
+                "the request's deadline passed {} ms before a server took it; the model was not run",
+                late_by / 1000
+            ));
+        }
+        Ok(())
     }
 
     /// `Err(reason)` unless `route` can be answered: a reply topic of the allowed
@@ -208,6 +232,14 @@ fn prepare_unchecked<M: HasPreprocessor>(
             ErrorCode::MalformedRequest,
             "the request has no request id",
         ));
+    }
+    if let Some(Err(reason)) = policy.map(|policy| {
+        policy.check_deadline(
+            request.deadline_unix_micros,
+            classifier_proto::unix_micros_now(),
+        )
+    }) {
+        return Err(reject(route, ErrorCode::DeadlineExceeded, reason));
     }
     let model = match choose(&request.model_name) {
         Ok(model) => model,
@@ -386,6 +418,7 @@ mod tests {
                     Ok(())
                 }
             }),
+            deadline_grace: Some(std::time::Duration::from_secs(1)),
         }
     }
 
@@ -442,6 +475,47 @@ mod tests {
             outcome(&answerable),
             (ErrorCode::MalformedRequest, "classify-replies-1".into())
         );
+    }
+
+    fn with_deadline(deadline_unix_micros: i64) -> Message {
+        let request = ClassifyRequest {
+            request_id: "r-1".into(),
+            reply_topic: "classify-replies-1".into(),
+            image: b"not an image".to_vec(),
+            deadline_unix_micros,
+            ..ClassifyRequest::default()
+        };
+        Message::new(request.encode_to_vec())
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_and_the_grace_is_answered_deadline_exceeded() {
+        let now = classifier_proto::unix_micros_now();
+        let expired = outcome(&with_deadline(now - 1_500_000));
+        assert_eq!(
+            expired,
+            (ErrorCode::DeadlineExceeded, "classify-replies-1".into())
+        );
+        // Within the grace, in the future, or without a deadline: the image is looked
+        // at (and found to be text).
+        for deadline in [now - 500_000, now + 60_000_000, 0] {
+            assert_eq!(
+                outcome(&with_deadline(deadline)).0,
+                ErrorCode::UnsupportedFormat
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_without_grace_ignores_deadlines() {
+        let policy = RoutePolicy::any();
+        assert_eq!(policy.check_deadline(1, i64::MAX), Ok(()));
+        let strict = RoutePolicy {
+            deadline_grace: Some(std::time::Duration::ZERO),
+            ..RoutePolicy::any()
+        };
+        assert!(strict.check_deadline(1, 2).is_err());
+        assert_eq!(strict.check_deadline(0, i64::MAX), Ok(()));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - `GET /metrics`: the [`ServerStats`] metrics in Prometheus' text format (requests,
 //!   replies by outcome, errors by code, dead letters, batch-size and latency
 //!   histograms, in-flight requests, resubscriptions, the model's name and version);
+//!   behind a bearer token when `server.metrics_token_sha256` names any (the probes
+//!   below stay open: an orchestrator's probes carry no token);
 //! - `GET /healthz`: `200 ok` while the process runs (liveness);
 //! - `GET /readyz`: `200 ready` when a model is loaded, the request subscription is open
 //!   and the server is not draining; else `503` and the reason (readiness).
@@ -20,8 +22,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -31,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::bearer::{BearerTokens, Refusal};
 use crate::log_safe::LogLimiter;
 use crate::pipeline::ServerStats;
 use crate::warn_limited;
@@ -64,8 +67,14 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 static ACCEPT_LOG: LogLimiter = LogLimiter::new(1, Duration::from_secs(10));
 
-/// The endpoint's routes over `stats`.
-pub fn router(stats: Arc<ServerStats>) -> Router {
+/// The endpoint's routes over `stats`, `/metrics` only for callers that show one of
+/// `metrics_tokens` (when any is configured).
+pub fn router(stats: Arc<ServerStats>, metrics_tokens: BearerTokens) -> Router {
+    let tokens = Arc::new(metrics_tokens);
+    let metrics = move |State(stats): State<Arc<ServerStats>>, headers: HeaderMap| {
+        let tokens = Arc::clone(&tokens);
+        async move { metrics(&stats, &tokens, &headers) }
+    };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -79,15 +88,24 @@ pub fn router(stats: Arc<ServerStats>) -> Router {
 pub async fn serve(
     addr: SocketAddr,
     stats: Arc<ServerStats>,
+    metrics_tokens: BearerTokens,
     stop: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    serve_with(addr, stats, stop, ConnectionLimits::default()).await
+    serve_with(
+        addr,
+        stats,
+        metrics_tokens,
+        stop,
+        ConnectionLimits::default(),
+    )
+    .await
 }
 
 /// [`serve`] with the given connection limits.
 pub async fn serve_with(
     addr: SocketAddr,
     stats: Arc<ServerStats>,
+    metrics_tokens: BearerTokens,
     stop: CancellationToken,
     limits: ConnectionLimits,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
@@ -97,11 +115,12 @@ pub async fn serve_with(
     let bound = listener
         .local_addr()
         .context("reading the metrics address")?;
-    if !bound.ip().is_loopback() {
-        tracing::warn!(%bound, "metrics and health are served beyond this machine");
+    if !bound.ip().is_loopback() && !metrics_tokens.required() {
+        tracing::warn!(%bound, "metrics and health are served beyond this machine, without a token (server.metrics_token_sha256)");
     }
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-    Ok((bound, serve_router(listener, router(stats), stop, limits)))
+    let router = router(stats, metrics_tokens);
+    Ok((bound, serve_router(listener, router, stop, limits)))
 }
 
 /// Serves `router` on `listener` with its connections bounded by `limits`, until `stop`
@@ -168,11 +187,26 @@ async fn serve_connection(
     let _ = tokio::time::timeout(limits.max_lifetime, connection).await;
 }
 
-async fn metrics(State(stats): State<Arc<ServerStats>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
-        stats.render_prometheus(),
-    )
+fn metrics(stats: &ServerStats, tokens: &BearerTokens, headers: &HeaderMap) -> Response {
+    match tokens.check(headers) {
+        Ok(()) => (
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            stats.render_prometheus(),
+        )
+            .into_response(),
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::Missing => "a token is required: send Authorization: Bearer <token>\n",
+                Refusal::Invalid => "the token is not valid\n",
+            };
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                reason,
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(State(stats): State<Arc<ServerStats>>) -> impl IntoResponse {
@@ -212,7 +246,8 @@ mod tests {
         let stats = Arc::new(ServerStats::default());
         let stop = CancellationToken::new();
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
-        let (addr, task) = serve(any_port, Arc::clone(&stats), stop.clone())
+        let tokens = BearerTokens::default();
+        let (addr, task) = serve(any_port, Arc::clone(&stats), tokens, stop.clone())
             .await
             .expect("bind");
         assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));
@@ -243,10 +278,67 @@ mod tests {
         let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = taken.local_addr().expect("addr");
         let stats = Arc::new(ServerStats::default());
-        let error = serve(addr, stats, CancellationToken::new())
-            .await
-            .expect_err("the port is taken");
+        let error = serve(
+            addr,
+            stats,
+            BearerTokens::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect_err("the port is taken");
         assert!(format!("{error:#}").contains(&format!("cannot listen for metrics on {addr}")));
+    }
+
+    /// With a token configured, `/metrics` answers only a caller that shows it; the
+    /// probes stay open.
+    #[tokio::test]
+    async fn a_metrics_token_guards_metrics_and_not_the_probes() {
+        use crate::bearer::hex_digest;
+        let stats = Arc::new(ServerStats::default());
+        let stop = CancellationToken::new();
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        let tokens =
+            BearerTokens::from_hex_digests("t", &[hex_digest("scrape-me")]).expect("digest");
+        let (addr, task) = serve(any_port, stats, tokens, stop.clone())
+            .await
+            .expect("bind");
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("token is required"), "{body}");
+        assert_eq!(
+            get_with(addr, "/metrics", "Bearer wrong").await.0,
+            401,
+            "a wrong token"
+        );
+        let (status, body) = get_with(addr, "/metrics", "Bearer scrape-me").await;
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("classifier_requests_received_total"),
+            "{body}"
+        );
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503, "open, and not ready");
+        stop.cancel();
+        task.await.expect("the server stops");
+    }
+
+    /// One GET with an `Authorization` header: status code and body.
+    async fn get_with(addr: SocketAddr, path: &str, authorization: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {authorization}\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
     }
 
     /// Whether the server closed `stream` within `within` (a read sees the end).
@@ -267,7 +359,8 @@ mod tests {
         let stop = CancellationToken::new();
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         let stats = Arc::new(ServerStats::default());
-        let (addr, _task) = serve_with(any_port, stats, stop.clone(), limits)
+        let tokens = BearerTokens::default();
+        let (addr, _task) = serve_with(any_port, stats, tokens, stop.clone(), limits)
             .await
             .expect("bind");
         (addr, stop)

@@ -48,7 +48,8 @@ pub fn render(report: &JobReport, accuracy: Option<&Accuracy>) -> String {
         confusion(&mut page, accuracy);
         per_class(&mut page, accuracy);
     }
-    low_confidence(&mut page, report);
+    let classes = accuracy.map_or(&[][..], |a| a.classes.as_slice());
+    low_confidence(&mut page, report, classes);
     errors(&mut page, report);
     page.push_str("</body></html>\n");
     page
@@ -208,7 +209,10 @@ fn bar_cell(value: Option<f64>) -> String {
     }
 }
 
-fn low_confidence(page: &mut String, report: &JobReport) {
+/// The least confident predictions as tiles; a tile is framed red when its folder names
+/// one of `classes` (the model's, as far as the accuracy knows them) and the prediction
+/// is another: folders that name no class (`holiday/`, `2024-05/`) mark nothing.
+fn low_confidence(page: &mut String, report: &JobReport, classes: &[String]) {
     let mut classified: Vec<(&FileResult, &str, f32)> = report
         .results
         .iter()
@@ -227,13 +231,18 @@ fn low_confidence(page: &mut String, report: &JobReport) {
         page,
         "<h2>Least confident predictions</h2><p class=\"sub\">The {} classified images the \
          model was least sure of; a red frame marks a prediction that disagrees with the \
-         folder.</p><div class=\"grid\">",
+         class its folder names.</p><div class=\"grid\">",
         classified.len().min(LOW_CONFIDENCE_SHOWN)
     );
+    let known: std::collections::HashSet<String> = classes
+        .iter()
+        .map(|c| crate::report::normalize_class(c))
+        .collect();
     for (result, class, probability) in classified.into_iter().take(LOW_CONFIDENCE_SHOWN) {
         let folder = result.input.folder.as_deref();
         let wrong = folder.is_some_and(|f| {
-            crate::report::normalize_class(f) != crate::report::normalize_class(class)
+            let f = crate::report::normalize_class(f);
+            known.contains(&f) && f != crate::report::normalize_class(class)
         });
         let image = match thumbnail(&result.input.path) {
             Some(png) => format!("<img alt=\"\" src=\"data:image/png;base64,{png}\">"),
@@ -411,5 +420,35 @@ mod tests {
         // The least confident comes first.
         let (a, b) = (page.find("51.0%"), page.find("97.0%"));
         assert!(a.is_some() && a < b, "{page}");
+    }
+
+    #[test]
+    fn folders_that_name_no_class_frame_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let report = JobReport {
+            job_id: "job-2".into(),
+            results: vec![
+                result(
+                    "holiday/a.png",
+                    "holiday",
+                    classified("cat", 0.6),
+                    dir.path().join("a"),
+                ),
+                result(
+                    "2024-05/b.png",
+                    "2024-05",
+                    classified("dog", 0.7),
+                    dir.path().join("b"),
+                ),
+            ],
+            duplicate_replies: 0,
+            rejected_replies: 0,
+            elapsed: Duration::from_secs(1),
+            answered_by: Default::default(),
+        };
+        let accuracy = crate::report::accuracy(&report, &["cat".into(), "dog".into()]);
+        let page = render(&report, accuracy.as_ref());
+        assert_eq!(page.matches("class=\"tile\"").count(), 2, "{page}");
+        assert!(!page.contains("tile wrong"), "{page}");
     }
 }

@@ -40,7 +40,7 @@ enum Command {
 const BLOCKING_WAIT_AT_EXIT: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
-    init_tracing("warn");
+    let _tracing = init_tracing("warn");
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

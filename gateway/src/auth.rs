@@ -2,74 +2,42 @@
 //! their SHA-256 digests (`gateway.api_key_sha256`), so a leaked config file gives no
 //! key away. Without keys the gateway serves only loopback ([`check_exposure`]).
 //!
-//! Keys are compared by digest: the presented key is hashed and the digests compared in
-//! constant time, so neither the key nor how much of it matched leaks through timing.
+//! Keys are compared by digest, in constant time (`classifier_server::bearer`, which the
+//! server's `/metrics` token uses too).
 
 use std::net::SocketAddr;
 
-use axum::http::{header, HeaderMap, StatusCode};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use axum::http::{HeaderMap, StatusCode};
+use classifier_server::bearer::{BearerTokens, Refusal};
 
 use crate::error::ApiError;
 
+pub use classifier_server::bearer::hex_digest;
+
 /// The accepted keys' digests.
 #[derive(Clone, Debug, Default)]
-pub struct ApiKeys {
-    digests: Vec<[u8; 32]>,
-}
+pub struct ApiKeys(BearerTokens);
 
 impl ApiKeys {
     /// Keys from their hex digests, as the config holds them.
     pub fn from_hex_digests(digests: &[String]) -> anyhow::Result<ApiKeys> {
-        let digests = digests
-            .iter()
-            .enumerate()
-            .map(|(index, text)| {
-                parse_digest(text.trim()).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "gateway.api_key_sha256[{index}] is not a SHA-256 digest (64 hex digits); `classifier-gateway hash-key` prints one"
-                    )
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(ApiKeys { digests })
+        BearerTokens::from_hex_digests("gateway.api_key_sha256", digests).map(ApiKeys)
     }
 
     /// Whether any key is configured (else every caller is let in).
     pub fn required(&self) -> bool {
-        !self.digests.is_empty()
+        self.0.required()
     }
 
     /// Lets a request in if it shows a configured key (or none is configured); else 401.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        if !self.required() {
-            return Ok(());
-        }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
-        let Some(key) = presented else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "an API key is required: send Authorization: Bearer <key>",
-            ));
-        };
-        let digest = digest_of(key);
-        let mut matched = false;
-        for known in &self.digests {
-            matched |= bool::from(known.ct_eq(&digest));
-        }
-        if matched {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the API key is not valid",
-            ))
-        }
+        self.0.check(headers).map_err(|refusal| {
+            let reason = match refusal {
+                Refusal::Missing => "an API key is required: send Authorization: Bearer <key>",
+                Refusal::Invalid => "the API key is not valid",
+            };
+            ApiError::new(StatusCode::UNAUTHORIZED, reason)
+        })
     }
 }
 
@@ -85,25 +53,10 @@ pub fn check_exposure(listen: SocketAddr, keys: &ApiKeys) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// The hex SHA-256 digest of `key`, as the config holds it.
-pub fn hex_digest(key: &str) -> String {
-    hex::encode(digest_of(key))
-}
-
-fn digest_of(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
-}
-
-fn parse_digest(text: &str) -> Option<[u8; 32]> {
-    let mut digest = [0u8; 32];
-    hex::decode_to_slice(text, &mut digest).ok()?;
-    Some(digest)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use axum::http::{header, HeaderValue};
 
     fn headers(authorization: Option<&str>) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -129,15 +82,6 @@ mod tests {
             let error = keys.check(&headers(refused)).expect_err("refused");
             assert_eq!(error.status, StatusCode::UNAUTHORIZED, "{refused:?}");
         }
-    }
-
-    #[test]
-    fn the_digest_is_sha256_hex() {
-        // `printf abc | sha256sum`
-        assert_eq!(
-            hex_digest("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl Catalog {
             image: self.probe.clone(),
             model_name: name.to_string(),
             top_k: PROBE_TOP_K,
+            trace: None,
         };
         let reply = match dispatcher.classify(vec![request], deadline).await {
             Ok(mut replies) => replies.pop(),

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use classifier_app::trace::TraceContext;
 use classifier_app::{lock, ServerConfig};
 use classifier_proto::{ClassifyRequest, ClassifyResponse, ProstMessage, SCHEMA_VERSION};
 use tokio::sync::{oneshot, Semaphore};
@@ -43,6 +44,9 @@ pub struct ImageRequest {
     pub model_name: String,
     /// Predictions wanted in the reply (0: the servers' default).
     pub top_k: u32,
+    /// The W3C trace context the request carries to the servers (the caller's, through
+    /// the gateway's span), if any.
+    pub trace: Option<TraceContext>,
 }
 
 /// Why images got no reply.
@@ -199,7 +203,7 @@ impl Dispatcher {
         };
         let mut receivers = Vec::with_capacity(count);
         for (index, image) in images.into_iter().enumerate() {
-            let message = self.request_message(image);
+            let message = self.request_message(image, deadline);
             if message.size() > self.max_request_bytes {
                 return Err(DispatchError::TooLarge {
                     index,
@@ -242,22 +246,30 @@ impl Dispatcher {
         Ok(replies)
     }
 
-    /// The broker message for one image.
-    fn request_message(&self, image: ImageRequest) -> Message {
+    /// The broker message for one image, whose caller waits until `deadline` (the
+    /// servers skip the model for it after that).
+    fn request_message(&self, mut image: ImageRequest, deadline: Instant) -> Message {
+        let now = classifier_proto::unix_micros_now();
+        let left = deadline.saturating_duration_since(Instant::now());
         let request = ClassifyRequest {
             schema_version: SCHEMA_VERSION,
             request_id: client_app::job::new_request_id(),
             job_id: self.instance_id.clone(),
-            image: image.image,
+            image: std::mem::take(&mut image.image),
             file_name: String::new(),
             content_type: String::new(),
             reply_topic: self.reply_topic.clone(),
-            sent_at_unix_micros: classifier_proto::unix_micros_now(),
+            sent_at_unix_micros: now,
             attributes: HashMap::new(),
             top_k: image.top_k,
-            model_name: image.model_name,
+            model_name: std::mem::take(&mut image.model_name),
+            deadline_unix_micros: now.saturating_add(left.as_micros() as i64),
         };
-        client_app::job::request_message(&request)
+        let mut message = client_app::job::request_message(&request);
+        if let Some(trace) = &image.trace {
+            trace.write_to(&mut message.attributes);
+        }
+        message
     }
 
     /// Reads replies until `stop`, handing each to its waiter; publishes what waits

@@ -60,7 +60,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing("info");
+    let _tracing = init_tracing("info");
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::HashKey) => hash_key(),

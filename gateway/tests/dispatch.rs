@@ -33,6 +33,7 @@ fn image() -> ImageRequest {
         image: b"not looked at here".to_vec(),
         model_name: String::new(),
         top_k: 1,
+        trace: None,
     }
 }
 
@@ -158,5 +159,55 @@ async fn a_caller_that_gives_up_leaves_nothing_waiting() {
     eventually("three waiting", || dispatcher.pending() == 3).await;
     call.abort();
     eventually("none waiting", || dispatcher.pending() == 0).await;
+    stop.cancel();
+}
+
+/// A request to the servers carries the caller's deadline (the broker request's
+/// `deadline_unix_micros`, so a server skips the model once the caller has gone) and the
+/// caller's W3C trace context as `traceparent`/`tracestate` attributes.
+#[tokio::test]
+async fn requests_carry_the_callers_deadline_and_trace_context() {
+    let (broker, dispatcher, stop) = dispatcher().await;
+    let server = ServerConfig::default();
+    let mut requests = broker
+        .subscribe(
+            &server.request_topic,
+            &server.group,
+            SubscribeOptions::default(),
+        )
+        .await
+        .expect("subscribes as the server");
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let trace = classifier_app::trace::TraceContext::from_attributes(|name| match name {
+        "traceparent" => Some(parent),
+        "tracestate" => Some("congo=t61rcWkgMzE"),
+        _ => None,
+    });
+    assert!(trace.is_some(), "the W3C example parses");
+    let sent_at = classifier_proto::unix_micros_now();
+    let call = tokio::spawn({
+        let dispatcher = Arc::clone(&dispatcher);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let traced = ImageRequest { trace, ..image() };
+            dispatcher.classify(vec![traced], deadline).await
+        }
+    });
+    let delivery = requests
+        .next()
+        .await
+        .expect("a request")
+        .expect("delivered");
+    let message = delivery.message();
+    let request = ClassifyRequest::decode(message.payload.as_ref()).expect("decodes");
+    let ahead = request.deadline_unix_micros - sent_at;
+    assert!(
+        (19_000_000..=21_000_000).contains(&ahead),
+        "deadline {ahead} µs after sending, not the caller's 20 s"
+    );
+    assert_eq!(message.attribute("traceparent"), Some(parent));
+    assert_eq!(message.attribute("tracestate"), Some("congo=t61rcWkgMzE"));
+    delivery.ack().expect("acked");
+    call.abort();
     stop.cancel();
 }

@@ -18,8 +18,17 @@ pub use v1::{
     Prediction, Predictions,
 };
 
+impl ErrorCode {
+    /// Whether a server copies a request it answers with this code to the dead-letter
+    /// topic: every code but [`ErrorCode::DeadlineExceeded`], whose requests are not at
+    /// fault (the client had stopped waiting). Part of the wire contract.
+    pub fn is_dead_lettered(self) -> bool {
+        self != ErrorCode::DeadlineExceeded
+    }
+}
+
 /// Minor schema revision written by this build (see the comment in the .proto file).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Broker message attributes set by the client beside the protobuf payload.
 ///
@@ -89,6 +98,7 @@ mod tests {
             attributes: [("k".to_string(), "v".to_string())].into(),
             top_k: 3,
             model_name: "shirts".into(),
+            deadline_unix_micros: 1_765_000_060_000_000,
         };
         let bytes = request.encode_to_vec();
         let back = ClassifyRequest::decode(bytes.as_slice()).expect("decodes");

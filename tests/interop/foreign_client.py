@@ -1,12 +1,17 @@
 """A client we did not write in Rust: classifies files through the broker.
 
-    python foreign_client.py --backend pubsub|kafka --request-topic T --root DIR FILE...
+    python foreign_client.py --backend pubsub|kafka|redis --request-topic T --root DIR FILE...
 
 Publishes one ClassifyRequest per file to the request topic (after making sure the topic
 and the servers' group exist, so no request is missed), reads the replies from a reply
 topic of its own, and prints one JSON line per file:
 {"file": ..., "status": "classified"|"error"|"unanswered", "predicted_class": ...,
- "probability": ..., "top_k": [[class, probability], ...], "error_code": ..., "server_id": ...}
+ "probability": ..., "top_k": [[class, probability], ...], "error_code": ..., "server_id": ...,
+ "trace": "same"|"missing"|"other"}
+
+Every request carries a deadline (--deadline-in seconds from now; the timeout by
+default) and the job's W3C traceparent; "trace" says whether the reply came back in the
+same trace.
 """
 
 import argparse
@@ -26,6 +31,7 @@ def main():
     parser.add_argument("--root", required=True, help="file names are relative to this")
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--deadline-in", type=float, help="seconds; default: --timeout")
     parser.add_argument("files", nargs="+")
     args = parser.parse_args()
 
@@ -38,8 +44,12 @@ def main():
     else:
         reader = transport.open_reader(reply_topic, "client")
     transport.ensure_topic(args.request_topic)
-    if args.backend == "pubsub":
+    if args.backend in ("pubsub", "redis"):
+        # Pub/Sub keeps messages only for subscriptions that exist; a Redis group starts
+        # at the stream's end. Kafka's group starts at the earliest offset by itself.
         transport.ensure_subscription(args.request_topic, wire.SERVER_GROUP)
+    trace_attributes, trace_id = wire.new_trace()
+    deadline_in = args.timeout if args.deadline_in is None else args.deadline_in
 
     pending = {}
     for path in args.files:
@@ -57,12 +67,14 @@ def main():
             reply_topic=reply_topic,
             sent_at_unix_micros=wire.now_micros(),
             top_k=args.top_k,
+            deadline_unix_micros=wire.now_micros() + int(deadline_in * 1_000_000),
         )
         attributes = {
             wire.REQUEST_ID: request_id,
             wire.REPLY_TOPIC: reply_topic,
             wire.JOB_ID: job_id,
             wire.CONTENT_TYPE: wire.CONTENT_TYPE_REQUEST,
+            **trace_attributes,
         }
         transport.publish(args.request_topic, request.SerializeToString(), attributes)
         pending[request_id] = name
@@ -79,7 +91,12 @@ def main():
         name = pending.pop(response.request_id, None)
         if name is None:
             continue  # a duplicate, or not ours
-        row = {"file": name, "server_id": response.server_id}
+        trace = wire.trace_of(received.attributes)
+        row = {
+            "file": name,
+            "server_id": response.server_id,
+            "trace": "missing" if trace is None else "same" if trace == trace_id else "other",
+        }
         if response.WhichOneof("outcome") == "predictions":
             top = [[p.class_name, p.probability] for p in response.predictions.top_k]
             row.update(status="classified", predicted_class=top[0][0], probability=top[0][1], top_k=top)

@@ -1,13 +1,14 @@
 """A server we did not write in Rust: answers ClassifyRequests from the broker.
 
-    python foreign_server.py --backend pubsub|kafka --request-topic T [--idle-exit SECS]
+    python foreign_server.py --backend pubsub|kafka|redis --request-topic T [--idle-exit SECS]
 
 Joins the servers' group on the request topic and answers every request with one
 prediction of class "python-peer" (model "interop-peer", server id
 "python-interop-server"), echoing what the contract says a reply echoes; a payload that
 is not a ClassifyRequest gets a MALFORMED_REQUEST error reply when the attributes name a
 reply route. Acks (commits) a request only after its reply was published, as the
-contract requires of every server. Ends after SIGTERM or --idle-exit seconds without
+contract requires of every server. It records no traces, so it copies a request's
+`traceparent`/`tracestate` to the reply unchanged. Ends after SIGTERM or --idle-exit seconds without
 a request, printing how many requests it answered.
 """
 
@@ -87,16 +88,21 @@ def main():
         outcome = answer(received.payload, received.attributes)
         if outcome is not None:
             reply_topic, response = outcome
-            transport.publish(
-                reply_topic,
-                response.SerializeToString(),
-                {
-                    wire.REQUEST_ID: response.request_id,
-                    wire.JOB_ID: response.job_id,
-                    wire.CONTENT_TYPE: wire.CONTENT_TYPE_RESPONSE,
-                },
-            )
-            answered += 1
+            attributes = {
+                wire.REQUEST_ID: response.request_id,
+                wire.JOB_ID: response.job_id,
+                wire.CONTENT_TYPE: wire.CONTENT_TYPE_RESPONSE,
+            }
+            for name in ("traceparent", "tracestate"):
+                if name in received.attributes:
+                    attributes[name] = received.attributes[name]
+            # On Redis, replies go with NOMKSTREAM: a missing reply stream is a client gone.
+            options = {"create": False} if args.backend == "redis" else {}
+            try:
+                transport.publish(reply_topic, response.SerializeToString(), attributes, **options)
+                answered += 1
+            except LookupError:
+                pass
         received.ack()
     reader.close()
     print(f"foreign server: answered {answered}", flush=True)

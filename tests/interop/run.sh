@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Interop tests: our binaries against Python peers written from the wire contract
 # (proto/README.md). Called by scripts/test.sh while its brokers run; needs
-# PUBSUB_EMULATOR_HOST and KAFKA_BOOTSTRAP_SERVERS (or INTEROP_BACKENDS naming fewer
-# backends), and the debug binaries (cargo build --workspace --bins).
+# PUBSUB_EMULATOR_HOST, KAFKA_BOOTSTRAP_SERVERS and REDIS_URL (or INTEROP_BACKENDS
+# naming fewer backends), and the debug binaries (cargo build --workspace --bins).
 #
 # Makes a virtualenv in .tools/interop-venv from tests/interop/requirements.txt (PyPI) and
 # generates the protobuf classes from proto/proto/classifier.proto with grpcio-tools;

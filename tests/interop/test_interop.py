@@ -1,15 +1,21 @@
 """Interop tests: our binaries against peers written from the wire contract alone.
 
 Run by tests/interop/run.sh (which makes the virtualenv and generates the protobuf
-classes). For every backend named in INTEROP_BACKENDS (default "pubsub kafka"):
+classes). For every backend named in INTEROP_BACKENDS (default "pubsub kafka redis"):
 
 - a foreign *client* (foreign_client.py) gets the same answers from `classifier-server`
   as `client-app` does for the same files: same predicted classes and probabilities,
-  same error codes;
+  same error codes; every reply comes back in the foreign client's W3C trace; requests
+  whose deadline has passed are answered DEADLINE_EXCEEDED;
 - `client-app` accepts the replies of a foreign *server* (foreign_server.py): every
-  image classified, by that server, exit 0.
+  image classified, by that server, exit 0;
+- `client-app` and `classifier-server`, told `OTEL_EXPORTER_OTLP_ENDPOINT`, export their
+  spans over OTLP/HTTP to a receiver that decodes them with the OpenTelemetry project's
+  own protobuf classes (opentelemetry-proto): one trace from the job's span through the
+  server's spans of each request.
 """
 
+import http.server
 import json
 import os
 import shutil
@@ -17,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -25,7 +32,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 SERVER_BIN = os.environ.get("CLASSIFIER_SERVER_BIN", os.path.join(TARGET, "debug", "classifier-server"))
 CLIENT_BIN = os.environ.get("CLIENT_APP_BIN", os.path.join(TARGET, "debug", "client-app"))
-BACKENDS = os.environ.get("INTEROP_BACKENDS", "pubsub kafka").split()
+BACKENDS = os.environ.get("INTEROP_BACKENDS", "pubsub kafka redis").split()
 IMAGES_PER_CLASS = 2
 
 
@@ -138,6 +145,22 @@ class Interop(unittest.TestCase):
                 self.assertEqual(other["error_code"], row["error_code"], name)
         self.assertEqual(classified, 10 * IMAGES_PER_CLASS)
         self.assertEqual(theirs[os.path.basename(folder) + "/notes.txt"]["error_code"], "UNSUPPORTED_FORMAT")
+        traces = {row["file"]: row["trace"] for row in theirs.values()}
+        self.assertEqual(set(traces.values()), {"same"}, traces)
+
+        # The same files with a deadline 10 s ago: no inference, DEADLINE_EXCEEDED each.
+        expired = subprocess.run(
+            [sys.executable, os.path.join(HERE, "foreign_client.py"), "--backend", backend,
+             "--request-topic", topic, "--root", os.path.dirname(folder), "--timeout", "90",
+             "--deadline-in", "-10", *files_under(folder)[:4]],
+            env=environment(backend, topic),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(expired.returncode, 0, f"foreign client: {expired.stderr[-3000:]}")
+        codes = [json.loads(line).get("error_code") for line in expired.stdout.splitlines()]
+        self.assertEqual(codes, ["DEADLINE_EXCEEDED"] * 4, expired.stdout)
 
     def check_client_app_accepts_foreign_server(self, backend):
         topic = f"interop-foreign-server-{os.getpid()}-{backend}-{int(time.time())}"
@@ -166,6 +189,112 @@ class Interop(unittest.TestCase):
         self.assertIn(f"answered {10 * IMAGES_PER_CLASS}", summary)
 
 
+class OtlpReceiver(http.server.ThreadingHTTPServer):
+    """An OTLP/HTTP trace receiver on a free loopback port: decodes every POST to
+    /v1/traces as an ExportTraceServiceRequest and keeps its spans as dicts."""
+
+    def __init__(self):
+        self.spans = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), OtlpHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def received(self):
+        with self.lock:
+            return list(self.spans)
+
+
+class OtlpHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path != "/v1/traces" or "protobuf" not in self.headers.get("Content-Type", ""):
+            self.send_response(404)
+            self.end_headers()
+            return
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans = []
+        for resource_spans in request.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"),
+                "",
+            )
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append(
+                        dict(
+                            service=service,
+                            name=span.name,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_span_id=span.parent_span_id.hex(),
+                            links=[link.span_id.hex() for link in span.links],
+                        )
+                    )
+        with self.server.lock:
+            self.server.spans.extend(spans)
+        answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *_):
+        pass
+
+
+class Traces(unittest.TestCase):
+    maxDiff = None
+
+    def check_spans_exported_over_otlp(self, backend):
+        receiver = OtlpReceiver()
+        self.addCleanup(receiver.shutdown)
+        topic = f"interop-traces-{os.getpid()}-{backend}-{int(time.time())}"
+        folder = sample_folder(with_bad_file=False)
+        self.addCleanup(shutil.rmtree, folder, True)
+        env = environment(backend, topic)
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="200")
+        server = subprocess.Popen([SERVER_BIN], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        self.addCleanup(stop, server)
+        completed = subprocess.run(
+            [CLIENT_BIN, "classify", folder, "--quiet", "--timeout", "90"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stderr[-2000:])
+        stop(server)  # SIGTERM: the server sends its last spans on the way out
+
+        files = 10 * IMAGES_PER_CLASS
+        deadline = time.monotonic() + 30
+        while True:
+            spans = receiver.received()
+            jobs = [s for s in spans if s["name"] == "classify job" and s["service"] == "client-app"]
+            job = jobs[0] if len(jobs) == 1 else None
+            requests = [
+                s for s in spans
+                if job and s["name"] == "classify request" and s["service"] == "classifier-server"
+                and s["trace_id"] == job["trace_id"] and s["parent_span_id"] == job["span_id"]
+            ]
+            if len(requests) == files or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        names = sorted({(s["service"], s["name"]) for s in spans})
+        self.assertIsNotNone(job, f"one job span expected; got {names}")
+        self.assertEqual(len(requests), files, f"server spans of the job's trace; got {names}")
+        ids = {s["span_id"] for s in requests}
+        for child in ("decode", "reply"):
+            parents = {s["parent_span_id"] for s in spans if s["name"] == child}
+            self.assertTrue(ids <= parents, f"every request span has a {child} span")
+        linked = {link for s in spans if s["name"] == "inference" for link in s["links"]}
+        self.assertTrue(ids <= linked, "every request is linked from the batch that ran it")
+
+
 def add_backend_tests(cls, checks, backends):
     """A test `test_<check>_<backend>` on `cls` for every `check_<check>` and backend."""
     for backend in backends:
@@ -175,6 +304,7 @@ def add_backend_tests(cls, checks, backends):
 
 
 add_backend_tests(Interop, ("foreign_client_matches_client_app", "client_app_accepts_foreign_server"), BACKENDS)
+add_backend_tests(Traces, ("spans_exported_over_otlp",), BACKENDS)
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

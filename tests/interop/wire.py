@@ -3,7 +3,7 @@
 Everything here comes from the written contract, not from our Rust code: topic and
 subscription names, message attributes / Kafka headers, reply routing and the protobuf
 types (generated from proto/ by grpcio-tools into the directory named by
-INTEROP_GENERATED). Two transports with one small interface:
+INTEROP_GENERATED). Three transports with one small interface:
 
     transport.ensure_topic(topic)
     transport.publish(topic, payload, attributes)
@@ -11,7 +11,11 @@ INTEROP_GENERATED). Two transports with one small interface:
     transport.delete_topic(topic)
 
 Pub/Sub uses Google's own Python client (google-cloud-pubsub) against the emulator named
-by PUBSUB_EMULATOR_HOST; Kafka uses confluent-kafka against KAFKA_BOOTSTRAP_SERVERS.
+by PUBSUB_EMULATOR_HOST; Kafka uses confluent-kafka against KAFKA_BOOTSTRAP_SERVERS;
+Redis Streams uses redis-py against REDIS_URL.
+
+Traces: requests carry a W3C `traceparent` written by OpenTelemetry's Python propagator
+(opentelemetry-api), and the reply's is read back with it (`new_trace`, `trace_of`).
 """
 
 import os
@@ -29,7 +33,8 @@ JOB_ID = "job-id"
 CONTENT_TYPE = "content-type"
 CONTENT_TYPE_REQUEST = "application/x-protobuf; message=classifier.v1.ClassifyRequest"
 CONTENT_TYPE_RESPONSE = "application/x-protobuf; message=classifier.v1.ClassifyResponse"
-SCHEMA_VERSION = 1
+TRACEPARENT = "traceparent"
+SCHEMA_VERSION = 2
 
 # The servers' consumer group (config `server.group`).
 SERVER_GROUP = "classifier-server"
@@ -41,6 +46,37 @@ def now_micros():
 
 def new_id():
     return uuid.uuid4().hex
+
+
+def new_trace():
+    """A fresh W3C trace context (random trace and span ids, sampled), as the attributes
+    OpenTelemetry's own propagator writes for it, and its trace id."""
+    import random
+
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    span_context = trace.SpanContext(
+        trace_id=random.getrandbits(128) or 1,
+        span_id=random.getrandbits(64) or 1,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    context = trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+    carrier = {}
+    TraceContextTextMapPropagator().inject(carrier, context=context)
+    return carrier, span_context.trace_id
+
+
+def trace_of(attributes):
+    """The trace id in a message's `traceparent`, read by OpenTelemetry's propagator
+    (None when there is none or it is invalid)."""
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = TraceContextTextMapPropagator().extract(attributes)
+    span_context = trace.get_current_span(context).get_span_context()
+    return span_context.trace_id if span_context.is_valid else None
 
 
 class Received:
@@ -261,9 +297,97 @@ class KafkaReader:
         self.consumer.close()
 
 
+# ---------------------------------------------------------------- Redis Streams
+
+
+class RedisTransport:
+    """Topic T is the stream key T; group G on it is the consumer group G (not T.G). An
+    entry holds `payload`, `key` and one `attr:<name>` field per attribute. Groups start
+    at the stream's end (`$`), created with MKSTREAM; replies are published with
+    NOMKSTREAM, so a reply stream must exist before the reply."""
+
+    def __init__(self):
+        import redis
+
+        url = os.environ.get("REDIS_URL")
+        if not url:
+            raise SystemExit("REDIS_URL is not set")
+        self.redis = redis.Redis.from_url(url)
+
+    def ensure_topic(self, topic):
+        # An empty stream: one entry added and trimmed away at once, only if the key is
+        # not there yet (MAXLEN 0 on a live stream would drop its entries).
+        if not self.redis.exists(topic):
+            self.redis.xadd(topic, {"created": "1"}, maxlen=0, approximate=False)
+
+    def ensure_subscription(self, topic, group):
+        import redis
+
+        try:
+            self.redis.xgroup_create(topic, group, id="$", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def publish(self, topic, payload, attributes, key=None, create=True):
+        fields = {"payload": payload}
+        if key is not None:
+            fields["key"] = key
+        for name, value in attributes.items():
+            fields[f"attr:{name}"] = value
+        entry = self.redis.xadd(topic, fields, nomkstream=not create)
+        if entry is None:
+            raise LookupError(f"redis: stream {topic} does not exist")
+
+    def open_reader(self, topic, group):
+        self.ensure_subscription(topic, group)
+        return RedisReader(self.redis, topic, group)
+
+    def delete_topic(self, topic):
+        self.redis.delete(topic)
+
+
+class RedisReader:
+    def __init__(self, client, topic, group):
+        self.redis = client
+        self.topic = topic
+        self.group = group
+        self.consumer = f"python-{new_id()[:8]}"
+        self.buffer = []
+
+    def receive(self, timeout):
+        if not self.buffer:
+            answer = self.redis.xreadgroup(
+                self.group, self.consumer, {self.topic: ">"}, count=100,
+                block=max(1, int(timeout * 1000)),
+            )
+            for _stream, entries in answer or []:
+                for entry_id, fields in entries:
+                    self.buffer.append(self._received(entry_id, fields))
+        return self.buffer.pop(0) if self.buffer else None
+
+    def _received(self, entry_id, fields):
+        attributes = {
+            name.decode()[len("attr:"):]: value.decode()
+            for name, value in fields.items()
+            if name.startswith(b"attr:")
+        }
+
+        def ack():
+            self.redis.xack(self.topic, self.group, entry_id)
+
+        # Unacked entries stay pending in the group and are claimed by another member.
+        return Received(fields.get(b"payload", b""), attributes, ack, lambda: None)
+
+    def close(self):
+        self.buffer = []
+
+
 def transport(backend):
     if backend == "pubsub":
         return PubSubTransport()
     if backend == "kafka":
         return KafkaTransport()
-    raise SystemExit(f"unknown backend {backend!r}: expected pubsub or kafka")
+    if backend == "redis":
+        return RedisTransport()
+    raise SystemExit(f"unknown backend {backend!r}: expected pubsub, kafka or redis")

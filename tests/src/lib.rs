@@ -7,6 +7,7 @@
 
 pub mod cross_process;
 pub mod intercept;
+pub mod traces;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -401,6 +402,8 @@ pub struct PrivateBroker {
     /// The variable the scripts read the port from.
     port_var: &'static str,
     port: u16,
+    /// More variables for the start script (e.g. `REDIS_ACL_FILE`).
+    env: Vec<(String, String)>,
 }
 
 impl PrivateBroker {
@@ -421,7 +424,14 @@ impl PrivateBroker {
             name,
             port_var,
             port,
+            env: Vec::new(),
         }
+    }
+
+    /// The same broker, its start script run with `name=value` too.
+    pub fn with_env(mut self, name: &str, value: &str) -> PrivateBroker {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 
     /// `127.0.0.1:<port>`, for `KAFKA_BOOTSTRAP_SERVERS`, `PUBSUB_EMULATOR_HOST` or
@@ -434,6 +444,7 @@ impl PrivateBroker {
         let script = workspace_root().join(format!("scripts/{}-{action}.sh", self.name));
         Command::new(&script)
             .env(self.port_var, self.port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(workspace_root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -284,6 +284,93 @@ async fn reply_publish_failures_are_retried_and_ack_waits_for_the_reply() {
     assert_eq!(stats.snapshot().received, 2);
 }
 
+/// A backlog of 300 requests whose deadline passed, then 5 live ones, waiting for a
+/// server: the expired ones are answered `DEADLINE_EXCEEDED` without inference (the
+/// model ran 5 requests) and none is dead-lettered; the live ones get predictions.
+/// (`cross_process::expired_requests_cost_no_inference` does this with 2,000 on the
+/// networked brokers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_requests_are_answered_without_inference() {
+    let broker: Arc<dyn Broker> = Arc::new(EmbeddedBroker::new(EmbeddedConfig::default()));
+    let config = server_config("requests-deadlines");
+    let classifier = load_classifier(&config).expect("model");
+    let server = ModelServer::new(broker.clone(), config, classifier);
+    server.prepare_topics().await.expect("topics");
+    let mut replies = reply_reader(&*broker, "classify-replies-deadlines").await;
+    let image = std::fs::read(workspace_root().join("examples/sneaker/00009.png")).expect("png");
+    let now = classifier_proto::unix_micros_now();
+    let requests = (0..300)
+        .map(|i| (format!("expired-{i}"), now - 10_000_000))
+        .chain((0..5).map(|i| (format!("live-{i}"), now + 120_000_000)))
+        .map(|(id, deadline_unix_micros)| {
+            let request = classifier_proto::ClassifyRequest {
+                request_id: id,
+                reply_topic: "classify-replies-deadlines".into(),
+                image: image.clone(),
+                deadline_unix_micros,
+                ..Default::default()
+            };
+            Message::new(request.encode_to_vec())
+        })
+        .collect();
+    broker
+        .publish_batch("requests-deadlines", requests)
+        .await
+        .expect("publish the backlog");
+
+    let stats = server.stats();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(server.run(stop.clone()));
+    let mut codes: HashMap<String, usize> = HashMap::new();
+    for _ in 0..305 {
+        let reply = next_reply(&mut *replies).await;
+        let code = match reply.outcome {
+            Some(Outcome::Predictions(_)) => "predictions".to_string(),
+            Some(Outcome::Error(error)) => ErrorCode::try_from(error.code)
+                .map(|c| c.as_str_name().to_string())
+                .unwrap_or_default(),
+            None => "none".to_string(),
+        };
+        let expected = if reply.request_id.starts_with("live-") {
+            "predictions"
+        } else {
+            "DEADLINE_EXCEEDED"
+        };
+        assert_eq!(code, expected, "{}", reply.request_id);
+        *codes.entry(code).or_default() += 1;
+    }
+    assert_eq!(codes["DEADLINE_EXCEEDED"], 300);
+    assert_eq!(codes["predictions"], 5);
+    stop.cancel();
+    let final_stats = running.await.expect("task").expect("server ran");
+    assert_eq!(
+        final_stats.classified, 5,
+        "only the live requests were classified"
+    );
+    assert_eq!(final_stats.rejected, 300);
+    assert_eq!(
+        final_stats.dead_lettered, 0,
+        "expired requests are not dead-lettered"
+    );
+    assert!(
+        stats
+            .render_prometheus()
+            .contains("classifier_requests_rejected_total{code=\"DEADLINE_EXCEEDED\"} 300"),
+        "{}",
+        stats.render_prometheus()
+    );
+}
+
+/// W3C trace context from a job through the server and back, on the embedded broker
+/// (the networked brokers run the same case from their test files).
+#[test]
+fn trace_context_crosses_the_broker() {
+    integration_tests::traces::trace_context_crosses_the_broker(&[(
+        "CLASSIFIER_BROKER".into(),
+        "embedded".into(),
+    )]);
+}
+
 /// Garbage payloads: with routing attributes they get a MALFORMED_REQUEST reply; without
 /// any they are acked (logged) and do not block the requests behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

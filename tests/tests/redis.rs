@@ -30,3 +30,11 @@ fn an_onnx_model_is_served_like_a_native_one() {
         integration_tests::cross_process::an_onnx_model_is_served_like_a_native_one(&env);
     }
 }
+
+// Credentials and ACLs: on a Redis server of the test's own that asks for them.
+#[test]
+fn redis_credentials_and_acls_are_enforced() {
+    if let Some(env) = env() {
+        integration_tests::cross_process::redis_credentials_and_acls_are_enforced(&env);
+    }
+}

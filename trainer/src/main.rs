@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    classifier_app::init_tracing("info");
+    let _tracing = classifier_app::init_tracing("info");
     trainer::cli::run(
         trainer::cli::Cli::parse(),
         trainer::cli::quoted_command_line(),

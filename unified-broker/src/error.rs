@@ -77,19 +77,24 @@ pub const MAX_TOPIC_IN_ERROR: usize = 80;
 impl BrokerError {
     /// An [`BrokerError::InvalidTopic`] for `topic`, its name cut and escaped for logs.
     pub fn invalid_topic(topic: &str, reason: impl Into<String>) -> BrokerError {
-        let mut shown: String = topic
-            .chars()
-            .take(MAX_TOPIC_IN_ERROR)
-            .flat_map(char::escape_debug)
-            .collect();
-        if topic.chars().count() > MAX_TOPIC_IN_ERROR {
-            shown.push_str(&format!("… ({} bytes)", topic.len()));
-        }
         BrokerError::InvalidTopic {
-            topic: shown,
+            topic: shown_topic(topic),
             reason: reason.into(),
         }
     }
+}
+
+/// `topic` as errors show it: escaped, and cut to [`MAX_TOPIC_IN_ERROR`] characters.
+pub(crate) fn shown_topic(topic: &str) -> String {
+    let mut shown: String = topic
+        .chars()
+        .take(MAX_TOPIC_IN_ERROR)
+        .flat_map(char::escape_debug)
+        .collect();
+    if topic.chars().count() > MAX_TOPIC_IN_ERROR {
+        shown.push_str(&format!("… ({} bytes)", topic.len()));
+    }
+    shown
 }
 
 /// `Err(`[`BrokerError::InvalidTopic`]`)` for an empty `topic` or one longer than

@@ -172,6 +172,14 @@ pub trait Broker: Send + Sync + 'static {
         self.ensure_subscription(topic, group).await
     }
 
+    /// Asks the broker something cheap, to tell whether it answers now: readiness
+    /// probes call it every few seconds, since a backend's own client may retry a lost
+    /// connection quietly, with no error reaching a subscriber. The default (a broker in
+    /// this process) always answers.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Waits until everything published so far is confirmed and releases the client's
     /// publishing resources. Publishing after `close` is an error.
     async fn close(&self) -> Result<()>;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use super::intake::Work;
+use super::intake::{Work, TRACE_TARGET};
 use crate::decode::DecodeLimits;
 use crate::models::{ModelSet, ServedModel};
 use crate::request::{prepare_for, PreparedInput, Rejected, RoutePolicy};
@@ -63,7 +63,11 @@ impl DecodePool {
         self.pool.spawn(move || {
             let prepared = chunk
                 .into_iter()
-                .map(|work| {
+                .map(|mut work| {
+                    work.start_span();
+                    let _decode =
+                        tracing::trace_span!(target: TRACE_TARGET, parent: &work.span, "decode")
+                            .entered();
                     let message = work.delivery.message();
                     match prepare_for(message, &limits, &routes, |name| models.resolve(name)) {
                         Ok((input, model)) => Prepared::Ready(work, input, model),

@@ -8,7 +8,10 @@ use anyhow::Context;
 use classifier_proto::{ClassifyError, ErrorCode, Outcome};
 use tokio::sync::mpsc;
 
+use classifier_app::trace::TraceContext;
+
 use super::batch::Batch;
+use super::intake::TRACE_TARGET;
 use super::reply::Outgoing;
 use super::stats::ServerStats;
 use crate::models::ServedModel;
@@ -82,7 +85,13 @@ impl Model {
         for (_, prepared, _) in &batch {
             inputs.extend_from_slice(&prepared.input);
         }
-        let result = classifier.predict(&inputs, n);
+        let span = tracing::trace_span!(target: TRACE_TARGET, "inference", batch_size = n);
+        let contexts: Vec<TraceContext> = batch
+            .iter()
+            .filter_map(|(work, _, _)| TraceContext::of_span(&work.span))
+            .collect();
+        classifier_app::trace::link(&span, &contexts);
+        let result = span.in_scope(|| classifier.predict(&inputs, n));
         let inference_time = started.elapsed();
         let inference_micros = inference_time.as_micros() as u64;
         stats.batch(n, inference_time.as_secs_f64());
@@ -127,9 +136,11 @@ impl Model {
                         )
                     }
                 };
+                let mut message = response_message(&response);
+                work.stamp_trace(&mut message);
                 Outgoing {
                     reply_topic: prepared.route.reply_topic.clone(),
-                    message: response_message(&response),
+                    message,
                     is_error: matches!(response.outcome, Some(Outcome::Error(_))),
                     dead_letter: None,
                     work,

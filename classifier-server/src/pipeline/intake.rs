@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use classifier_app::trace::TraceContext;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use unified_broker::{Delivery, Resubscribing, Subscriber};
@@ -20,6 +21,12 @@ pub(super) struct Work {
     pub delivery: Delivery,
     /// When intake took it, for the reply's queue time.
     pub received_at: Instant,
+    /// The server's span of this request (`classify request`), a child of the trace
+    /// context the request came with; disabled unless an OpenTelemetry layer records
+    /// it. It ends when the work is done with (after the ack).
+    pub span: tracing::Span,
+    /// The W3C trace context the request came with, if any.
+    pub trace: Option<TraceContext>,
     _slot: InFlightSlot,
 }
 
@@ -35,10 +42,35 @@ impl Work {
         Work {
             delivery,
             received_at,
+            span: tracing::Span::none(),
+            trace: None,
             _slot: InFlightSlot::new(permit, stats),
         }
     }
+
+    /// Starts the request's span, joined to the trace context its message carries.
+    pub fn start_span(&mut self) {
+        let message = self.delivery.message();
+        self.trace = TraceContext::from_attributes(|name| message.attribute(name));
+        self.span = tracing::trace_span!(target: TRACE_TARGET, "classify request");
+        classifier_app::trace::join(&self.span, self.trace.as_ref());
+    }
+
+    /// Writes the trace context into `reply`: the request's span's own (so the client
+    /// sees this server as the parent), or the one the request came with, unchanged,
+    /// when spans are not recorded.
+    pub fn stamp_trace(&self, reply: &mut unified_broker::Message) {
+        let context = TraceContext::of_span(&self.span).or_else(|| self.trace.clone());
+        if let Some(context) = context {
+            context.write_to(&mut reply.attributes);
+        }
+    }
 }
+
+/// The `tracing` target of the server's per-request spans (`classify request`,
+/// `decode`, `inference`, `reply`), at TRACE level: off in the logs, recorded only by
+/// an OpenTelemetry layer that asks for them.
+pub(super) const TRACE_TARGET: &str = "classifier_server::trace";
 
 /// A request's place in flight: its permit, and its count in the in-flight gauge, both
 /// given back when it is dropped.

@@ -43,6 +43,11 @@ use crate::models::{ModelSet, Reload};
 use crate::request::ReplyContext;
 use classifier_app::ServerConfig;
 
+/// How often a serving server asks the broker whether it answers (for `/readyz`).
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a probe waits for the broker's answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Everything the server needs, bundled so `run` reads as the pipeline it is.
 pub struct ModelServer {
     broker: Arc<dyn Broker>,
@@ -102,6 +107,7 @@ impl ModelServer {
                     .check_topic_name(topic)
                     .map_err(|error| error.to_string())
             }),
+            deadline_grace: Some(self.config.deadline_grace()),
         }
     }
 
@@ -153,6 +159,7 @@ impl ModelServer {
         // broker → intake → decode pool → batcher → model thread → reply → broker
         let decode_pool = decode_pool::DecodePool::new(&self.models, config, self.route_policy())?;
         let reloader = self.watch_models(&shutdown);
+        let prober = self.probe_broker();
         let batcher = tokio::spawn(batch::run(
             prepared_rx,
             batch_tx,
@@ -198,6 +205,7 @@ impl ModelServer {
 
         self.stats.draining();
         reloader.abort();
+        prober.abort();
         self.drain(&in_flight).await;
         decode_pool.shutdown();
         // The async stages are cancelled and awaited until they are gone, so their ends of
@@ -330,6 +338,35 @@ impl ModelServer {
                 }
                 if !outcomes.is_empty() {
                     stats.models_loaded(&models.served());
+                }
+            }
+        })
+    }
+
+    /// Asks the broker every [`PROBE_EVERY`] whether it answers (`Broker::ping`, at most
+    /// [`PROBE_TIMEOUT`]) and tells the stats, so `/readyz` says 503 while it does not,
+    /// even when the backend's client retries quietly and the subscription sees no error.
+    fn probe_broker(&self) -> JoinHandle<()> {
+        let broker = Arc::clone(&self.broker);
+        let stats = Arc::clone(&self.stats);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let answer = tokio::time::timeout(PROBE_TIMEOUT, broker.ping()).await;
+                let error = match answer {
+                    Ok(Ok(())) => None,
+                    Ok(Err(error)) => Some(error.to_string()),
+                    Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
+                };
+                if stats.probed(error.is_none()) {
+                    match error {
+                        Some(error) => {
+                            tracing::warn!(%error, "the broker does not answer: not ready")
+                        }
+                        None => tracing::info!("the broker answers again: ready"),
+                    }
                 }
             }
         })

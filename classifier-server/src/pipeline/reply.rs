@@ -21,7 +21,7 @@ use unified_broker::retry::retry;
 use unified_broker::{Backoff, Broker, BrokerError, Message};
 
 use super::dead_letter::{self, DeadLetters};
-use super::intake::Work;
+use super::intake::{Work, TRACE_TARGET};
 use super::stats::ServerStats;
 use crate::log_safe::{LogLimiter, Untrusted};
 use crate::request::{error_response, response_message, Rejected, ReplyContext};
@@ -81,15 +81,19 @@ impl ErrorReplies {
             queue_time_micros: work.received_at.elapsed().as_micros() as u64,
             ..self.context.clone()
         };
+        let mut message = response_message(&error_response(&rejected, &context));
+        work.stamp_trace(&mut message);
         Outgoing {
             reply_topic: rejected.route.reply_topic.clone(),
-            message: response_message(&error_response(&rejected, &context)),
+            message,
             is_error: true,
-            dead_letter: self.dead_letters.copy(
-                work.delivery.message(),
-                &rejected,
-                &context.server_id,
-            ),
+            dead_letter: code
+                .is_dead_lettered()
+                .then(|| {
+                    self.dead_letters
+                        .copy(work.delivery.message(), &rejected, &context.server_id)
+                })
+                .flatten(),
             work,
         }
     }
@@ -230,6 +234,12 @@ impl Published {
 /// their requests (unless the broker client was closed: then they go back unacked).
 async fn publish_then_ack(publisher: Arc<Publisher>, topic: String, mut replies: Vec<Outgoing>) {
     let stats = &*publisher.stats;
+    // Each request's `reply` span: from here to its ack.
+    let _reply_spans: Vec<tracing::Span> = replies
+        .iter()
+        .filter(|r| !r.work.span.is_none())
+        .map(|r| tracing::trace_span!(target: TRACE_TARGET, parent: &r.work.span, "reply"))
+        .collect();
     if topic.is_empty() {
         // Nobody to answer: no reply route, or one this server does not answer on
         // (the copies say which; they were made when the request was rejected).

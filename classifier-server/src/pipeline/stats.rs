@@ -56,6 +56,8 @@ pub struct ServerStats {
     live: Mutex<Option<LiveSources>>,
     model_loaded: AtomicBool,
     draining: AtomicBool,
+    /// False after the broker failed to answer the last probe ([`ServerStats::probed`]).
+    broker_unanswered: AtomicBool,
     /// When the stats were made: the origin of `last_progress_ms`.
     started: Instant,
     /// Milliseconds after `started` of the last sign of progress: a request finished,
@@ -231,6 +233,7 @@ impl ServerStats {
             live: Mutex::new(None),
             model_loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            broker_unanswered: AtomicBool::new(false),
             started: Instant::now(),
             last_progress_ms: AtomicU64::new(0),
         }
@@ -337,6 +340,12 @@ impl ServerStats {
         self.in_flight.clone()
     }
 
+    /// Records whether the broker answered the latest probe (see `Broker::ping`);
+    /// returns whether that changed.
+    pub(super) fn probed(&self, answered: bool) -> bool {
+        self.broker_unanswered.swap(!answered, Ordering::Relaxed) == answered
+    }
+
     /// Intake has stopped for good: the server is shutting down.
     pub(super) fn draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
@@ -351,7 +360,12 @@ impl ServerStats {
             return Err(NotReady::Draining);
         }
         match &*lock(&self.live) {
-            Some(live) if !live.subscription.is_subscribed() => Err(NotReady::BrokerNotConnected),
+            Some(live)
+                if !live.subscription.is_subscribed()
+                    || self.broker_unanswered.load(Ordering::Relaxed) =>
+            {
+                Err(NotReady::BrokerNotConnected)
+            }
             Some(live) if self.stalled(live.stall_after) => Err(NotReady::Stalled),
             Some(_) => Ok(()),
             None => Err(NotReady::BrokerNotConnected),

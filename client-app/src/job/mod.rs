@@ -32,6 +32,7 @@ use unified_broker::{Broker, Delivery, Resubscribing, SubscribeOptions, Subscrib
 
 use crate::failure::FailureCode;
 use crate::inputs::InputFile;
+use classifier_app::trace::TraceContext;
 use collector::Collector;
 use pending::Pending;
 pub(crate) use sender::with_request_routing;
@@ -235,6 +236,10 @@ pub async fn run_job(
         .await
         .context("subscribing to the reply topic")?;
 
+    // The job's span: every request names it as its parent (W3C `traceparent`), when an
+    // OpenTelemetry layer records it (see `classifier_app::trace`).
+    let job_span =
+        tracing::trace_span!(target: "client_app::trace", "classify job", job_id = %job_id);
     let window = Arc::new(Semaphore::new(options.window.max(1)));
     let (sent_tx, sent_rx) = mpsc::unbounded_channel();
     let pending = Pending::default();
@@ -249,6 +254,7 @@ pub async fn run_job(
             window: Arc::clone(&window),
             sent: sent_tx,
             max_request_bytes,
+            trace: TraceContext::of_span(&job_span),
         }
         .send_all(),
     );

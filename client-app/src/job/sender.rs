@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use classifier_app::trace::TraceContext;
 use classifier_proto::{
     attributes, unix_micros_now, ClassifyRequest, ProstMessage, CONTENT_TYPE_REQUEST,
     SCHEMA_VERSION,
@@ -55,6 +56,8 @@ pub(super) struct Sender {
     pub sent: mpsc::UnboundedSender<Sent>,
     /// The largest request the broker takes (see [`request_size_limit`]).
     pub max_request_bytes: usize,
+    /// The trace context every request carries (the job's span), if traced.
+    pub trace: Option<TraceContext>,
 }
 
 impl Sender {
@@ -113,6 +116,7 @@ impl Sender {
     ) -> Result<(String, Message), Failure> {
         let image = read?;
         let request_id = new_request_id();
+        let sent_at = unix_micros_now();
         let request = ClassifyRequest {
             schema_version: SCHEMA_VERSION,
             request_id: request_id.clone(),
@@ -121,12 +125,15 @@ impl Sender {
             file_name: file.display_name.clone(),
             content_type: content_type(&file.path).to_string(),
             reply_topic: self.reply_topic.clone(),
-            sent_at_unix_micros: unix_micros_now(),
+            sent_at_unix_micros: sent_at,
             attributes: HashMap::new(),
             top_k: self.options.top_k,
             model_name: self.options.model_name.clone(),
+            deadline_unix_micros: deadline_after(sent_at, self.options.reply_timeout),
         };
-        let message = fit_request(request, self.max_request_bytes, self.options.resize_to).await?;
+        let limit = self.max_request_bytes;
+        let message =
+            fit_request(request, limit, self.options.resize_to, self.trace.as_ref()).await?;
         Ok((request_id, message))
     }
 
@@ -143,6 +150,28 @@ impl Sender {
 pub fn new_request_id() -> String {
     // Not a UUIDv4: that carries only 122 random bits.
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// The deadline of a request sent at `sent_at` (microseconds since the Unix epoch) by a
+/// job that waits `reply_timeout` for replies: after that the job may have given up, so
+/// a server that takes the request later answers `DEADLINE_EXCEEDED` without running the
+/// model (a backlog left by clients long gone costs no inference).
+pub(super) fn deadline_after(sent_at: i64, reply_timeout: Duration) -> i64 {
+    let timeout = i64::try_from(reply_timeout.as_micros()).unwrap_or(i64::MAX);
+    sent_at.saturating_add(timeout)
+}
+
+/// `message` (a request this job encoded) with a deadline `reply_timeout` from now: a
+/// request sent again gets a full timeout again, as the job gives it.
+fn with_new_deadline(message: Message, reply_timeout: Duration) -> Message {
+    let Ok(mut request) = ClassifyRequest::decode(message.payload.as_ref()) else {
+        return message;
+    };
+    request.deadline_unix_micros = deadline_after(unix_micros_now(), reply_timeout);
+    Message {
+        payload: request.encode_to_vec().into(),
+        ..message
+    }
 }
 
 /// The largest request this job sends: what the broker takes on the request topic, or
@@ -196,7 +225,15 @@ async fn fit_request(
     mut request: ClassifyRequest,
     limit: usize,
     resize_to: Option<u32>,
+    trace: Option<&TraceContext>,
 ) -> Result<Message, Failure> {
+    let request_message = |request: &ClassifyRequest| {
+        let mut message = request_message(request);
+        if let Some(trace) = trace {
+            trace.write_to(&mut message.attributes);
+        }
+        message
+    };
     let message = request_message(&request);
     if message.size() <= limit {
         return Ok(message);
@@ -433,7 +470,11 @@ pub(super) fn resend_unanswered(
         if let Err(error) = ensure_request_topic(&*broker, &options).await {
             tracing::warn!(%error, "re-creating the request topic failed");
         }
-        let messages = pending.messages();
+        let messages: Vec<Message> = pending
+            .messages()
+            .into_iter()
+            .map(|message| with_new_deadline(message, options.reply_timeout))
+            .collect();
         tracing::warn!(
             count = messages.len(),
             "the reply subscription had to be re-created (the broker may have lost its state); sending the unanswered requests again"

@@ -277,8 +277,9 @@ async fn run_job_keeps_one_answer_per_request_and_counts_the_rest() {
 }
 
 /// After the reply subscription had to be re-created (what a broker that lost its state
-/// looks like to the job), the requests still unanswered are sent again, byte for byte,
-/// and only those. A reply to the first copy that comes after the re-send is the answer
+/// looks like to the job), the requests still unanswered are sent again, the same but
+/// for a deadline renewed (the job waits a full timeout for them again), and only
+/// those. A reply to the first copy that comes after the re-send is the answer
 /// (its latency counted from the first send); the reply to the second copy is a
 /// duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,8 +302,22 @@ async fn unanswered_requests_are_sent_again_and_late_replies_still_count() {
     again.sort_by_key(|(request, _)| request.file_name.clone());
     assert_eq!(again[0].0.request_id, b.request_id);
     assert_eq!(again[1].0.request_id, c.request_id);
-    assert_eq!(again[0].1, first[1].1, "the same bytes as the first copy");
-    assert_eq!(again[1].1, first[2].1, "the same bytes as the first copy");
+    for (resent, original) in again.iter().zip(&first[1..]) {
+        let (resent, original) = (&resent.0, &original.0);
+        assert!(
+            resent.deadline_unix_micros > original.deadline_unix_micros,
+            "the deadline is renewed"
+        );
+        let without_deadline = |request: &ClassifyRequest| ClassifyRequest {
+            deadline_unix_micros: 0,
+            ..request.clone()
+        };
+        assert_eq!(
+            without_deadline(resent),
+            without_deadline(original),
+            "the same request as the first copy"
+        );
+    }
 
     let waited = first_seen.elapsed();
     server

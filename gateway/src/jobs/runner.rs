@@ -177,6 +177,7 @@ impl JobRunner {
                         image,
                         model_name: model.to_string(),
                         top_k: TOP_K,
+                        trace: None,
                     });
                     sent.push(index);
                 }

@@ -20,6 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use classifier_app::trace::TraceContext;
 use classifier_proto::{ClassifyResponse, ErrorCode, Outcome};
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -219,6 +220,13 @@ async fn run_inference(
     let info = describe(shared, name, version, deadline).await?;
     let top_k = top_k_needed(&request, info.class_names.len());
     let count = request.images.len() as u64;
+    // The caller's W3C trace context (headers `traceparent`, `tracestate`) travels on
+    // through the gateway's span, or unchanged when spans are not recorded.
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let incoming = TraceContext::from_attributes(header);
+    let span = tracing::trace_span!(target: "classifier_gateway::trace", "infer", model = %info.name, images = count);
+    classifier_app::trace::join(&span, incoming.as_ref());
+    let trace = TraceContext::of_span(&span).or(incoming);
     // The images move into their requests: the response needs only the rest.
     let images = std::mem::take(&mut request.images)
         .into_iter()
@@ -226,6 +234,7 @@ async fn run_inference(
             image,
             model_name: info.name.clone(),
             top_k,
+            trace: trace.clone(),
         })
         .collect();
     let replies = shared
@@ -374,6 +383,7 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Internal | ErrorCode::Unroutable | ErrorCode::Unspecified => {
             StatusCode::BAD_GATEWAY
         }
+        ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 

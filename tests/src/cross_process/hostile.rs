@@ -269,7 +269,7 @@ async fn read_dead_letters(
 }
 
 /// Polls `/metrics` until no request is in flight (fails after 60 s).
-fn wait_until_nothing_in_flight(addr: std::net::SocketAddr, log: &dyn Fn() -> String) {
+pub(super) fn wait_until_nothing_in_flight(addr: std::net::SocketAddr, log: &dyn Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, text) = http_get(addr, "/metrics");

@@ -99,7 +99,7 @@ pub fn metrics_add_up_to_the_replies(backend_env: &[(String, String)]) {
 }
 
 /// The value of `series` (name and labels, as printed) in a Prometheus text page.
-fn metric(text: &str, series: &str) -> Option<f64> {
+pub(super) fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -7,16 +7,19 @@
 //! [`bad_input`] (bad files and poison messages), [`crash`] (servers killed or
 //! stopped mid-run), [`flood`] (a backlog worked through with bounded memory),
 //! [`outages`] (no server, no broker, a broker restarting), [`hostile`] (peers
-//! naming reply routes that can never be answered), [`metrics`] (the
+//! naming reply routes that can never be answered), [`deadlines`] (a backlog of
+//! expired requests answered without inference), [`metrics`] (the
 //! server's metrics and probes against what the client saw), [`models`] (a model
 //! reloaded mid-run, several models chosen per request; run on one backend, since
 //! nothing in them is broker-specific) and [`onnx`] (an ONNX model served beside the
 //! native CNN). Each starts from a
 //! [`CaseRun`]: its own topic, group and scratch folder.
 
+mod auth;
 mod background_client;
 mod bad_input;
 mod crash;
+mod deadlines;
 mod flood;
 mod happy_path;
 mod hostile;
@@ -26,8 +29,10 @@ mod onnx;
 mod outages;
 mod size_limits;
 
+pub use auth::redis_credentials_and_acls_are_enforced;
 pub use bad_input::{bad_inputs_are_answered, poison_messages_are_dead_lettered};
 pub use crash::{graceful_shutdown_hands_over, server_crash_loses_nothing};
+pub use deadlines::expired_requests_cost_no_inference;
 pub use flood::flood_is_worked_through_with_bounded_memory;
 pub use happy_path::{one_server_classifies_examples, two_servers_share_the_work};
 pub use hostile::poisoned_reply_routes_never_stall_the_server;
@@ -35,7 +40,7 @@ pub use metrics::metrics_add_up_to_the_replies;
 pub use models::{a_model_reload_mid_run_loses_nothing, requests_choose_among_several_models};
 pub use onnx::an_onnx_model_is_served_like_a_native_one;
 pub use outages::{
-    broker_restart_mid_run, no_server_means_unanswered_after_timeout,
+    broker_restart_mid_run, no_server_means_unanswered_after_timeout, readiness_follows_the_broker,
     server_waits_for_an_unreachable_broker,
 };
 pub use size_limits::size_limits_are_answered;
@@ -227,15 +232,21 @@ fn lookup(env: &[(String, String)], name: &str) -> String {
 async fn connect_as_configured(
     env: &[(String, String)],
 ) -> std::sync::Arc<dyn unified_broker::Broker> {
+    unified_broker::connect(&config_for(env).broker)
+        .await
+        .expect("connect")
+}
+
+/// The configuration the binaries would read in a case's environment: the file
+/// `CLASSIFIER_CONFIG` names (if any), with the environment laid over it.
+pub(crate) fn config_for(env: &[(String, String)]) -> classifier_app::AppConfig {
     let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut config = match value("CLASSIFIER_CONFIG") {
         Some(path) => classifier_app::AppConfig::from_file(Path::new(&path)).expect("config"),
         None => classifier_app::AppConfig::default(),
     };
     config.apply_env(value).expect("environment");
-    unified_broker::connect(&config.broker)
-        .await
-        .expect("connect")
+    config
 }
 
 /// The last 25 lines of `stdout`, for failure messages.
@@ -279,10 +290,18 @@ macro_rules! cross_process_tests {
             size_limits_are_answered,
             metrics_add_up_to_the_replies,
             poisoned_reply_routes_never_stall_the_server,
+            expired_requests_cost_no_inference,
         );
+        #[test]
+        fn trace_context_crosses_the_broker() {
+            if let Some(env) = $env {
+                $crate::traces::trace_context_crosses_the_broker(&env);
+            }
+        }
         $crate::cross_process_tests!(@with_address $env, $address_var;
             server_waits_for_an_unreachable_broker,
             broker_restart_mid_run,
+            readiness_follows_the_broker,
         );
     };
     (@cases $env:expr; $($case:ident),* $(,)?) => {

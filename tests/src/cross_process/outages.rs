@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::background_client::BackgroundClient;
+use super::metrics::{free_loopback_port, wait_for_status};
 use super::{lookup, stop, tail, wait_for_log_line, CaseRun};
 use crate::{copy_examples, parse_summary};
 
@@ -33,6 +34,37 @@ pub fn server_waits_for_an_unreachable_broker(backend_env: &[(String, String)], 
         Duration::from_secs(60),
     );
     std::thread::sleep(Duration::from_secs(2));
+    stop(server);
+}
+
+/// `/readyz` follows the broker: 200 while it serves, 503 within seconds of the broker
+/// going away (even where the backend's client retries quietly and the subscription sees
+/// no error: the server asks the broker every 2 s), 200 again once it is back.
+pub fn readiness_follows_the_broker(backend_env: &[(String, String)], address_var: &str) {
+    let backend = lookup(backend_env, "CLASSIFIER_BROKER");
+    let broker = crate::PrivateBroker::new(&backend);
+    let mut run = CaseRun::new(backend_env, "ready");
+    run.set_env(address_var, &broker.address());
+    let addr = free_loopback_port();
+    run.set_env("CLASSIFIER_METRICS_ADDR", &addr.to_string());
+    broker.start();
+    let server = run.start_server("server-ready");
+    let log = || std::fs::read_to_string(run.server_log("server-ready")).unwrap_or_default();
+    wait_for_status(addr, "/readyz", 200, &log);
+    broker.stop();
+    let stopped = std::time::Instant::now();
+    wait_for_status(addr, "/readyz", 503, &log);
+    eprintln!(
+        "readiness ({backend}): 503 {:.1} s after the broker stopped",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(20),
+        "503 only {:?} after the broker stopped",
+        stopped.elapsed()
+    );
+    broker.start();
+    wait_for_status(addr, "/readyz", 200, &log);
     stop(server);
 }
 

@@ -451,6 +451,11 @@ impl Broker for KafkaBroker {
         Ok(Box::new(subscriber))
     }
 
+    /// A metadata request (every topic), bounded by `request_timeout_ms`.
+    async fn ping(&self) -> Result<()> {
+        self.listing.ping().await
+    }
+
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         check_name(topic)?;
         self.create_topic(topic, self.config.partitions).await

@@ -182,6 +182,16 @@ impl TopicListing {
         Ok(found)
     }
 
+    /// One metadata request, for a readiness probe: `Unavailable` when the cluster does
+    /// not answer.
+    pub(crate) async fn ping(&self) -> crate::Result<()> {
+        self.fetch().await.map(|_| ()).map_err(|error| {
+            crate::BrokerError::Unavailable(format!(
+                "kafka did not answer a metadata request: {error}"
+            ))
+        })
+    }
+
     /// One metadata request for every topic, off the async workers (it blocks).
     async fn fetch(&self) -> Result<HashSet<String>, KafkaError> {
         let admin = Arc::clone(&self.admin);

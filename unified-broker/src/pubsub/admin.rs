@@ -57,6 +57,18 @@ impl Admin {
         subscription_path(&self.project, &subscription_id(topic, group))
     }
 
+    /// Lists one topic of the project: whether the service (or emulator) answers.
+    pub(crate) async fn ping(&self) -> Result<()> {
+        self.topics
+            .list_topics()
+            .set_project(format!("projects/{}", self.project))
+            .set_page_size(1)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| errors::admin("list topics", &e))
+    }
+
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
         let path = self.topic_path(topic)?;
         match self.topics.create_topic().set_name(&path).send().await {
@@ -117,6 +129,22 @@ impl Admin {
     }
 
     /// Creates the group's subscription if needed; returns its full path.
+    /// Whether the subscription at `path` exists: `Ok(false)` only when the service
+    /// says it does not (it was deleted, or a memory-only emulator restarted).
+    pub(crate) async fn subscription_exists(&self, path: &str) -> Result<bool> {
+        match self
+            .subscriptions
+            .get_subscription()
+            .set_subscription(path)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if code(&e) == Some(Code::NotFound) => Ok(false),
+            Err(e) => Err(errors::admin(&format!("get subscription {path}"), &e)),
+        }
+    }
+
     pub(crate) async fn ensure_subscription(&self, topic: &str, group: &str) -> Result<String> {
         let topic_path = self.topic_path(topic)?;
         let path = self.subscription_path(topic, group);

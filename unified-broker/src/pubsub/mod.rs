@@ -201,11 +201,20 @@ impl Broker for PubSubBroker {
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         tracing::debug!(subscription = %subscription, topic, group, ?options, "subscribed");
-        Ok(Box::new(PubSubSubscriber::start(subscription, stream)))
+        Ok(Box::new(PubSubSubscriber::start(
+            subscription,
+            stream,
+            self.admin.clone(),
+        )))
     }
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         self.admin.ensure_topic(topic).await
+    }
+
+    /// One topic of the project listed (a page of one).
+    async fn ping(&self) -> Result<()> {
+        self.admin.ping().await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {

@@ -129,7 +129,31 @@ pub(crate) fn map_error(error: &RedisError, context: ErrorContext<'_>) -> Broker
             return BrokerError::Config(format!("redis client configuration: {error}"))
         }
         ErrorKind::AuthenticationFailed => {
-            return BrokerError::Config(format!("redis refused the credentials: {error}"))
+            return BrokerError::Config(format!(
+                "redis refused the credentials (wrong user or password): {error}"
+            ))
+        }
+        _ => {}
+    }
+    match error.code() {
+        Some("NOAUTH") => {
+            return BrokerError::Config(
+                "redis requires credentials and none were given (NOAUTH): put the user and \
+                 password in the URL, redis://USER:PASSWORD@HOST:PORT (or REDIS_URL)"
+                    .into(),
+            )
+        }
+        // An ACL that keeps this user from a key or a command: asking again cannot help.
+        Some("NOPERM") => {
+            let what = match context {
+                ErrorContext::Publish(topic)
+                | ErrorContext::Subscribe(topic)
+                | ErrorContext::Admin(topic) => format!(" on {}", crate::error::shown_topic(topic)),
+                ErrorContext::Connect => String::new(),
+            };
+            return BrokerError::Config(format!(
+                "redis refuses this user{what} (NOPERM, its ACL): {error}"
+            ));
         }
         _ => {}
     }
@@ -256,6 +280,21 @@ impl Broker for RedisBroker {
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
         self.check_topic_name(topic)?;
         self.create_stream(topic).await
+    }
+
+    /// `PING` on the shared connection, bounded by `request_timeout_ms`.
+    async fn ping(&self) -> Result<()> {
+        let mut connection = self.manager();
+        let timeout = std::time::Duration::from_millis(self.config.request_timeout_ms);
+        tokio::time::timeout(
+            timeout,
+            redis::cmd("PING").query_async::<()>(&mut connection),
+        )
+        .await
+        .map_err(|_| {
+            BrokerError::Unavailable(format!("redis did not answer PING within {timeout:?}"))
+        })?
+        .map_err(|error| map_error(&error, ErrorContext::Connect))
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {

@@ -75,6 +75,7 @@ fn floor_request(image: Vec<u8>, file_name: &str) -> ClassifyRequest {
         attributes: HashMap::new(),
         top_k: 0,
         model_name: String::new(),
+        deadline_unix_micros: 1_765_000_060_000_000,
     }
 }
 

@@ -363,6 +363,18 @@ mod tests {
         }
     }
 
+    /// A job's report of `results`, with nothing else to tell.
+    fn report_of(job_id: &str, results: Vec<FileResult>) -> JobReport {
+        JobReport {
+            job_id: job_id.into(),
+            results,
+            duplicate_replies: 0,
+            rejected_replies: 0,
+            elapsed: Duration::from_secs(1),
+            answered_by: Default::default(),
+        }
+    }
+
     #[test]
     fn the_page_shows_matrix_classes_thumbnails_and_escaped_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -370,9 +382,9 @@ mod tests {
         image::GrayImage::from_pixel(28, 28, image::Luma([200]))
             .save(&png)
             .expect("png");
-        let report = JobReport {
-            job_id: "job-1".into(),
-            results: vec![
+        let report = report_of(
+            "job-1",
+            vec![
                 result("cat/a.png", "cat", classified("cat", 0.51), png),
                 result(
                     "dog/b.png",
@@ -390,11 +402,7 @@ mod tests {
                     dir.path().join("x.png"),
                 ),
             ],
-            duplicate_replies: 0,
-            rejected_replies: 0,
-            elapsed: Duration::from_secs(1),
-            answered_by: Default::default(),
-        };
+        );
         let accuracy = crate::report::accuracy(&report, &["cat".into(), "dog".into()]);
         let page = render(&report, accuracy.as_ref());
         assert!(page.starts_with("<!DOCTYPE html>"));
@@ -425,9 +433,9 @@ mod tests {
     #[test]
     fn folders_that_name_no_class_frame_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let report = JobReport {
-            job_id: "job-2".into(),
-            results: vec![
+        let report = report_of(
+            "job-2",
+            vec![
                 result(
                     "holiday/a.png",
                     "holiday",
@@ -441,11 +449,7 @@ mod tests {
                     dir.path().join("b"),
                 ),
             ],
-            duplicate_replies: 0,
-            rejected_replies: 0,
-            elapsed: Duration::from_secs(1),
-            answered_by: Default::default(),
-        };
+        );
         let accuracy = crate::report::accuracy(&report, &["cat".into(), "dog".into()]);
         let page = render(&report, accuracy.as_ref());
         assert_eq!(page.matches("class=\"tile\"").count(), 2, "{page}");

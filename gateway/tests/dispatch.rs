@@ -50,6 +50,19 @@ async fn reply(broker: &dyn Broker, topic: &str, job_id: &str, request_id: &str,
         .expect("reply published");
 }
 
+/// A subscription to the requests the dispatcher sends, as the servers' group.
+async fn as_the_server(broker: &dyn Broker) -> Box<dyn unified_broker::Subscriber> {
+    let server = ServerConfig::default();
+    broker
+        .subscribe(
+            &server.request_topic,
+            &server.group,
+            SubscribeOptions::default(),
+        )
+        .await
+        .expect("subscribes as the server")
+}
+
 async fn eventually(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !condition() {
@@ -61,15 +74,7 @@ async fn eventually(what: &str, condition: impl Fn() -> bool) {
 #[tokio::test]
 async fn only_an_awaited_reply_with_our_job_id_is_taken() {
     let (broker, dispatcher, stop) = dispatcher().await;
-    let server = ServerConfig::default();
-    let mut requests = broker
-        .subscribe(
-            &server.request_topic,
-            &server.group,
-            SubscribeOptions::default(),
-        )
-        .await
-        .expect("subscribes as the server");
+    let mut requests = as_the_server(&*broker).await;
     let call = tokio::spawn({
         let dispatcher = Arc::clone(&dispatcher);
         async move {
@@ -168,15 +173,7 @@ async fn a_caller_that_gives_up_leaves_nothing_waiting() {
 #[tokio::test]
 async fn requests_carry_the_callers_deadline_and_trace_context() {
     let (broker, dispatcher, stop) = dispatcher().await;
-    let server = ServerConfig::default();
-    let mut requests = broker
-        .subscribe(
-            &server.request_topic,
-            &server.group,
-            SubscribeOptions::default(),
-        )
-        .await
-        .expect("subscribes as the server");
+    let mut requests = as_the_server(&*broker).await;
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let trace = classifier_app::trace::TraceContext::from_attributes(|name| match name {
         "traceparent" => Some(parent),

@@ -255,6 +255,7 @@ class Traces(unittest.TestCase):
 
     def check_spans_exported_over_otlp(self, backend):
         receiver = OtlpReceiver()
+        self.addCleanup(receiver.server_close)
         self.addCleanup(receiver.shutdown)
         topic = f"interop-traces-{os.getpid()}-{backend}-{int(time.time())}"
         folder = sample_folder(with_bad_file=False)

@@ -72,11 +72,7 @@ pub fn redis_credentials_and_acls_are_enforced(backend_env: &[(String, String)])
             Duration::from_secs(60),
         )
         .unwrap_or_else(|| panic!("the client kept waiting with {expected:?} credentials"));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = all_output(&output);
         assert_eq!(output.status.code(), Some(1), "{text}");
         assert!(
             text.contains(expected) && text.contains("credentials"),
@@ -103,11 +99,7 @@ pub fn redis_credentials_and_acls_are_enforced(backend_env: &[(String, String)])
         Duration::from_secs(60),
     )
     .expect("the client ends when the broker refuses a key");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = all_output(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(
         text.contains("NOPERM"),
@@ -117,4 +109,13 @@ pub fn redis_credentials_and_acls_are_enforced(backend_env: &[(String, String)])
         !text.contains(PASSWORD),
         "the password is in the output:\n{text}"
     );
+}
+
+/// A process's stdout and stderr, as text.
+fn all_output(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }

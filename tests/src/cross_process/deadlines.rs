@@ -11,8 +11,8 @@ use classifier_proto::{
 use unified_broker::{Broker, Message, SubscribeOptions};
 
 use super::hostile::wait_until_nothing_in_flight;
-use super::metrics::{free_loopback_port, http_get, metric, wait_for_status};
-use super::{connect_as_configured, stop, CaseRun};
+use super::metrics::{http_get, metric, wait_for_status};
+use super::{connect_as_configured, stop, CaseRun, OwnTopics};
 
 /// Requests left behind by clients that gave up during the outage.
 const EXPIRED: usize = 2_000;
@@ -26,13 +26,13 @@ const LIVE: usize = 20;
 /// dead-lettered.
 pub fn expired_requests_cost_no_inference(backend_env: &[(String, String)]) {
     let mut run = CaseRun::new(backend_env, "deadlines");
-    let request_topic = run.env_value("CLASSIFIER_REQUEST_TOPIC");
-    let group = run.env_value("CLASSIFIER_GROUP");
-    let dead_letter_topic = format!("{request_topic}-dead");
-    run.set_env("CLASSIFIER_DEAD_LETTER_TOPIC", &dead_letter_topic);
-    let addr = free_loopback_port();
-    run.set_env("CLASSIFIER_METRICS_ADDR", &addr.to_string());
-    let reply_topic = format!("classify-replies-{request_topic}");
+    let OwnTopics {
+        request_topic,
+        group,
+        dead_letter_topic,
+        reply_topic,
+        metrics: addr,
+    } = run.own_topics();
     let image = std::fs::read(crate::workspace_root().join("examples/sneaker/00009.png"))
         .expect("example image");
     let request = |id: String, deadline_unix_micros: i64| {

@@ -10,8 +10,8 @@ use classifier_proto::dead_letter_attributes as dead;
 use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, Outcome, ProstMessage};
 use unified_broker::{Broker, Message, SubscribeOptions};
 
-use super::metrics::{free_loopback_port, http_get, wait_for_status};
-use super::{connect_as_configured, stop, CaseRun};
+use super::metrics::{http_get, wait_for_status};
+use super::{connect_as_configured, stop, CaseRun, OwnTopics};
 
 /// The server's in-flight window in this case: fewer than the poisoned requests, so a
 /// server that held one slot per poisoned request would stall.
@@ -30,13 +30,13 @@ const MISSING_TOPICS: usize = 200;
 /// `UNROUTABLE`; nothing stays in flight and `/readyz` stays ready.
 pub fn poisoned_reply_routes_never_stall_the_server(backend_env: &[(String, String)]) {
     let mut run = CaseRun::new(backend_env, "hostile");
-    let request_topic = run.env_value("CLASSIFIER_REQUEST_TOPIC");
-    let group = run.env_value("CLASSIFIER_GROUP");
-    let dead_letter_topic = format!("{request_topic}-dead");
-    run.set_env("CLASSIFIER_DEAD_LETTER_TOPIC", &dead_letter_topic);
-    let addr = free_loopback_port();
-    run.set_env("CLASSIFIER_METRICS_ADDR", &addr.to_string());
-    let reply_topic = format!("classify-replies-{request_topic}");
+    let OwnTopics {
+        request_topic,
+        group,
+        dead_letter_topic,
+        reply_topic,
+        metrics: addr,
+    } = run.own_topics();
     let inspection = "dead-letter-inspection";
     let image = std::fs::read(crate::workspace_root().join("examples/trouser/00002.png"))
         .expect("example image");

@@ -154,6 +154,23 @@ impl CaseRun {
         ServerProcess::start_with_args(id, args, &self.env, &self.server_log(id))
     }
 
+    /// Gives the server a dead-letter topic and a metrics address of the case's own, and
+    /// returns them with the names a case that publishes its own requests needs.
+    fn own_topics(&mut self) -> OwnTopics {
+        let request_topic = self.env_value("CLASSIFIER_REQUEST_TOPIC");
+        let dead_letter_topic = format!("{request_topic}-dead");
+        self.set_env("CLASSIFIER_DEAD_LETTER_TOPIC", &dead_letter_topic);
+        let metrics = metrics::free_loopback_port();
+        self.set_env("CLASSIFIER_METRICS_ADDR", &metrics.to_string());
+        OwnTopics {
+            group: self.env_value("CLASSIFIER_GROUP"),
+            reply_topic: format!("classify-replies-{request_topic}"),
+            request_topic,
+            dead_letter_topic,
+            metrics,
+        }
+    }
+
     /// Runs the client with `args` to its end: exit code, stdout, summary.
     fn classify(&self, args: &[&str]) -> (i32, String, Summary) {
         client_output(args, &self.env)
@@ -181,6 +198,17 @@ impl CaseRun {
             &self.env,
         )
     }
+}
+
+/// The names of a case that publishes its own requests ([`CaseRun::own_topics`]).
+struct OwnTopics {
+    request_topic: String,
+    group: String,
+    dead_letter_topic: String,
+    /// `classify-replies-<request topic>`.
+    reply_topic: String,
+    /// Where the server serves `/metrics` and the probes.
+    metrics: std::net::SocketAddr,
 }
 
 fn client_output(args: &[&str], env: &[(String, String)]) -> (i32, String, Summary) {
@@ -239,7 +267,7 @@ async fn connect_as_configured(
 
 /// The configuration the binaries would read in a case's environment: the file
 /// `CLASSIFIER_CONFIG` names (if any), with the environment laid over it.
-pub(crate) fn config_for(env: &[(String, String)]) -> classifier_app::AppConfig {
+pub fn config_for(env: &[(String, String)]) -> classifier_app::AppConfig {
     let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let mut config = match value("CLASSIFIER_CONFIG") {
         Some(path) => classifier_app::AppConfig::from_file(Path::new(&path)).expect("config"),

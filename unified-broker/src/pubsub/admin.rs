@@ -129,22 +129,6 @@ impl Admin {
     }
 
     /// Creates the group's subscription if needed; returns its full path.
-    /// Whether the subscription at `path` exists: `Ok(false)` only when the service
-    /// says it does not (it was deleted, or a memory-only emulator restarted).
-    pub(crate) async fn subscription_exists(&self, path: &str) -> Result<bool> {
-        match self
-            .subscriptions
-            .get_subscription()
-            .set_subscription(path)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if code(&e) == Some(Code::NotFound) => Ok(false),
-            Err(e) => Err(errors::admin(&format!("get subscription {path}"), &e)),
-        }
-    }
-
     pub(crate) async fn ensure_subscription(&self, topic: &str, group: &str) -> Result<String> {
         let topic_path = self.topic_path(topic)?;
         let path = self.subscription_path(topic, group);

@@ -201,11 +201,7 @@ impl Broker for PubSubBroker {
             .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
             .build();
         tracing::debug!(subscription = %subscription, topic, group, ?options, "subscribed");
-        Ok(Box::new(PubSubSubscriber::start(
-            subscription,
-            stream,
-            self.admin.clone(),
-        )))
+        Ok(Box::new(PubSubSubscriber::start(subscription, stream)))
     }
 
     async fn ensure_topic(&self, topic: &str) -> Result<()> {

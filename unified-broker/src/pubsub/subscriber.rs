@@ -9,13 +9,6 @@
 //! The stream is driven by a task of its own that hands deliveries over a small channel,
 //! so [`Subscriber::next`] is a plain channel receive: cancel-safe even while the task
 //! is opening or re-opening the stream.
-//!
-//! That task also asks every [`WATCH_EVERY`] whether the subscription still exists. The
-//! library reopens a failed stream by itself, quietly; when the subscription is gone (a
-//! memory-only emulator restarted and forgot it) the reopened stream may just stay
-//! silent, and a subscriber that waits for replies would wait for ever. A subscription
-//! found gone ends the stream with an error, so `Resubscribing` creates it again and
-//! tells its owner (the client then sends its unanswered requests again).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,7 +20,6 @@ use google_cloud_pubsub::subscriber::{MessageStream, ShutdownToken};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::admin::Admin;
 use super::errors;
 use super::KEY_ATTRIBUTE;
 use crate::{AckHandle, BrokerError, Delivery, Message, Result, Subscriber};
@@ -38,9 +30,6 @@ const HANDOFF_CAPACITY: usize = 16;
 
 /// How long `close` waits for the final acks and nacks to reach the service.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often the pull task checks that its subscription still exists.
-const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// A consumer-group member on Pub/Sub (see the module docs).
 pub(crate) struct PubSubSubscriber {
@@ -53,18 +42,11 @@ pub(crate) struct PubSubSubscriber {
 
 impl PubSubSubscriber {
     /// Starts pulling `stream` (a streaming pull on `subscription`) in the background.
-    /// `admin` checks that the subscription still exists (see the module docs).
-    pub(crate) fn start(subscription: String, stream: MessageStream, admin: Admin) -> Self {
+    pub(crate) fn start(subscription: String, stream: MessageStream) -> Self {
         let shutdown = stream.shutdown_token();
         let (tx, deliveries) = mpsc::channel(HANDOFF_CAPACITY);
         let (stop, stopped) = oneshot::channel();
-        let pulled = Pulled {
-            subscription: subscription.clone(),
-            stream,
-            shutdown,
-            admin,
-        };
-        let pump = tokio::spawn(pump(pulled, tx, stopped));
+        let pump = tokio::spawn(pump(subscription.clone(), stream, shutdown, tx, stopped));
         PubSubSubscriber {
             subscription,
             deliveries,
@@ -88,34 +70,17 @@ impl PubSubSubscriber {
 /// StreamingPull that its client reset and keeps handing messages to it; see the
 /// conformance test's known failures.)
 async fn pump(
-    pulled: Pulled,
+    subscription: String,
+    mut stream: MessageStream,
+    shutdown: ShutdownToken,
     tx: mpsc::Sender<Result<Delivery>>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let Pulled {
-        subscription,
-        mut stream,
-        shutdown,
-        admin,
-    } = pulled;
-    let mut watch =
-        tokio::time::interval_at(tokio::time::Instant::now() + WATCH_EVERY, WATCH_EVERY);
-    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let item = tokio::select! {
             biased;
             _ = &mut stopped => break,
             item = stream.next() => item,
-            _ = watch.tick() => match admin.subscription_exists(&subscription).await {
-                Ok(false) => {
-                    tracing::warn!(subscription = %subscription, "the subscription no longer exists (the broker lost it); ending the stream");
-                    let gone = BrokerError::Subscribe(format!("{subscription} no longer exists"));
-                    let _ = tx.send(Err(gone)).await;
-                    break;
-                }
-                // Still there, or the service is away (the stream reports that itself).
-                Ok(true) | Err(_) => continue,
-            },
         };
         let item = match item {
             None => {
@@ -143,15 +108,6 @@ async fn pump(
     }
     drop(stream);
     tracing::debug!(subscription = %subscription, "streaming pull closed");
-}
-
-/// What the pull task drives: the stream on one subscription, the token that shuts
-/// its lease manager down, and the admin client that checks the subscription exists.
-struct Pulled {
-    subscription: String,
-    stream: MessageStream,
-    shutdown: ShutdownToken,
-    admin: Admin,
 }
 
 /// Turns a received Pub/Sub message into a [`Delivery`] settled through `handler`.

@@ -27,7 +27,9 @@ cp -r examples "$work/images"
 printf 'not an image\n' > "$work/images/notes.txt"
 head -c 300 examples/bag/00018.png > "$work/images/truncated.png"
 
-cargo build --quiet -p client-app
+# The workspace's feature set, as the test command builds it (a `-p client-app` build
+# would compile client-app again with fewer features).
+cargo build --quiet --workspace --bins
 status=0
 target/debug/client-app classify "$work/images" --quiet --report "$work/report.html" >/dev/null || status=$?
 # 2 = some files were answered with errors (the two bad ones): expected.

@@ -8,3 +8,49 @@ fn env() -> Option<Vec<(String, String)>> {
 }
 
 integration_tests::cross_process_tests!(env(), "KAFKA_BOOTSTRAP_SERVERS");
+
+/// A SASL login the broker refuses (Tansu offers no SASL: the handshake fails) is a
+/// final error that says why, and the password given in `KAFKA_SASL_PASSWORD` appears
+/// nowhere in the client's output, debug logs included.
+#[test]
+fn a_refused_sasl_login_is_clear_and_keeps_the_password_out_of_the_output() {
+    let Some(mut env) = env() else { return };
+    const PASSWORD: &str = "sasl-pw-5e1d9c";
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = work.path().join("sasl.toml");
+    std::fs::write(
+        &config,
+        "[broker]\nbackend = \"kafka\"\n[broker.properties]\n\
+         \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n",
+    )
+    .expect("config");
+    for (name, value) in [
+        ("CLASSIFIER_CONFIG", config.to_string_lossy().into_owned()),
+        ("KAFKA_SASL_USERNAME", "classifier".to_string()),
+        ("KAFKA_SASL_PASSWORD", PASSWORD.to_string()),
+        ("RUST_LOG", "debug".to_string()),
+    ] {
+        env.push((name.into(), value));
+    }
+    let examples = integration_tests::workspace_root().join("examples/bag");
+    let output = integration_tests::run_client_within(
+        &["classify", &examples.to_string_lossy(), "--timeout", "5"],
+        &env,
+        std::time::Duration::from_secs(120),
+    )
+    .expect("the client ends on a refused login");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("SASL"),
+        "the error names the SASL refusal:\n{text}"
+    );
+    assert!(
+        !text.contains(PASSWORD),
+        "the password is in the output:\n{text}"
+    );
+}

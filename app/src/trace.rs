@@ -102,29 +102,22 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The attribute holding the W3C `tracestate`.
 pub const TRACESTATE: &str = "tracestate";
 
-/// A valid W3C trace context: the `traceparent` and `tracestate` values as the W3C
-/// propagator writes them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TraceContext {
-    /// `00-<trace id>-<parent id>-<flags>`.
-    pub traceparent: String,
-    /// Vendor entries, possibly empty.
-    pub tracestate: String,
-}
+/// A valid W3C trace context, as OpenTelemetry's W3C propagator read it (from
+/// attributes) or as a recorded span holds it: written out as `traceparent` and
+/// `tracestate` only when it travels on ([`TraceContext::write_to`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext(SpanContext);
 
 impl TraceContext {
     /// The context in a message's attributes (`get` looks one up by name), or `None` when
     /// there is none or it is not valid W3C (a peer's garbage starts no trace).
     pub fn from_attributes<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<Self> {
-        let mut carrier = HashMap::new();
-        for name in [TRACEPARENT, TRACESTATE] {
-            if let Some(value) = get(name) {
-                carrier.insert(name, value);
-            }
+        let mut carrier = HashMap::from([(TRACEPARENT, get(TRACEPARENT)?)]);
+        if let Some(state) = get(TRACESTATE) {
+            carrier.insert(TRACESTATE, state);
         }
-        carrier.get(TRACEPARENT)?;
         let context = TraceContextPropagator::new().extract(&Carrier(carrier));
-        Self::of_span_context(context.span().span_context())
+        Self::valid(context.span().span_context())
     }
 
     /// The context to pass on from `span`: its own, when an OpenTelemetry layer records
@@ -133,49 +126,36 @@ impl TraceContext {
         if span.is_none() {
             return None;
         }
-        Self::of_span_context(span.context().span().span_context())
+        Self::valid(span.context().span().span_context())
     }
 
-    /// The context of `span_context`, if it is valid.
-    fn of_span_context(span_context: &SpanContext) -> Option<Self> {
-        if !span_context.is_valid() {
-            return None;
-        }
-        let context = Context::new().with_remote_span_context(span_context.clone());
-        let mut written = BTreeMap::new();
-        TraceContextPropagator::new().inject_context(&context, &mut Written(&mut written));
-        Some(TraceContext {
-            traceparent: written.remove(TRACEPARENT)?,
-            tracestate: written.remove(TRACESTATE).unwrap_or_default(),
-        })
+    /// `span_context`, if it is valid.
+    fn valid(span_context: &SpanContext) -> Option<Self> {
+        span_context
+            .is_valid()
+            .then(|| TraceContext(span_context.clone()))
     }
 
     /// The trace id (32 hex digits).
-    pub fn trace_id(&self) -> &str {
-        self.traceparent.get(3..35).unwrap_or_default()
+    pub fn trace_id(&self) -> String {
+        self.0.trace_id().to_string()
     }
 
     /// The id of the span this context names as the parent (16 hex digits).
-    pub fn parent_id(&self) -> &str {
-        self.traceparent.get(36..52).unwrap_or_default()
+    pub fn parent_id(&self) -> String {
+        self.0.span_id().to_string()
     }
 
-    /// Writes the context into message attributes (`tracestate` only when not empty).
+    /// The vendor entries (`tracestate`), possibly empty.
+    pub fn tracestate(&self) -> String {
+        self.0.trace_state().header()
+    }
+
+    /// Writes the context into message attributes as the W3C propagator does
+    /// (`tracestate` only when not empty).
     pub fn write_to(&self, attributes: &mut BTreeMap<String, String>) {
-        attributes.insert(TRACEPARENT.into(), self.traceparent.clone());
-        if !self.tracestate.is_empty() {
-            attributes.insert(TRACESTATE.into(), self.tracestate.clone());
-        }
-    }
-
-    /// The OpenTelemetry span context this names.
-    fn span_context(&self) -> SpanContext {
-        let mut carrier = HashMap::from([(TRACEPARENT, self.traceparent.as_str())]);
-        if !self.tracestate.is_empty() {
-            carrier.insert(TRACESTATE, self.tracestate.as_str());
-        }
-        let context = TraceContextPropagator::new().extract(&Carrier(carrier));
-        context.span().span_context().clone()
+        let context = Context::new().with_remote_span_context(self.0.clone());
+        TraceContextPropagator::new().inject_context(&context, &mut Written(attributes));
     }
 }
 
@@ -186,7 +166,7 @@ pub fn join(span: &tracing::Span, parent: Option<&TraceContext>) {
     if span.is_none() {
         return;
     }
-    let context = Context::new().with_remote_span_context(parent.span_context());
+    let context = Context::new().with_remote_span_context(parent.0.clone());
     // Fails only without a layer or for a span already started: then nothing is traced.
     let _ = span.set_parent(context);
 }
@@ -198,7 +178,7 @@ pub fn link<'a>(span: &tracing::Span, contexts: impl IntoIterator<Item = &'a Tra
         return;
     }
     for context in contexts {
-        span.add_link(context.span_context());
+        span.add_link(context.0.clone());
     }
 }
 
@@ -219,8 +199,11 @@ impl Extractor for Carrier<'_> {
 struct Written<'a>(&'a mut BTreeMap<String, String>);
 
 impl Injector for Written<'_> {
+    /// Sets `key`, unless `value` is empty (the propagator writes an empty `tracestate`).
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_string(), value);
+        if !value.is_empty() {
+            self.0.insert(key.to_string(), value);
+        }
     }
 }
 
@@ -241,14 +224,23 @@ mod tests {
     #[test]
     fn a_w3c_traceparent_is_read_and_written_back_the_same() {
         let context = parsed(PARENT, Some("congo=t61rcWkgMzE")).expect("valid");
-        assert_eq!(context.traceparent, PARENT);
-        assert_eq!(context.tracestate, "congo=t61rcWkgMzE");
+        assert_eq!(context.tracestate(), "congo=t61rcWkgMzE");
         assert_eq!(context.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(context.parent_id(), "00f067aa0ba902b7");
         let mut attributes = BTreeMap::new();
         context.write_to(&mut attributes);
         assert_eq!(attributes[TRACEPARENT], PARENT);
         assert_eq!(attributes[TRACESTATE], "congo=t61rcWkgMzE");
+        let mut without_state = BTreeMap::new();
+        parsed(PARENT, None)
+            .expect("valid")
+            .write_to(&mut without_state);
+        assert_eq!(
+            without_state.len(),
+            1,
+            "no empty tracestate: {without_state:?}"
+        );
+        assert_eq!(without_state[TRACEPARENT], PARENT);
     }
 
     #[test]

@@ -263,13 +263,9 @@ impl Dispatcher {
             attributes: HashMap::new(),
             top_k: image.top_k,
             model_name: std::mem::take(&mut image.model_name),
-            deadline_unix_micros: now.saturating_add(left.as_micros() as i64),
+            deadline_unix_micros: classifier_proto::deadline_after(now, left),
         };
-        let mut message = client_app::job::request_message(&request);
-        if let Some(trace) = &image.trace {
-            trace.write_to(&mut message.attributes);
-        }
-        message
+        client_app::job::request_message(&request, image.trace.as_ref())
     }
 
     /// Reads replies until `stop`, handing each to its waiter; publishes what waits

@@ -71,6 +71,13 @@ pub const CONTENT_TYPE_REQUEST: &str =
 pub const CONTENT_TYPE_RESPONSE: &str =
     "application/x-protobuf; message=classifier.v1.ClassifyResponse";
 
+/// The `deadline_unix_micros` of a request sent at `sent_at` (microseconds since the Unix
+/// epoch) whose sender waits `wait` for the reply (saturating, never overflowing).
+pub fn deadline_after(sent_at: i64, wait: std::time::Duration) -> i64 {
+    let wait = i64::try_from(wait.as_micros()).unwrap_or(i64::MAX);
+    sent_at.saturating_add(wait)
+}
+
 /// Microseconds since the Unix epoch, as written in the `sent_at_unix_micros` fields
 /// (0 if the clock is before the epoch).
 pub fn unix_micros_now() -> i64 {

@@ -178,7 +178,11 @@ async fn a_foreign_context_comes_back(
         TraceContext::from_attributes(|name| (name == TRACEPARENT).then_some(FOREIGN_PARENT))
             .expect("the spec's example is valid");
     assert_eq!(back.trace_id(), foreign.trace_id(), "same trace");
-    assert_eq!(back.tracestate, "congo=t61rcWkgMzE", "tracestate passed on");
+    assert_eq!(
+        back.tracestate(),
+        "congo=t61rcWkgMzE",
+        "tracestate passed on"
+    );
     let server_span = wait_for_spans(exporter, |spans| {
         spans
             .iter()
@@ -196,7 +200,7 @@ async fn a_foreign_context_comes_back(
         server_span.span_context.span_id().to_string(),
         "the reply names the server's span as parent"
     );
-    back.trace_id().to_string()
+    back.trace_id()
 }
 
 /// The spans named `name` whose parent is `parent`, in `parent`'s trace.

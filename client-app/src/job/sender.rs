@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use classifier_app::trace::TraceContext;
 use classifier_proto::{
-    attributes, unix_micros_now, ClassifyRequest, ProstMessage, CONTENT_TYPE_REQUEST,
-    SCHEMA_VERSION,
+    attributes, deadline_after, unix_micros_now, ClassifyRequest, ProstMessage,
+    CONTENT_TYPE_REQUEST, SCHEMA_VERSION,
 };
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -129,6 +129,9 @@ impl Sender {
             attributes: HashMap::new(),
             top_k: self.options.top_k,
             model_name: self.options.model_name.clone(),
+            // After the reply timeout the job may have given up: a server that takes the
+            // request later skips the model (a backlog left by clients long gone costs no
+            // inference).
             deadline_unix_micros: deadline_after(sent_at, self.options.reply_timeout),
         };
         let limit = self.max_request_bytes;
@@ -150,15 +153,6 @@ impl Sender {
 pub fn new_request_id() -> String {
     // Not a UUIDv4: that carries only 122 random bits.
     format!("{:032x}", rand::random::<u128>())
-}
-
-/// The deadline of a request sent at `sent_at` (microseconds since the Unix epoch) by a
-/// job that waits `reply_timeout` for replies: after that the job may have given up, so
-/// a server that takes the request later answers `DEADLINE_EXCEEDED` without running the
-/// model (a backlog left by clients long gone costs no inference).
-pub(super) fn deadline_after(sent_at: i64, reply_timeout: Duration) -> i64 {
-    let timeout = i64::try_from(reply_timeout.as_micros()).unwrap_or(i64::MAX);
-    sent_at.saturating_add(timeout)
 }
 
 /// `message` (a request this job encoded) with a deadline `reply_timeout` from now: a
@@ -190,15 +184,19 @@ pub(super) async fn request_size_limit(broker: &dyn Broker, options: &JobOptions
 }
 
 /// The broker message that carries `request`: its encoding, keyed by its request id,
-/// with the routing attributes of the wire contract. The HTTP gateway frames its
-/// requests with it too.
-pub fn request_message(request: &ClassifyRequest) -> Message {
-    with_request_routing(
+/// with the routing attributes of the wire contract and the W3C `trace` context if
+/// any. The HTTP gateway frames its requests with it too.
+pub fn request_message(request: &ClassifyRequest, trace: Option<&TraceContext>) -> Message {
+    let mut message = with_request_routing(
         Message::new(request.encode_to_vec()),
         &request.request_id,
         &request.reply_topic,
         &request.job_id,
-    )
+    );
+    if let Some(trace) = trace {
+        trace.write_to(&mut message.attributes);
+    }
+    message
 }
 
 /// `payload` (an encoded request) framed as a request: keyed by its request id, with
@@ -227,14 +225,7 @@ async fn fit_request(
     resize_to: Option<u32>,
     trace: Option<&TraceContext>,
 ) -> Result<Message, Failure> {
-    let request_message = |request: &ClassifyRequest| {
-        let mut message = request_message(request);
-        if let Some(trace) = trace {
-            trace.write_to(&mut message.attributes);
-        }
-        message
-    };
-    let message = request_message(&request);
+    let message = request_message(&request, trace);
     if message.size() <= limit {
         return Ok(message);
     }
@@ -259,7 +250,7 @@ async fn fit_request(
         })?;
     request.image = downscaled;
     request.content_type = "image/png".to_string();
-    let message = request_message(&request);
+    let message = request_message(&request, trace);
     if message.size() <= limit {
         Ok(message)
     } else {

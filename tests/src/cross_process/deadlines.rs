@@ -12,7 +12,7 @@ use unified_broker::{Broker, Message, SubscribeOptions};
 
 use super::hostile::wait_until_nothing_in_flight;
 use super::metrics::{http_get, metric, wait_for_status};
-use super::{connect_as_configured, stop, CaseRun, OwnTopics};
+use super::{connect_and_publish, stop, CaseRun, OwnTopics};
 
 /// Requests left behind by clients that gave up during the outage.
 const EXPIRED: usize = 2_000;
@@ -47,30 +47,16 @@ pub fn expired_requests_cost_no_inference(backend_env: &[(String, String)]) {
         Message::new(request.encode_to_vec()).with_key(id)
     };
 
+    let now = unix_micros_now();
+    let expired = (0..EXPIRED).map(|i| request(format!("expired-{i}"), now - 10_000_000));
+    let live = (0..LIVE).map(|i| request(format!("live-{i}"), now + 120_000_000));
+    let backlog: Vec<Message> = expired.chain(live).collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let broker = runtime.block_on(async {
-        let broker = connect_as_configured(&run.env).await;
-        for (topic, group) in [
-            (&request_topic, group.as_str()),
-            (&reply_topic, "deadline-reader"),
-        ] {
-            broker
-                .ensure_topic_and_subscription(topic, group)
-                .await
-                .expect("topic and subscription");
-        }
-        let now = unix_micros_now();
-        let expired = (0..EXPIRED).map(|i| request(format!("expired-{i}"), now - 10_000_000));
-        let live = (0..LIVE).map(|i| request(format!("live-{i}"), now + 120_000_000));
-        let all: Vec<Message> = expired.chain(live).collect();
-        for chunk in all.chunks(100) {
-            broker
-                .publish_batch(&request_topic, chunk.to_vec())
-                .await
-                .expect("publish the backlog");
-        }
-        broker
-    });
+    let broker = runtime.block_on(connect_and_publish(
+        &run.env,
+        &[(&request_topic, &group), (&reply_topic, "deadline-reader")],
+        (&request_topic, backlog, 100),
+    ));
 
     let server = run.start_server("server-deadlines");
     let log = || std::fs::read_to_string(run.server_log("server-deadlines")).unwrap_or_default();

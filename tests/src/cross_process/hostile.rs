@@ -11,7 +11,7 @@ use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, Outcome, P
 use unified_broker::{Broker, Message, SubscribeOptions};
 
 use super::metrics::{http_get, wait_for_status};
-use super::{connect_as_configured, stop, CaseRun, OwnTopics};
+use super::{connect_and_publish, stop, CaseRun, OwnTopics};
 
 /// The server's in-flight window in this case: fewer than the poisoned requests, so a
 /// server that held one slot per poisoned request would stall.
@@ -59,37 +59,26 @@ pub fn poisoned_reply_routes_never_stall_the_server(backend_env: &[(String, Stri
     };
 
     let (unroutable, missing) = poisoned_routes(&run, &request_topic);
+    let mut poison: Vec<Message> = unroutable
+        .iter()
+        .map(|(id, route)| request(id, route))
+        .collect();
+    poison.extend(
+        missing
+            .iter()
+            .enumerate()
+            .map(|(i, route)| request(&format!("missing-{i}"), route)),
+    );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let broker = runtime.block_on(async {
-        let broker = connect_as_configured(&run.env).await;
-        for (topic, group) in [
-            (&request_topic, group.as_str()),
+    let broker = runtime.block_on(connect_and_publish(
+        &run.env,
+        &[
+            (&request_topic, &group),
             (&reply_topic, "hostile-reader"),
             (&dead_letter_topic, inspection),
-        ] {
-            broker
-                .ensure_topic_and_subscription(topic, group)
-                .await
-                .expect("topic and subscription");
-        }
-        let mut poison: Vec<Message> = unroutable
-            .iter()
-            .map(|(id, route)| request(id, route))
-            .collect();
-        poison.extend(
-            missing
-                .iter()
-                .enumerate()
-                .map(|(i, route)| request(&format!("missing-{i}"), route)),
-        );
-        for chunk in poison.chunks(50) {
-            broker
-                .publish_batch(&request_topic, chunk.to_vec())
-                .await
-                .expect("publish the poisoned requests");
-        }
-        broker
-    });
+        ],
+        (&request_topic, poison, 50),
+    ));
 
     let server = run.start_server_with("server-hostile", &["--max-in-flight", "16"]);
     let log = || std::fs::read_to_string(run.server_log("server-hostile")).unwrap_or_default();

@@ -265,6 +265,30 @@ async fn connect_as_configured(
         .expect("connect")
 }
 
+/// A broker client for a case (see [`connect_as_configured`]) once each `(topic, group)`
+/// of `subscriptions` exists, with `messages` published to `topic` in batches of `batch`:
+/// the set-up of the cases that publish their own requests before a server runs.
+async fn connect_and_publish(
+    env: &[(String, String)],
+    subscriptions: &[(&str, &str)],
+    (topic, messages, batch): (&str, Vec<unified_broker::Message>, usize),
+) -> std::sync::Arc<dyn unified_broker::Broker> {
+    let broker = connect_as_configured(env).await;
+    for (subscribed, group) in subscriptions {
+        broker
+            .ensure_topic_and_subscription(subscribed, group)
+            .await
+            .expect("topic and subscription");
+    }
+    for chunk in messages.chunks(batch) {
+        broker
+            .publish_batch(topic, chunk.to_vec())
+            .await
+            .expect("publish the requests");
+    }
+    broker
+}
+
 /// The configuration the binaries would read in a case's environment: the file
 /// `CLASSIFIER_CONFIG` names (if any), with the environment laid over it.
 pub fn config_for(env: &[(String, String)]) -> classifier_app::AppConfig {

@@ -282,19 +282,12 @@ impl Broker for RedisBroker {
         self.create_stream(topic).await
     }
 
-    /// `PING` on the shared connection, bounded by `request_timeout_ms`.
+    /// `PING` on the shared connection (its response timeout is `request_timeout_ms`).
     async fn ping(&self) -> Result<()> {
-        let mut connection = self.manager();
-        let timeout = std::time::Duration::from_millis(self.config.request_timeout_ms);
-        tokio::time::timeout(
-            timeout,
-            redis::cmd("PING").query_async::<()>(&mut connection),
-        )
-        .await
-        .map_err(|_| {
-            BrokerError::Unavailable(format!("redis did not answer PING within {timeout:?}"))
-        })?
-        .map_err(|error| map_error(&error, ErrorContext::Connect))
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.manager())
+            .await
+            .map_err(|error| map_error(&error, ErrorContext::Connect))
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {

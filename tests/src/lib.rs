@@ -49,6 +49,15 @@ pub fn run_client(args: &[&str], env: &[(String, String)]) -> Output {
     client_command(args, env).output().expect("client-app runs")
 }
 
+/// A finished process's stdout and stderr, as one text (for assertions on what it said).
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 /// [`run_client`], but `None` (the client killed) if it has not exited within `limit`:
 /// for tests where a hang is the failure.
 pub fn run_client_within(

@@ -39,11 +39,7 @@ fn a_refused_sasl_login_is_clear_and_keeps_the_password_out_of_the_output() {
         std::time::Duration::from_secs(120),
     )
     .expect("the client ends on a refused login");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = integration_tests::output_text(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(
         text.contains("SASL"),

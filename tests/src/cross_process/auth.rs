@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{stop, CaseRun};
-use crate::{copy_examples, run_client_within};
+use crate::{copy_examples, output_text, run_client_within};
 
 /// The password of the ACL user the servers and clients connect as.
 const PASSWORD: &str = "classifier-pw-3f9a1c";
@@ -72,7 +72,7 @@ pub fn redis_credentials_and_acls_are_enforced(backend_env: &[(String, String)])
             Duration::from_secs(60),
         )
         .unwrap_or_else(|| panic!("the client kept waiting with {expected:?} credentials"));
-        let text = all_output(&output);
+        let text = output_text(&output);
         assert_eq!(output.status.code(), Some(1), "{text}");
         assert!(
             text.contains(expected) && text.contains("credentials"),
@@ -99,7 +99,7 @@ pub fn redis_credentials_and_acls_are_enforced(backend_env: &[(String, String)])
         Duration::from_secs(60),
     )
     .expect("the client ends when the broker refuses a key");
-    let text = all_output(&output);
+    let text = output_text(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(
         text.contains("NOPERM"),
@@ -109,13 +109,4 @@ pub fn redis_credentials_and_acls_are_enforced(backend_env: &[(String, String)])
         !text.contains(PASSWORD),
         "the password is in the output:\n{text}"
     );
-}
-
-/// A process's stdout and stderr, as text.
-fn all_output(output: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }

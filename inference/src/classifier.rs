@@ -165,6 +165,14 @@ impl Classifier {
         crate::onnx::export_native(net, &self.meta, out)
     }
 
+    /// The native CNN's weights (`None` for an ONNX model): a fine-tuning backbone.
+    pub(crate) fn native_net(&self) -> Option<&Net> {
+        match &self.engine {
+            Engine::Native { net, .. } => Some(net),
+            Engine::Onnx { .. } => None,
+        }
+    }
+
     /// Whether this is an ONNX model (whose directory files differ from the native
     /// CNN's; see [`Classifier::load`]).
     pub fn is_onnx(&self) -> bool {

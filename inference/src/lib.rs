@@ -10,7 +10,8 @@
 //! and the server does not depend on the trainer (nor on its command line, random numbers,
 //! gzip and logging set-up).
 //!
-//! Layout: [`model`] (format and network), [`onnx`] (the ONNX directory format and
+//! Layout: [`model`] (format and network), [`backbone`] (a served model as a pretrained
+//! feature extractor, and a fine-tuned model written from it), [`onnx`] (the ONNX directory format and
 //! engine), [`model_dir`] (snapshots of a model directory's files, for reloads),
 //! [`classifier`] ([`Classifier`]), [`preprocess`] ([`Preprocessor`] and the ONNX
 //! [`PreprocessRecipe`]), [`simd`] (the run-time choice of SIMD level, [`simd_level`], and
@@ -19,6 +20,7 @@
 //! `kernels` (the slice kernels both of those share) and, in tests, `reference` (the
 //! candle-generic oracles the kernels are checked against).
 
+pub mod backbone;
 pub mod classifier;
 mod fast;
 mod kernels;
@@ -31,6 +33,7 @@ pub mod preprocess;
 mod reference;
 pub mod simd;
 
+pub use backbone::{Backbone, Dense};
 pub use classifier::Classifier;
 pub use model::{ModelMetadata, Normalization};
 pub use model_dir::DirSnapshot;

@@ -116,6 +116,11 @@ pub struct ModelMetadata {
     /// recorded).
     #[serde(default)]
     pub best_epoch: usize,
+    /// The pretrained model a fine-tuned model's features come from (`trainer train
+    /// --from`): its name, version, directory and where it was cut; empty for a model
+    /// trained from scratch.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backbone: String,
 }
 
 impl ModelMetadata {
@@ -152,6 +157,24 @@ impl ModelMetadata {
             bail!("class_names and class_dirs must be non-empty and of equal length");
         }
         Ok(())
+    }
+
+    /// Takes what `record` says of training (dataset, accuracy, time, command, seed,
+    /// backbone, …) and keeps what this model's own files say of it (name, version,
+    /// architecture, input, classes): an ONNX model with a training record beside it.
+    pub fn take_training_record(&mut self, record: ModelMetadata) {
+        let own = std::mem::replace(self, record);
+        self.name = own.name;
+        self.version = own.version;
+        self.architecture = own.architecture;
+        self.input_width = own.input_width;
+        self.input_height = own.input_height;
+        self.input_channels = own.input_channels;
+        self.normalization = own.normalization;
+        self.invert = own.invert;
+        self.class_names = own.class_names;
+        self.class_dirs = own.class_dirs;
+        self.tensor_layout = own.tensor_layout;
     }
 
     /// Reads `metadata.json` from a model directory.

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use classifier_inference::SimdLevel;
 
 use crate::evaluate;
+use crate::finetune::{FineTuneOptions, HeadKind};
 use crate::train::{self, ImageFolderOptions, RunOptions, TrainConfig};
 
 /// Command line of the trainer.
@@ -25,8 +26,9 @@ pub struct Cli {
 /// Sub-commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a model and write model.safetensors + metadata.json.
-    Train(TrainArgs),
+    /// Train a model and write its directory: our CNN from scratch, or (with --from) a
+    /// new head on a pretrained model.
+    Train(Box<TrainArgs>),
     /// Evaluate a saved model on Fashion-MNIST's test set or on a folder of class folders:
     /// accuracy, per-class precision and recall, and the confusion matrix.
     Evaluate {
@@ -189,9 +191,10 @@ pub struct TrainArgs {
     /// Output model directory.
     #[arg(long, default_value = "models/fashion-mnist")]
     output: PathBuf,
-    /// Model name recorded in the metadata.
-    #[arg(long, default_value = "fashion-cnn")]
-    name: String,
+    /// Model name recorded in the metadata (default: fashion-cnn; with --from, the
+    /// output directory's name).
+    #[arg(long)]
+    name: Option<String>,
     /// Model version recorded in the metadata.
     #[arg(long, default_value = "1.0.0")]
     version: String,
@@ -204,6 +207,76 @@ pub struct TrainArgs {
     /// Image folder only: fraction of images held out as the test set.
     #[arg(long, default_value_t = 0.2)]
     test_split: f64,
+    /// Fine-tune: start from this model directory (any model the server serves: an ONNX
+    /// classifier or our CNN), cut at its feature layer, and train a new head on
+    /// --image-folder. --image-size and --channels are the backbone's then.
+    #[arg(long, value_name = "MODEL", requires = "image_folder")]
+    from: Option<PathBuf>,
+    /// Fine-tune: the tensor (or node) whose output is the features; default: the input
+    /// of the model's last linear layer (`fc1.relu` for our CNN; `flatten` is its
+    /// convolution features).
+    #[arg(long, requires = "from")]
+    feature_node: Option<String>,
+    /// Fine-tune: the new head, `linear` or `mlp` (linear → ReLU → dropout → linear).
+    #[arg(long, default_value = "linear", requires = "from")]
+    head: String,
+    /// Fine-tune: hidden units of `--head mlp`.
+    #[arg(long, default_value_t = 256, requires = "from")]
+    head_hidden: usize,
+    /// Fine-tune: also train the last N layers of a native CNN backbone (0 or 1: its
+    /// hidden layer, from its trained weights).
+    #[arg(long, default_value_t = 0, requires = "from")]
+    unfreeze: usize,
+    /// Fine-tune: augmented copies of each training image whose features are computed
+    /// (random crops; mirrored too when --augment has flip).
+    #[arg(long, default_value_t = 2, requires = "from")]
+    augment_copies: usize,
+    /// Fine-tune: where computed features are cached (default: $XDG_CACHE_HOME or
+    /// ~/.cache, under image-classifier/features).
+    #[arg(long, requires = "from")]
+    feature_cache: Option<PathBuf>,
+    /// Fine-tune: compute the features again and cache nothing.
+    #[arg(long, requires = "from")]
+    no_feature_cache: bool,
+}
+
+impl TrainArgs {
+    /// The head `--head` and `--head-hidden` (or `--unfreeze`) describe.
+    fn head_kind(&self) -> anyhow::Result<HeadKind> {
+        match self.head.as_str() {
+            "linear" => Ok(HeadKind::Linear),
+            "mlp" => Ok(HeadKind::Mlp {
+                hidden: self.head_hidden.max(1),
+            }),
+            other => bail!("--head {other:?}: use linear or mlp"),
+        }
+    }
+
+    /// `--name`, or its default.
+    fn model_name(&self) -> String {
+        let from_output = || {
+            let name = self.output.file_name()?.to_str()?;
+            Some(name.to_string())
+        };
+        match (&self.name, &self.from) {
+            (Some(name), _) => name.clone(),
+            (None, Some(_)) => from_output().unwrap_or_else(|| "fine-tuned".to_string()),
+            (None, None) => "fashion-cnn".to_string(),
+        }
+    }
+
+    /// The feature cache directory, unless `--no-feature-cache`.
+    fn cache_dir(&self) -> Option<PathBuf> {
+        if self.no_feature_cache {
+            return None;
+        }
+        self.feature_cache.clone().or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("image-classifier").join("features"))
+        })
+    }
 }
 
 /// Quotes an argument for the recorded command line when the shell would need it.
@@ -222,7 +295,7 @@ fn shell_quote(arg: &str) -> String {
 /// Runs the command `cli` names; `command_line` is recorded in a trained model's metadata.
 pub fn run(cli: Cli, command_line: String) -> anyhow::Result<()> {
     match cli.command {
-        Command::Train(a) => train(a, command_line),
+        Command::Train(a) => train(*a, command_line),
         Command::Evaluate { model, data } => evaluate(&model, &data),
         Command::Bench(a) => bench(a),
         Command::Export { model, onnx } => export_onnx(&model, &onnx),
@@ -242,8 +315,11 @@ pub fn quoted_command_line() -> String {
         .join(" ")
 }
 
-/// `trainer train`: trains on Fashion-MNIST or an image folder and writes the model.
+/// `trainer train`: trains on Fashion-MNIST or an image folder (or fine-tunes a model on
+/// it) and writes the model.
 fn train(a: TrainArgs, command_line: String) -> anyhow::Result<()> {
+    let augment = train::Augment::parse(&a.augment, a.max_shift)
+        .map_err(|e| anyhow::anyhow!("--augment: {e}"))?;
     let opts = RunOptions {
         config: TrainConfig {
             epochs: a.epochs,
@@ -255,16 +331,31 @@ fn train(a: TrainArgs, command_line: String) -> anyhow::Result<()> {
             dropout: a.dropout,
             label_smoothing: a.label_smoothing,
             seed: a.seed,
-            augment: train::Augment::parse(&a.augment, a.max_shift)
-                .map_err(|e| anyhow::anyhow!("--augment: {e}"))?,
+            augment: augment.clone(),
             ..TrainConfig::default()
         },
         validation_split: a.validation_split,
         output: a.output.clone(),
-        name: a.name,
-        version: a.version,
+        name: a.model_name(),
+        version: a.version.clone(),
         command: command_line,
     };
+    if let Some(from) = &a.from {
+        let Source::ImageFolder(dir) = a.data.source()? else {
+            bail!("--from fine-tunes on --image-folder, not on Fashion-MNIST");
+        };
+        let ft = FineTuneOptions {
+            from: from.clone(),
+            feature_node: a.feature_node.clone(),
+            head: a.head_kind()?,
+            unfreeze: a.unfreeze,
+            copies: a.augment_copies,
+            flip: augment.flip,
+            cache_dir: a.cache_dir(),
+            test_split: a.test_split,
+        };
+        return fine_tune(dir, &ft, &opts);
+    }
     let outcome = match a.data.source()? {
         Source::FashionMnist(dir) => train::train_fashion_mnist(dir, &opts, train::print_epoch)?,
         Source::ImageFolder(dir) => {
@@ -296,6 +387,58 @@ fn train(a: TrainArgs, command_line: String) -> anyhow::Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// `trainer train --from`: fine-tunes and reports what it did.
+fn fine_tune(dir: &Path, ft: &FineTuneOptions, opts: &RunOptions) -> anyhow::Result<()> {
+    let outcome = crate::finetune::fine_tune(dir, ft, opts, train::print_epoch)?;
+    let meta = outcome.classifier.metadata();
+    println!("\nbackbone: {}", meta.backbone);
+    if let Some(sets) = &outcome.features {
+        print_features(sets);
+    }
+    println!(
+        "\ntest set, with the head of epoch {}:\n{}",
+        meta.best_epoch, outcome.test
+    );
+    println!(
+        "test accuracy {:.2}% on {} images; head trained in {:.1}s ({} epochs); the written \
+         model answers {} of the {} test images as the head did; {:?} model written to {} \
+         ({})",
+        meta.test_accuracy * 100.0,
+        meta.test_samples,
+        outcome.head_seconds,
+        meta.epochs,
+        meta.test_samples - outcome.disagreements.min(meta.test_samples),
+        meta.test_samples,
+        outcome.format,
+        opts.output.display(),
+        meta.architecture
+    );
+    Ok(())
+}
+
+/// Where fine-tuning's features came from, and how many there are.
+fn print_features(sets: &crate::features::FeatureSets) {
+    let cache = match &sets.cache {
+        Some((path, true)) => format!("read from the cache {}", path.display()),
+        Some((path, false)) => format!("computed and cached in {}", path.display()),
+        None => "computed (not cached)".to_string(),
+    };
+    if !sets.skipped.is_empty() {
+        println!(
+            "skipped {} files that are not readable images",
+            sets.skipped.len()
+        );
+    }
+    println!(
+        "features: {} training rows (with augmented copies), {} validation, {} test; {cache} \
+         in {:.1}s",
+        sets.train.labels.len(),
+        sets.val.len(),
+        sets.test.len(),
+        sets.seconds
+    );
 }
 
 /// `trainer evaluate`: accuracy, per-class precision and recall, confusion matrix.

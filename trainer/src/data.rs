@@ -350,9 +350,20 @@ pub struct ImageFolder {
     pub skipped: Vec<PathBuf>,
 }
 
-/// Loads `dir/<class>/<file>`: each subfolder is a class (sorted by name), every file the
-/// `image` crate can decode is converted with `pre`; other files are skipped with a warning.
-pub fn load_image_folder(dir: &Path, pre: &Preprocessor) -> anyhow::Result<ImageFolder> {
+/// The files of a folder of class folders, before any is read.
+#[derive(Clone, Debug)]
+pub struct FolderListing {
+    /// Class folder names, sorted; the label of a class is its index here.
+    pub class_dirs: Vec<String>,
+    /// Every regular file of every class folder, in (class, file name) order.
+    pub files: Vec<PathBuf>,
+    /// The label of each file, same order.
+    pub labels: Vec<u32>,
+}
+
+/// Lists `dir/<class>/<file>`: each subfolder not starting with `.` is a class (sorted by
+/// name), each regular file in it a candidate image.
+pub fn list_image_folder(dir: &Path) -> anyhow::Result<FolderListing> {
     let mut class_dirs: Vec<String> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
@@ -368,6 +379,37 @@ pub fn load_image_folder(dir: &Path, pre: &Preprocessor) -> anyhow::Result<Image
     if class_dirs.is_empty() {
         bail!("{} has no class subfolders", dir.display());
     }
+    let (mut files, mut labels) = (Vec::new(), Vec::new());
+    for (label, class) in class_dirs.iter().enumerate() {
+        let class_path = dir.join(class);
+        let mut in_class: Vec<PathBuf> = std::fs::read_dir(&class_path)
+            .with_context(|| format!("reading {}", class_path.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        in_class.sort();
+        labels.extend(std::iter::repeat_n(label as u32, in_class.len()));
+        files.extend(in_class);
+    }
+    Ok(FolderListing {
+        class_dirs,
+        files,
+        labels,
+    })
+}
+
+/// Decodes an image file, whatever its extension says (the format is sniffed).
+pub fn decode_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
+    Ok(image::ImageReader::open(path)?
+        .with_guessed_format()?
+        .decode()?)
+}
+
+/// Loads `dir/<class>/<file>`: each subfolder is a class (sorted by name), every file the
+/// `image` crate can decode is converted with `pre`; other files are skipped with a warning.
+pub fn load_image_folder(dir: &Path, pre: &Preprocessor) -> anyhow::Result<ImageFolder> {
+    let listing = list_image_folder(dir)?;
     let (channels, height, width) = pre.dims();
     let mut data = Dataset {
         channels,
@@ -377,35 +419,21 @@ pub fn load_image_folder(dir: &Path, pre: &Preprocessor) -> anyhow::Result<Image
     };
     let mut paths = Vec::new();
     let mut skipped = Vec::new();
-    for (label, class) in class_dirs.iter().enumerate() {
-        let class_path = dir.join(class);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&class_path)
-            .with_context(|| format!("reading {}", class_path.display()))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        for file in files {
-            match image::ImageReader::open(&file)
-                .and_then(|r| r.with_guessed_format())
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r.decode().map_err(anyhow::Error::from))
-            {
-                Ok(img) => {
-                    pre.append_input(&img, &mut data.images);
-                    data.labels.push(label as u32);
-                    paths.push(file);
-                }
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, "skipping unreadable file");
-                    skipped.push(file);
-                }
+    for (file, &label) in listing.files.into_iter().zip(&listing.labels) {
+        match decode_image(&file) {
+            Ok(img) => {
+                pre.append_input(&img, &mut data.images);
+                data.labels.push(label);
+                paths.push(file);
+            }
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "skipping unreadable file");
+                skipped.push(file);
             }
         }
     }
     Ok(ImageFolder {
-        class_dirs,
+        class_dirs: listing.class_dirs,
         data,
         paths,
         skipped,

@@ -121,6 +121,22 @@ pub struct TrainConfig {
     pub conv2_channels: usize,
     /// Units of the hidden linear layer.
     pub hidden: usize,
+    /// Start from a pretrained network instead of random weights (fine-tuning with
+    /// `--unfreeze 2` or more); its layer sizes then replace the three above.
+    pub start: Option<Pretrained>,
+}
+
+/// A pretrained network to start from, and how much of it to keep fixed.
+#[derive(Clone, Debug)]
+pub struct Pretrained {
+    /// The network; its output layer is replaced by a new one for the new classes.
+    pub net: Net,
+    /// Leading layers (of conv1, conv2, fc1) kept as they are.
+    pub frozen_layers: usize,
+    /// What the model's metadata records as its backbone.
+    pub backbone: String,
+    /// Whether the backbone inverts its input (kept in the new model's metadata).
+    pub invert: bool,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +159,7 @@ impl Default for TrainConfig {
             conv1_channels: 32,
             conv2_channels: 64,
             hidden: 128,
+            start: None,
         }
     }
 }
@@ -231,7 +248,10 @@ impl Params {
         classes: usize,
         rng: &mut StdRng,
     ) -> anyhow::Result<Self> {
-        let (c1, c2, hid) = (cfg.conv1_channels, cfg.conv2_channels, cfg.hidden);
+        let (c1, c2, hid) = match &cfg.start {
+            Some(start) => layer_sizes(&start.net)?,
+            None => (cfg.conv1_channels, cfg.conv2_channels, cfg.hidden),
+        };
         let flat = (height / 4) * (width / 4) * c2;
         let he = |fan_in: usize| (6.0 / fan_in as f32).sqrt();
         let vars = vec![
@@ -244,6 +264,9 @@ impl Params {
             uniform_var(rng, &[classes, hid], (3.0 / hid as f32).sqrt())?,
             zero_var(&[classes])?,
         ];
+        if let Some(start) = &cfg.start {
+            return Self::from_pretrained(start, vars);
+        }
         let t = |i: usize| vars[i].as_tensor().clone();
         let net = Net {
             conv1_w: t(0),
@@ -257,6 +280,52 @@ impl Params {
         };
         Ok(Params { vars, net })
     }
+
+    /// The pretrained network's layers with the new output layer of `fresh` (random
+    /// weights for every layer, of the same sizes): the frozen layers as plain tensors,
+    /// the rest as variables.
+    fn from_pretrained(start: &Pretrained, fresh: Vec<Var>) -> anyhow::Result<Self> {
+        let n = &start.net;
+        let pretrained = [
+            &n.conv1_w, &n.conv1_b, &n.conv2_w, &n.conv2_b, &n.fc1_w, &n.fc1_b,
+        ];
+        let mut vars = Vec::new();
+        let mut tensors = Vec::new();
+        for (i, t) in pretrained.into_iter().enumerate() {
+            if i / 2 < start.frozen_layers {
+                tensors.push(t.detach());
+            } else {
+                let var = Var::from_tensor(&t.detach().copy()?)?;
+                tensors.push(var.as_tensor().clone());
+                vars.push(var);
+            }
+        }
+        for var in fresh.into_iter().skip(6) {
+            tensors.push(var.as_tensor().clone());
+            vars.push(var);
+        }
+        let t = |i: usize| tensors[i].clone();
+        let net = Net {
+            conv1_w: t(0),
+            conv1_b: t(1),
+            conv2_w: t(2),
+            conv2_b: t(3),
+            fc1_w: t(4),
+            fc1_b: t(5),
+            fc2_w: t(6),
+            fc2_b: t(7),
+        };
+        Ok(Params { vars, net })
+    }
+}
+
+/// Channels of a network's two convolutions and units of its hidden layer.
+fn layer_sizes(net: &Net) -> anyhow::Result<(usize, usize, usize)> {
+    Ok((
+        net.conv1_w.dims2()?.1,
+        net.conv2_w.dims2()?.1,
+        net.fc1_w.dims2()?.0,
+    ))
 }
 
 /// Writes image `src` (CHW) into `dst` (HWC), mirrored and shifted by `(dy, dx)` with edge
@@ -309,7 +378,7 @@ fn erase(dst: &mut [f32], (c, _h, w): (usize, usize, usize), (top, left, eh, ew)
 
 /// Learning rate at `step` of `total`: linear warm-up over the first `warmup_fraction` of
 /// the steps, then cosine decay to `learning_rate * final_lr_fraction`.
-fn scheduled_lr(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
+pub(crate) fn scheduled_lr(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
     let warmup = (total as f64 * cfg.warmup_fraction).round() as usize;
     if step < warmup {
         return cfg.learning_rate * (step + 1) as f64 / warmup as f64;
@@ -320,7 +389,7 @@ fn scheduled_lr(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
 }
 
 /// Cross-entropy of `logits` against labels `y`, with label smoothing `eps`.
-fn training_loss(logits: &Tensor, y: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+pub(crate) fn training_loss(logits: &Tensor, y: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     if eps <= 0.0 {
         return candle_nn::loss::cross_entropy(logits, y);
     }
@@ -393,6 +462,69 @@ fn fill_batch(
     }
 }
 
+/// The best epoch so far on the validation set (accuracy, then loss) and a copy of its
+/// weights: what early stopping keeps and when it stops.
+pub(crate) struct BestEpoch<T> {
+    best: Option<(usize, f32, f32, T)>,
+    patience: usize,
+}
+
+impl<T> BestEpoch<T> {
+    /// No epoch yet; training stops after `patience` epochs without a better one.
+    pub(crate) fn new(patience: usize) -> Self {
+        BestEpoch {
+            best: None,
+            patience,
+        }
+    }
+
+    /// Records `epoch`'s validation result (if there was a validation set); when it is the
+    /// best so far, keeps `weights()` and returns true.
+    pub(crate) fn offer(
+        &mut self,
+        epoch: usize,
+        validation: Option<(f32, f32)>,
+        weights: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<bool> {
+        let Some((acc, loss)) = validation else {
+            return Ok(false);
+        };
+        let improved = match &self.best {
+            None => true,
+            Some((_, best_acc, best_loss, _)) => {
+                acc > *best_acc || (acc == *best_acc && loss < *best_loss)
+            }
+        };
+        if improved {
+            self.best = Some((epoch, acc, loss, weights()?));
+        }
+        Ok(improved)
+    }
+
+    /// Whether a run of `epochs` should stop after `epoch` (no better epoch for the
+    /// patience); logs why.
+    pub(crate) fn should_stop(&self, epoch: usize, epochs: usize) -> bool {
+        let Some((best_epoch, ..)) = &self.best else {
+            return false;
+        };
+        let stop = epoch - best_epoch >= self.patience && epoch < epochs;
+        if stop {
+            tracing::info!(
+                epoch,
+                best_epoch,
+                patience = self.patience,
+                "stopping early: no better validation accuracy for the patience"
+            );
+        }
+        stop
+    }
+
+    /// The best epoch and its weights, if any epoch was validated.
+    pub(crate) fn into_best(self) -> Option<(usize, T)> {
+        self.best.map(|(epoch, _, _, weights)| (epoch, weights))
+    }
+}
+
 /// Trains a fresh network on `train`, reporting each epoch to `on_epoch`. With a
 /// validation set, the weights of its best epoch (accuracy, then loss) are kept and the run
 /// stops early once it has not improved for the patience.
@@ -433,12 +565,12 @@ pub(crate) fn train_net(
         "training schedule"
     );
     let len = train.image_len();
+    let hidden = params.net.fc1_w.dims2()?.0;
     let keep = 1.0 - cfg.dropout.clamp(0.0, 0.99);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut batch = vec![0f32; cfg.batch_size * len];
     let mut step = 0usize;
-    // (epoch, val accuracy, val loss, weights) of the best epoch so far.
-    let mut best: Option<(usize, f32, f32, Net)> = None;
+    let mut best = BestEpoch::new(patience);
     let mut epochs_run = 0;
     for epoch in 1..=epochs {
         let start = Instant::now();
@@ -451,7 +583,7 @@ pub(crate) fn train_net(
             let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
             let y = Tensor::from_vec(labels.clone(), n, &Device::Cpu)?;
             let mask = if cfg.dropout > 0.0 {
-                let m: Vec<f32> = (0..n * cfg.hidden)
+                let m: Vec<f32> = (0..n * hidden)
                     .map(|_| {
                         if rng.random::<f32>() < keep {
                             1.0 / keep
@@ -460,7 +592,7 @@ pub(crate) fn train_net(
                         }
                     })
                     .collect();
-                Some(Tensor::from_vec(m, (n, cfg.hidden), &Device::Cpu)?)
+                Some(Tensor::from_vec(m, (n, hidden), &Device::Cpu)?)
             } else {
                 None
             };
@@ -483,16 +615,9 @@ pub(crate) fn train_net(
             }
             None => (None, None),
         };
-        let improved = match (val_accuracy, val_loss, &best) {
-            (Some(_), Some(_), None) => true,
-            (Some(acc), Some(loss), Some((_, best_acc, best_loss, _))) => {
-                acc > *best_acc || (acc == *best_acc && loss < *best_loss)
-            }
-            _ => false,
-        };
-        if let (true, Some(acc), Some(loss)) = (improved, val_accuracy, val_loss) {
-            best = Some((epoch, acc, loss, snapshot(&params.net)?));
-        }
+        let improved = best.offer(epoch, val_accuracy.zip(val_loss), || {
+            Ok(snapshot(&params.net)?)
+        })?;
         let stats = EpochStats {
             epoch,
             of_epochs: epochs,
@@ -506,20 +631,12 @@ pub(crate) fn train_net(
         };
         tracing::debug!(?stats, "epoch done");
         on_epoch(&stats);
-        if let Some((best_epoch, ..)) = &best {
-            if epoch - best_epoch >= patience && epoch < epochs {
-                tracing::info!(
-                    epoch,
-                    best_epoch,
-                    patience,
-                    "stopping early: no better validation accuracy for {patience} epochs"
-                );
-                break;
-            }
+        if best.should_stop(epoch, epochs) {
+            break;
         }
     }
-    Ok(match best {
-        Some((best_epoch, _, _, net)) => TrainedNet {
+    Ok(match best.into_best() {
+        Some((best_epoch, net)) => TrainedNet {
             net,
             best_epoch,
             epochs_run,
@@ -580,20 +697,22 @@ pub fn print_epoch(s: &EpochStats) {
 }
 
 /// Human readable layer list for the metadata.
-fn architecture(cfg: &TrainConfig, c: usize, h: usize, w: usize, classes: usize) -> String {
+fn architecture(
+    (c1, c2, hid): (usize, usize, usize),
+    dropout: f32,
+    (c, h, w): (usize, usize, usize),
+    classes: usize,
+) -> String {
     format!(
         "input {h}x{w}x{c} (NHWC) -> conv3x3 pad1 {c}->{c1} -> maxpool2 -> ReLU -> conv3x3 pad1 {c1}->{c2} -> maxpool2 -> ReLU -> flatten(h,w,c) {flat} -> linear {flat}->{hid} -> ReLU -> dropout {p} -> linear {hid}->{classes} -> softmax",
-        c1 = cfg.conv1_channels,
-        c2 = cfg.conv2_channels,
-        hid = cfg.hidden,
-        flat = (h / 4) * (w / 4) * cfg.conv2_channels,
-        p = cfg.dropout,
+        flat = (h / 4) * (w / 4) * c2,
+        p = dropout,
     )
 }
 
 /// Shared tail of the drivers: split validation, train, test, write the model directory.
 #[allow(clippy::too_many_arguments)]
-fn train_and_save(
+pub(crate) fn train_and_save(
     opts: &RunOptions,
     full_train: &Dataset,
     test: &Dataset,
@@ -631,12 +750,17 @@ fn train_and_save(
     let meta = ModelMetadata {
         name: opts.name.clone(),
         version: opts.version.clone(),
-        architecture: architecture(cfg, c, h, w, class_names.len()),
+        architecture: architecture(
+            layer_sizes(&net)?,
+            cfg.dropout,
+            (c, h, w),
+            class_names.len(),
+        ),
         input_width: w as u32,
         input_height: h as u32,
         input_channels: c as u32,
         normalization: norm,
-        invert: false,
+        invert: cfg.start.as_ref().is_some_and(|s| s.invert),
         class_names,
         class_dirs,
         dataset,
@@ -656,6 +780,10 @@ fn train_and_save(
         augment: cfg.augment.describe(),
         label_smoothing: cfg.label_smoothing,
         best_epoch: trained.best_epoch,
+        backbone: cfg
+            .start
+            .as_ref()
+            .map_or_else(String::new, |s| s.backbone.clone()),
     };
     meta.validate()?;
     std::fs::create_dir_all(&opts.output)

@@ -76,6 +76,7 @@ fn meta_for(w: u32, h: u32, c: u32) -> ModelMetadata {
         augment: String::new(),
         label_smoothing: 0.0,
         best_epoch: 0,
+        backbone: String::new(),
     }
 }
 

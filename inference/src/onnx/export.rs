@@ -36,7 +36,7 @@ use crate::model::{ModelMetadata, Net};
 use crate::preprocess::{ChannelOrder, Interpolation, Layout};
 
 /// ONNX `TensorProto.DataType` of float32.
-const FLOAT: i32 = 1;
+pub(super) const FLOAT: i32 = 1;
 /// The IR version of opset 13 files (ONNX 1.8).
 const IR_VERSION: i64 = 7;
 /// The operator set the graph is written in.
@@ -61,7 +61,7 @@ fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The `model.toml` that makes the ONNX engine feed the graph as the native path does.
-fn description(meta: &ModelMetadata) -> ModelToml {
+pub(crate) fn description(meta: &ModelMetadata) -> ModelToml {
     ModelToml {
         name: Some(meta.name.clone()),
         version: Some(meta.version.clone()),
@@ -85,7 +85,7 @@ fn description(meta: &ModelMetadata) -> ModelToml {
 
 /// The whole ONNX model: graph, opset, producer and the metadata a reader may want
 /// (class names as a JSON list under `labels`, where the ONNX engine finds them).
-fn model_proto(net: &Net, meta: &ModelMetadata) -> anyhow::Result<ModelProto> {
+pub(crate) fn model_proto(net: &Net, meta: &ModelMetadata) -> anyhow::Result<ModelProto> {
     let props = [
         ("labels", serde_json::to_string(&meta.class_names)?),
         ("architecture", meta.architecture.clone()),
@@ -228,7 +228,7 @@ fn parameters(
 }
 
 /// Appends a node named `name` whose one output is also called `name`; returns it.
-fn node(
+pub(super) fn node(
     g: &mut GraphProto,
     op: &str,
     name: &str,
@@ -246,7 +246,8 @@ fn node(
     name.to_string()
 }
 
-fn int(name: &str, value: i64) -> AttributeProto {
+/// An integer attribute.
+pub(super) fn int(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: AttributeType::Int as i32,
@@ -265,7 +266,7 @@ fn ints(name: &str, values: &[i64]) -> AttributeProto {
 }
 
 /// A float32 initialiser.
-fn tensor(name: &str, dims: &[i64], values: Vec<f32>) -> TensorProto {
+pub(super) fn tensor(name: &str, dims: &[i64], values: Vec<f32>) -> TensorProto {
     TensorProto {
         name: name.into(),
         dims: dims.to_vec(),
@@ -276,7 +277,7 @@ fn tensor(name: &str, dims: &[i64], values: Vec<f32>) -> TensorProto {
 }
 
 /// A float32 graph input or output; `None` dimensions are the dynamic batch.
-fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+pub(super) fn value_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
     let dim = dims
         .iter()
         .map(|d| Dimension {

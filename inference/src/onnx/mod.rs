@@ -61,8 +61,9 @@
 
 mod config;
 mod engine;
-mod export;
+pub(crate) mod export;
 mod graph;
+pub(crate) mod head;
 mod labels;
 mod onnxruntime;
 
@@ -241,13 +242,35 @@ impl OnnxModel {
     }
 }
 
-/// Loads the ONNX model directory `dir` on `engine` (see the module docs).
-pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
+/// A model directory's ONNX file read and checked, before any engine runs it.
+pub(crate) struct Source {
+    /// The parsed `model.toml` (defaults when absent).
+    pub description: ModelToml,
+    /// What the file says of itself.
+    pub info: GraphInfo,
+    /// The preprocessing the model needs.
+    pub recipe: PreprocessRecipe,
+    /// The batch size the file fixes, if any.
+    pub fixed_batch: Option<usize>,
+    /// The decoded file.
+    pub proto: tract_onnx::pb::ModelProto,
+    /// Whether the engine is ONNX Runtime (else tract).
+    pub on_ort: bool,
+}
+
+/// Reads and checks the ONNX model directory `dir` for `engine`; `bytes` gets the
+/// file's bytes (ONNX Runtime reads those rather than the decoded graph).
+pub(crate) fn read_source(
+    dir: &Path,
+    engine: EngineChoice,
+    bytes: &mut Vec<u8>,
+) -> anyhow::Result<Source> {
     let description = ModelToml::load(&dir.join(DESCRIPTION_FILE))?;
     let on_ort = engine.uses_onnxruntime()?;
     let path = dir.join(ONNX_FILE);
     let onnx = tract_onnx::onnx().with_ignore_value_info(true);
-    let (bytes, proto) = read_proto(&onnx, &path)?;
+    let (read, proto) = read_proto(&onnx, &path)?;
+    *bytes = read;
     let cannot_serve = || format!("{} cannot be served", path.display());
     // ONNX Runtime knows more operators than tract and names a missing one itself.
     let info = GraphInfo::of(&proto, |op| on_ort || onnx.op_register.0.contains_key(op))
@@ -257,17 +280,65 @@ pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
         .resolve(&info.shape)
         .with_context(|| format!("the preprocessing of {}", dir.display()))?;
     let fixed_batch = checked_batch(&info).with_context(cannot_serve)?;
-    let engine: Box<dyn Runner> = if on_ort {
+    Ok(Source {
+        description,
+        info,
+        recipe,
+        fixed_batch,
+        proto,
+        on_ort,
+    })
+}
+
+/// The preprocessing `description` gives for the graph of `proto` (its input shape
+/// fills in what the description leaves unset).
+pub(crate) fn recipe_of(
+    description: &ModelToml,
+    proto: &tract_onnx::pb::ModelProto,
+) -> anyhow::Result<PreprocessRecipe> {
+    let shape = GraphInfo::of(proto, |_| true)?.shape;
+    description.preprocess.resolve(&shape)
+}
+
+/// The engine for a graph: ONNX Runtime from the file's `bytes`, or tract from `proto`
+/// (`dir` resolves external weight files); `origin` names the model in errors.
+pub(crate) fn runner(
+    proto: tract_onnx::pb::ModelProto,
+    bytes: &[u8],
+    on_ort: bool,
+    (recipe, fixed_batch): (&PreprocessRecipe, Option<usize>),
+    dir: &Path,
+    origin: &str,
+) -> anyhow::Result<Box<dyn Runner>> {
+    let cannot_serve = || format!("{origin} cannot be served");
+    if on_ort {
         drop(proto);
-        Box::new(
-            OrtRunner::new(&bytes, item_dims(&recipe), fixed_batch).with_context(cannot_serve)?,
-        )
-    } else {
-        drop(bytes);
-        let source = engine::parse(&onnx, &proto, dir.to_str()).with_context(cannot_serve)?;
-        drop(proto);
-        Box::new(Engine::new(source, item_dims(&recipe), fixed_batch).with_context(cannot_serve)?)
-    };
+        return Ok(Box::new(
+            OrtRunner::new(bytes, item_dims(recipe), fixed_batch).with_context(cannot_serve)?,
+        ));
+    }
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let source = engine::parse(&onnx, &proto, dir.to_str()).with_context(cannot_serve)?;
+    drop(proto);
+    Ok(Box::new(
+        Engine::new(source, item_dims(recipe), fixed_batch).with_context(cannot_serve)?,
+    ))
+}
+
+/// Loads the ONNX model directory `dir` on `engine` (see the module docs).
+pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
+    let mut bytes = Vec::new();
+    let Source {
+        description,
+        info,
+        recipe,
+        fixed_batch,
+        proto,
+        on_ort,
+    } = read_source(dir, engine, &mut bytes)?;
+    let origin = dir.join(ONNX_FILE).display().to_string();
+    let engine = runner(proto, &bytes, on_ort, (&recipe, fixed_batch), dir, &origin)?;
+    drop(bytes);
     let labels = labels::class_names(
         &dir.join(LABELS_FILE),
         &info.props,
@@ -278,12 +349,27 @@ pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
         engine,
         logits: outputs_logits(description.output, &info),
     };
-    let meta = metadata(dir, &description, &info, &recipe, &model, labels)?;
+    let mut meta = metadata(dir, &description, &info, &recipe, &model, labels)?;
+    training_record(dir, &mut meta)?;
     Ok(Loaded {
         meta,
         recipe,
         model,
     })
+}
+
+/// Takes the training record (dataset, accuracy, command, backbone, …) from the
+/// directory's `metadata.json` when one lies beside the ONNX file, as `trainer train
+/// --from` writes it; the name, version, classes and input stay the ONNX model's.
+fn training_record(dir: &Path, meta: &mut ModelMetadata) -> anyhow::Result<()> {
+    let path = dir.join(crate::model::METADATA_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let record: ModelMetadata =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    meta.take_training_record(record);
+    Ok(())
 }
 
 /// The ONNX file at `path`: its bytes and their decoding. Read into memory, not

@@ -8,7 +8,8 @@
 # generates the protobuf classes from proto/proto/classifier.proto with grpcio-tools;
 # the gateway's tests (test_gateway.py: Triton's and KServe's clients; test_page.py: its
 # page in Debian's chromium, installed with apt-get when missing) run in
-# .tools/oip-venv, from tests/interop/gateway-requirements.txt.
+# .tools/oip-venv, from tests/interop/gateway-requirements.txt; test_prometheus.py has
+# Debian's prometheus (installed when missing) scrape the server's token-protected /metrics.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -46,9 +47,17 @@ if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null; then
         --no-install-recommends chromium; }; } >&2
 fi
 
+if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null; then
+    echo "interop: installing Debian's prometheus for the scrape test" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends prometheus; }; } >&2
+fi
+
 cd tests/interop
 status=0
 "$ROOT/$VENV/bin/python" test_interop.py "$@" || status=$?
 "$ROOT/$OIP_VENV/bin/python" test_gateway.py "$@" || status=$?
 "$ROOT/$OIP_VENV/bin/python" test_page.py "$@" || status=$?
+"$ROOT/$VENV/bin/python" test_prometheus.py "$@" || status=$?
 exit "$status"

@@ -65,15 +65,21 @@ pub fn run_client_within(
     env: &[(String, String)],
     limit: std::time::Duration,
 ) -> Option<Output> {
-    let child = client_command(args, env)
+    output_within(client_command(args, env), limit)
+}
+
+/// Runs `command` and returns its output, or `None` (the process killed) if it has not
+/// exited within `limit`.
+pub fn output_within(mut command: Command, limit: std::time::Duration) -> Option<Output> {
+    let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("client-app starts");
+        .expect("the command starts");
     let pid = child.id();
     let (done, output) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = done.send(child.wait_with_output().expect("client-app output"));
+        let _ = done.send(child.wait_with_output().expect("the command's output"));
     });
     let finished = output.recv_timeout(limit).ok();
     if finished.is_none() {

@@ -62,3 +62,63 @@ async fn a_subscription_lost_in_a_restart_is_noticed_and_made_again() {
     delivery.ack().expect("ack");
     let _ = Box::new(subscription).close().await;
 }
+
+/// A service-account key the client cannot use (its PEM does not decode) is a final
+/// error naming the credentials, not an endless wait for the broker; and no line of the
+/// key, nor its id, appears in the client's output, debug logs included. Needs no
+/// emulator: it is the path to the real service (`PUBSUB_EMULATOR_HOST` removed).
+#[test]
+fn a_broken_service_account_key_is_a_final_error_that_never_shows_the_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let key_lines: Vec<String> = (0..20)
+        .map(|i| format!("MIIEsecret{i:02}QmFzZTY0S2V5TWF0ZXJpYWxOZXZlckxvZ2dlZA"))
+        .collect();
+    let mut broken = key_lines.clone();
+    broken[10].insert(12, '!');
+    let key = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        broken.join("\n")
+    );
+    let key_id = "kid-4b1d-never-logged";
+    let credentials = serde_json::json!({
+        "type": "service_account",
+        "project_id": "secret-test",
+        "private_key_id": key_id,
+        "private_key": key,
+        "client_email": "svc@secret-test.iam.gserviceaccount.com",
+        "client_id": "1234",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let credentials_file = tmp.path().join("service-account.json");
+    std::fs::write(&credentials_file, credentials.to_string()).expect("write credentials");
+    let config = tmp.path().join("pubsub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nbackend = \"pubsub\"\nproject_id = \"secret-test\"\ncredentials_file = {:?}\n",
+            credentials_file.display().to_string()
+        ),
+    )
+    .expect("write config");
+    let bag = integration_tests::workspace_root().join("examples/bag");
+    let mut command = std::process::Command::new(integration_tests::binary("client-app"));
+    command
+        .args(["--config", &config.display().to_string(), "classify"])
+        .arg(&bag)
+        .args(["--timeout", "10"])
+        .env_remove("PUBSUB_EMULATOR_HOST")
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null());
+    let output = integration_tests::output_within(command, std::time::Duration::from_secs(60))
+        .expect("the client ends on credentials it cannot use");
+    let text = integration_tests::output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("credentials cannot be used"), "{text}");
+    for secret in key_lines.iter().map(String::as_str).chain([key_id]) {
+        assert!(
+            !text.contains(&secret[..16.min(secret.len())]),
+            "{secret} is in the output:\n{text}"
+        );
+    }
+}

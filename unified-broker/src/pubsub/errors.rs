@@ -26,6 +26,26 @@ fn is_unreachable(error: &GaxError) -> bool {
         )
 }
 
+/// The client could not make credentials and says no retry will (a key file that does
+/// not parse, a token endpoint that refuses the account): a configuration error, final.
+/// A transient failure (the token endpoint unreachable) is not one.
+fn is_credentials_failure(error: &GaxError) -> bool {
+    use std::error::Error as _;
+    error.is_authentication()
+        && error
+            .source()
+            .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
+            .is_some_and(|c| !c.is_transient())
+}
+
+/// The error for [`is_credentials_failure`]: final, and naming the credentials.
+fn credentials(what: &str, error: &GaxError) -> BrokerError {
+    BrokerError::Config(format!(
+        "{what}: the Pub/Sub credentials cannot be used (credentials_file or Application \
+         Default Credentials): {error}"
+    ))
+}
+
 /// The service refused a publish for its size ("Request payload size exceeds the limit",
 /// "message too large"): final, the same request is refused again.
 fn is_size_rejection(error: &GaxError) -> bool {
@@ -48,7 +68,9 @@ fn is_name_rejection(error: &GaxError) -> bool {
 
 /// An admin call (create/delete of topics and subscriptions) failed.
 pub(crate) fn admin(what: &str, error: &GaxError) -> BrokerError {
-    if is_unreachable(error) {
+    if is_credentials_failure(error) {
+        credentials(what, error)
+    } else if is_unreachable(error) {
         BrokerError::Unavailable(format!("{what}: {error}"))
     } else {
         BrokerError::Admin(format!("{what}: {error}"))
@@ -67,6 +89,9 @@ pub(crate) fn publish(topic: &str, error: &PublishError) -> BrokerError {
         PublishError::Rpc(source) if is_name_rejection(source) => {
             BrokerError::invalid_topic(topic, format!("refused by Pub/Sub: {source}"))
         }
+        PublishError::Rpc(source) if is_credentials_failure(source) => {
+            credentials(&format!("publish to {topic}"), source)
+        }
         PublishError::Rpc(source) if is_unreachable(source) => {
             BrokerError::Unavailable(format!("publish to {topic}: {source}"))
         }
@@ -80,7 +105,9 @@ pub(crate) fn publish(topic: &str, error: &PublishError) -> BrokerError {
 
 /// The streaming pull failed.
 pub(crate) fn subscribe(subscription: &str, error: &GaxError) -> BrokerError {
-    if is_unreachable(error) {
+    if is_credentials_failure(error) {
+        credentials(&format!("streaming pull of {subscription}"), error)
+    } else if is_unreachable(error) {
         BrokerError::Unavailable(format!("streaming pull of {subscription}: {error}"))
     } else {
         BrokerError::Subscribe(format!("streaming pull of {subscription}: {error}"))

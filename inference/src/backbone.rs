@@ -24,7 +24,7 @@ use candle_core::{Device, Tensor};
 use prost::Message;
 
 use crate::model::{ModelMetadata, Net, METADATA_FILE, WEIGHTS_FILE};
-use crate::onnx::export::{description, model_proto};
+use crate::onnx::export::{description, model_proto, write_directory};
 use crate::onnx::head::{self, Cut};
 use crate::onnx::{EngineChoice, ModelToml, OutputKind, Runner};
 use crate::onnx::{DESCRIPTION_FILE, LABELS_FILE, ONNX_FILE};
@@ -127,6 +127,12 @@ impl Backbone {
         &self.dir
     }
 
+    /// The engine computing the features: "tract" or "ONNX Runtime" (their features
+    /// differ by rounding, so a cache keeps them apart).
+    pub fn engine_name(&self) -> &'static str {
+        self.runner.name()
+    }
+
     /// Features per image.
     pub fn feature_len(&self) -> usize {
         self.runner.classes()
@@ -185,7 +191,7 @@ impl Backbone {
             .native
             .as_ref()
             .filter(|_| self.cut.feature == NATIVE_FLATTEN)?;
-        dense(&net.fc1_w, &net.fc1_b).ok()
+        Dense::from_tensors(&net.fc1_w, &net.fc1_b).ok()
     }
 
     /// Writes the backbone with `head` (dense layers, ReLU between them; the last one
@@ -228,6 +234,18 @@ impl Backbone {
         }
     }
 
+    /// Gives `meta` the backbone's input: size, channels, normalisation, inversion and
+    /// layout (what the fine-tuned model is fed, in either format).
+    fn describe_input(&self, meta: &mut ModelMetadata) {
+        let own = &self.meta;
+        meta.input_width = own.input_width;
+        meta.input_height = own.input_height;
+        meta.input_channels = own.input_channels;
+        meta.normalization = own.normalization.clone();
+        meta.invert = own.invert;
+        meta.tensor_layout = own.tensor_layout.clone();
+    }
+
     /// The native CNN with `head` in place of its last layers, when it fits (module docs).
     fn native_with(&self, head_layers: &[Dense]) -> anyhow::Result<Option<Net>> {
         let Some(net) = &self.native else {
@@ -253,16 +271,10 @@ impl Backbone {
         out: &Path,
     ) -> anyhow::Result<()> {
         remove_files(out, &[ONNX_FILE, LABELS_FILE, DESCRIPTION_FILE])?;
-        let own = &self.meta;
-        meta.input_width = own.input_width;
-        meta.input_height = own.input_height;
-        meta.input_channels = own.input_channels;
-        meta.normalization = own.normalization.clone();
-        meta.invert = own.invert;
-        meta.tensor_layout = own.tensor_layout.clone();
+        self.describe_input(&mut meta);
         meta.architecture = format!(
             "{} (the backbone up to {}) -> {}",
-            own.name,
+            self.meta.name,
             self.cut.feature,
             describe_head(head_layers)
         );
@@ -291,6 +303,7 @@ impl Backbone {
             self.cut.feature,
             describe_head(head_layers)
         );
+        self.describe_input(&mut meta);
         let toml = ModelToml {
             name: Some(meta.name.clone()),
             version: Some(meta.version.clone()),
@@ -298,13 +311,7 @@ impl Backbone {
             labels_key: None,
             preprocess: self.description.preprocess.clone(),
         };
-        write(&out.join(ONNX_FILE), &model.encode_to_vec())?;
-        write(
-            &out.join(LABELS_FILE),
-            format!("{}\n", meta.class_names.join("\n")).as_bytes(),
-        )?;
-        let toml = toml::to_string(&toml).context("writing model.toml")?;
-        write(&out.join(DESCRIPTION_FILE), toml.as_bytes())?;
+        write_directory(out, &model, &meta.class_names, &toml)?;
         let record = serde_json::to_string_pretty(&meta)?;
         write(&out.join(METADATA_FILE), format!("{record}\n").as_bytes())
     }
@@ -334,16 +341,6 @@ fn tensors(layer: &Dense) -> anyhow::Result<(Tensor, Tensor)> {
         Tensor::from_slice(&layer.weight, (layer.outputs(), layer.inputs), &Device::Cpu)?,
         Tensor::from_slice(&layer.bias, layer.outputs(), &Device::Cpu)?,
     ))
-}
-
-/// The native CNN's weight and bias tensors as a dense layer.
-fn dense(weight: &Tensor, bias: &Tensor) -> anyhow::Result<Dense> {
-    let (_, inputs) = weight.dims2()?;
-    Ok(Dense {
-        weight: weight.flatten_all()?.to_vec1()?,
-        bias: bias.to_vec1()?,
-        inputs,
-    })
 }
 
 fn remove_files(dir: &Path, names: &[&str]) -> anyhow::Result<()> {

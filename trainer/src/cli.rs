@@ -223,8 +223,10 @@ pub struct TrainArgs {
     /// Fine-tune: hidden units of `--head mlp`.
     #[arg(long, default_value_t = 256, requires = "from")]
     head_hidden: usize,
-    /// Fine-tune: also train the last N layers of a native CNN backbone (0 or 1: its
-    /// hidden layer, from its trained weights).
+    /// Fine-tune: also train the last N layers of a native CNN backbone below its head,
+    /// from their trained weights: 1 (its hidden layer, on cached features), 2 or 3 (one
+    /// or both convolutions as well: the network trains on the images, augmented by
+    /// --augment; --augment-copies does not apply). A linear head only.
     #[arg(long, default_value_t = 0, requires = "from")]
     unfreeze: usize,
     /// Fine-tune: augmented copies of each training image whose features are computed
@@ -401,16 +403,21 @@ fn fine_tune(dir: &Path, ft: &FineTuneOptions, opts: &RunOptions) -> anyhow::Res
         "\ntest set, with the head of epoch {}:\n{}",
         meta.best_epoch, outcome.test
     );
+    let agreement = match outcome.disagreements {
+        Some(d) => format!(
+            "; the written model answers {} of the {} test images as the head did",
+            meta.test_samples.saturating_sub(d),
+            meta.test_samples
+        ),
+        None => String::new(),
+    };
     println!(
-        "test accuracy {:.2}% on {} images; head trained in {:.1}s ({} epochs); the written \
-         model answers {} of the {} test images as the head did; {:?} model written to {} \
-         ({})",
+        "test accuracy {:.2}% on {} images; trained in {:.1}s ({} epochs){agreement}; {:?} \
+         model written to {} ({})",
         meta.test_accuracy * 100.0,
         meta.test_samples,
         outcome.head_seconds,
         meta.epochs,
-        meta.test_samples - outcome.disagreements.min(meta.test_samples),
-        meta.test_samples,
         outcome.format,
         opts.output.display(),
         meta.architecture

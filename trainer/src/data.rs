@@ -401,9 +401,13 @@ pub fn list_image_folder(dir: &Path) -> anyhow::Result<FolderListing> {
 
 /// Decodes an image file, whatever its extension says (the format is sniffed).
 pub fn decode_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
-    Ok(image::ImageReader::open(path)?
+    let img = image::ImageReader::open(path)?
         .with_guessed_format()?
-        .decode()?)
+        .decode()?;
+    if img.width() == 0 || img.height() == 0 {
+        bail!("an image of {}x{} pixels", img.width(), img.height());
+    }
+    Ok(img)
 }
 
 /// Loads `dir/<class>/<file>`: each subfolder is a class (sorted by name), every file the

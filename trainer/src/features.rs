@@ -216,6 +216,7 @@ fn cache_key(backbone: &Backbone, plan: &Plan<'_>) -> String {
     };
     put(CACHE_FORMAT);
     put(&backbone.describe());
+    put(backbone.engine_name());
     put(&format!("{:?}", DirSnapshot::of(backbone.dir())));
     put(&format!("{:?}", backbone.preprocessor()));
     put(&format!(

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::Optimizer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -77,8 +77,9 @@ pub struct FineTuneOutcome {
     pub epochs: Vec<EpochStats>,
     /// The head's results on the test images, class by class.
     pub test: Evaluation,
-    /// Test images on which the written model's top class differs from the head's.
-    pub disagreements: usize,
+    /// Test images on which the written model's top class differs from the head's
+    /// (`None` when the whole network was trained: the model is what was trained).
+    pub disagreements: Option<usize>,
     /// The features, their cache and timing (the training rows' values are dropped);
     /// `None` when the whole network was trained on the images (`--unfreeze 2` or 3).
     pub features: Option<FeatureSets>,
@@ -95,6 +96,7 @@ pub fn fine_tune(
     mut on_epoch: impl FnMut(&EpochStats),
 ) -> anyhow::Result<FineTuneOutcome> {
     refuse_overwriting_the_backbone(&ft.from, &opts.output)?;
+    check_unfreeze(ft)?;
     if ft.unfreeze >= 2 {
         return fine_tune_whole(dir, ft, opts, on_epoch);
     }
@@ -173,13 +175,22 @@ pub fn fine_tune(
         &sets.skipped,
         &head_predictions,
     )?;
+    // More than a rounding-level difference means the written model is not the head.
+    if disagreements * 50 > head_predictions.len() {
+        bail!(
+            "the written model {} answers {disagreements} of {} test images differently \
+             from the head it was trained as",
+            opts.output.display(),
+            head_predictions.len()
+        );
+    }
     sets.train.values = Vec::new();
     Ok(FineTuneOutcome {
         classifier,
         format,
         epochs,
         test: test_eval,
-        disagreements,
+        disagreements: Some(disagreements),
         features: Some(sets),
         head_seconds,
     })
@@ -194,19 +205,6 @@ fn fine_tune_whole(
     opts: &RunOptions,
     on_epoch: impl FnMut(&EpochStats),
 ) -> anyhow::Result<FineTuneOutcome> {
-    if ft.unfreeze > 3 {
-        bail!(
-            "--unfreeze {}: a native CNN has 3 layers below its head (0 to 3)",
-            ft.unfreeze
-        );
-    }
-    if !ft.from.join(WEIGHTS_FILE).is_file() {
-        bail!(
-            "--unfreeze {} needs a native CNN backbone (model.safetensors); {} is not one",
-            ft.unfreeze,
-            ft.from.display()
-        );
-    }
     let meta = ModelMetadata::load(&ft.from)?;
     let net = Net::load(&ft.from.join(WEIGHTS_FILE), &meta)?;
     let loaded = data::load_image_folder(dir, &Preprocessor::new(&meta))?;
@@ -248,7 +246,7 @@ fn fine_tune_whole(
         format: SavedFormat::Native,
         epochs: outcome.epochs,
         test: outcome.test,
-        disagreements: 0,
+        disagreements: None,
         features: None,
         head_seconds: start.elapsed().as_secs_f64(),
     })
@@ -273,28 +271,48 @@ fn refuse_overwriting_the_backbone(from: &Path, output: &Path) -> anyhow::Result
 fn load_backbone(ft: &FineTuneOptions) -> anyhow::Result<Backbone> {
     let node = match (ft.unfreeze, ft.feature_node.as_deref()) {
         (0, node) => node,
-        (1, None | Some(NATIVE_FLATTEN)) => Some(NATIVE_FLATTEN),
-        (1, Some(other)) => bail!("--unfreeze 1 cuts at {NATIVE_FLATTEN:?}; it cannot be combined with --feature-node {other:?}"),
-        (n, _) => bail!("--unfreeze {n}: a native CNN has 3 layers below its head (0 to 3)"),
+        (_, None | Some(NATIVE_FLATTEN)) => Some(NATIVE_FLATTEN),
+        (n, Some(other)) => bail!(
+            "--unfreeze {n} starts from the CNN's own layers; it cannot be combined with \
+             --feature-node {other:?}"
+        ),
     };
-    let native = ft
-        .from
-        .join(classifier_inference::model::WEIGHTS_FILE)
-        .is_file();
-    if ft.unfreeze > 0 && !native {
-        bail!(
-            "--unfreeze 1 needs a native CNN backbone (model.safetensors); {} is ONNX",
-            ft.from.display()
-        );
-    }
     let backbone = Backbone::load(&ft.from, node)?;
     if ft.unfreeze > 0 && backbone.next_layer().is_none() {
+        bail!("--unfreeze needs a native CNN backbone (model.safetensors)");
+    }
+    Ok(backbone)
+}
+
+/// Refuses what `--unfreeze` cannot honour: a backbone that is not our CNN (only its
+/// layers can be trained here), more layers than it has, or an option it would ignore.
+fn check_unfreeze(ft: &FineTuneOptions) -> anyhow::Result<()> {
+    if ft.unfreeze == 0 {
+        return Ok(());
+    }
+    if !ft.from.join(WEIGHTS_FILE).is_file() {
         bail!(
-            "--unfreeze 1 needs a native CNN backbone (model.safetensors); {} is ONNX",
+            "--unfreeze {} needs a native CNN backbone (model.safetensors); {} is not one",
+            ft.unfreeze,
             ft.from.display()
         );
     }
-    Ok(backbone)
+    if ft.unfreeze > 3 {
+        bail!(
+            "--unfreeze {}: a native CNN has 3 layers below its head (0 to 3)",
+            ft.unfreeze
+        );
+    }
+    if ft.head != HeadKind::Linear {
+        bail!("--unfreeze trains the CNN's own hidden layer under a linear output layer: leave out --head mlp");
+    }
+    if ft.unfreeze >= 2 && ft.feature_node.is_some() {
+        bail!(
+            "--unfreeze {} trains on the images, not on features: leave out --feature-node",
+            ft.unfreeze
+        );
+    }
+    Ok(())
 }
 
 /// The trained head.
@@ -379,14 +397,7 @@ impl HeadParams {
     fn layers(&self) -> anyhow::Result<Vec<Dense>> {
         self.vars
             .chunks(2)
-            .map(|wb| {
-                let (_, inputs) = wb[0].as_tensor().dims2()?;
-                Ok(Dense {
-                    weight: wb[0].as_tensor().flatten_all()?.to_vec1()?,
-                    bias: wb[1].as_tensor().to_vec1()?,
-                    inputs,
-                })
-            })
+            .map(|wb| Dense::from_tensors(wb[0].as_tensor(), wb[1].as_tensor()))
             .collect()
     }
 }
@@ -427,14 +438,7 @@ pub fn train_head(
     let val = val.filter(|v| !v.is_empty());
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let params = HeadParams::new(train.width, classes, shape, &mut rng)?;
-    let mut opt = AdamW::new(
-        params.vars.clone(),
-        ParamsAdamW {
-            lr: cfg.learning_rate,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = cfg.optimizer(params.vars.clone())?;
     let epochs = cfg.epochs_for(train.len());
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * epochs;
@@ -495,17 +499,11 @@ pub fn train_head(
             break;
         }
     }
-    Ok(match best.into_best() {
-        Some((best_epoch, layers)) => TrainedHead {
-            layers,
-            best_epoch,
-            epochs_run,
-        },
-        None => TrainedHead {
-            layers: params.layers()?,
-            best_epoch: epochs_run,
-            epochs_run,
-        },
+    let (layers, best_epoch) = best.kept(epochs_run, || params.layers())?;
+    Ok(TrainedHead {
+        layers,
+        best_epoch,
+        epochs_run,
     })
 }
 
@@ -575,9 +573,10 @@ fn disagreements(
         if skipped.contains(file) {
             continue;
         }
-        match data::decode_image(file) {
-            Ok(img) => pre.append_input(&img, &mut inputs),
-            Err(_) => return Ok(head.len()),
+        // Unreadable files gave no features either (after a cache hit, `skipped` is
+        // empty: they are skipped here again).
+        if let Ok(img) = data::decode_image(file) {
+            pre.append_input(&img, &mut inputs);
         }
     }
     let n = inputs.len() / pre.input_len().max(1);

@@ -176,6 +176,18 @@ impl TrainConfig {
         })
     }
 
+    /// AdamW over `vars` with this run's peak learning rate and weight decay.
+    pub(crate) fn optimizer(&self, vars: Vec<Var>) -> candle_core::Result<AdamW> {
+        AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr: self.learning_rate,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+        )
+    }
+
     /// Epochs without improvement after which training stops, for a run of `epochs`.
     pub fn patience_for(&self, epochs: usize) -> usize {
         self.patience.unwrap_or((epochs / 4).max(5))
@@ -267,17 +279,7 @@ impl Params {
         if let Some(start) = &cfg.start {
             return Self::from_pretrained(start, vars);
         }
-        let t = |i: usize| vars[i].as_tensor().clone();
-        let net = Net {
-            conv1_w: t(0),
-            conv1_b: t(1),
-            conv2_w: t(2),
-            conv2_b: t(3),
-            fc1_w: t(4),
-            fc1_b: t(5),
-            fc2_w: t(6),
-            fc2_b: t(7),
-        };
+        let net = net_in_order(|i| vars[i].as_tensor().clone());
         Ok(Params { vars, net })
     }
 
@@ -304,18 +306,23 @@ impl Params {
             tensors.push(var.as_tensor().clone());
             vars.push(var);
         }
-        let t = |i: usize| tensors[i].clone();
-        let net = Net {
-            conv1_w: t(0),
-            conv1_b: t(1),
-            conv2_w: t(2),
-            conv2_b: t(3),
-            fc1_w: t(4),
-            fc1_b: t(5),
-            fc2_w: t(6),
-            fc2_b: t(7),
-        };
+        let net = net_in_order(|i| tensors[i].clone());
         Ok(Params { vars, net })
+    }
+}
+
+/// A network from its eight tensors in [`Net::named`]'s order (conv1, conv2, fc1, fc2;
+/// weight then bias), `t(i)` giving the i-th.
+fn net_in_order(t: impl Fn(usize) -> Tensor) -> Net {
+    Net {
+        conv1_w: t(0),
+        conv1_b: t(1),
+        conv2_w: t(2),
+        conv2_b: t(3),
+        fc1_w: t(4),
+        fc1_b: t(5),
+        fc2_w: t(6),
+        fc2_b: t(7),
     }
 }
 
@@ -519,9 +526,17 @@ impl<T> BestEpoch<T> {
         stop
     }
 
-    /// The best epoch and its weights, if any epoch was validated.
-    pub(crate) fn into_best(self) -> Option<(usize, T)> {
-        self.best.map(|(epoch, _, _, weights)| (epoch, weights))
+    /// The weights to keep and their epoch: the best validated epoch's, or (no
+    /// validation) the last epoch's, `last()`, after `epochs_run`.
+    pub(crate) fn kept(
+        self,
+        epochs_run: usize,
+        last: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, usize)> {
+        match self.best {
+            Some((epoch, _, _, weights)) => Ok((weights, epoch)),
+            None => Ok((last()?, epochs_run)),
+        }
     }
 }
 
@@ -545,14 +560,7 @@ pub(crate) fn train_net(
     let (c, h, w) = (train.channels, train.height, train.width);
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let params = Params::init(cfg, c, h, w, classes, &mut rng)?;
-    let mut opt = AdamW::new(
-        params.vars.clone(),
-        ParamsAdamW {
-            lr: cfg.learning_rate,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = cfg.optimizer(params.vars.clone())?;
     let epochs = cfg.epochs_for(train.len());
     let patience = cfg.patience_for(epochs);
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
@@ -635,17 +643,11 @@ pub(crate) fn train_net(
             break;
         }
     }
-    Ok(match best.into_best() {
-        Some((best_epoch, net)) => TrainedNet {
-            net,
-            best_epoch,
-            epochs_run,
-        },
-        None => TrainedNet {
-            net: params.net.detach(),
-            best_epoch: epochs_run,
-            epochs_run,
-        },
+    let (net, best_epoch) = best.kept(epochs_run, || Ok(params.net.detach()))?;
+    Ok(TrainedNet {
+        net,
+        best_epoch,
+        epochs_run,
     })
 }
 

@@ -456,7 +456,8 @@ fn an_onnx_backbone_is_cut_cached_and_written_as_a_model_that_serves() {
                 "{fixture}: 3 of 12 per class held out"
             );
             assert_eq!(
-                outcome.disagreements, 0,
+                outcome.disagreements,
+                Some(0),
                 "{fixture}: the written model is the head"
             );
             let sets = outcome.features.as_ref().expect("features were computed");
@@ -538,7 +539,37 @@ fn a_native_backbone_with_an_mlp_head_is_written_as_onnx() {
     options.test_split = 0.2;
     let outcome = fine_tune(&folder, &options, &run_options(&out, 5), |_| {}).expect("fine-tunes");
     assert_eq!(outcome.format, SavedFormat::Onnx);
-    assert_eq!(outcome.disagreements, 0);
+    assert_eq!(outcome.disagreements, Some(0));
     assert!(outcome.classifier.metadata().backbone.contains("fc1.relu"));
     assert_eq!(outcome.classifier.metadata().class_names.len(), 10);
+}
+
+/// A model fine-tuned here is a backbone like any other: cut at its own head's input
+/// (`head.flatten`), with the new head's names (`head_1.…`) clear of the old ones.
+#[test]
+fn a_fine_tuned_onnx_model_can_be_fine_tuned_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let folder = tmp.path().join("colours");
+    write_colours(&folder, 6);
+    let first = tmp.path().join("first");
+    let backbone = onnx_backbone(tmp.path(), "resnet18-tiny-op17");
+    fine_tune(
+        &folder,
+        &fine_tune_options(&backbone, None),
+        &run_options(&first, 3),
+        |_| {},
+    )
+    .expect("fine-tunes the fixture");
+    let second = tmp.path().join("second");
+    let outcome = fine_tune(
+        &folder,
+        &fine_tune_options(&first, None),
+        &run_options(&second, 3),
+        |_| {},
+    )
+    .expect("fine-tunes the fine-tuned model");
+    assert_eq!(outcome.format, SavedFormat::Onnx);
+    assert_eq!(outcome.disagreements, Some(0));
+    let backbone = &outcome.classifier.metadata().backbone;
+    assert!(backbone.contains("head.flatten"), "{backbone}");
 }

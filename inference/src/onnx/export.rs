@@ -32,7 +32,7 @@ use tract_onnx::pb::{
 
 use super::config::{ModelToml, OutputKind, PreprocessToml, ResizeMode};
 use super::{DESCRIPTION_FILE, LABELS_FILE, ONNX_FILE};
-use crate::model::{ModelMetadata, Net};
+use crate::model::{ModelMetadata, Net, METADATA_FILE};
 use crate::preprocess::{ChannelOrder, Interpolation, Layout};
 
 /// ONNX `TensorProto.DataType` of float32.
@@ -47,12 +47,30 @@ const OPSET: i64 = 13;
 pub fn export_native(net: &Net, meta: &ModelMetadata, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let model = model_proto(net, meta)?;
+    write_directory(out, &model, &meta.class_names, &description(meta))?;
+    // A training record left by an earlier model there would be read as this one's.
+    match std::fs::remove_file(out.join(METADATA_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", out.join(METADATA_FILE).display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes an ONNX model directory's three files: `model.onnx`, `labels.txt` (one class
+/// name per line) and `model.toml`.
+pub(crate) fn write_directory(
+    out: &Path,
+    model: &ModelProto,
+    class_names: &[String],
+    toml: &ModelToml,
+) -> anyhow::Result<()> {
     write(&out.join(ONNX_FILE), &model.encode_to_vec())?;
     write(
         &out.join(LABELS_FILE),
-        format!("{}\n", meta.class_names.join("\n")).as_bytes(),
+        format!("{}\n", class_names.join("\n")).as_bytes(),
     )?;
-    let toml = toml::to_string(&description(meta)).context("writing model.toml")?;
+    let toml = toml::to_string(toml).context("writing model.toml")?;
     write(&out.join(DESCRIPTION_FILE), toml.as_bytes())
 }
 

@@ -80,7 +80,8 @@ impl GraphInfo {
     }
 }
 
-fn opset(proto: &ModelProto) -> i64 {
+/// The `ai.onnx` operator set a model imports (0 when it names none).
+pub(super) fn opset(proto: &ModelProto) -> i64 {
     proto
         .opset_import
         .iter()

@@ -7,7 +7,7 @@
 //! `Flatten`, `Identity`, …) to the first linear layer met: a `Gemm` (torchvision, timm:
 //! `… → GlobalAveragePool → Flatten → Gemm`), a `MatMul` by a constant plus an `Add` of a
 //! constant (Keras through tf2onnx: `… → ReduceMean → MatMul → Add → Softmax`), or a 1×1
-//! `Conv` by a constant (SqueezeNet-style heads). Its data input is the feature tensor.
+//! `Conv` by a constant. Its data input is the feature tensor.
 //! Anything else is an error that asks for `--feature-node` and lists the last tensors.
 //!
 //! **The features graph** ([`features_model`]): the same graph with that tensor as its only
@@ -15,7 +15,8 @@
 //!
 //! **The new head** ([`with_head`]): the features graph, then `Flatten` (axis 1) and a
 //! `Gemm` per layer (PyTorch `Linear` weights, `transB = 1`) with `Relu` between layers;
-//! the output `head.logits` holds one row of class logits per image.
+//! the output `head.logits` holds one row of class logits per image (`head_1.…` when
+//! the backbone already has `head.…` names, as a model fine-tuned here does).
 
 use std::collections::{HashMap, HashSet};
 
@@ -23,6 +24,7 @@ use anyhow::{bail, Context};
 use tract_onnx::pb::{type_proto, GraphProto, ModelProto, NodeProto, TypeProto, ValueInfoProto};
 
 use super::export::{int, node, tensor, value_info, FLOAT};
+use super::graph::opset;
 
 /// Ops between the last linear layer and the output that only reshape or squash the
 /// scores: the walk back from the output passes through them.
@@ -42,9 +44,6 @@ const PASS_THROUGH: [&str; 10] = [
 /// How many tensor names an error about a missing feature layer lists.
 const LISTED_TENSORS: usize = 8;
 
-/// The name of the new head's output.
-pub(crate) const HEAD_OUTPUT: &str = "head.logits";
-
 /// One dense layer of a head: `outputs × inputs` weights (row per output, PyTorch
 /// `Linear` layout) and `outputs` biases.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +60,19 @@ impl Dense {
     /// Number of outputs (the bias length).
     pub fn outputs(&self) -> usize {
         self.bias.len()
+    }
+
+    /// A layer from its `(outputs, inputs)` weight and `(outputs)` bias tensors.
+    pub fn from_tensors(
+        weight: &candle_core::Tensor,
+        bias: &candle_core::Tensor,
+    ) -> anyhow::Result<Dense> {
+        let (_, inputs) = weight.dims2()?;
+        Ok(Dense {
+            weight: weight.flatten_all()?.to_vec1()?,
+            bias: bias.to_vec1()?,
+            inputs,
+        })
     }
 
     /// Checks that the weights are `outputs × inputs` and every value is finite.
@@ -157,7 +169,7 @@ fn last_linear_input(graph: &GraphProto) -> anyhow::Result<Cut> {
             op if PASS_THROUGH.contains(&op) => {
                 tensor = node.input.first().context("a node without input")?;
             }
-            "Gemm" if node.input.len() >= 2 && is_const(&node.input[1]) => {
+            "Gemm" if node.input.len() >= 2 && is_const(&node.input[1]) && !trans_a(node) => {
                 return Ok(found("Gemm", &node.input[0]));
             }
             "MatMul" if node.input.len() == 2 && is_const(&node.input[1]) => {
@@ -189,6 +201,14 @@ fn no_linear_layer(graph: &GraphProto, node: &NodeProto) -> String {
         node.name,
         last_tensors(graph)
     )
+}
+
+/// Whether a `Gemm` node transposes its data input (`transA = 1`): then its input
+/// holds the features as columns, not rows, and is no cut.
+fn trans_a(node: &NodeProto) -> bool {
+    node.attribute
+        .iter()
+        .any(|a| a.name == "transA" && a.i != 0)
 }
 
 /// Whether a `Conv` node has a 1×1 kernel (by its `kernel_shape` attribute).
@@ -245,30 +265,37 @@ pub(crate) fn with_head(
     class_names: &[String],
     backbone: &str,
 ) -> anyhow::Result<ModelProto> {
+    let old_gemm = opset(model) < 7;
+    let list_initializers_as_inputs = model.ir_version < 4;
     let mut model = features_model(model, cut)?;
     let graph = model.graph.as_mut().context("the file holds no graph")?;
-    let taken: HashSet<String> = graph
-        .node
+    if let Some(t) = graph
+        .initializer
         .iter()
-        .flat_map(|n| n.output.iter().cloned())
-        .chain(graph.initializer.iter().map(|t| t.name.clone()))
-        .collect();
-    if taken.iter().any(|n| n.starts_with("head.")) {
-        bail!("the backbone already holds tensors named head.*: cannot add a head");
+        .find(|t| t.data_location == Some(EXTERNAL_DATA))
+    {
+        bail!(
+            "the backbone keeps weights ({:?}) in an external file: a fine-tuned model is \
+             written as one self-contained file, so re-export the backbone with its weights \
+             inside",
+            t.name
+        );
     }
+    let prefix = free_prefix(graph);
+    let name = |part: &str| format!("{prefix}.{part}");
     let mut x = node(
         graph,
         "Flatten",
-        "head.flatten",
+        &name("flatten"),
         &[&cut.feature],
         vec![int("axis", 1)],
     );
     for (i, layer) in layers.iter().enumerate() {
         layer.check()?;
         if i > 0 {
-            x = node(graph, "Relu", &format!("head.{i}.relu"), &[&x], vec![]);
+            x = node(graph, "Relu", &name(&format!("{i}.relu")), &[&x], vec![]);
         }
-        let (w, b) = (format!("head.{i}.weight"), format!("head.{i}.bias"));
+        let (w, b) = (name(&format!("{i}.weight")), name(&format!("{i}.bias")));
         let dims = [layer.outputs() as i64, layer.inputs as i64];
         graph
             .initializer
@@ -276,14 +303,24 @@ pub(crate) fn with_head(
         graph
             .initializer
             .push(tensor(&b, &dims[..1], layer.bias.clone()));
-        let attrs = vec![int("transB", 1)];
-        x = node(graph, "Gemm", &format!("head.{i}"), &[&x, &w, &b], attrs);
+        if list_initializers_as_inputs {
+            graph
+                .input
+                .push(value_info(&w, &[Some(dims[0]), Some(dims[1])]));
+            graph.input.push(value_info(&b, &[Some(dims[0])]));
+        }
+        let mut attrs = vec![int("transB", 1)];
+        if old_gemm {
+            attrs.push(int("broadcast", 1));
+        }
+        x = node(graph, "Gemm", &name(&i.to_string()), &[&x, &w, &b], attrs);
     }
+    let output = name("logits");
     if let Some(last) = graph.node.last_mut() {
-        last.output = vec![HEAD_OUTPUT.into()];
+        last.output = vec![output.clone()];
     }
     let classes = layers.last().map_or(0, Dense::outputs) as i64;
-    graph.output = vec![value_info(HEAD_OUTPUT, &[None, Some(classes)])];
+    graph.output = vec![value_info(&output, &[None, Some(classes)])];
     model
         .metadata_props
         .retain(|p| !super::LABEL_KEYS.contains(&p.key.as_str()) && p.key != "backbone");
@@ -301,6 +338,33 @@ pub(crate) fn with_head(
     Ok(model)
 }
 
+/// ONNX `TensorProto.DataLocation` of weights kept in a file beside the model.
+const EXTERNAL_DATA: i32 = 1;
+
+/// The first of `head`, `head_1`, `head_2`, … that no tensor of `graph` starts with
+/// (followed by a dot): the new head's names never clash with the backbone's, even when
+/// the backbone was itself fine-tuned here.
+fn free_prefix(graph: &GraphProto) -> String {
+    let names: Vec<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().chain(std::iter::once(&n.name)))
+        .chain(graph.initializer.iter().map(|t| &t.name))
+        .chain(graph.input.iter().map(|i| &i.name))
+        .map(String::as_str)
+        .collect();
+    (0..)
+        .map(|k| {
+            if k == 0 {
+                "head".to_string()
+            } else {
+                format!("head_{k}")
+            }
+        })
+        .find(|p| !names.iter().any(|n| n.starts_with(&format!("{p}."))))
+        .unwrap_or_else(|| "head".to_string())
+}
+
 /// Removes from `graph` every node and initializer that `tensor` does not depend on.
 fn prune_to(graph: &mut GraphProto, tensor: &str) {
     let mut needed: HashSet<String> = HashSet::from([tensor.to_string()]);
@@ -310,6 +374,8 @@ fn prune_to(graph: &mut GraphProto, tensor: &str) {
         if node.output.iter().any(|o| needed.contains(o)) {
             keep[i] = true;
             needed.extend(node.input.iter().filter(|s| !s.is_empty()).cloned());
+            // An If or Loop body may read the outer graph's values by name.
+            subgraph_reads(node, &mut needed);
         }
     }
     let mut flags = keep.into_iter();
@@ -317,6 +383,20 @@ fn prune_to(graph: &mut GraphProto, tensor: &str) {
     graph.initializer.retain(|t| needed.contains(&t.name));
     // Old files list initializers as inputs too: the cut ones go with them.
     graph.input.retain(|i| needed.contains(&i.name));
+}
+
+/// Adds every value the subgraphs of `node` (and theirs) read, by name.
+fn subgraph_reads(node: &NodeProto, needed: &mut HashSet<String>) {
+    let graphs = node
+        .attribute
+        .iter()
+        .flat_map(|a| a.g.iter().chain(a.graphs.iter()));
+    for graph in graphs {
+        for inner in &graph.node {
+            needed.extend(inner.input.iter().filter(|s| !s.is_empty()).cloned());
+            subgraph_reads(inner, needed);
+        }
+    }
 }
 
 /// A float output of unknown shape (the engines work it out).

@@ -328,16 +328,11 @@ pub(crate) fn runner(
 /// Loads the ONNX model directory `dir` on `engine` (see the module docs).
 pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
     let mut bytes = Vec::new();
-    let Source {
-        description,
-        info,
-        recipe,
-        fixed_batch,
-        proto,
-        on_ort,
-    } = read_source(dir, engine, &mut bytes)?;
+    let source = read_source(dir, engine, &mut bytes)?;
+    let (description, info, recipe) = (source.description, source.info, source.recipe);
     let origin = dir.join(ONNX_FILE).display().to_string();
-    let engine = runner(proto, &bytes, on_ort, (&recipe, fixed_batch), dir, &origin)?;
+    let batch = (&recipe, source.fixed_batch);
+    let engine = runner(source.proto, &bytes, source.on_ort, batch, dir, &origin)?;
     drop(bytes);
     let labels = labels::class_names(
         &dir.join(LABELS_FILE),
@@ -350,7 +345,7 @@ pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
         logits: outputs_logits(description.output, &info),
     };
     let mut meta = metadata(dir, &description, &info, &recipe, &model, labels)?;
-    training_record(dir, &mut meta)?;
+    training_record(dir, &mut meta);
     Ok(Loaded {
         meta,
         recipe,
@@ -361,15 +356,24 @@ pub(crate) fn load(dir: &Path, engine: EngineChoice) -> anyhow::Result<Loaded> {
 /// Takes the training record (dataset, accuracy, command, backbone, …) from the
 /// directory's `metadata.json` when one lies beside the ONNX file, as `trainer train
 /// --from` writes it; the name, version, classes and input stay the ONNX model's.
-fn training_record(dir: &Path, meta: &mut ModelMetadata) -> anyhow::Result<()> {
+/// A file that is not a training record is logged and ignored: it says nothing the
+/// model needs.
+fn training_record(dir: &Path, meta: &mut ModelMetadata) {
     let path = dir.join(crate::model::METADATA_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the training record");
+            return;
+        }
     };
-    let record: ModelMetadata =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    meta.take_training_record(record);
-    Ok(())
+    match serde_json::from_str::<ModelMetadata>(&text) {
+        Ok(record) => meta.take_training_record(record),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring a metadata.json that is not a training record")
+        }
+    }
 }
 
 /// The ONNX file at `path`: its bytes and their decoding. Read into memory, not

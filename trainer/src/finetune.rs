@@ -443,7 +443,6 @@ pub fn train_head(
     let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * epochs;
     let mut best = BestEpoch::new(cfg.patience_for(epochs));
-    let keep = 1.0 - cfg.dropout.clamp(0.0, 0.99);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let (mut step, mut epochs_run) = (0usize, 0usize);
     for epoch in 1..=epochs {
@@ -454,19 +453,8 @@ pub fn train_head(
             let (x, labels) = rows(train, idx)?;
             let y = Tensor::from_slice(&labels, labels.len(), &Device::Cpu)?;
             let mask = match params.hidden() {
-                Some(hidden) if cfg.dropout > 0.0 => {
-                    let m: Vec<f32> = (0..idx.len() * hidden)
-                        .map(|_| {
-                            if rng.random::<f32>() < keep {
-                                1.0 / keep
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    Some(Tensor::from_vec(m, (idx.len(), hidden), &Device::Cpu)?)
-                }
-                _ => None,
+                Some(hidden) => train::dropout_mask(&mut rng, (idx.len(), hidden), cfg.dropout)?,
+                None => None,
             };
             opt.set_learning_rate(train::scheduled_lr(cfg, step, total_steps));
             let logits = params.forward(&x, mask.as_ref())?;

@@ -383,6 +383,29 @@ fn erase(dst: &mut [f32], (c, _h, w): (usize, usize, usize), (top, left, eh, ew)
     }
 }
 
+/// Inverted dropout multipliers for an `(rows, cols)` activation: each 0 with probability
+/// `dropout`, else `1 / (1 - dropout)`; `None` when `dropout` is 0.
+pub(crate) fn dropout_mask(
+    rng: &mut StdRng,
+    (rows, cols): (usize, usize),
+    dropout: f32,
+) -> candle_core::Result<Option<Tensor>> {
+    if dropout <= 0.0 {
+        return Ok(None);
+    }
+    let keep = 1.0 - dropout.clamp(0.0, 0.99);
+    let m: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            if rng.random::<f32>() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (rows, cols), &Device::Cpu)?))
+}
+
 /// Learning rate at `step` of `total`: linear warm-up over the first `warmup_fraction` of
 /// the steps, then cosine decay to `learning_rate * final_lr_fraction`.
 pub(crate) fn scheduled_lr(cfg: &TrainConfig, step: usize, total: usize) -> f64 {
@@ -574,7 +597,6 @@ pub(crate) fn train_net(
     );
     let len = train.image_len();
     let hidden = params.net.fc1_w.dims2()?.0;
-    let keep = 1.0 - cfg.dropout.clamp(0.0, 0.99);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut batch = vec![0f32; cfg.batch_size * len];
     let mut step = 0usize;
@@ -590,20 +612,7 @@ pub(crate) fn train_net(
             let x = Tensor::from_slice(&batch[..n * len], (n, h, w, c), &Device::Cpu)?;
             let labels: Vec<u32> = idx.iter().map(|&i| train.labels[i]).collect();
             let y = Tensor::from_vec(labels.clone(), n, &Device::Cpu)?;
-            let mask = if cfg.dropout > 0.0 {
-                let m: Vec<f32> = (0..n * hidden)
-                    .map(|_| {
-                        if rng.random::<f32>() < keep {
-                            1.0 / keep
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_vec(m, (n, hidden), &Device::Cpu)?)
-            } else {
-                None
-            };
+            let mask = dropout_mask(&mut rng, (n, hidden), cfg.dropout)?;
             opt.set_learning_rate(scheduled_lr(cfg, step, total_steps));
             let logits = params.net.forward(&x, mask.as_ref())?;
             let loss = training_loss(&logits, &y, cfg.label_smoothing)?;

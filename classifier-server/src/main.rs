@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Parser;
 use classifier_app::{
     cancel_on_signals, connect_with_retry, init_tracing, AppConfig, ServerConfig,
@@ -33,6 +34,22 @@ struct Args {
     model: Vec<String>,
     #[command(flatten)]
     server: ServerFlags,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What else the binary does besides serving (serving is the default).
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Probe a running server's health endpoint on this host and exit 0 if it answers
+    /// 200, 1 otherwise: the container image's HEALTHCHECK (the image has no curl).
+    /// The port is the server's metrics address (CLASSIFIER_METRICS_ADDR or
+    /// server.metrics_addr), probed on loopback.
+    Healthcheck {
+        /// The endpoint: /healthz (alive) or /readyz (ready for requests).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 /// The flags that set `[server]` settings, each serialized under its field's name in
@@ -103,7 +120,12 @@ impl Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let _tracing = init_tracing("info");
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    let outcome = match &args.command {
+        Some(Command::Healthcheck { path }) => healthcheck(&args, path).await,
+        None => run(args).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
@@ -111,6 +133,17 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `classifier-server healthcheck`: one GET of `path` at the configured metrics address.
+async fn healthcheck(args: &Args, path: &str) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let addr = config.server.metrics_addr.context(
+        "no metrics address to probe: set CLASSIFIER_METRICS_ADDR or server.metrics_addr",
+    )?;
+    let (status, body) = telemetry::probe(addr, path).await?;
+    anyhow::ensure!(status == 200, "{path} answered {status}: {}", body.trim());
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -209,6 +209,58 @@ fn metrics(stats: &ServerStats, tokens: &BearerTokens, headers: &HeaderMap) -> R
     }
 }
 
+/// How long [`probe`] waits for the whole answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most of an answer [`probe`] reads (a `/metrics` page is tens of kilobytes).
+const PROBE_MAX_BYTES: u64 = 4 << 20;
+
+/// One `GET path` to this endpoint over a plain socket: the status code and the body.
+///
+/// It exists for `classifier-server healthcheck`, the container image's `HEALTHCHECK`
+/// (the slim image has no HTTP client), and for the tests. An unspecified address
+/// (`0.0.0.0`, `::`) is probed on loopback, where the server also listens.
+pub async fn probe(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = loopback_if_unspecified(addr);
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream
+            .take(PROBE_MAX_BYTES)
+            .read_to_end(&mut response)
+            .await?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("no answer from {addr} within {PROBE_TIMEOUT:?}"))??;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("{addr} did not answer in HTTP"))?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// `0.0.0.0:p` → `127.0.0.1:p` and `[::]:p` → `[::1]:p`: a listener bound to every
+/// interface is reached on loopback.
+fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
 async fn readyz(State(stats): State<Arc<ServerStats>>) -> impl IntoResponse {
     match stats.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
@@ -225,20 +277,7 @@ mod tests {
 
     /// One HTTP/1.1 GET over a plain socket: status code and body.
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-        try_get(addr, path).await.expect("an HTTP answer")
-    }
-
-    /// [`get`], `None` when the connection fails or the answer is not HTTP.
-    async fn try_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        Some((status, body))
+        probe(addr, path).await.expect("an HTTP answer")
     }
 
     #[tokio::test]
@@ -254,6 +293,12 @@ mod tests {
         assert_eq!(
             get(addr, "/readyz").await,
             (503, "not ready: model not loaded\n".into())
+        );
+        // How `classifier-server healthcheck` reaches a server bound to every interface.
+        let every_interface = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+        assert_eq!(
+            probe(every_interface, "/healthz").await.expect("answers").0,
+            200
         );
         let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/fashion-mnist");
         let classifier = crate::Classifier::load(std::path::Path::new(shipped)).expect("loads");

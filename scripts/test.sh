@@ -88,6 +88,9 @@ step "dependencies: licences, bans, sources (cargo-deny; no advisories, see deny
 install_cargo_deny
 "$CARGO_DENY" --locked check --hide-inclusion-graph licenses bans sources
 
+step "Kubernetes manifests: Kubernetes and KEDA schemas, broken examples (scripts/kubernetes-check.sh)"
+scripts/kubernetes-check.sh
+
 step "building binaries and tests"
 cargo build --workspace --bins --locked
 cargo test --workspace --no-run --locked

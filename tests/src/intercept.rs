@@ -72,6 +72,13 @@ impl<H: Hooks> Broker for Intercepted<H> {
     async fn delete_subscription(&self, topic: &str, group: &str) -> unified_broker::Result<()> {
         self.inner.delete_subscription(topic, group).await
     }
+    async fn backlog(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> unified_broker::Result<Option<unified_broker::Backlog>> {
+        self.inner.backlog(topic, group).await
+    }
     async fn close(&self) -> unified_broker::Result<()> {
         self.inner.close().await
     }

@@ -92,6 +92,35 @@ impl Default for SubscribeOptions {
     }
 }
 
+/// How many messages a consumer group has not answered yet, as its broker counts them
+/// ([`Broker::backlog`]): what an autoscaler scales the group's members on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages waiting for the group that no member holds: on Redis the group's `lag`,
+    /// on the embedded broker its queue. Kafka cannot tell a message a member fetched
+    /// from one nobody did (only committed offsets are the group's), so there it is every
+    /// message past the committed offsets, held ones included, and `in_flight` is `None`.
+    pub waiting: u64,
+    /// Messages handed to a member and not yet acked, where the broker tells them apart
+    /// from `waiting` (Redis: the group's pending entries; embedded: its deliveries under
+    /// way). `None` where they are counted in `waiting` (Kafka).
+    pub in_flight: Option<u64>,
+    /// A count of the messages the group has consumed that only grows while the topic
+    /// and group live (Kafka: the sum of the committed offsets; Redis: the group's
+    /// `entries-read`; embedded: acks), so its change over time is the whole group's
+    /// throughput, not one member's. `None` where the broker does not tell it (a Redis
+    /// group that has read nothing yet). Its origin means nothing; it can go back when
+    /// the topic or group is made anew.
+    pub consumed: Option<u64>,
+}
+
+impl Backlog {
+    /// Every message the group has not acked: `waiting` plus `in_flight`.
+    pub fn unanswered(&self) -> u64 {
+        self.waiting.saturating_add(self.in_flight.unwrap_or(0))
+    }
+}
+
 /// A client of one broker: publishing, subscribing and admin.
 ///
 /// Clients are cheap to share (`Arc<dyn Broker>`); every method takes `&self`.
@@ -170,6 +199,30 @@ pub trait Broker: Send + Sync + 'static {
     async fn ensure_topic_and_subscription(&self, topic: &str, group: &str) -> Result<()> {
         self.ensure_topic(topic).await?;
         self.ensure_subscription(topic, group).await
+    }
+
+    /// The backlog of consumer group `group` on `topic` ([`Backlog`]), asked without
+    /// joining the group (no member is added, no rebalance caused), or `Ok(None)` when
+    /// this broker cannot tell it (the default). Autoscalers poll it.
+    ///
+    /// - **kafka**: per partition, the high watermark minus the group's committed offset
+    ///   (an OffsetFetch, which does not join); a partition the group never committed
+    ///   counts from where its members would start (`auto.offset.reset`, earliest unless
+    ///   overridden: every retained message);
+    /// - **redis**: `XINFO GROUPS`: `lag` waiting, `pending` in flight, `entries-read`
+    ///   consumed. `Ok(None)` when Redis cannot compute `lag` (older than 7.0, or entries
+    ///   deleted with `XDEL` inside the part of the stream the group has not read);
+    /// - **embedded**: the group's queue and its deliveries under way;
+    /// - **pubsub**: `Ok(None)`. The Pub/Sub API has no backlog count: it is Cloud
+    ///   Monitoring's metric `pubsub.googleapis.com/subscription/num_undelivered_messages`,
+    ///   which an autoscaler can read there.
+    ///
+    /// A group that does not exist has nothing waiting where the broker keeps messages
+    /// per group (Redis, embedded: zero); on Kafka it counts what a new group would read.
+    /// A topic that does not exist is [`BrokerError::TopicNotFound`].
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Option<Backlog>> {
+        let _ = (topic, group);
+        Ok(None)
     }
 
     /// Asks the broker something cheap, to tell whether it answers now: readiness

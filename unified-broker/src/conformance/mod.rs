@@ -17,8 +17,10 @@
 //! The cases, by topic: [`basics`] (publish/subscribe, topic isolation, admin),
 //! [`load`] (concurrent publishers and readers, many topics, closing under load),
 //! [`redelivery`] (nacks, errors, subscribers that close or vanish), [`ordering`],
-//! [`groups`] and [`names`] (names no broker takes, topics that do not exist).
+//! [`groups`], [`names`] (names no broker takes, topics that do not exist) and
+//! [`backlog`] (what a group has not acked, as autoscalers read it).
 
+mod backlog;
 mod basics;
 mod groups;
 mod load;
@@ -26,6 +28,7 @@ mod names;
 mod ordering;
 mod redelivery;
 
+pub use backlog::backlog_counts_what_the_group_has_not_acked;
 pub use basics::{
     admin_is_idempotent, large_messages_round_trip, missing_topic_is_reported, publish_subscribe,
     size_limit_is_exact, topic_isolation,
@@ -542,6 +545,7 @@ macro_rules! conformance_tests {
             size_limit_is_exact,
             hostile_topic_names_are_refused,
             missing_topics_fail_fast,
+            backlog_counts_what_the_group_has_not_acked,
             $($($extra,)+)?
         );
     };

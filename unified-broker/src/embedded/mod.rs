@@ -25,7 +25,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::error::{check_message_sizes, check_topic_length};
 use crate::sync::lock;
 use crate::{
-    AckHandle, Broker, BrokerError, ClosedFlag, Delivery, Features, Message, Result,
+    AckHandle, Backlog, Broker, BrokerError, ClosedFlag, Delivery, Features, Message, Result,
     SubscribeOptions, Subscriber,
 };
 
@@ -90,6 +90,10 @@ struct Group {
 #[derive(Default)]
 struct GroupQueue {
     ready: VecDeque<Entry>,
+    /// Deliveries handed to members and not yet settled.
+    in_flight: u64,
+    /// Deliveries acked since the group was made: its [`Backlog::consumed`].
+    acked: u64,
     deleted: bool,
 }
 
@@ -115,12 +119,30 @@ impl Group {
 
     fn requeue_front(&self, entry: Entry) {
         let mut queue = lock(&self.queue);
+        queue.in_flight = queue.in_flight.saturating_sub(1);
         if queue.deleted {
             return;
         }
         queue.ready.push_front(entry);
         drop(queue);
         self.available.notify_one();
+    }
+
+    /// A delivery was acked: it leaves the group's backlog for good.
+    fn acked(&self) {
+        let mut queue = lock(&self.queue);
+        queue.in_flight = queue.in_flight.saturating_sub(1);
+        queue.acked += 1;
+    }
+
+    /// What waits in the queue, what is under way, what was acked.
+    fn backlog(&self) -> Backlog {
+        let queue = lock(&self.queue);
+        Backlog {
+            waiting: queue.ready.len() as u64,
+            in_flight: Some(queue.in_flight),
+            consumed: Some(queue.acked),
+        }
     }
 
     fn delete(&self) {
@@ -261,6 +283,14 @@ impl Broker for EmbeddedBroker {
         Ok(())
     }
 
+    /// The group's queue and its deliveries under way; a group that does not exist has
+    /// none (it is not created).
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Option<Backlog>> {
+        let topic = self.topic(topic)?;
+        let group = lock(&topic.groups).get(group).cloned();
+        Ok(Some(group.map(|group| group.backlog()).unwrap_or_default()))
+    }
+
     async fn close(&self) -> Result<()> {
         // Publishes are confirmed when `publish_batch` returns: nothing to flush.
         self.closed.close();
@@ -288,6 +318,7 @@ impl Subscriber for EmbeddedSubscriber {
                     return None;
                 }
                 if let Some(entry) = queue.ready.pop_front() {
+                    queue.in_flight += 1;
                     let message = Arc::clone(&entry.message);
                     let attempt = entry.attempt;
                     drop(queue);
@@ -317,6 +348,7 @@ struct EmbeddedAck {
 
 impl AckHandle for EmbeddedAck {
     fn ack(self: Box<Self>) -> Result<()> {
+        self.group.acked();
         self.group.room.add_permits(1);
         Ok(())
     }

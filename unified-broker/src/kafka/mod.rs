@@ -18,11 +18,14 @@
 //!   through a local redelivery queue (details in `consumer.rs`).
 //! - **admin**: topics are created with the configured partitions; subscriptions need no
 //!   creation, and deleting one deletes its consumer group (details in `admin.rs`).
+//! - **backlog**: high watermarks minus the group's committed offsets, read by a
+//!   consumer that never joins the group (details in `backlog.rs`).
 //!
 //! Kafka retains messages by time/size, not by consumer: a group that subscribes later
 //! starts at the oldest retained message (`auto.offset.reset=earliest`).
 
 mod admin;
+mod backlog;
 mod config;
 mod consumer;
 mod offsets;
@@ -35,11 +38,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::admin::AdminClient;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientContext;
 
+use self::backlog::GroupReaders;
 pub use self::config::KafkaConfig;
 use self::consumer::KafkaSubscriber;
 use self::producer::{ProducerContext, Producers};
@@ -47,7 +52,8 @@ pub use self::topics::MAX_TOPIC_NAME_LEN;
 use self::topics::{check_name, KnownTopics, TopicListing, KNOWN_TOPICS_CAPACITY};
 use crate::error::check_message_sizes;
 use crate::{
-    Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
+    Backlog, Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions,
+    Subscriber,
 };
 
 /// A client of a Kafka cluster: one idempotent producer (replaced when a broker restart
@@ -66,6 +72,9 @@ pub struct KafkaBroker {
     known: KnownTopics,
     /// Which topics exist, for topics not in `known`.
     listing: TopicListing,
+    /// Consumers that read groups' committed offsets without joining them, for
+    /// [`Broker::backlog`] (see `backlog.rs`).
+    backlogs: Arc<GroupReaders>,
 }
 
 /// librdkafka context of the admin client: forwards its logs to `tracing`.
@@ -80,6 +89,9 @@ impl ClientContext for LogContext {
         tracing::warn!(%error, reason, "kafka client error");
     }
 }
+
+/// The backlog readers are consumers that never subscribe: no rebalance to handle.
+impl ConsumerContext for LogContext {}
 
 /// Forwards one librdkafka log line to `tracing` (librdkafka never logs property values).
 pub(crate) fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -273,6 +285,7 @@ impl KafkaBroker {
             admin,
             closed: ClosedFlag::default(),
             known: KnownTopics::new(KNOWN_TOPICS_CAPACITY),
+            backlogs: Arc::new(GroupReaders::new(config)),
         })
     }
 
@@ -482,6 +495,14 @@ impl Broker for KafkaBroker {
     async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()> {
         check_name(topic)?;
         self.remove_group(topic, &self.group_id(topic, group)).await
+    }
+
+    /// High watermarks minus the group's committed offsets, asked without joining the
+    /// group (see `backlog.rs`).
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Option<Backlog>> {
+        check_name(topic)?;
+        let group_id = self.group_id(topic, group);
+        self.backlogs.backlog(topic, &group_id).await.map(Some)
     }
 
     async fn close(&self) -> Result<()> {

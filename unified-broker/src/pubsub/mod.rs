@@ -13,6 +13,9 @@
 //!   attribute [`KEY_ATTRIBUTE`], so it survives the trip either way;
 //! - messages published before a group's subscription exists are not delivered to it
 //!   (`ensure_subscription` first), as on the embedded broker.
+//! - a group's backlog is not known (`Broker::backlog` answers `None`): the Pub/Sub API
+//!   has no count of a subscription's messages; Cloud Monitoring has it
+//!   (`subscription/num_undelivered_messages`), for an autoscaler to read there.
 //!
 //! With `emulator_host` (or `PUBSUB_EMULATOR_HOST`) the client uses `http://HOST` and
 //! anonymous credentials; it never looks for real credentials or the metadata server.

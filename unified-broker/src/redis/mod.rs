@@ -21,6 +21,8 @@
 //! - `delete_topic` deletes the stream (and with it its groups); `delete_subscription`
 //!   destroys the group (`XGROUP DESTROY`). Acked entries stay in the stream for other
 //!   groups until `MAXLEN` trims them.
+//! - a group's **backlog** is its `lag` (entries not yet delivered to it, Redis ≥ 7) plus
+//!   its `pending` entries, from `XINFO GROUPS` (details in `admin.rs`).
 //!
 //! Redis keeps streams in memory; whether they survive a restart depends on the server's
 //! persistence settings (the scripts' server has none), so the backend does not promise
@@ -41,7 +43,8 @@ pub use self::config::{RedisConfig, URL_ENV};
 use self::consumer::RedisSubscriber;
 use crate::error::{check_message_sizes, check_topic_length};
 use crate::{
-    Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions, Subscriber,
+    Backlog, Broker, BrokerError, ClosedFlag, Features, Message, Result, SubscribeOptions,
+    Subscriber,
 };
 
 /// Stream field holding a message's payload.
@@ -309,6 +312,12 @@ impl Broker for RedisBroker {
 
     async fn delete_subscription(&self, topic: &str, group: &str) -> Result<()> {
         self.remove_group(topic, group).await
+    }
+
+    /// `XINFO GROUPS`: see `admin.rs`.
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Option<Backlog>> {
+        self.check_topic_name(topic)?;
+        self.group_backlog(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -71,6 +71,7 @@ pub const ENV_SETTINGS: &[(&str, &str)] = &[
     ("CLASSIFIER_SERVER_ID", "server_id"),
     ("CLASSIFIER_MODEL_POLL_MS", "model_poll_ms"),
     ("CLASSIFIER_METRICS_ADDR", "metrics_addr"),
+    ("CLASSIFIER_BACKLOG_POLL_SECS", "backlog_poll_secs"),
 ];
 
 /// The whole config file.
@@ -150,6 +151,11 @@ pub struct ServerConfig {
     /// answered `DEADLINE_EXCEEDED` without running the model: the allowance for the
     /// clocks of client and server disagreeing.
     pub deadline_grace_ms: u64,
+    /// How often the group's backlog is asked of the broker (`Broker::backlog`), in
+    /// seconds, for the gauges an autoscaler reads (`classifier_backlog_messages`,
+    /// `classifier_backlog_drain_seconds`); 0 asks never. Also the period of
+    /// `classifier-server backlog-exporter`.
+    pub backlog_poll_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -174,6 +180,7 @@ impl Default for ServerConfig {
             reply_topic_prefix: DEFAULT_REPLY_TOPIC_PREFIX.to_string(),
             stall_after_secs: 60,
             deadline_grace_ms: 1000,
+            backlog_poll_secs: 5,
         }
     }
 }
@@ -197,6 +204,11 @@ impl ServerConfig {
     /// `stall_after_secs` as a duration.
     pub fn stall_after(&self) -> Duration {
         Duration::from_secs(self.stall_after_secs)
+    }
+
+    /// `backlog_poll_secs` as a duration, `None` for 0 (no polling).
+    pub fn backlog_poll(&self) -> Option<Duration> {
+        (self.backlog_poll_secs > 0).then(|| Duration::from_secs(self.backlog_poll_secs))
     }
 
     /// `model_poll_ms` as a duration, `None` for 0 (no polling).
@@ -476,10 +488,12 @@ mod tests {
                 "CLASSIFIER_SERVER_ID" => Some("42".into()),
                 "CLASSIFIER_MODEL_DIR" => Some("/srv/models/a".into()),
                 "CLASSIFIER_DEAD_LETTER_TOPIC" => Some(String::new()),
+                "CLASSIFIER_BACKLOG_POLL_SECS" => Some("1".into()),
                 _ => None,
             })
             .expect("applies");
         assert_eq!(config.server.model_poll_ms, 250);
+        assert_eq!(config.server.backlog_poll(), Some(Duration::from_secs(1)));
         assert_eq!(
             config.server.metrics_addr,
             Some("127.0.0.1:9464".parse().expect("address"))

@@ -13,9 +13,12 @@
 //!   batcher, model thread, reply, dead letters), and the stats they count into;
 //! - [`log_safe`]: peers' strings escaped and cut before they are logged;
 //! - [`telemetry`]: those stats as Prometheus metrics, and health probes, over HTTP;
+//! - [`backlog`]: the request group's backlog as the broker counts it, polled into
+//!   gauges for autoscalers, and the exporter that serves them with no server running;
 //! - [`bearer`]: bearer tokens known by their SHA-256 digests (the metrics token, the
 //!   gateway's API keys).
 
+pub mod backlog;
 pub mod bearer;
 pub mod decode;
 pub mod log_safe;

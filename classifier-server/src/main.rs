@@ -50,6 +50,11 @@ enum Command {
         #[arg(long, default_value = "/healthz")]
         path: String,
     },
+    /// Serve only the request group's backlog gauges (classifier_backlog_messages,
+    /// classifier_backlog_drain_seconds) on the metrics address, asking the broker every
+    /// backlog_poll_secs, without consuming: what an autoscaler reads to start the first
+    /// server when none runs. Needs a metrics address and an external broker.
+    BacklogExporter,
 }
 
 /// The flags that set `[server]` settings, each serialized under its field's name in
@@ -84,6 +89,9 @@ struct ServerFlags {
     /// HTTP on this address, e.g. 127.0.0.1:9464 (default: not served).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// How often to ask the broker for the group's backlog, in seconds (0: never).
+    #[arg(long)]
+    backlog_poll_secs: Option<u64>,
 }
 
 impl Args {
@@ -123,6 +131,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let outcome = match &args.command {
         Some(Command::Healthcheck { path }) => healthcheck(&args, path).await,
+        Some(Command::BacklogExporter) => backlog_exporter(&args).await,
         None => run(args).await,
     };
     match outcome {
@@ -146,6 +155,14 @@ async fn healthcheck(args: &Args, path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `classifier-server backlog-exporter`: the backlog gauges, no serving.
+async fn backlog_exporter(args: &Args) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    classifier_server::backlog::exporter::run(&config, shutdown).await
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config()?;
     if config.broker.in_process_only() {
@@ -165,7 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let http = match config.server.metrics_addr {
         Some(addr) => Some(
-            telemetry::serve(addr, Arc::clone(&stats), tokens, stop_http.clone())
+            telemetry::serve(addr, stats.clone(), tokens, stop_http.clone())
                 .await?
                 .1,
         ),

@@ -9,6 +9,9 @@
 //! - `GET /readyz`: `200 ready` when a model is loaded, the request subscription is open
 //!   and the server is not draining; else `503` and the reason (readiness).
 //!
+//! What it shows comes from a [`MetricsSource`]: a server's [`ServerStats`], or the
+//! backlog exporter's gauges ([`crate::backlog::exporter`]).
+//!
 //! It serves nothing else and reads nothing from requests. Its port faces whoever can
 //! reach it, so connections are bounded the way Envoy and nginx bound theirs
 //! ([`ConnectionLimits`]): a request's headers must arrive within a few seconds, a
@@ -67,19 +70,43 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 static ACCEPT_LOG: LogLimiter = LogLimiter::new(1, Duration::from_secs(10));
 
-/// The endpoint's routes over `stats`, `/metrics` only for callers that show one of
+/// What the endpoint shows: the process's metrics and its readiness. A model server's
+/// [`ServerStats`] is one, the backlog exporter's gauges another, so both modes serve
+/// the same endpoint.
+pub trait MetricsSource: Send + Sync + 'static {
+    /// Every metric in Prometheus' text exposition format, read now.
+    fn metrics_text(&self) -> String;
+
+    /// `Ok` when ready for work, else why not (what `/readyz` says after "not ready: ").
+    fn ready(&self) -> Result<(), String>;
+}
+
+impl MetricsSource for ServerStats {
+    fn metrics_text(&self) -> String {
+        self.render_prometheus()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.readiness().map_err(|why| why.to_string())
+    }
+}
+
+/// What the routes share.
+type Source = Arc<dyn MetricsSource>;
+
+/// The endpoint's routes over `source`, `/metrics` only for callers that show one of
 /// `metrics_tokens` (when any is configured).
-pub fn router(stats: Arc<ServerStats>, metrics_tokens: BearerTokens) -> Router {
+pub fn router(source: Source, metrics_tokens: BearerTokens) -> Router {
     let tokens = Arc::new(metrics_tokens);
-    let metrics = move |State(stats): State<Arc<ServerStats>>, headers: HeaderMap| {
+    let metrics = move |State(source): State<Source>, headers: HeaderMap| {
         let tokens = Arc::clone(&tokens);
-        async move { metrics(&stats, &tokens, &headers) }
+        async move { metrics(&*source, &tokens, &headers) }
     };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(stats)
+        .with_state(source)
 }
 
 /// Binds `addr` (so that a taken port fails the start, clearly) and serves [`router`]
@@ -87,13 +114,13 @@ pub fn router(stats: Arc<ServerStats>, metrics_tokens: BearerTokens) -> Router {
 /// address is reachable from other machines.
 pub async fn serve(
     addr: SocketAddr,
-    stats: Arc<ServerStats>,
+    source: Source,
     metrics_tokens: BearerTokens,
     stop: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     serve_with(
         addr,
-        stats,
+        source,
         metrics_tokens,
         stop,
         ConnectionLimits::default(),
@@ -104,7 +131,7 @@ pub async fn serve(
 /// [`serve`] with the given connection limits.
 pub async fn serve_with(
     addr: SocketAddr,
-    stats: Arc<ServerStats>,
+    source: Source,
     metrics_tokens: BearerTokens,
     stop: CancellationToken,
     limits: ConnectionLimits,
@@ -119,7 +146,7 @@ pub async fn serve_with(
         tracing::warn!(%bound, "metrics and health are served beyond this machine, without a token (server.metrics_token_sha256)");
     }
     tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
-    let router = router(stats, metrics_tokens);
+    let router = router(source, metrics_tokens);
     Ok((bound, serve_router(listener, router, stop, limits)))
 }
 
@@ -187,11 +214,11 @@ async fn serve_connection(
     let _ = tokio::time::timeout(limits.max_lifetime, connection).await;
 }
 
-fn metrics(stats: &ServerStats, tokens: &BearerTokens, headers: &HeaderMap) -> Response {
+fn metrics(source: &dyn MetricsSource, tokens: &BearerTokens, headers: &HeaderMap) -> Response {
     match tokens.check(headers) {
         Ok(()) => (
             [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
-            stats.render_prometheus(),
+            source.metrics_text(),
         )
             .into_response(),
         Err(refusal) => {
@@ -261,8 +288,8 @@ fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn readyz(State(stats): State<Arc<ServerStats>>) -> impl IntoResponse {
-    match stats.readiness() {
+async fn readyz(State(source): State<Source>) -> impl IntoResponse {
+    match source.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -286,7 +313,7 @@ mod tests {
         let stop = CancellationToken::new();
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
         let tokens = BearerTokens::default();
-        let (addr, task) = serve(any_port, Arc::clone(&stats), tokens, stop.clone())
+        let (addr, task) = serve(any_port, stats.clone(), tokens, stop.clone())
             .await
             .expect("bind");
         assert_eq!(get(addr, "/healthz").await, (200, "ok\n".into()));

@@ -15,6 +15,9 @@
 //! - [`dead_letter`]: the copies of requests that can never succeed;
 //! - [`stats`]: the counters.
 //!
+//! Beside the stages, tasks of `run` reload models, ask the broker whether it answers
+//! (for `/readyz`) and poll the group's backlog ([`crate::backlog`]).
+//!
 //! Shutdown (the `shutdown` token): intake stops, everything already taken is finished
 //! within `drain_timeout`, then the subscription is closed (committing acks).
 
@@ -37,6 +40,7 @@ use unified_broker::{
     retry_while_unavailable, Broker, BrokerError, Resubscribing, SubscribeOptions, Subscriber,
 };
 
+pub(crate) use stats::register;
 pub use stats::{NotReady, ServerStats, StatsSnapshot};
 
 use crate::models::{ModelSet, Reload};
@@ -160,6 +164,7 @@ impl ModelServer {
         let decode_pool = decode_pool::DecodePool::new(&self.models, config, self.route_policy())?;
         let reloader = self.watch_models(&shutdown);
         let prober = self.probe_broker();
+        let backlog = self.poll_backlog();
         let batcher = tokio::spawn(batch::run(
             prepared_rx,
             batch_tx,
@@ -206,6 +211,9 @@ impl ModelServer {
         self.stats.draining();
         reloader.abort();
         prober.abort();
+        if let Some(backlog) = backlog {
+            backlog.abort();
+        }
         self.drain(&in_flight).await;
         decode_pool.shutdown();
         // The async stages are cancelled and awaited until they are gone, so their ends of
@@ -370,6 +378,21 @@ impl ModelServer {
                 }
             }
         })
+    }
+
+    /// Asks the broker for the request group's backlog every `backlog_poll_secs` (unless
+    /// 0) on a task of its own, for the backlog gauges (see [`crate::backlog`]).
+    fn poll_backlog(&self) -> Option<JoinHandle<()>> {
+        let every = self.config.backlog_poll()?;
+        let group = (
+            self.config.request_topic.as_str(),
+            self.config.group.as_str(),
+        );
+        let gauges = self.stats.backlog_gauges();
+        let poller =
+            crate::backlog::BacklogPoller::new(Arc::clone(&self.broker), group, every, gauges)
+                .with_own_stats(Arc::clone(&self.stats));
+        Some(poller.spawn())
     }
 
     fn reply_context(&self) -> ReplyContext {

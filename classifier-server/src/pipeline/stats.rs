@@ -14,6 +14,7 @@ use prometheus::{
 };
 use unified_broker::SubscriptionState;
 
+use crate::backlog::BacklogGauges;
 use crate::models::ServedModel;
 use classifier_app::lock;
 
@@ -53,6 +54,8 @@ pub struct ServerStats {
     model_info: IntGaugeVec,
     /// 1 while `/readyz` says ready.
     ready: IntGauge,
+    /// The request group's backlog, as the broker counts it (see [`crate::backlog`]).
+    backlog: BacklogGauges,
     live: Mutex<Option<LiveSources>>,
     model_loaded: AtomicBool,
     draining: AtomicBool,
@@ -229,6 +232,7 @@ impl ServerStats {
                 "classifier_ready",
                 "1 when the server takes requests (as /readyz).",
             ),
+            backlog: BacklogGauges::register(&registry),
             registry,
             live: Mutex::new(None),
             model_loaded: AtomicBool::new(false),
@@ -284,6 +288,17 @@ impl ServerStats {
         vec.with_label_values(&["classified"])
             .inc_by(n.saturating_sub(errors) as u64);
         vec.with_label_values(&["error"]).inc_by(errors as u64);
+    }
+
+    /// The backlog gauges, for the server's [`crate::backlog::BacklogPoller`].
+    pub(crate) fn backlog_gauges(&self) -> BacklogGauges {
+        self.backlog.clone()
+    }
+
+    /// Requests acked since the start: this replica's own pace,
+    /// for the backlog's drain time where the broker counts no group throughput.
+    pub(crate) fn requests_finished(&self) -> u64 {
+        self.request_seconds.get_sample_count()
     }
 
     /// Records how long a request took from intake to its ack.
@@ -391,7 +406,10 @@ impl ServerStats {
 
 /// Registers `metric` (names are fixed and distinct, so this cannot fail at run time;
 /// the unit tests build one).
-fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+pub(crate) fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
     registry
         .register(Box::new(metric.clone()))
         .expect("fixed, distinct metric names");

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use classifier_proto::{ClassifyResponse, Outcome, ProstMessage};
-use unified_broker::{Delivery, Subscriber};
+use classifier_proto::{ClassifyRequest, ClassifyResponse, Outcome, ProstMessage};
+use unified_broker::{Delivery, Message, Subscriber};
 
 /// The workspace root (where `examples/` and `models/` are).
 pub fn workspace_root() -> PathBuf {
@@ -266,6 +266,26 @@ pub fn top_class(reply: &ClassifyResponse) -> &str {
             .expect("at least one prediction"),
         other => panic!("expected predictions, got {other:?}"),
     }
+}
+
+/// `count` requests for the example image `examples/bag/00018.png`, ids `<prefix>-<i>`,
+/// answered on `reply_topic`, framed as `client-app` frames them: a burst for cases that
+/// publish their own requests.
+pub fn example_requests(prefix: &str, count: usize, reply_topic: &str) -> Vec<Message> {
+    let image =
+        std::fs::read(workspace_root().join("examples/bag/00018.png")).expect("example image");
+    (0..count)
+        .map(|i| {
+            let request = ClassifyRequest {
+                request_id: format!("{prefix}-{i}"),
+                job_id: format!("{prefix}-job"),
+                reply_topic: reply_topic.to_string(),
+                image: image.clone(),
+                ..ClassifyRequest::default()
+            };
+            client_app::job::request_message(&request, None)
+        })
+        .collect()
 }
 
 /// Encodes a small JPEG photo-like test image.

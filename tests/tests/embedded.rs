@@ -361,6 +361,97 @@ async fn expired_requests_are_answered_without_inference() {
     );
 }
 
+/// Scaling from zero, in one process: the backlog exporter (`classifier-server
+/// backlog-exporter`'s library part, on the embedded broker that only this process can
+/// reach) reports 40 requests waiting with no server running and says they are not
+/// draining; a server started then answers them and the gauge falls to 0, with a drain
+/// time of 0, on the exporter and in the server's own metrics.
+/// (`cross_process::the_exporter_reports_the_backlog_servers_drain` runs the binary on
+/// the networked brokers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_exporter_reports_what_waits_and_a_server_drains_it() {
+    use classifier_server::backlog::exporter::BacklogExporter;
+    use classifier_server::backlog::NOT_DRAINING_SECONDS;
+    use classifier_server::telemetry::{self, MetricsSource};
+    use integration_tests::cross_process::metric;
+
+    const REQUESTS: usize = 40;
+    let embedded = EmbeddedBroker::new(EmbeddedConfig::default());
+    let mut config = server_config("requests-backlog");
+    config.backlog_poll_secs = 1;
+    let exporter = Arc::new(BacklogExporter::new());
+    let stop = CancellationToken::new();
+    let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let tokens = classifier_server::bearer::BearerTokens::default();
+    let (addr, http) = telemetry::serve(any_port, exporter.clone(), tokens, stop.clone())
+        .await
+        .expect("the exporter's endpoint");
+    let exporting = tokio::spawn({
+        let (exporter, stop) = (Arc::clone(&exporter), stop.clone());
+        let broker: Arc<dyn Broker> = Arc::new(embedded.new_client());
+        let every = std::time::Duration::from_millis(100);
+        async move {
+            let group = ("requests-backlog", "classifier-server");
+            exporter.export(broker, group, every, &stop).await
+        }
+    });
+    let series = "{group=\"classifier-server\",topic=\"requests-backlog\"}";
+    let scraped = |messages: f64, drain: f64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, text) = telemetry::probe(addr, "/metrics").await.expect("scrape");
+            assert_eq!(status, 200, "{text}");
+            let value = |name: &str| metric(&text, &format!("{name}{series}"));
+            let shown = (
+                value("classifier_backlog_messages"),
+                value("classifier_backlog_drain_seconds"),
+            );
+            if shown == (Some(messages), Some(drain)) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{shown:?}:\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    let client = embedded.new_client();
+    let mut replies = reply_reader(&client, "classify-replies-backlog").await;
+    scraped(0.0, 0.0).await;
+    assert_eq!(exporter.ready(), Ok(()), "the broker answered the exporter");
+    let requests =
+        integration_tests::example_requests("backlog", REQUESTS, "classify-replies-backlog");
+    client
+        .publish_batch("requests-backlog", requests)
+        .await
+        .expect("publish the burst");
+    scraped(REQUESTS as f64, NOT_DRAINING_SECONDS).await;
+
+    let classifier = load_classifier(&config).expect("model");
+    let server = ModelServer::new(Arc::new(embedded.new_client()), config, classifier);
+    let stats = server.stats();
+    let running = tokio::spawn(server.run(stop.clone()));
+    for _ in 0..REQUESTS {
+        next_reply(&mut *replies).await;
+    }
+    scraped(0.0, 0.0).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !stats
+        .render_prometheus()
+        .contains(&format!("classifier_backlog_messages{series} 0"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            stats.render_prometheus()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    running.await.expect("task").expect("server ran");
+    exporting.await.expect("task").expect("exporter ran");
+    http.await.expect("the endpoint stops");
+}
+
 /// W3C trace context from a job through the server and back, on the embedded broker
 /// (the networked brokers run the same case from their test files).
 #[test]

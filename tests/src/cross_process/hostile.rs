@@ -10,7 +10,7 @@ use classifier_proto::dead_letter_attributes as dead;
 use classifier_proto::{attributes, ClassifyRequest, ClassifyResponse, Outcome, ProstMessage};
 use unified_broker::{Broker, Message, SubscribeOptions};
 
-use super::metrics::{http_get, wait_for_status};
+use super::metrics::{http_get, wait_for_metrics, wait_for_status};
 use super::{connect_and_publish, stop, CaseRun, OwnTopics};
 
 /// The server's in-flight window in this case: fewer than the poisoned requests, so a
@@ -259,17 +259,7 @@ async fn read_dead_letters(
 
 /// Polls `/metrics` until no request is in flight (fails after 60 s).
 pub(super) fn wait_until_nothing_in_flight(addr: std::net::SocketAddr, log: &dyn Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, text) = http_get(addr, "/metrics");
-        if text.contains("\nclassifier_requests_in_flight 0\n") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "requests still in flight 60 s after the flood:\n{text}\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let idle = |text: &str| text.contains("\nclassifier_requests_in_flight 0\n");
+    let what = (Duration::from_secs(60), "idle server after the flood");
+    wait_for_metrics(addr, what, idle, log);
 }

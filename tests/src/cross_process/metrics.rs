@@ -99,9 +99,32 @@ pub fn metrics_add_up_to_the_replies(backend_env: &[(String, String)]) {
 }
 
 /// The value of `series` (name and labels, as printed) in a Prometheus text page.
-pub(super) fn metric(text: &str, series: &str) -> Option<f64> {
+pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Polls `/metrics` at `addr` every 200 ms until `done` holds for the page, and returns
+/// it; fails after `timeout`, saying `what` it waited for, with the last page and `log`.
+pub(super) fn wait_for_metrics(
+    addr: SocketAddr,
+    (timeout, what): (Duration, &str),
+    done: impl Fn(&str) -> bool,
+    log: &dyn Fn() -> String,
+) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, text) = http_get(addr, "/metrics");
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} within {timeout:?}:\n{text}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A loopback address with a port nobody listens on right now.

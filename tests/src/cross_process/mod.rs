@@ -11,12 +11,14 @@
 //! expired requests answered without inference), [`metrics`] (the
 //! server's metrics and probes against what the client saw), [`models`] (a model
 //! reloaded mid-run, several models chosen per request; run on one backend, since
-//! nothing in them is broker-specific) and [`onnx`] (an ONNX model served beside the
-//! native CNN). Each starts from a
+//! nothing in them is broker-specific), [`onnx`] (an ONNX model served beside the
+//! native CNN) and [`backlog`] (the backlog exporter with no server running, then
+//! servers draining it). Each starts from a
 //! [`CaseRun`]: its own topic, group and scratch folder.
 
 mod auth;
 mod background_client;
+mod backlog;
 mod bad_input;
 mod crash;
 mod deadlines;
@@ -30,13 +32,14 @@ mod outages;
 mod size_limits;
 
 pub use auth::redis_credentials_and_acls_are_enforced;
+pub use backlog::the_exporter_reports_the_backlog_servers_drain;
 pub use bad_input::{bad_inputs_are_answered, poison_messages_are_dead_lettered};
 pub use crash::{graceful_shutdown_hands_over, server_crash_loses_nothing};
 pub use deadlines::expired_requests_cost_no_inference;
 pub use flood::flood_is_worked_through_with_bounded_memory;
 pub use happy_path::{one_server_classifies_examples, two_servers_share_the_work};
 pub use hostile::poisoned_reply_routes_never_stall_the_server;
-pub use metrics::metrics_add_up_to_the_replies;
+pub use metrics::{metric, metrics_add_up_to_the_replies};
 pub use models::{a_model_reload_mid_run_loses_nothing, requests_choose_among_several_models};
 pub use onnx::an_onnx_model_is_served_like_a_native_one;
 pub use outages::{
@@ -343,6 +346,7 @@ macro_rules! cross_process_tests {
             metrics_add_up_to_the_replies,
             poisoned_reply_routes_never_stall_the_server,
             expired_requests_cost_no_inference,
+            the_exporter_reports_the_backlog_servers_drain,
         );
         #[test]
         fn trace_context_crosses_the_broker() {

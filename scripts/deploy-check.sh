@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build-checks deploy/ without a Docker engine (none runs on the machines this project
-# is developed on): runs the Dockerfile's steps in a clean directory and checks the
-# result the way the image would run it; validates compose.yaml and the systemd unit.
+# Build-checks deploy/ without a container engine: runs the release build's steps of the
+# Dockerfile in a clean directory and checks the result the way the image would run it;
+# validates compose.yaml and the systemd unit. scripts/container-check.sh builds and runs
+# the image itself (podman, the Dockerfile's `prebuilt` target) and compose.yaml.
 #
 #   scripts/deploy-check.sh                 # clean clone, fresh release build (~15 min)
 #   scripts/deploy-check.sh --reuse-target  # reuse this checkout's target/ (fast)
@@ -29,7 +30,8 @@ grep -qF "RUN $BUILD_COMMAND" deploy/Dockerfile \
     || fail "deploy/Dockerfile no longer runs '$BUILD_COMMAND'; update this script with it"
 for line in "COPY models/fashion-mnist/ /opt/classifier/model/" "COPY config/ /etc/classifier/" \
     "ENV CLASSIFIER_MODEL_DIR=/opt/classifier/model" "USER classifier" \
-    'ENTRYPOINT ["/usr/local/bin/classifier-server"]'; do
+    'ENTRYPOINT ["/usr/local/bin/classifier-server"]' "CLASSIFIER_METRICS_ADDR=0.0.0.0:9464" \
+    'HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 CMD ["/usr/local/bin/classifier-server", "healthcheck"]'; do
     grep -qF "$line" deploy/Dockerfile || fail "deploy/Dockerfile lost '$line'; update this script"
 done
 

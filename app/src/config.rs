@@ -206,9 +206,13 @@ impl ServerConfig {
         Duration::from_secs(self.stall_after_secs)
     }
 
-    /// `backlog_poll_secs` as a duration, `None` for 0 (no polling).
+    /// `backlog_poll_secs` as a duration, `None` for 0 (no polling), at most an hour (a
+    /// larger period would say nothing an autoscaler could use, and one near `u64::MAX`
+    /// would overflow the timer).
     pub fn backlog_poll(&self) -> Option<Duration> {
-        (self.backlog_poll_secs > 0).then(|| Duration::from_secs(self.backlog_poll_secs))
+        const LONGEST: u64 = 3_600;
+        (self.backlog_poll_secs > 0)
+            .then(|| Duration::from_secs(self.backlog_poll_secs.min(LONGEST)))
     }
 
     /// `model_poll_ms` as a duration, `None` for 0 (no polling).

@@ -78,7 +78,7 @@ impl BacklogExporter {
         );
         let polling = poller.spawn();
         shutdown.cancelled().await;
-        polling.abort();
+        drop(polling);
         Ok(())
     }
 }

@@ -88,7 +88,7 @@ impl BacklogGauges {
     }
 
     /// Shows `backlog` and its drain time for `labels` (topic, group).
-    fn set(&self, labels: &[&str; 2], backlog: &Backlog, drain_seconds: f64) {
+    fn set(&self, labels: &[&str; 2], backlog: &Backlog, drain_seconds: Option<f64>) {
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let messages = self.messages.with_label_values(labels);
         messages.set(count(backlog.unanswered()));
@@ -102,9 +102,13 @@ impl BacklogGauges {
                 let _ = self.delivered.remove_label_values(labels);
             }
         }
-        self.drain_seconds
-            .with_label_values(labels)
-            .set(drain_seconds);
+        match drain_seconds {
+            Some(seconds) => self.drain_seconds.with_label_values(labels).set(seconds),
+            None => {
+                // An error only says the series was not there.
+                let _ = self.drain_seconds.remove_label_values(labels);
+            }
+        }
     }
 
     /// Removes the series of `labels`: the backlog is not known now.
@@ -113,6 +117,24 @@ impl BacklogGauges {
         let _ = self.messages.remove_label_values(labels);
         let _ = self.delivered.remove_label_values(labels);
         let _ = self.drain_seconds.remove_label_values(labels);
+    }
+}
+
+/// A running [`BacklogPoller`]. Dropping it stops the polls and removes the group's
+/// series: a draining or stopped server (or one whose start failed) shows no backlog
+/// frozen at its last poll, which an autoscaler taking the `max` over replicas would
+/// keep acting on.
+pub struct BacklogTask {
+    task: JoinHandle<()>,
+    gauges: BacklogGauges,
+    labels: [String; 2],
+}
+
+impl Drop for BacklogTask {
+    fn drop(&mut self) {
+        self.task.abort();
+        let [topic, group] = &self.labels;
+        self.gauges.forget(&[topic.as_str(), group.as_str()]);
     }
 }
 
@@ -173,9 +195,16 @@ impl BacklogPoller {
         BacklogPoller { answered, ..self }
     }
 
-    /// Polls on a task of its own, the first time at once, until the task is aborted.
-    pub fn spawn(self) -> JoinHandle<()> {
-        tokio::spawn(self.run())
+    /// Polls on a task of its own, the first time at once, until the returned
+    /// [`BacklogTask`] is dropped.
+    pub fn spawn(self) -> BacklogTask {
+        let gauges = self.gauges.clone();
+        let labels = [self.topic.clone(), self.group.clone()];
+        BacklogTask {
+            task: tokio::spawn(self.run()),
+            gauges,
+            labels,
+        }
     }
 
     async fn run(mut self) {
@@ -205,7 +234,7 @@ impl BacklogPoller {
             Ok(Some(backlog)) => {
                 self.note_known(true);
                 let per_second = self.throughput(now, backlog.consumed);
-                let drain = rate::drain_seconds(backlog.unanswered(), per_second);
+                let drain = self.drain_seconds(backlog.unanswered(), per_second);
                 self.gauges.set(&labels, &backlog, drain);
             }
             Ok(None) => {
@@ -214,6 +243,8 @@ impl BacklogPoller {
                 self.gauges.forget(&labels);
             }
             Err(error) => {
+                // The pace resumes after the outage, not across it.
+                self.group_rate.clear();
                 self.gauges.forget(&labels);
                 tracing::debug!(%topic, %group, %error, "backlog poll failed");
                 warn_limited!(POLL_FAILED, %topic, %group, %error, "cannot read the group's backlog from the broker; its gauges are absent until it answers");
@@ -234,6 +265,19 @@ impl BacklogPoller {
                 self.own.as_ref().and(self.own_rate.per_second())
             }
         }
+    }
+
+    /// The drain time to show, `None` for none: a server shows none while messages
+    /// wait and it has not measured a pace yet (one poll so far), since a replica that
+    /// just started would otherwise report [`NOT_DRAINING_SECONDS`] and, under an
+    /// autoscaler's `max` over replicas, ask for more replicas on every scale-up. The
+    /// exporter, which serves no requests, shows it: nothing consumes while it is all
+    /// that runs.
+    fn drain_seconds(&self, unanswered: u64, per_second: Option<f64>) -> Option<f64> {
+        if unanswered > 0 && per_second.is_none() && self.own.is_some() {
+            return None;
+        }
+        Some(rate::drain_seconds(unanswered, per_second))
     }
 
     /// Logs when the broker starts or stops telling the backlog.
@@ -300,6 +344,59 @@ mod tests {
         poller.record(Err("down".into()));
         assert!(!text(&registry).contains("classifier_backlog_drain_seconds{"));
         assert!(!answered.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_server_shows_no_drain_time_before_it_has_measured_a_pace() {
+        let (poller, registry) = poller();
+        let mut poller = poller.with_own_stats(Arc::new(ServerStats::default()));
+        let waiting = |consumed| Backlog {
+            waiting: 5,
+            in_flight: None,
+            consumed: Some(consumed),
+        };
+        poller.record(Ok(Some(waiting(10))));
+        let shown = text(&registry);
+        assert!(shown.contains(&format!("classifier_backlog_messages{SERIES} 5")));
+        assert!(
+            !shown.contains("classifier_backlog_drain_seconds{"),
+            "{shown}"
+        );
+        poller.record(Ok(Some(waiting(10))));
+        assert!(text(&registry).contains(&format!(
+            "classifier_backlog_drain_seconds{SERIES} {NOT_DRAINING_SECONDS}"
+        )));
+        poller.record(Err("down".into()));
+        poller.record(Ok(Some(waiting(10))));
+        assert!(
+            !text(&registry).contains("classifier_backlog_drain_seconds{"),
+            "the pace starts over after an outage"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_poller_leaves_no_series_behind() {
+        let (poller, registry) = poller();
+        poller
+            .broker
+            .ensure_topic_and_subscription("requests", "servers")
+            .await
+            .expect("made");
+        let polling = poller.spawn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !text(&registry).contains("classifier_backlog_messages{") {
+            assert!(
+                Instant::now() < deadline,
+                "the poller never showed the backlog"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(polling);
+        assert!(
+            !text(&registry).contains("classifier_backlog_"),
+            "{}",
+            text(&registry)
+        );
     }
 
     #[test]

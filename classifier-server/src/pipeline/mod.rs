@@ -211,9 +211,8 @@ impl ModelServer {
         self.stats.draining();
         reloader.abort();
         prober.abort();
-        if let Some(backlog) = backlog {
-            backlog.abort();
-        }
+        // Its series go with it: a draining server shows no stale backlog.
+        drop(backlog);
         self.drain(&in_flight).await;
         decode_pool.shutdown();
         // The async stages are cancelled and awaited until they are gone, so their ends of
@@ -382,7 +381,7 @@ impl ModelServer {
 
     /// Asks the broker for the request group's backlog every `backlog_poll_secs` (unless
     /// 0) on a task of its own, for the backlog gauges (see [`crate::backlog`]).
-    fn poll_backlog(&self) -> Option<JoinHandle<()>> {
+    fn poll_backlog(&self) -> Option<crate::backlog::BacklogTask> {
         let every = self.config.backlog_poll()?;
         let group = (
             self.config.request_topic.as_str(),

@@ -15,8 +15,9 @@
 //! partition is counted as one message there (it sees them all once another batch
 //! follows). Kafka itself answers the high watermark. Kafka cannot
 //! tell messages a member holds from ones nobody fetched: both are past the committed
-//! offset, so [`Backlog::in_flight`] is `None`. The sum of those positions grows with
-//! every commit: it is [`Backlog::consumed`].
+//! offset, so [`Backlog::in_flight`] is `None`. The sum of the committed offsets grows
+//! with every commit and with nothing else (not with produced messages, nor with
+//! retention): it is [`Backlog::consumed`].
 //!
 //! The questions go through a consumer created with the group's id that never
 //! subscribes: the committed offsets come from an OffsetFetch, which does not join the
@@ -26,7 +27,8 @@
 //! metadata across a broker restart is what crashes librdkafka 2.12, see
 //! `producer.rs`). Every call blocks, so a poll runs on the blocking pool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::DerefMut;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +53,38 @@ const MAX_EVENTS_PER_POLL: usize = 64;
 pub(crate) struct GroupReaders {
     config: KafkaConfig,
     readers: Mutex<HashMap<String, Arc<BaseConsumer<LogContext>>>>,
+    /// The groups being asked about now: a poll that outlived its caller's timeout is
+    /// not joined by another one for the same group (they would pile up).
+    asking: Mutex<HashSet<String>>,
+}
+
+/// Marks a group as being asked about until dropped.
+struct Asking<'a> {
+    asking: &'a Mutex<HashSet<String>>,
+    group_id: String,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        lock(self.asking).remove(&self.group_id);
+    }
+}
+
+impl Drop for GroupReaders {
+    fn drop(&mut self) {
+        release(std::mem::take(lock(&self.readers).deref_mut()));
+    }
+}
+
+/// Destroys consumers off the async workers: destroying one blocks until its group
+/// connection is closed (librdkafka polls in 100 ms steps).
+fn release<T: Send + 'static>(consumers: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || drop(consumers));
+        }
+        Err(_) => drop(consumers),
+    }
 }
 
 /// Where a member of a group starts in a partition the group has no offset for.
@@ -108,7 +142,7 @@ fn backlog_of(partitions: &[PartitionOffsets], reset: Reset) -> Backlog {
         let position = partition.position(reset);
         let behind = u64::try_from(partition.high - position).unwrap_or(0);
         backlog.waiting = backlog.waiting.saturating_add(behind);
-        let consumed = u64::try_from(position).unwrap_or(0);
+        let consumed = u64::try_from(partition.committed.unwrap_or(0)).unwrap_or(0);
         backlog.consumed = backlog.consumed.map(|sum| sum.saturating_add(consumed));
     }
     backlog
@@ -120,7 +154,13 @@ impl GroupReaders {
         GroupReaders {
             config: config.clone(),
             readers: Mutex::new(HashMap::new()),
+            asking: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Lets every kept consumer go (the broker is closing).
+    pub(crate) fn release_all(&self) {
+        release(std::mem::take(lock(&self.readers).deref_mut()));
     }
 
     /// The backlog of consumer group `group_id` on `topic`, on the blocking pool.
@@ -133,6 +173,7 @@ impl GroupReaders {
     }
 
     fn backlog_blocking(&self, topic: &str, group_id: &str) -> Result<Backlog> {
+        let _asking = self.start_asking(group_id)?;
         let consumer = self.reader(group_id)?;
         let reset = Reset::from_property(self.config.consumer(group_id).get("auto.offset.reset"));
         let timeout = self.config.request_timeout().min(MAX_LISTING_TIMEOUT);
@@ -146,13 +187,29 @@ impl GroupReaders {
             Ok(Some(partitions)) => Ok(backlog_of(&partitions, reset)),
             Ok(None) => Err(BrokerError::TopicNotFound(topic.to_string())),
             Err(error) => {
+                // `consumer` holds it still: it is destroyed when this returns, unlocked.
                 lock(&self.readers).remove(group_id);
                 Err(map_error(&error, ErrorContext::Admin(topic)))
             }
         }
     }
 
-    /// The kept consumer of `group_id`, or a new one (which never subscribes).
+    /// Marks `group_id` as being asked about, or says an earlier question still runs.
+    fn start_asking(&self, group_id: &str) -> Result<Asking<'_>> {
+        if !lock(&self.asking).insert(group_id.to_string()) {
+            return Err(BrokerError::Unavailable(format!(
+                "the previous backlog query of group {group_id} has not finished"
+            )));
+        }
+        Ok(Asking {
+            asking: &self.asking,
+            group_id: group_id.to_string(),
+        })
+    }
+
+    /// The kept consumer of `group_id`, or a new one (which never subscribes). A
+    /// consumer evicted to make room is destroyed after the lock is released (on this
+    /// blocking thread), so other polls never wait for it.
     fn reader(&self, group_id: &str) -> Result<Arc<BaseConsumer<LogContext>>> {
         let mut readers = lock(&self.readers);
         if let Some(reader) = readers.get(group_id) {
@@ -163,14 +220,15 @@ impl GroupReaders {
             .consumer(group_id)
             .create_with_context(LogContext)
             .map_err(|error| map_error(&error, ErrorContext::Connect))?;
+        let mut evicted = None;
         if readers.len() >= MAX_READERS {
-            let evicted = readers.keys().next().cloned();
-            if let Some(evicted) = evicted {
-                readers.remove(&evicted);
-            }
+            let oldest = readers.keys().next().cloned();
+            evicted = oldest.and_then(|group| readers.remove(&group));
         }
         let reader = Arc::new(reader);
         readers.insert(group_id.to_string(), Arc::clone(&reader));
+        drop(readers);
+        drop(evicted);
         Ok(reader)
     }
 }
@@ -254,7 +312,7 @@ mod tests {
             Backlog {
                 waiting: 6 + 5 + 4,
                 in_flight: None,
-                consumed: Some(4 + 3 + 5 + 2),
+                consumed: Some(4 + 2 + 7),
             }
         );
         assert_eq!(
@@ -262,7 +320,7 @@ mod tests {
             Backlog {
                 waiting: 6,
                 in_flight: None,
-                consumed: Some(4 + 8 + 9 + 2),
+                consumed: Some(4 + 2 + 7),
             }
         );
         assert_eq!(backlog_of(&[], Reset::Earliest).unanswered(), 0);

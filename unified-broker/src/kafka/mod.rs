@@ -507,6 +507,7 @@ impl Broker for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         self.closed.close();
+        self.backlogs.release_all();
         let producer = self.producers.current_unused();
         let timeout = self.config.message_timeout();
         tokio::task::spawn_blocking(move || producer.flush(timeout))

@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use classifier_app::{connect_with_retry, AppConfig};
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 use unified_broker::{retry_while_unavailable, Broker};
 
 use super::{BacklogGauges, BacklogPoller};
 use crate::bearer::BearerTokens;
+use crate::pipeline::render;
 use crate::telemetry::{self, MetricsSource};
 
 /// What the exporter's endpoint shows: the backlog gauges, in a registry of their own.
@@ -85,12 +86,7 @@ impl BacklogExporter {
 
 impl MetricsSource for BacklogExporter {
     fn metrics_text(&self) -> String {
-        let mut text = Vec::new();
-        // Encoding into a Vec fails only on metric families the registry itself built.
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
-            tracing::error!(%error, "encoding the metrics failed");
-        }
-        String::from_utf8_lossy(&text).into_owned()
+        render(&self.registry)
     }
 
     fn ready(&self) -> Result<(), String> {

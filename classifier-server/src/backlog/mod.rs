@@ -309,10 +309,7 @@ mod tests {
     }
 
     fn text(registry: &Registry) -> String {
-        let mut text = Vec::new();
-        let encoder = prometheus::TextEncoder::new();
-        prometheus::Encoder::encode(&encoder, &registry.gather(), &mut text).expect("encodes");
-        String::from_utf8(text).expect("UTF-8")
+        crate::pipeline::render(registry)
     }
 
     const SERIES: &str = "{group=\"servers\",topic=\"requests\"}";

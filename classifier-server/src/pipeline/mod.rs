@@ -40,7 +40,7 @@ use unified_broker::{
     retry_while_unavailable, Broker, BrokerError, Resubscribing, SubscribeOptions, Subscriber,
 };
 
-pub(crate) use stats::register;
+pub(crate) use stats::{register, render};
 pub use stats::{NotReady, ServerStats, StatsSnapshot};
 
 use crate::models::{ModelSet, Reload};

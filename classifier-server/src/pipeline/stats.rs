@@ -395,13 +395,19 @@ impl ServerStats {
             self.resubscriptions.inc_by(seen.saturating_sub(counted));
         }
         self.ready.set(i64::from(self.readiness().is_ok()));
-        let mut text = Vec::new();
-        // Encoding into a Vec fails only on metric families the registry itself built.
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut text) {
-            tracing::error!(%error, "encoding the metrics failed");
-        }
-        String::from_utf8_lossy(&text).into_owned()
+        render(&self.registry)
     }
+}
+
+/// Every metric of `registry` in Prometheus' text exposition format, read now (the
+/// server's and the backlog exporter's endpoints both serve it).
+pub(crate) fn render(registry: &Registry) -> String {
+    let mut text = Vec::new();
+    // Encoding into a Vec fails only on metric families the registry itself built.
+    if let Err(error) = TextEncoder::new().encode(&registry.gather(), &mut text) {
+        tracing::error!(%error, "encoding the metrics failed");
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// Registers `metric` (names are fixed and distinct, so this cannot fail at run time;

@@ -50,3 +50,53 @@ fn a_refused_sasl_login_is_clear_and_keeps_the_password_out_of_the_output() {
         "the password is in the output:\n{text}"
     );
 }
+
+/// `client-app bench` on Kafka prints the requests its clients (and its in-process
+/// server) sent, by type, from librdkafka's own statistics: produce requests and
+/// fetches happened, each produce request carried messages, and the floor has its
+/// column. The figures themselves are for release builds (docs/benchmarks.md).
+#[test]
+fn bench_counts_the_kafka_requests_per_image_by_type() {
+    let Some(env) = env() else { return };
+    let examples = integration_tests::workspace_root().join("examples");
+    let output = integration_tests::run_client_within(
+        &[
+            "bench",
+            "--input",
+            &examples.to_string_lossy(),
+            "--images",
+            "200",
+            "--runs",
+            "1",
+            "--latency-images",
+            "2",
+        ],
+        &env,
+        std::time::Duration::from_secs(240),
+    )
+    .expect("the bench ends");
+    let text = integration_tests::output_text(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("## Kafka requests per 1,000 images"),
+        "no requests table:\n{text}"
+    );
+    let row = |name: &str| -> Vec<f64> {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name} row:\n{text}"));
+        line.split('|')
+            .skip(2)
+            .filter_map(|cell| cell.trim().parse().ok())
+            .collect()
+    };
+    for name in ["Produce", "Fetch", "messages per Produce request"] {
+        let cells = row(name);
+        assert_eq!(cells.len(), 2, "end to end and floor for {name}:\n{text}");
+        assert!(cells.iter().all(|v| *v > 0.0), "{name}: {cells:?}\n{text}");
+    }
+    // Two messages per image are produced (the request and its reply), so at most
+    // 2,000 produce requests per 1,000 images.
+    assert!(row("Produce")[0] <= 2_000.0, "{text}");
+}

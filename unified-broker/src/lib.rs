@@ -401,6 +401,18 @@ impl BrokerConfig {
         }
     }
 
+    /// Turns on the client library's own request statistics, reported every
+    /// `interval`, where the backend has them (Kafka: librdkafka's statistics, read
+    /// with [`kafka::transport_counts`]); a no-op elsewhere. For benchmarks: the
+    /// reports cost a little CPU.
+    pub fn enable_transport_statistics(&mut self, interval: std::time::Duration) {
+        match self {
+            #[cfg(feature = "kafka")]
+            BrokerConfig::Kafka(config) => config.enable_statistics(interval),
+            _ => {}
+        }
+    }
+
     /// Backend name as written in config files.
     pub fn backend(&self) -> &'static str {
         match self {

@@ -215,11 +215,10 @@ impl GroupReaders {
         if let Some(reader) = readers.get(group_id) {
             return Ok(Arc::clone(reader));
         }
-        let reader: BaseConsumer<LogContext> = self
-            .config
-            .consumer(group_id)
-            .create_with_context(LogContext)
-            .map_err(|error| map_error(&error, ErrorContext::Connect))?;
+        let reader: BaseConsumer<LogContext> =
+            super::config::without_statistics(self.config.consumer(group_id))
+                .create_with_context(LogContext)
+                .map_err(|error| map_error(&error, ErrorContext::Connect))?;
         let mut evicted = None;
         if readers.len() >= MAX_READERS {
             let oldest = readers.keys().next().cloned();

@@ -231,6 +231,10 @@ impl ClientContext for MemberContext {
         forward_log(level, facility, message);
     }
 
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        super::statistics::record(&statistics);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(topic = %self.shared.topic, group = %self.shared.group_id, %error, reason, "kafka consumer error");
     }

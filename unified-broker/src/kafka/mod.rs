@@ -30,6 +30,7 @@ mod config;
 mod consumer;
 mod offsets;
 mod producer;
+mod statistics;
 mod topics;
 
 use std::sync::Arc;
@@ -48,6 +49,7 @@ use self::backlog::GroupReaders;
 pub use self::config::KafkaConfig;
 use self::consumer::KafkaSubscriber;
 use self::producer::{ProducerContext, Producers};
+pub use self::statistics::{transport_counts, TransportCounts};
 pub use self::topics::MAX_TOPIC_NAME_LEN;
 use self::topics::{check_name, KnownTopics, TopicListing, KNOWN_TOPICS_CAPACITY};
 use crate::error::check_message_sizes;

@@ -79,6 +79,10 @@ impl ClientContext for ProducerContext {
         forward_log(level, facility, message);
     }
 
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        super::statistics::record(&statistics);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "kafka producer error");
         if is_final_connect_error(&error, reason) {

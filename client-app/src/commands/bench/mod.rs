@@ -35,6 +35,7 @@ use unified_broker::SubscribeOptions;
 
 mod cpu;
 mod floor;
+mod requests;
 
 use super::{Common, ServerFlags};
 use crate::inputs::{collect_inputs, InputFile};
@@ -189,6 +190,10 @@ async fn run(
 ) -> anyhow::Result<()> {
     let files: Vec<InputFile> = collect_inputs(std::slice::from_ref(&args.input))?;
     anyhow::ensure!(!files.is_empty(), "no files under {}", args.input.display());
+    let mut config = config;
+    config
+        .broker
+        .enable_transport_statistics(requests::INTERVAL);
     let backend = config.broker.backend().to_string();
     let broker = connect_with_retry(&config.broker, shutdown).await?;
     let in_process = broker.features().in_process_only || !args.external_server;
@@ -286,6 +291,11 @@ async fn run(
         )
         .await?;
     print_costs(&throughput, measure.broker_process, &backend);
+    requests::print(
+        &throughput.cpu.requests,
+        &throughput.floor_cpu.requests,
+        !in_process,
+    );
     if let Some(floor) = measure.floor.take() {
         floor.stop().await;
     }
@@ -360,6 +370,8 @@ struct CpuTally {
     me: f64,
     broker: Option<f64>,
     images: usize,
+    /// Kafka requests by type over the same runs.
+    requests: requests::RequestTally,
 }
 
 impl CpuTally {
@@ -375,9 +387,11 @@ impl CpuTally {
                 broker.and_then(|b| b.cpu_seconds()),
             )
         };
+        let requests_before = requests::snapshot();
         let (me_before, broker_before) = read();
         let (value, images) = work.await?;
         let (me_after, broker_after) = read();
+        self.requests.add_since(requests_before, images).await;
         if let (Some(after), Some(before)) = (me_after, me_before) {
             self.me += after - before;
         }

@@ -221,6 +221,40 @@ async fn close_gives_held_entries_back_at_once() {
     case.close_and_delete(staying).await;
 }
 
+/// Closing a subscriber whose read is blocked waiting for entries does not wait for
+/// that read to time out (up to a claim interval, here a minute): the server ends it
+/// (`CLIENT UNBLOCK`) and the read returns nothing, so no entry is stranded in the
+/// leaving member's pending list: what is published next goes to the group's next
+/// member. Before, every `client-app` job on Redis ended with a wait of up to a second
+/// for its reply reader (the default claim interval).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_ends_a_blocked_read_at_once() {
+    let Some(factory) = factory_claiming(60_000, 60_000) else {
+        return;
+    };
+    let case = Case::new(&factory, "unblock", &["workers"]).await;
+    let mut leaving = case.subscribe("workers").await;
+    let first = case.publish_numbered("before", 1).await;
+    let got = receive_all(&mut *leaving, &first, Duration::from_secs(10)).await;
+    conformance::assert_none_lost(&first, &got.ids(), "published before the close");
+    // Nothing more to read: the pump is now blocked in XREADGROUP for up to a minute.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    leaving.close().await.expect("close");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "close waited {took:?} for a read blocked for up to a minute"
+    );
+    let mut staying = case.subscribe("workers").await;
+    let after = case.publish_numbered("after", 5).await;
+    let ids = receive_all(&mut *staying, &after, Duration::from_secs(10))
+        .await
+        .ids();
+    conformance::assert_none_lost(&after, &ids, "published after the close");
+    case.close_and_delete(staying).await;
+}
+
 /// `max_len` bounds the stream (approximately), and a group still receives what it
 /// keeps up with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

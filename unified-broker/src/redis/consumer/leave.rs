@@ -6,6 +6,7 @@
 //! "Leaving" in the `consumer` module docs. Separate because it is the one path that runs
 //! after the subscriber is gone (from `close` or from `Drop`, in a spawned task).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -41,6 +42,7 @@ impl RedisSubscriber {
         self.deliveries.close();
         Some(Leaving {
             pump,
+            reader_id: self.shared.reader_id.load(Ordering::Relaxed),
             settle: self.shared.settle.clone(),
             manager: self.manager.clone(),
             member: self.shared.member.clone(),
@@ -49,9 +51,47 @@ impl RedisSubscriber {
     }
 }
 
+/// How often leaving repeats `CLIENT UNBLOCK` while the pump runs: a read the pump
+/// started just after the previous one is ended too.
+const UNBLOCK_EVERY: Duration = Duration::from_millis(20);
+
+/// Waits up to `stop_timeout` for `pump` to stop, unblocking its read (connection
+/// `reader_id`) meanwhile; whether it stopped.
+async fn unblock_until_stopped(
+    pump: &mut JoinHandle<()>,
+    manager: &mut ConnectionManager,
+    reader_id: i64,
+    stop_timeout: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + stop_timeout;
+    loop {
+        if reader_id > 0 {
+            let unblocked: RedisResult<i64> = redis::cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(reader_id)
+                .query_async(manager)
+                .await;
+            if let Err(error) = unblocked {
+                // Not fatal: the read ends by itself within a claim interval.
+                tracing::debug!(%error, "CLIENT UNBLOCK failed");
+            }
+        }
+        let wait =
+            UNBLOCK_EVERY.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        if tokio::time::timeout(wait, &mut *pump).await.is_ok() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
 /// What is left to do when a subscriber goes: wait for its pump, give its entries back.
 pub(super) struct Leaving {
     pump: JoinHandle<()>,
+    /// The pump's reading connection on the server (see `Shared::reader_id`).
+    reader_id: i64,
     settle: mpsc::UnboundedSender<Settle>,
     manager: ConnectionManager,
     member: Member,
@@ -62,14 +102,18 @@ impl Leaving {
     pub(super) async fn run(self) -> Result<()> {
         let Leaving {
             mut pump,
+            reader_id,
             settle,
             mut manager,
             member,
             stop_timeout,
         } = self;
         // The pump stops after its current command; cutting a read short could leave
-        // entries in our PEL that the give-back below would not see.
-        if tokio::time::timeout(stop_timeout, &mut pump).await.is_err() {
+        // entries in our PEL that the give-back below would not see. A blocked read
+        // is ended by the server instead (`CLIENT UNBLOCK`, as if its wait had timed
+        // out: it returns nothing), so leaving takes milliseconds, not up to a claim
+        // interval.
+        if !unblock_until_stopped(&mut pump, &mut manager, reader_id, stop_timeout).await {
             tracing::warn!(topic = %member.topic, consumer = %member.consumer, "the redis pump did not stop in time; aborting it");
             pump.abort();
         }

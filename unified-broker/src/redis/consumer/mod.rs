@@ -55,6 +55,7 @@ mod read;
 mod settle;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +119,10 @@ struct Shared {
     requeue: mpsc::UnboundedSender<Item>,
     /// To the settling task.
     settle: mpsc::UnboundedSender<Settle>,
+    /// The server's id of the pump's reading connection (`CLIENT ID`; 0 before it is
+    /// known), so leaving can end a blocked read at once (`CLIENT UNBLOCK`) instead of
+    /// waiting up to a claim interval for it.
+    reader_id: AtomicI64,
 }
 
 impl Shared {
@@ -212,8 +217,7 @@ impl RedisSubscriber {
         let reader_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.request_timeout()))
             .set_response_timeout(Some(config.request_timeout() + config.claim_interval()));
-        let reader = client
-            .get_multiplexed_async_connection_with_config(&reader_config)
+        let (reader, reader_id) = read::reader_connection(client, &reader_config)
             .await
             .map_err(|error| map_error(&error, ErrorContext::Subscribe(topic)))?;
         let (settle, settling) = mpsc::unbounded_channel();
@@ -229,6 +233,7 @@ impl RedisSubscriber {
             room: Notify::new(),
             requeue: requeue.clone(),
             settle,
+            reader_id: AtomicI64::new(reader_id),
         });
         let (stop, stopped) = watch::channel(false);
         let settings = PumpSettings {

@@ -6,13 +6,14 @@
 //! stream entry into a [`Message`] lives here too. Kept apart from the subscriber so the
 //! read loop and its reconnection logic can be read on their own.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamId, StreamReadReply};
-use redis::{RedisError, RedisResult, Value};
+use redis::{AsyncConnectionConfig, RedisError, RedisResult, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -103,11 +104,11 @@ pub(super) async fn pump(
             result
         } else {
             let Some(connection) = reader.as_mut() else {
-                match client
-                    .get_multiplexed_async_connection_with_config(&settings.reader_config)
-                    .await
-                {
-                    Ok(connection) => reader = Some(connection),
+                match reader_connection(&client, &settings.reader_config).await {
+                    Ok((connection, id)) => {
+                        shared.reader_id.store(id, Ordering::Relaxed);
+                        reader = Some(connection);
+                    }
                     Err(error) => {
                         failures += 1;
                         report(&deliveries, &member, &error);
@@ -166,6 +167,22 @@ async fn back_off(failures: u32, stopped: &mut watch::Receiver<bool>) {
         _ = stopped.changed() => {}
         _ = tokio::time::sleep(pause) => {}
     }
+}
+
+/// A connection for the pump's blocking reads, and its id on the server (`CLIENT ID`),
+/// by which leaving unblocks it.
+pub(super) async fn reader_connection(
+    client: &redis::Client,
+    config: &AsyncConnectionConfig,
+) -> RedisResult<(MultiplexedConnection, i64)> {
+    let mut connection = client
+        .get_multiplexed_async_connection_with_config(config)
+        .await?;
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut connection)
+        .await?;
+    Ok((connection, id))
 }
 
 /// Reads up to `count` new entries, waiting at most `block` for the first.

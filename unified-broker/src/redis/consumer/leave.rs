@@ -72,7 +72,8 @@ async fn unblock_until_stopped(
                 .query_async(manager)
                 .await;
             if let Err(error) = unblocked {
-                // Not fatal: the read ends by itself within a claim interval.
+                // Not fatal (an ACL may refuse it): the read ends by itself soon
+                // (`MAX_READ_BLOCK` in `read.rs`).
                 tracing::debug!(%error, "CLIENT UNBLOCK failed");
             }
         }
@@ -111,8 +112,8 @@ impl Leaving {
         // The pump stops after its current command; cutting a read short could leave
         // entries in our PEL that the give-back below would not see. A blocked read
         // is ended by the server instead (`CLIENT UNBLOCK`, as if its wait had timed
-        // out: it returns nothing), so leaving takes milliseconds, not up to a claim
-        // interval.
+        // out: it returns nothing), so leaving takes milliseconds; where the server
+        // refuses that, the read ends within `MAX_READ_BLOCK` (read.rs).
         if !unblock_until_stopped(&mut pump, &mut manager, reader_id, stop_timeout).await {
             tracing::warn!(topic = %member.topic, consumer = %member.consumer, "the redis pump did not stop in time; aborting it");
             pump.abort();

@@ -119,7 +119,7 @@ pub(super) async fn pump(
             };
             let block = next_claim
                 .saturating_duration_since(now)
-                .max(Duration::from_millis(1));
+                .clamp(Duration::from_millis(1), MAX_READ_BLOCK);
             read(connection, &member, count, block).await
         };
         match fetched {
@@ -169,8 +169,14 @@ async fn back_off(failures: u32, stopped: &mut watch::Receiver<bool>) {
     }
 }
 
-/// A connection for the pump's blocking reads, and its id on the server (`CLIENT ID`),
-/// by which leaving unblocks it.
+/// Longest wait of one blocking read. Leaving waits for the read in progress (see
+/// `leave.rs`), so this bounds how long leaving takes where the server refuses
+/// `CLIENT UNBLOCK` to our user (ACL rules such as `-@dangerous` exclude it); an idle
+/// member costs the server a few reads a second.
+const MAX_READ_BLOCK: Duration = Duration::from_millis(100);
+
+/// A connection for the pump's blocking reads, and its id on the server (`CLIENT ID`,
+/// 0 if the server does not tell), by which leaving unblocks it.
 pub(super) async fn reader_connection(
     client: &redis::Client,
     config: &AsyncConnectionConfig,
@@ -178,10 +184,14 @@ pub(super) async fn reader_connection(
     let mut connection = client
         .get_multiplexed_async_connection_with_config(config)
         .await?;
-    let id: i64 = redis::cmd("CLIENT")
+    let id = redis::cmd("CLIENT")
         .arg("ID")
-        .query_async(&mut connection)
-        .await?;
+        .query_async::<i64>(&mut connection)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::debug!(%error, "CLIENT ID refused; leaving will wait for the read in progress");
+            0
+        });
     Ok((connection, id))
 }
 

@@ -31,7 +31,9 @@
 //!
 //! # Leaving
 //!
-//! `close` (or dropping the subscriber) stops the pump after its current read, then
+//! `close` (or dropping the subscriber) stops the pump after its current read (which
+//! it ends at once with `CLIENT UNBLOCK` where the server allows it, so the read
+//! returns nothing; reads block at most 100 ms anyway), then
 //! *gives back* every entry still in this consumer's PEL: `XCLAIM … IDLE <2 days>
 //! JUSTID` marks them long idle, so the group's other or future members take them with
 //! their next `XAUTOCLAIM` (within `claim_interval_ms`, at once for a new one) instead of
@@ -213,7 +215,8 @@ impl RedisSubscriber {
             group: group.to_string(),
             consumer: format!("{}-{}", std::process::id(), &id[..16]),
         };
-        // The blocking read waits up to one claim interval, on top of the usual timeout.
+        // The blocking read waits up to one claim interval (at most `MAX_READ_BLOCK`,
+        // read.rs), on top of the usual timeout.
         let reader_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.request_timeout()))
             .set_response_timeout(Some(config.request_timeout() + config.claim_interval()));

@@ -172,7 +172,7 @@ async fn back_off(failures: u32, stopped: &mut watch::Receiver<bool>) {
 /// Longest wait of one blocking read. Leaving waits for the read in progress (see
 /// `leave.rs`), so this bounds how long leaving takes where the server refuses
 /// `CLIENT UNBLOCK` to our user (ACL rules such as `-@dangerous` exclude it); an idle
-/// member costs the server a few reads a second.
+/// member costs the server ten reads a second.
 const MAX_READ_BLOCK: Duration = Duration::from_millis(100);
 
 /// A connection for the pump's blocking reads, and its id on the server (`CLIENT ID`,

@@ -72,7 +72,7 @@ impl Drop for Asking<'_> {
 
 impl Drop for GroupReaders {
     fn drop(&mut self) {
-        release(std::mem::take(lock(&self.readers).deref_mut()));
+        self.release_all();
     }
 }
 

@@ -86,10 +86,7 @@ impl ClientContext for ProducerContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "kafka producer error");
         if is_final_connect_error(&error, reason) {
-            *self
-                .final_error
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(reason.to_string());
+            *lock(&self.final_error) = Some(reason.to_string());
         }
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             // The receiver is gone only when the broker client is.
@@ -162,10 +159,7 @@ impl Producers {
     /// cluster did not answer.
     pub(crate) fn final_error(&self) -> Option<String> {
         let shared = Arc::clone(&lock(&self.slot).final_error);
-        let reason = shared
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
+        let reason = lock(&shared).clone();
         reason
     }
 

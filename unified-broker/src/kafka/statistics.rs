@@ -16,6 +16,8 @@ use std::sync::Mutex;
 
 use rdkafka::statistics::Statistics;
 
+use crate::sync::lock;
+
 /// Most clients remembered. Every client a process creates keeps its entry (its counts
 /// are cumulative, and a closed client's requests still happened), so a process that
 /// creates clients for ever, with statistics on, stops counting new ones here.
@@ -102,9 +104,7 @@ fn non_negative(value: i64) -> u64 {
 /// Records one client's statistics report (called from the clients' contexts).
 pub(crate) fn record(statistics: &Statistics) {
     let counts = counts_of(statistics);
-    let mut clients = CLIENTS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut clients = lock(&CLIENTS);
     if clients.len() < MAX_CLIENTS || clients.contains_key(&statistics.name) {
         clients.insert(statistics.name.clone(), counts);
     }
@@ -113,9 +113,7 @@ pub(crate) fn record(statistics: &Statistics) {
 /// The counts of every Kafka client of this process so far, as of their latest
 /// statistics reports; `None` before any client reported (statistics off).
 pub fn transport_counts() -> Option<TransportCounts> {
-    let clients = CLIENTS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let clients = lock(&CLIENTS);
     if clients.is_empty() {
         return None;
     }

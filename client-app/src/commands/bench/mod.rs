@@ -184,13 +184,12 @@ pub async fn bench(common: &Common, args: &BenchArgs) -> anyhow::Result<ExitCode
 
 /// Runs the benchmark and prints its tables.
 async fn run(
-    config: AppConfig,
+    mut config: AppConfig,
     args: &BenchArgs,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let files: Vec<InputFile> = collect_inputs(std::slice::from_ref(&args.input))?;
     anyhow::ensure!(!files.is_empty(), "no files under {}", args.input.display());
-    let mut config = config;
     config
         .broker
         .enable_transport_statistics(requests::INTERVAL);

@@ -15,9 +15,10 @@
 //!   output pixel's kernel row are `3 · c1` contiguous floats of the padded buffer, so no
 //!   im2col copy and no `gemm` packing; the four outputs of each pooling window stay in
 //!   registers, are pooled there, and only the pooled, biased, rectified features are
-//!   written, straight into the flattened `(h, w, c)` order of the linear layer. Where
-//!   registers are few (AVX2: 16), [`direct::conv2_tiles`] holds 6 positions × 2
-//!   registers of accumulators instead and pools afterwards (the kernel table picks);
+//!   written, straight into the flattened `(h, w, c)` order of the linear layer. Or
+//!   [`direct::conv2_tiles`] holds a row of positions × registers of accumulators
+//!   instead and pools afterwards (the kernel table picks: AVX2's 16 registers fit 6 × 2,
+//!   AVX-512's 32 fit 14 × 2, which measured faster than pooling in registers);
 //!   the weights are packed per block of output channels so each block walks its
 //!   weights contiguously;
 //! - the linear layers run over the whole batch (in tasks of at most 64 rows, at least

@@ -15,18 +15,23 @@ use crate::simd::{Avx2, Avx512};
 /// accumulators (the four conv outputs of a pooling window) in registers: AVX-512 has 32
 /// registers, AVX2 16. The same generic kernels of [`direct`] run at every level.
 ///
-/// `NV` of layers 1 and 2 with AVX-512 (32 and 64 channels per block).
+/// `NV` of layers 1 and 2 with AVX-512 (32 and 32 channels per block).
 #[cfg(target_arch = "x86_64")]
-pub(super) const AVX512_NV: (usize, usize) = (2, 4);
+pub(super) const AVX512_NV: (usize, usize) = (2, 2);
 /// `NV` of layers 1 and 2 with AVX2 (16 and 16 channels per block).
 #[cfg(target_arch = "x86_64")]
 pub(super) const AVX2_NV: (usize, usize) = (2, 2);
 /// Output positions per layer-2 tile at each level: 0 runs [`direct::conv2_pool_relu`]
 /// (the four positions of a pooling window, pooled in registers), more runs
 /// [`direct::conv2_tiles`] (that many positions, pooled afterwards). AVX-512's 32
-/// registers fit 4 × 4 accumulators; AVX2's 16 fit 6 × 2 but not 4 × 3 with loads.
+/// registers fit 14 × 2 accumulators beside the 2 weight registers and a broadcast: one
+/// whole conv row of a 28×28 input per tile, 28 independent chains. On an Intel Xeon
+/// (2026-12-07, `docs/benchmarks.md`) that ran batches of 32 and 512 about 25% faster
+/// than pooling 4 × 4 accumulators in registers (the table before), and faster than
+/// 4 × 4, 6 × 4, 7 × 4, 8 × 2 and 12 × 2 tiles. AVX2's 16 registers fit 6 × 2 but not
+/// 4 × 3 with loads.
 #[cfg(target_arch = "x86_64")]
-pub(super) const AVX512_R2: usize = 0;
+pub(super) const AVX512_R2: usize = 14;
 /// See [`AVX512_R2`].
 #[cfg(target_arch = "x86_64")]
 pub(super) const AVX2_R2: usize = 6;

@@ -15,7 +15,8 @@
 //! engine), [`model_dir`] (snapshots of a model directory's files, for reloads),
 //! [`classifier`] ([`Classifier`]), [`preprocess`] ([`Preprocessor`] and the ONNX
 //! [`PreprocessRecipe`]), [`simd`] (the run-time choice of SIMD level, [`simd_level`], and
-//! the measured FMA peak); privately `ops` (the candle custom op of the network's convolution
+//! the measured FMA peak), [`threads`] (the thread that calls the model as a worker of the
+//! compute pool); privately `ops` (the candle custom op of the network's convolution
 //! layers, with the backward pass training needs), `fast` (the fast inference path),
 //! `kernels` (the slice kernels both of those share) and, in tests, `reference` (the
 //! candle-generic oracles the kernels are checked against).
@@ -32,6 +33,7 @@ pub mod preprocess;
 #[cfg(test)]
 mod reference;
 pub mod simd;
+pub mod threads;
 
 pub use backbone::{Backbone, Dense};
 pub use classifier::Classifier;

@@ -12,6 +12,9 @@ fn main() -> anyhow::Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let _tracing = classifier_app::init_tracing("info");
+    // Training and `trainer bench` call the model from this thread, as the server does
+    // from its model thread: a worker of the compute pool.
+    classifier_inference::threads::adopt_calling_thread();
     trainer::cli::run(
         trainer::cli::Cli::parse(),
         trainer::cli::quoted_command_line(),

@@ -37,6 +37,9 @@ pub(super) fn spawn_model_thread(
     std::thread::Builder::new()
         .name("model".into())
         .spawn(move || {
+            // Batches then fork and join on this thread rather than being handed to a
+            // pool thread and back (see `adopt_calling_thread`).
+            classifier_inference::threads::adopt_calling_thread();
             while let Some(batch) = batches.blocking_recv() {
                 let replies = model.run_batch(batch);
                 if outgoing.blocking_send(replies).is_err() {

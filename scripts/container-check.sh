@@ -62,7 +62,10 @@ SERVER_IMAGE="localhost/container-check-classifier:$run_id"
 TANSU_IMAGE="localhost/container-check-tansu:$run_id"
 ALONE="ccheck-$$-alone"
 
+# The reason of a failure, printed again as the last line (CI shows a run's tail).
+failure=""
 fail() {
+    failure="$*"
     echo "container-check: FAIL: $*" >&2
     exit 1
 }
@@ -161,7 +164,11 @@ cleanup() {
         fi
     fi
     print_timings
-    if [[ $status -eq 0 ]]; then echo "container-check: OK"; else echo "container-check: FAILED ($status)" >&2; fi
+    if [[ $status -eq 0 ]]; then
+        echo "container-check: OK"
+    else
+        echo "container-check: FAILED ($status)${failure:+: $failure}" >&2
+    fi
     exit "$status"
 }
 trap cleanup EXIT
@@ -381,11 +388,36 @@ for container in "$server_1" "$server_2"; do
 done
 
 # ---------------------------------------------------------------------------------
+# What the gateway and the servers saw, for a failed gateway step: the published port,
+# the gateway's answer from inside the compose network, and the servers' counters (the
+# metrics port is not published; the host reaches the containers' addresses).
+gateway_evidence() {
+    local container address
+    echo "container-check: the gateway's published port: $(podman port "$gateway" 2>&1 | tr '\n' ' ')" >&2
+    for container in "$gateway" "$server_1" "$server_2"; do
+        address="$(podman inspect --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$container" 2>/dev/null || true)"
+        echo "container-check: $container at ${address:-?}" >&2
+        [[ -n "$address" ]] || continue
+        if [[ "$container" == "$gateway" ]]; then
+            curl -s -o /dev/null -w "  /v2/health/live from the host at $address:8000: %{http_code}\n" \
+                --max-time 2 "http://$address:8000/v2/health/live" >&2 || true
+        else
+            curl -s --max-time 2 "http://$address:9464/metrics" 2>&1 \
+                | grep -E '^classifier_(requests_received|requests_classified|requests_rejected|replies_published|publish_retries|replies_refused)_total' \
+                | sed 's/^/  /' >&2 || true
+        fi
+    done
+}
+gateway_fail() {
+    gateway_evidence
+    fail "$@"
+}
+
 step "the gateway: no key 401, with the key /v2/models and an inference"
 gateway_url="http://127.0.0.1:$GATEWAY_HOST_PORT"
 start="$(date +%s)"
 until curl -s -o /dev/null --max-time 2 "$gateway_url/v2/health/live"; do
-    (($(date +%s) - start < 30)) || fail "the gateway does not answer on $gateway_url"
+    (($(date +%s) - start < 30)) || gateway_fail "the gateway does not answer on $gateway_url"
     sleep 0.5
 done
 code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$gateway_url/v2/models")"
@@ -396,7 +428,7 @@ printf '{"inputs":[{"name":"image","shape":[1],"datatype":"BYTES","data":["%s"]}
     "$(base64 -w0 examples/bag/00018.png)" >"$work/infer.json"
 answer="$(curl -fsS --max-time 30 "${auth[@]}" -H 'Content-Type: application/json' \
     --data-binary "@$work/infer.json" "$gateway_url/v2/models/fashion-cnn/infer")" \
-    || fail "the gateway's inference failed"
+    || gateway_fail "the gateway's inference failed (no answer within 30 s, or an error status)"
 grep -qF '"data":["Bag"]' <<<"$answer" || fail "examples/bag/00018.png not answered 'Bag' by the gateway: $answer"
 echo "without the key: 401; /v2/models: $models"
 echo "examples/bag/00018.png through the gateway: Bag"

@@ -22,6 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use classifier_app::trace::TraceContext;
 use classifier_proto::{ClassifyResponse, ErrorCode, Outcome};
+use classifier_server::log_safe::LogLimiter;
+use classifier_server::warn_limited;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -394,6 +396,15 @@ fn dispatch_error(error: DispatchError) -> ApiError {
         DispatchError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         DispatchError::Broker(_) => StatusCode::BAD_GATEWAY,
     };
+    if matches!(
+        error,
+        DispatchError::DeadlineExceeded | DispatchError::Broker(_) | DispatchError::Closed
+    ) {
+        // The operator's side of a 5xx (no server answered in time, the broker failed):
+        // at most a few lines a second, however many requests fail.
+        static FAILED: LogLimiter = LogLimiter::new(5, Duration::from_secs(1));
+        warn_limited!(FAILED, %error, status = status.as_u16(), "an inference request failed");
+    }
     ApiError::new(status, error.to_string())
 }
 

@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use std::process::ExitCode;
 
-use classifier_app::{cancel_on_signals, connect_with_retry, AppConfig, DecodeLimits};
+use classifier_app::{
+    cancel_on_signals, connect_with_retry, AppConfig, DecodeLimits, ServerConfig,
+};
 use classifier_server::decode::decode_image;
 use classifier_server::load_classifier;
 use tokio_util::sync::CancellationToken;
@@ -166,6 +168,30 @@ async fn measured_job(
     report
 }
 
+/// The request topic of a bench that starts its own server on a shared broker: `base`
+/// and a random suffix. Servers already serving `base` then take none of the bench's
+/// requests (they would skew its figures and answer its images), and the bench's server
+/// none of theirs; nor does it meet what earlier runs left in the group's subscription
+/// (on the Pub/Sub emulator, a stopped server's stream that the emulator still hands
+/// messages to, which stalled a second bench run for as long as the ack deadline).
+fn own_request_topic(base: &str) -> String {
+    let id = crate::job::new_request_id();
+    format!("{base}-bench-{}", &id[..id.len().min(8)])
+}
+
+/// Deletes the bench's own request topic and its server group's subscription once its
+/// server has stopped (on Kafka a topic deleted under a live member was seen to crash
+/// librdkafka). Failures are logged, not fatal: the figures are already printed.
+async fn remove_request_topic(broker: &dyn unified_broker::Broker, server: &ServerConfig) {
+    let (topic, group) = (&server.request_topic, &server.group);
+    if let Err(error) = broker.delete_subscription(topic, group).await {
+        tracing::debug!(topic, group, %error, "deleting the bench's server subscription failed");
+    }
+    if let Err(error) = broker.delete_topic(topic).await {
+        tracing::warn!(topic, %error, "deleting the bench's request topic failed; delete it by hand");
+    }
+}
+
 /// `files` repeated (in order) up to `n` entries.
 fn repeat(files: &[InputFile], n: usize) -> Vec<InputFile> {
     files.iter().cycle().take(n).cloned().collect()
@@ -196,6 +222,11 @@ async fn run(
     let backend = config.broker.backend().to_string();
     let broker = connect_with_retry(&config.broker, shutdown).await?;
     let in_process = broker.features().in_process_only || !args.external_server;
+    let own_topic =
+        in_process && !broker.features().in_process_only && args.server.request_topic.is_none();
+    if own_topic {
+        config.server.request_topic = own_request_topic(&config.server.request_topic);
+    }
     let mut server = None;
     let mut stats = None;
     if in_process {
@@ -208,10 +239,13 @@ async fn run(
         .unwrap_or_default();
     println!(
         "client-app bench: broker {backend}; server {}; {} input files from {}; {} runs per figure (medians); load average before: {load}",
-        if in_process {
-            "in this process (ModelServer on the same broker)"
-        } else {
-            "external (already running)"
+        match (in_process, own_topic) {
+            (true, true) => format!(
+                "in this process (ModelServer on the same broker), on a request topic of its own ({}, deleted at the end)",
+                config.server.request_topic
+            ),
+            (true, false) => "in this process (ModelServer on the same broker)".to_string(),
+            (false, _) => "external (already running)".to_string(),
         },
         files.len(),
         args.input.display(),
@@ -333,6 +367,9 @@ async fn run(
 
     if let Some(server) = server {
         server.stop().await;
+    }
+    if own_topic {
+        remove_request_topic(broker.as_ref(), &config.server).await;
     }
     if let Err(error) = broker.close().await {
         tracing::debug!(%error, "closing the broker client failed");

@@ -20,6 +20,10 @@
 /// fewer than two threads (`RAYON_NUM_THREADS`, else the CPUs). In a pool of one, work
 /// that other threads hand to the pool would wait until this thread calls into rayon.
 ///
+/// While this thread waits outside rayon (a model thread between batches), work that
+/// other threads hand to the pool runs on its other workers only: time the model from
+/// elsewhere with [`on_every_core`].
+///
 /// The thread stays a worker for good: rayon offers no way back. Should it end while the
 /// process goes on, the pool keeps its other workers and rayon work still runs, on one
 /// thread fewer, and `rayon::broadcast` (which needs every worker) would not return.
@@ -50,4 +54,18 @@ fn pool_size() -> usize {
         .and_then(|value| value.trim().parse::<usize>().ok())
         .filter(|&threads| threads > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `work` in a rayon pool of its own with a thread per CPU, and returns what it
+/// returns: for timing the model from a thread other than the adopted one. The global
+/// pool's worker 0 may be a server's model thread waiting for its next batch outside
+/// rayon, and work handed to the pool from elsewhere then runs on its other threads
+/// only (half the cores on a 2-core machine), which would understate the model.
+pub fn on_every_core<R: Send>(work: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("timing-{i}"))
+        .build()?;
+    Ok(pool.install(work))
 }

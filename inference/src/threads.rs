@@ -9,7 +9,7 @@
 //! [`adopt_calling_thread`] makes the calling thread one of the pool's workers instead:
 //! its batches then start on it at once and only the other half of the work wakes a
 //! thread (one hand-off, often none when the other worker is still spinning). Measured
-//! in `docs/benchmarks.md` (2026-12-07): batch 1 about 1.5× as many images/s.
+//! in `docs/benchmarks.md` (2026-12-07): batch 1 about 1.4× as many images/s.
 
 /// Makes the calling thread worker 0 of rayon's global pool, so that the model called
 /// from it runs its fork-joins without handing each batch to another thread (see the

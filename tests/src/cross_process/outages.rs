@@ -82,29 +82,16 @@ pub fn readiness_follows_the_broker(backend_env: &[(String, String)], address_va
 ///    SIGTERM.
 pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &str) {
     let backend = lookup(backend_env, "CLASSIFIER_BROKER");
-    // OPEN DEFECT (2026-12-02), Pub/Sub emulator only: in 2 of 4 full-suite runs today a
-    // restart of the memory-only emulator cost requests. Once the client gave up after
-    // 30 s without noticing its lost reply subscription (4,700 unanswered); once, with
-    // the client's re-send working (19 duplicates), one request of the 20 in flight at
-    // the restart was never answered (4,999 of 5,000). Run alone it passed, and Kafka
-    // and Redis pass this case every time. Not root-caused; skipped on Pub/Sub so that
-    // CI stays meaningful, and PUBSUB_RUN_KNOWN_FAILURES=1 runs it anyway.
-    // 2026-12-04: the second failure's shape matches a race found on Redis (a request
-    // published between the re-creation of the request topic and of the servers'
-    // subscription was dropped, and the client's re-send list had been read before);
-    // the client now reads that list only after both exist again. With that fix this
-    // case passed 3 of 3 runs alone on the emulator (5,000 of 5,000, 0–1 duplicates).
-    // The first failure (a lost reply subscription not noticed) is not explained, so
-    // the skip stays until full-suite runs show it gone.
-    if backend == "pubsub" && std::env::var_os("PUBSUB_RUN_KNOWN_FAILURES").is_none() {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "*** broker_restart_mid_run (pubsub): SKIPPED: open defect, a request can be \
-             lost across an emulator restart (set PUBSUB_RUN_KNOWN_FAILURES=1 to run) ***"
-        );
-        return;
-    }
+    // On Pub/Sub this case was skipped from 2026-12-02 to 2026-12-07 for two failures in
+    // full-suite runs. One (a request published between the re-creation of the request
+    // topic and of the servers' subscription was dropped) was fixed on 2026-12-04: the
+    // client reads its re-send list only after both exist again. The other (a client that
+    // gave up after 30 s without noticing its lost reply subscription) was never seen
+    // again: the client now waits 90 s, the subscriber ends its stream when its
+    // subscription is gone, and tests/tests/pubsub.rs checks that a lost subscription is
+    // noticed and made again. On 2026-12-07 it passed 5 of 5 runs on the emulator with a
+    // release build on both cores beside it (5,000 of 5,000, 0-20 duplicates); it runs on
+    // every broker again.
     let broker = crate::PrivateBroker::new(&backend);
     let mut run = CaseRun::new(backend_env, "restart");
     run.set_env(address_var, &broker.address());

@@ -13,6 +13,11 @@ use classifier_server::{catch_hangups, load_models, telemetry, ModelServer, Serv
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: messages are allocated on one thread and freed
+/// on another many thousand times a second (docs/benchmarks.md, 2026-12-07 night).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Classifies images arriving on a broker topic and publishes the predictions.
 ///
 /// Start more replicas with the same group to share the load. SIGINT/SIGTERM stop

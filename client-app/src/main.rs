@@ -10,6 +10,11 @@ use classifier_app::init_tracing;
 use client_app::commands::{self, BenchArgs, ClassifyArgs, Common, DeadLettersArgs};
 use client_app::report;
 
+/// mimalloc rather than glibc's malloc: messages are allocated on one thread and freed
+/// on another many thousand times a second (docs/benchmarks.md, 2026-12-07 night).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sends images to the classifier servers over a message broker and reports the results.
 ///
 /// Exit status: 0 every file classified; 2 some files answered with errors (bad or

@@ -12,6 +12,11 @@ use classifier_app::{cancel_on_signals, init_tracing, AppConfig};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc rather than glibc's malloc: messages are allocated on one thread and freed
+/// on another many thousand times a second (docs/benchmarks.md, 2026-12-07 night).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Serves the Open Inference Protocol (v2) over HTTP and hands the work to the
 /// classifier servers through the configured broker.
 #[derive(Debug, Parser)]

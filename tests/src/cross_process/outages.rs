@@ -89,9 +89,9 @@ pub fn broker_restart_mid_run(backend_env: &[(String, String)], address_var: &st
     // gave up after 30 s without noticing its lost reply subscription) was never seen
     // again: the client now waits 90 s, the subscriber ends its stream when its
     // subscription is gone, and tests/tests/pubsub.rs checks that a lost subscription is
-    // noticed and made again. On 2026-12-07 it passed 5 of 5 runs on the emulator with a
-    // release build on both cores beside it (5,000 of 5,000, 0-20 duplicates) and then in
-    // two full scripts/test.sh runs; it runs on every broker again.
+    // noticed and made again. On 2026-12-07 it passed 5 of 5 runs on the emulator (the
+    // first ones with a release build on both cores beside them; 5,000 of 5,000, 0-20
+    // duplicates) and then two full scripts/test.sh runs; it runs on every broker again.
     let broker = crate::PrivateBroker::new(&backend);
     let mut run = CaseRun::new(backend_env, "restart");
     run.set_env(address_var, &broker.address());

@@ -47,10 +47,6 @@ ACK_DEADLINE_SECONDS = 10
 WAIT_SECONDS = 120
 
 
-def ensure_topic(publisher, topic):
-    publisher.create_topic(request={"name": topic})
-
-
 def new_subscription(subscriber, topic, name):
     path = subscriber.subscription_path(PROJECT, name)
     subscriber.create_subscription(
@@ -106,7 +102,7 @@ def main():
     subscriber = pubsub_v1.SubscriberClient()
     run = uuid.uuid4().hex[:8]
     topic = publisher.topic_path(PROJECT, f"dead-streams-{run}")
-    ensure_topic(publisher, topic)
+    publisher.create_topic(request={"name": topic})
     shared = new_subscription(subscriber, topic, f"dead-streams-{run}-shared")
 
     print(f"emulator {os.environ['PUBSUB_EMULATOR_HOST']}, ack deadline {ACK_DEADLINE_SECONDS} s")

@@ -58,10 +58,10 @@ fn pool_size() -> usize {
 
 /// Runs `work` in a rayon pool of its own, as large as the global pool (see
 /// [`pool_size`]), and returns what it returns: for timing the model from a thread other
-/// than the adopted one. The global
-/// pool's worker 0 may be a server's model thread waiting for its next batch outside
-/// rayon, and work handed to the pool from elsewhere then runs on its other threads
-/// only (half the cores on a 2-core machine), which would understate the model.
+/// than the adopted one. The global pool's worker 0 may be a server's model thread
+/// waiting for its next batch outside rayon, and work handed to the pool from elsewhere
+/// then runs on its other threads only (half the cores on a 2-core machine), which would
+/// understate the model.
 pub fn on_every_core<R: Send>(work: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(pool_size())

@@ -203,7 +203,7 @@ impl Dispatcher {
         };
         let mut receivers = Vec::with_capacity(count);
         for (index, image) in images.into_iter().enumerate() {
-            let message = self.request_message(image, deadline);
+            let (id, message) = self.request_message(image, deadline);
             if message.size() > self.max_request_bytes {
                 return Err(DispatchError::TooLarge {
                     index,
@@ -211,7 +211,6 @@ impl Dispatcher {
                     limit: self.max_request_bytes,
                 });
             }
-            let id = message.key.clone().unwrap_or_default();
             let (reply, receiver) = oneshot::channel();
             lock(&self.waiting).insert(
                 id.clone(),
@@ -246,9 +245,9 @@ impl Dispatcher {
         Ok(replies)
     }
 
-    /// The broker message for one image, whose caller waits until `deadline` (the
-    /// servers skip the model for it after that).
-    fn request_message(&self, mut image: ImageRequest, deadline: Instant) -> Message {
+    /// The request id and the broker message for one image, whose caller waits until
+    /// `deadline` (the servers skip the model for it after that).
+    fn request_message(&self, mut image: ImageRequest, deadline: Instant) -> (String, Message) {
         let now = classifier_proto::unix_micros_now();
         let left = deadline.saturating_duration_since(Instant::now());
         let request = ClassifyRequest {
@@ -265,7 +264,8 @@ impl Dispatcher {
             model_name: std::mem::take(&mut image.model_name),
             deadline_unix_micros: classifier_proto::deadline_after(now, left),
         };
-        client_app::job::request_message(&request, image.trace.as_ref())
+        let message = client_app::job::request_message(&request, image.trace.as_ref());
+        (request.request_id, message)
     }
 
     /// Reads replies until `stop`, handing each to its waiter; publishes what waits

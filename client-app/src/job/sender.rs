@@ -183,9 +183,9 @@ pub(super) async fn request_size_limit(broker: &dyn Broker, options: &JobOptions
         .map_or(broker_limit, |ours| ours.min(broker_limit))
 }
 
-/// The broker message that carries `request`: its encoding, keyed by its request id,
-/// with the routing attributes of the wire contract and the W3C `trace` context if
-/// any. The HTTP gateway frames its requests with it too.
+/// The broker message that carries `request`: its encoding, with the routing attributes
+/// of the wire contract and the W3C `trace` context if any, and no key (see
+/// [`with_request_routing`]). The HTTP gateway frames its requests with it too.
 pub fn request_message(request: &ClassifyRequest, trace: Option<&TraceContext>) -> Message {
     let mut message = with_request_routing(
         Message::new(request.encode_to_vec()),
@@ -199,9 +199,14 @@ pub fn request_message(request: &ClassifyRequest, trace: Option<&TraceContext>) 
     message
 }
 
-/// `payload` (an encoded request) framed as a request: keyed by its request id, with
-/// the routing attributes. The benchmark's transport floor frames pre-encoded requests
-/// with it, so they look exactly like ours.
+/// `payload` (an encoded request) framed as a request: the routing attributes, and no
+/// key. Requests need no order among themselves, and an unkeyed batch is one Kafka
+/// produce request: librdkafka's sticky partitioner puts unkeyed records into one
+/// partition at a time, switching every `2 × linger.ms`, so batches still spread over
+/// the partitions (and the servers). Keyed by request id, each batch was split over
+/// every partition: 2.4× the produce requests and 25% fewer images/s end to end
+/// (`docs/benchmarks.md`, 2026-12-08). The benchmark's transport floor frames
+/// pre-encoded requests with it, so they look exactly like ours.
 pub(crate) fn with_request_routing(
     payload: Message,
     request_id: &str,
@@ -209,7 +214,6 @@ pub(crate) fn with_request_routing(
     job_id: &str,
 ) -> Message {
     payload
-        .with_key(request_id)
         .with_attribute(attributes::REQUEST_ID, request_id)
         .with_attribute(attributes::REPLY_TOPIC, reply_topic)
         .with_attribute(attributes::JOB_ID, job_id)

@@ -220,7 +220,7 @@ impl Floor {
                     .collect();
                 let now = Instant::now();
                 for message in &batch {
-                    sent_at.insert(message.key.clone().unwrap_or_default(), now);
+                    sent_at.insert(request_id(message), now);
                 }
                 let (broker, topic) = (Arc::clone(&self.broker), self.request_topic.clone());
                 publishing.spawn(async move { broker.publish_batch(&topic, batch).await });
@@ -316,8 +316,17 @@ async fn echo(
     }
 }
 
-/// Publishes one answer per delivery (the reply template under the request's key and
-/// id), then acks them.
+/// The request id a request message carries (its routing attribute; requests have no
+/// key).
+fn request_id(message: &Message) -> String {
+    message
+        .attribute(attributes::REQUEST_ID)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Publishes one answer per delivery (the reply template keyed by the request's id, as a
+/// server's reply is), then acks them.
 async fn answer(
     broker: Arc<dyn Broker>,
     batch: Vec<Delivery>,
@@ -333,11 +342,11 @@ async fn answer(
     let answers = batch
         .iter()
         .map(|delivery| {
-            let key = delivery.message().key.clone().unwrap_or_default();
+            let id = request_id(delivery.message());
             reply
                 .clone()
-                .with_key(key.clone())
-                .with_attribute(attributes::REQUEST_ID, key)
+                .with_key(id.clone())
+                .with_attribute(attributes::REQUEST_ID, id)
         })
         .collect();
     broker.publish_batch(&topic, answers).await?;

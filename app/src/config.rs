@@ -250,8 +250,15 @@ impl std::str::FromStr for NamedModel {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Requests sent and not yet answered, at most.
+    /// Requests sent and not yet answered, at most. 512 by default: on Kafka (Tansu) 256
+    /// left the servers waiting on fetches, 512 ran 9,968-10,265 images/s against
+    /// 8,720-9,211 (`docs/benchmarks.md`, 2026-12-08); `max_in_flight_bytes` keeps a
+    /// folder of large photos from holding 512 of them.
     pub window: usize,
+    /// Bytes of requests sent and not yet answered, at most (each is kept until its
+    /// answer, to be sent again if the broker loses it). One request larger than this
+    /// still goes, alone.
+    pub max_in_flight_bytes: usize,
     /// Give up when no reply arrived for this long.
     pub reply_timeout_secs: u64,
     /// Files larger than this are reported as errors without being read.
@@ -272,7 +279,8 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
-            window: 256,
+            window: 512,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             reply_timeout_secs: 60,
             max_file_bytes: 16 * 1024 * 1024,
             max_request_bytes: None,

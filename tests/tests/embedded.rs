@@ -556,6 +556,7 @@ async fn job_without_server_reports_unanswered_after_timeout() {
         request_topic: "requests-nobody".into(),
         server_group: "servers".into(),
         window: 4,
+        max_in_flight_bytes: 1 << 20,
         reply_timeout: Duration::from_millis(500),
         max_file_bytes: 1 << 20,
         max_request_bytes: None,

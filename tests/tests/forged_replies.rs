@@ -121,6 +121,7 @@ async fn forged_replies_are_rejected_and_never_become_results() {
         request_topic: request_topic.into(),
         server_group: config.group.clone(),
         window: 64,
+        max_in_flight_bytes: 1 << 20,
         reply_timeout: Duration::from_secs(60),
         max_file_bytes: 1 << 20,
         max_request_bytes: None,

@@ -87,8 +87,9 @@ impl Collector {
     }
 
     /// Takes one delivery from the reply topic: acks it, and records it if it answers a
-    /// request of this job. Returns whether it did (a window slot is then free again).
-    pub fn receive(&mut self, delivery: Delivery, progress: &dyn Progress) -> bool {
+    /// request of this job. Returns the size of the request it answered, if it did (a
+    /// window slot and those bytes are then free again).
+    pub fn receive(&mut self, delivery: Delivery, progress: &dyn Progress) -> Option<usize> {
         let response = ClassifyResponse::decode(delivery.message().payload.as_ref());
         if let Err(error) = delivery.ack() {
             tracing::warn!(%error, "acking a reply failed");
@@ -97,27 +98,31 @@ impl Collector {
             Ok(response) => self.take(response, progress),
             Err(_) => {
                 self.reject("it is not a ClassifyResponse", "");
-                false
+                None
             }
         }
     }
 
     /// Takes one decoded reply: the first answer to a request of this job is recorded,
     /// a later one counted as a duplicate, anything else counted as rejected. Returns
-    /// whether it was an answer.
-    pub fn take(&mut self, response: ClassifyResponse, progress: &dyn Progress) -> bool {
+    /// the size of the request it answered, if it was an answer.
+    pub fn take(&mut self, response: ClassifyResponse, progress: &dyn Progress) -> Option<usize> {
         match self.judge(&response) {
-            Verdict::Answer(Unanswered { index, sent_at, .. }) => {
+            Verdict::Answer(Unanswered {
+                index,
+                sent_at,
+                message,
+            }) => {
                 self.answer(index, response, sent_at.elapsed(), progress);
-                true
+                Some(message.size())
             }
             Verdict::Duplicate => {
                 self.duplicates += 1;
-                false
+                None
             }
             Verdict::Rejected(why) => {
                 self.reject(why, &response.request_id);
-                false
+                None
             }
         }
     }
@@ -346,7 +351,9 @@ mod tests {
     #[test]
     fn replies_are_judged_by_job_id_and_request_id() {
         let mut collector = collector(2, Instant::now());
-        assert!(collector.take(coat("r0", "job", "s"), &Recorded::default()));
+        assert!(collector
+            .take(coat("r0", "job", "s"), &Recorded::default())
+            .is_some());
         let verdict = |response| collector.judge(&response);
         assert!(matches!(
             verdict(coat("r1", "other", "s")),
@@ -374,9 +381,9 @@ mod tests {
     fn a_request_answered_twice_is_one_result_and_one_duplicate_per_extra_reply() {
         let progress = Recorded::default();
         let mut collector = collector(2, Instant::now());
-        assert!(collector.take(coat("r0", "job", "s1"), &progress));
-        assert!(!collector.take(coat("r0", "job", "s2"), &progress));
-        assert!(!collector.take(coat("r0", "job", "s1"), &progress));
+        assert!(collector.take(coat("r0", "job", "s1"), &progress).is_some());
+        assert!(collector.take(coat("r0", "job", "s2"), &progress).is_none());
+        assert!(collector.take(coat("r0", "job", "s1"), &progress).is_none());
         assert_eq!((collector.open(), collector.is_complete()), (1, false));
         assert_eq!(progress.ids(), ["r0"]);
 
@@ -407,11 +414,13 @@ mod tests {
             coat("r0", "another-job", "forger"),
             coat("r0", "", "forger"),
         ] {
-            assert!(!collector.take(forged, &progress));
+            assert!(collector.take(forged, &progress).is_none());
         }
         assert!(progress.ids().is_empty());
         assert_eq!(collector.pending.ids_by_index(), [(0, "r0".into())].into());
-        assert!(collector.take(coat("r0", "job", "server"), &progress));
+        assert!(collector
+            .take(coat("r0", "job", "server"), &progress)
+            .is_some());
         assert!(collector.is_complete());
 
         let report = collector.into_report(Duration::ZERO);
@@ -430,8 +439,12 @@ mod tests {
             .expect("the clock has run for 5 s");
         let mut collector = collector(1, first_sent);
         let progress = Recorded::default();
-        assert!(collector.take(coat("r0", "job", "first-copy"), &progress));
-        assert!(!collector.take(coat("r0", "job", "second-copy"), &progress));
+        assert!(collector
+            .take(coat("r0", "job", "first-copy"), &progress)
+            .is_some());
+        assert!(collector
+            .take(coat("r0", "job", "second-copy"), &progress)
+            .is_none());
         let report = collector.into_report(Duration::ZERO);
         let result = &report.results[0];
         assert_eq!(result.server_id, "first-copy");
@@ -456,13 +469,15 @@ mod tests {
         };
         let progress = Recorded::default();
         let mut collector = collector(4, Instant::now());
-        assert!(collector.take(error("r0", ErrorCode::CorruptImage as i32), &progress));
-        assert!(collector.take(error("r1", 42), &progress));
+        assert!(collector
+            .take(error("r0", ErrorCode::CorruptImage as i32), &progress)
+            .is_some());
+        assert!(collector.take(error("r1", 42), &progress).is_some());
         let empty = ClassifyResponse {
             outcome: None,
             ..error("r2", 0)
         };
-        assert!(collector.take(empty, &progress));
+        assert!(collector.take(empty, &progress).is_some());
         let reason = "too big".to_string();
         collector.local_failure(3, FailureCode::FileTooLarge, reason, &progress);
         assert!(collector.is_complete());
@@ -520,7 +535,7 @@ mod tests {
         for _ in 0..count {
             let next = tokio::time::timeout(Duration::from_secs(10), replies.next()).await;
             let delivery = next.expect("in time").expect("open").expect("delivery");
-            answers.push(collector.receive(delivery, &progress));
+            answers.push(collector.receive(delivery, &progress).is_some());
         }
         assert_eq!(answers, [true, false, false, false, true]);
         assert!(collector.is_complete());

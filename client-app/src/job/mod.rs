@@ -11,10 +11,11 @@
 //! `reply_timeout`; what is still open is then reported as unanswered.
 //!
 //! The parts: [`run_job`] here waits for events and hands each to the part it concerns;
-//! `sender` reads the files (`files`) and publishes the requests within the window;
-//! `pending` holds the requests published and not yet answered; `collector` turns
+//! `sender` reads the files (`files`) and publishes the requests within the window and
+//! the byte budget (`budget`); `pending` holds the requests published and not yet answered; `collector` turns
 //! replies and the sender's local failures into the [`JobReport`].
 
+mod budget;
 mod collector;
 mod files;
 mod pending;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use budget::ByteBudget;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use unified_broker::{Broker, Delivery, Resubscribing, SubscribeOptions, Subscriber};
@@ -50,6 +52,8 @@ pub struct JobOptions {
     pub server_group: String,
     /// Requests sent and not yet answered, at most.
     pub window: usize,
+    /// Bytes of requests sent and not yet answered, at most (see `budget`).
+    pub max_in_flight_bytes: usize,
     /// Give up after this long without any reply.
     pub reply_timeout: Duration,
     /// Files larger than this are not read.
@@ -74,6 +78,7 @@ impl JobOptions {
             request_topic: config.server.request_topic.clone(),
             server_group: config.server.group.clone(),
             window: config.client.window,
+            max_in_flight_bytes: config.client.max_in_flight_bytes,
             reply_timeout: Duration::from_secs(config.client.reply_timeout_secs),
             max_file_bytes: config.client.max_file_bytes,
             max_request_bytes: config.client.max_request_bytes,
@@ -241,6 +246,7 @@ pub async fn run_job(
     let job_span =
         tracing::trace_span!(target: "client_app::trace", "classify job", job_id = %job_id);
     let window = Arc::new(Semaphore::new(options.window.max(1)));
+    let budget = ByteBudget::new(options.max_in_flight_bytes);
     let (sent_tx, sent_rx) = mpsc::unbounded_channel();
     let pending = Pending::default();
     let sender = tokio::spawn(
@@ -252,6 +258,7 @@ pub async fn run_job(
             reply_topic: reply_topic.clone(),
             pending: pending.clone(),
             window: Arc::clone(&window),
+            budget: budget.clone(),
             sent: sent_tx,
             max_request_bytes,
             trace: TraceContext::of_span(&job_span),
@@ -265,6 +272,7 @@ pub async fn run_job(
         reply_group: &reply_group,
         progress,
         window: &window,
+        budget: &budget,
         sent: sent_rx,
         sending_done: false,
         replies,
@@ -312,6 +320,9 @@ struct Waiting<'a> {
     progress: &'a dyn Progress,
     /// Slots of the window: the sender takes one per request, a reply gives it back.
     window: &'a Semaphore,
+    /// The bytes in flight: the sender takes each request's size, its reply gives it
+    /// back.
+    budget: &'a ByteBudget,
     /// The sender's news.
     sent: mpsc::UnboundedReceiver<Sent>,
     /// Whether the sender said it is done (or is gone).
@@ -376,12 +387,14 @@ impl Waiting<'_> {
         ControlFlow::Continue(())
     }
 
-    /// A reply (or the subscription's error, or its end): an answer frees a window slot.
+    /// A reply (or the subscription's error, or its end): an answer frees a window slot
+    /// and its request's bytes.
     fn on_reply(&mut self, delivery: Option<unified_broker::Result<Delivery>>) -> ControlFlow<()> {
         match delivery {
             Some(Ok(delivery)) => {
-                if self.collector.receive(delivery, self.progress) {
+                if let Some(request_bytes) = self.collector.receive(delivery, self.progress) {
                     self.window.add_permits(1);
+                    self.budget.give_back(request_bytes);
                     self.last_progress = Instant::now();
                 }
             }

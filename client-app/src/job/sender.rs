@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use unified_broker::retry::retry;
 use unified_broker::{Backoff, Broker, BrokerError, Message};
 
+use super::budget::ByteBudget;
 use super::files::{read_chunk, FileRead};
 use super::pending::{Pending, Unanswered};
 use super::{Failure, JobOptions, Sent};
@@ -52,6 +53,8 @@ pub(super) struct Sender {
     pub pending: Pending,
     /// One slot per request unanswered; the waiting job gives them back.
     pub window: Arc<Semaphore>,
+    /// The bytes of requests unanswered; the waiting job gives them back.
+    pub budget: ByteBudget,
     /// Files not sent, and the end of sending.
     pub sent: mpsc::UnboundedSender<Sent>,
     /// The largest request the broker takes (see [`request_size_limit`]).
@@ -94,8 +97,13 @@ impl Sender {
                 .unwrap_or_else(|| Err(Failure::unreadable("the file was not read")));
             match this.request_message(file, read).await {
                 Ok((request_id, message)) => {
-                    // From here the slot is returned when the reply arrives.
+                    let Some(bytes) = outbox.byte_room(message.size()).await else {
+                        return;
+                    };
+                    // From here the slot and the bytes are returned when the reply
+                    // arrives.
                     permit.forget();
+                    bytes.forget();
                     outbox.push(index, request_id, message).await;
                 }
                 // The permit is dropped: the slot is free again.
@@ -309,6 +317,17 @@ impl Outbox {
         }
     }
 
+    /// Room in the byte budget for a request of `size` bytes: now, else after sending
+    /// what is batched (whose answers are what frees room), once answers freed it.
+    /// `None` once the budget is closed.
+    async fn byte_room(&mut self, size: usize) -> Option<OwnedSemaphorePermit> {
+        if let Some(room) = self.sender.budget.try_take(size) {
+            return Some(room);
+        }
+        self.flush().await;
+        self.sender.budget.take(size).await
+    }
+
     /// Adds a request to the batch, and publishes the batch once it is full.
     async fn push(&mut self, index: usize, request_id: String, message: Message) {
         self.batch.push((index, request_id, message));
@@ -378,10 +397,11 @@ impl Sender {
         let published = publish_until_confirmed(&*self.broker, &self.options, vec![message]).await;
         if let Err(error @ BrokerError::MessageTooLarge { .. }) = published {
             // A reply that came meanwhile already freed the slot and counted.
-            if self.pending.take(request_id).is_none() {
+            let Some(refused) = self.pending.take(request_id) else {
                 return;
-            }
+            };
             self.window.add_permits(1);
+            self.budget.give_back(refused.message.size());
             let reason = format!("the broker refused the request: {error}");
             self.local_failure(index, Failure::too_large(reason));
         }

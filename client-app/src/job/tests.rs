@@ -22,6 +22,7 @@ fn options(reply_timeout: Duration) -> JobOptions {
         request_topic: "requests".into(),
         server_group: "servers".into(),
         window: 16,
+        max_in_flight_bytes: 1 << 20,
         reply_timeout,
         max_file_bytes: 1 << 20,
         max_request_bytes: None,
@@ -370,4 +371,37 @@ async fn unanswered_requests_are_reported_with_their_ids_after_the_timeout() {
     sent.sort();
     reported.sort();
     assert_eq!(reported, sent);
+}
+
+/// The byte budget bounds what is in flight as the window does: with room for two
+/// requests' bytes (each takes at least one KiB), a window of 16 still sends two at a
+/// time, the next only once an answer gave its bytes back; every file is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_holds_back_requests_until_answers_free_their_bytes() {
+    let broker = EmbeddedBroker::new(EmbeddedConfig::default());
+    let options = JobOptions {
+        max_in_flight_bytes: 2 * 1024,
+        ..options(Duration::from_secs(30))
+    };
+    let mut server = FakeServer::start(&broker, &options).await;
+    let job = Job::start(&broker, 5, options);
+    let mut in_flight = server.requests(2).await;
+    let mut answered = 0;
+    while answered < 5 {
+        let more = server.next_request(Duration::from_millis(300)).await;
+        assert!(more.is_none(), "a third request while two hold the budget");
+        let request = in_flight.remove(0);
+        let reply_topic = request.reply_topic.clone();
+        server.reply(&reply_topic, vec![coat(&request, "s")]).await;
+        answered += 1;
+        if answered + in_flight.len() < 5 {
+            in_flight.extend(server.requests(1).await);
+        }
+    }
+    let report = job.report().await;
+    assert_eq!(report.results.len(), 5);
+    assert!(report
+        .results
+        .iter()
+        .all(|r| matches!(r.outcome, FileOutcome::Classified { .. })));
 }

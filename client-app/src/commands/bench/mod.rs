@@ -53,8 +53,8 @@ pub struct BenchArgs {
     /// Images per throughput run.
     #[arg(long, default_value_t = 2000)]
     pub images: usize,
-    /// Requests in flight in the throughput runs.
-    #[arg(long, default_value_t = 256)]
+    /// Requests in flight in the throughput runs (the client's default window).
+    #[arg(long, default_value_t = 512)]
     pub window: usize,
     /// Images per latency run (sent one at a time).
     #[arg(long, default_value_t = 200)]

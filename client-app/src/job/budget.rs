@@ -26,11 +26,12 @@ pub(super) struct ByteBudget {
 }
 
 impl ByteBudget {
-    /// A budget of `max_bytes` (at least one unit).
+    /// A budget of `max_bytes` (at least one unit, at most what a semaphore holds).
     pub fn new(max_bytes: usize) -> Self {
+        let most = u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
         let units = u32::try_from(max_bytes.div_ceil(UNIT_BYTES))
             .unwrap_or(u32::MAX)
-            .clamp(1, Semaphore::MAX_PERMITS as u32);
+            .clamp(1, most);
         ByteBudget {
             free: Arc::new(Semaphore::new(units as usize)),
             units,

@@ -12,8 +12,9 @@
 //!
 //! The parts: [`run_job`] here waits for events and hands each to the part it concerns;
 //! `sender` reads the files (`files`) and publishes the requests within the window and
-//! the byte budget (`budget`); `pending` holds the requests published and not yet answered; `collector` turns
-//! replies and the sender's local failures into the [`JobReport`].
+//! the byte budget (`budget`); `pending` holds the requests published and not yet
+//! answered; `collector` turns replies and the sender's local failures into the
+//! [`JobReport`].
 
 mod budget;
 mod collector;

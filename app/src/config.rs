@@ -252,8 +252,8 @@ impl std::str::FromStr for NamedModel {
 pub struct ClientConfig {
     /// Requests sent and not yet answered, at most. 512 by default: on Kafka (Tansu) 256
     /// left the servers waiting on fetches, 512 ran 9,968-10,265 images/s against
-    /// 8,720-9,211 (`docs/benchmarks.md`, 2026-12-08); `max_in_flight_bytes` keeps a
-    /// folder of large photos from holding 512 of them.
+    /// 8,720-9,211 (AMD EPYC Zen 4, 2 vCPUs; `docs/benchmarks.md`, 2026-12-08);
+    /// `max_in_flight_bytes` keeps a folder of large photos from holding 512 of them.
     pub window: usize,
     /// Bytes of requests sent and not yet answered, at most (each is kept until its
     /// answer, to be sent again if the broker loses it). One request larger than this

@@ -220,7 +220,7 @@ impl Floor {
                     .collect();
                 let now = Instant::now();
                 for message in &batch {
-                    sent_at.insert(request_id(message), now);
+                    sent_at.insert(request_id(message).to_string(), now);
                 }
                 let (broker, topic) = (Arc::clone(&self.broker), self.request_topic.clone());
                 publishing.spawn(async move { broker.publish_batch(&topic, batch).await });
@@ -232,12 +232,7 @@ impl Floor {
                 .await
                 .ok_or_else(|| anyhow::anyhow!("the floor's reply subscription ended"))??;
             loop {
-                if let Some(sent) = delivery
-                    .message()
-                    .key
-                    .as_ref()
-                    .and_then(|k| sent_at.remove(k))
-                {
+                if let Some(sent) = sent_at.remove(request_id(delivery.message())) {
                     latencies_ms.push(sent.elapsed().as_secs_f64() * 1e3);
                 }
                 delivery.ack()?;
@@ -316,13 +311,12 @@ async fn echo(
     }
 }
 
-/// The request id a request message carries (its routing attribute; requests have no
+/// The request id a request or reply carries (its routing attribute: requests have no
 /// key).
-fn request_id(message: &Message) -> String {
+fn request_id(message: &Message) -> &str {
     message
         .attribute(attributes::REQUEST_ID)
         .unwrap_or_default()
-        .to_string()
 }
 
 /// Publishes one answer per delivery (the reply template keyed by the request's id, as a
@@ -342,7 +336,7 @@ async fn answer(
     let answers = batch
         .iter()
         .map(|delivery| {
-            let id = request_id(delivery.message());
+            let id = request_id(delivery.message()).to_string();
             reply
                 .clone()
                 .with_key(id.clone())
